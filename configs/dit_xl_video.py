@@ -1,0 +1,44 @@
+r"""DiT-XL video model at pod scale (not run in tests; see tools.plan in a later issue).
+
+python -m vdit_jax.main --config=configs/dit_xl_video.py --workdir=gs://BUCKET/run
+
+Latent video [B, T, H, W, C] = [B, 16, 32, 32, 16] (a 4x temporal / 8x spatial
+VAE's latents of 61 frames at 256x256), tubelets 1x2x2 -> 4,096 tokens per clip,
+XL width 1152, depth 28, 16 heads (~ 680 M parameters), 3-D RoPE, bf16 compute,
+f32 params, layers scanned and rematerialised, params and optimizer state
+sharded over fsdp.
+"""
+
+from vdit_jax.defaults import base_config
+
+
+def get_config(arg=None):
+  del arg
+  config = base_config()
+  config.model.variant = 'XL/2'
+  config.model.pos_embed = 'rope'
+  config.model.dtype = 'bfloat16'
+  config.model.param_dtype = 'float32'
+  config.model.remat_policy = 'dots_with_no_batch_dims_saveable'
+  config.data.num_frames = 16
+  config.data.height = 32
+  config.data.width = 32
+  config.data.channels = 16
+  config.diffusion.objective = 'flow'
+  config.diffusion.t_sampling = 'logit_normal'
+  config.diffusion.shift = 3.0
+  config.sample.sampler = 'euler'
+  config.train.num_steps = 400_000
+  config.train.batch_size = 256
+  config.train.learning_rate = 1e-4
+  config.train.warmup_steps = 5000
+  config.train.weight_decay = 0.01
+  config.train.ema_decay = 0.9999
+  config.train.log_every = 50
+  config.checkpoint.every_steps = 2000
+  config.checkpoint.keep = 5
+  config.sample.every_steps = 20_000
+  config.sample.num_samples = 16
+  config.mesh.data = -1
+  config.mesh.fsdp = 8
+  return config

@@ -1,0 +1,35 @@
+"""vdit_jax: video diffusion transformers in JAX/Flax, from one CPU to a TPU pod."""
+
+from setuptools import find_packages, setup
+
+# Lower bounds are the versions the test suite passed with (see BUILD_NOTES.md);
+# upper bounds only where a known API break lies above.
+INSTALL_REQUIRES = [
+    'jax>=0.10.2',
+    'flax>=0.12.8',
+    'optax>=0.2.8',
+    'orbax-checkpoint>=0.12.8',
+    'grain>=0.2.18',
+    'einops>=0.8',
+    'ml-collections>=1.1.0',
+    'absl-py>=2.1',
+    'numpy>=2.0',
+]
+
+EXTRAS = {
+    # Writing sample videos: mp4 through imageio's ffmpeg plugin (the wheel
+    # carries the ffmpeg binary), gif through Pillow.
+    'video': ['imageio>=2.37', 'imageio-ffmpeg>=0.6', 'pillow>=11'],
+    'test': ['pytest>=8'],
+}
+EXTRAS['test'] = EXTRAS['test'] + EXTRAS['video']
+
+setup(
+    name='vdit_jax',
+    version='0.1.0',
+    description='Video diffusion transformers in JAX/Flax: train on one CPU or a TPU pod.',
+    packages=find_packages(include=['vdit_jax', 'vdit_jax.*']),
+    python_requires='>=3.10',
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)

@@ -1,0 +1,425 @@
+"""Tests for vdit_jax.data: synthetic clips, the grain pipeline, video files."""
+
+import grain
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from vdit_jax.data import pipeline
+from vdit_jax.data import synthetic
+from vdit_jax.data import video_io
+
+T, H, W = 8, 32, 32
+
+
+def _source(**kwargs):
+  args = dict(num_frames=T, height=H, width=W, num_examples=1000, seed=0)
+  args.update(kwargs)
+  return synthetic.SyntheticShapes(**args)
+
+
+def _lit(video):
+  """Per-pixel distance from the background colour: [T, H, W] float."""
+  background = video[0, 0, 0].astype(np.float32)  # the border ring is never lit
+  return np.abs(video.astype(np.float32) - background).max(axis=-1)
+
+
+def _centroids(video):
+  """Intensity-weighted shape centre per frame: [T, 2] as (x, y)."""
+  weight = _lit(video)  # [T, H, W]
+  ys, xs = np.mgrid[0:video.shape[1], 0:video.shape[2]]
+  total = weight.sum(axis=(1, 2))
+  return np.stack([(weight * xs).sum(axis=(1, 2)) / total,
+                   (weight * ys).sum(axis=(1, 2)) / total], axis=-1)
+
+
+def _data_config(**overrides):
+  config = ml_collections.ConfigDict(dict(
+      source='synthetic', num_frames=4, height=16, width=16, channels=3, num_examples=64,
+      num_workers=0, time_stride=1.0))
+  config.update(overrides)
+  return config
+
+
+# ---------------------------------------------------------------------------- synthetic
+
+
+def test_constants():
+  assert synthetic.SHAPES == ('square', 'circle', 'triangle')
+  assert synthetic.DIRECTIONS == ('right', 'left', 'down', 'up')
+  assert synthetic.NUM_CLASSES == 12
+  assert len(synthetic.COLOURS) >= 5
+  for rgb in synthetic.COLOURS.values():
+    assert len(rgb) == 3 and all(0 <= c <= 255 for c in rgb)
+
+
+@pytest.mark.parametrize('t,h,w', [(8, 32, 32), (3, 16, 24), (5, 40, 20)])
+def test_shapes_and_dtypes(t, h, w):
+  example = synthetic.SyntheticShapes(t, h, w, num_examples=10)[7]
+  assert set(example) == {'video', 'label', 'shape', 'colour', 'direction'}
+  assert example['video'].shape == (t, h, w, 3)
+  assert example['video'].dtype == np.uint8
+  for key in ('label', 'shape', 'colour', 'direction'):
+    assert example[key].shape == () and example[key].dtype == np.int32
+
+
+def test_deterministic_per_index_and_seed():
+  a, b = _source(), _source()
+  for idx in (0, 5, 999):
+    np.testing.assert_array_equal(a[idx]['video'], b[idx]['video'])
+    assert a[idx]['label'] == b[idx]['label']
+  np.testing.assert_array_equal(a[-1]['video'], a[999]['video'])
+  assert not np.array_equal(a[3]['video'], _source(seed=1)[3]['video'])
+
+
+def test_different_indices_differ():
+  source = _source()
+  videos = [source[i]['video'] for i in range(20)]
+  for i in range(20):
+    for j in range(i + 1, 20):
+      assert not np.array_equal(videos[i], videos[j]), (i, j)
+
+
+def test_labels_cover_all_classes():
+  source = _source()
+  seen = set()
+  for idx in range(300):
+    example = source[idx]
+    assert example['label'] == example['shape'] * 4 + example['direction']
+    assert 0 <= example['label'] < synthetic.NUM_CLASSES
+    assert 0 <= example['colour'] < len(synthetic.COLOURS)
+    seen.add(int(example['label']))
+  assert seen == set(range(synthetic.NUM_CLASSES))
+
+
+def test_colour_and_dark_background():
+  source = _source()
+  for idx in range(30):
+    example = source[idx]
+    video = example['video']
+    assert video[0, 0, 0].max() <= 30  # dark background
+    rgb = np.array(list(synthetic.COLOURS.values())[example['colour']])
+    brightest = video.reshape(-1, 3)[_lit(video).reshape(-1).argmax()]
+    np.testing.assert_allclose(brightest, rgb, atol=2)  # fully covered pixel = its colour
+
+
+def test_shape_stays_inside_frame():
+  source = _source(num_frames=32)  # long clips: every shape bounces
+  for idx in range(50):
+    video = source[idx]['video']
+    background = video[0, 0, 0]
+    # The outer ring of pixels is always background: the shape never touches the border.
+    for ring in (video[:, 0], video[:, -1], video[:, :, 0], video[:, :, -1]):
+      assert np.all(ring == background), idx
+    # Never clipped: the lit area (sum of coverage) is the same in every frame.
+    area = _lit(video).sum(axis=(1, 2))  # [T]
+    assert area.min() > 0.9 * area.max(), (idx, area)
+    assert area.min() > 0.02 * H * W
+
+
+def test_size_range():
+  source = _source()
+  for idx in range(50):
+    lit = _lit(source[idx]['video'][0]) > 0
+    ys, xs = np.nonzero(lit)
+    extent = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1
+    assert 0.15 * H <= extent <= 0.42 * H, (idx, extent)
+
+
+def test_moves_in_labelled_direction():
+  source = _source()
+  steps = {0: (1, 0), 1: (-1, 0), 2: (0, 1), 3: (0, -1)}
+  for idx in range(60):
+    example = source[idx]
+    move = np.diff(_centroids(example['video'])[:2], axis=0)[0]  # [2] (dx, dy)
+    want = np.array(steps[int(example['direction'])])
+    along = move @ want
+    across = move @ want[::-1]
+    assert 0.8 <= along <= 2.7, (idx, move)  # 1..2.5 px per frame at 32x32
+    assert abs(across) < 0.15, (idx, move)  # rasterisation noise only
+
+
+def test_speed_scales_with_size():
+  small = _source(height=32, width=32)
+  large = _source(height=64, width=64)
+  for idx in range(10):
+    ds = np.abs(np.diff(_centroids(small[idx]['video'])[:2], axis=0)).sum()
+    dl = np.abs(np.diff(_centroids(large[idx]['video'])[:2], axis=0)).sum()
+    np.testing.assert_allclose(dl, 2 * ds, rtol=0.1)
+
+
+def test_half_time_stride_is_double_frame_rate():
+  base = _source(num_frames=16)
+  fine = _source(num_frames=32, time_stride=0.5)
+  for idx in range(40):
+    np.testing.assert_array_equal(fine[idx]['video'][::2], base[idx]['video'])
+    assert fine[idx]['label'] == base[idx]['label']
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(num_frames=0), 'num_frames'),
+    (dict(height=-3), 'height'),
+    (dict(width=4), 'at least 8'),
+    (dict(num_examples=0), 'num_examples'),
+    (dict(seed=-1), 'seed'),
+    (dict(time_stride=0.0), 'time_stride'),
+])
+def test_bad_arguments(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    _source(**kwargs)
+
+
+def test_index_errors():
+  source = _source(num_examples=5)
+  with pytest.raises(IndexError, match='out of range'):
+    source[5]
+  with pytest.raises(IndexError, match='out of range'):
+    source[-6]
+  assert len(source) == 5
+  assert 'num_examples=5' in repr(source)
+
+
+def test_caption():
+  assert synthetic.caption(0, 0, 1) == 'a red square moving left'
+  assert synthetic.caption('triangle', 'blue', 'up') == 'a blue triangle moving up'
+  example = _source()[0]
+  text = synthetic.caption(example['shape'], example['colour'], example['direction'])
+  assert text.startswith('a ') and ' moving ' in text
+  with pytest.raises(ValueError, match='hexagon'):
+    synthetic.caption('hexagon', 'red', 'up')
+  with pytest.raises(ValueError, match='out of range'):
+    synthetic.caption(0, 0, 4)
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def test_pipeline_batches():
+  config = _data_config()
+  it = pipeline.make_dataset(config, 5, seed=0, process_index=0, process_count=1)
+  for _ in range(3):
+    batch = next(it)
+    assert set(batch) == {'video', 'label'}
+    assert batch['video'].shape == (5, 4, 16, 16, 3) and batch['video'].dtype == np.float32
+    assert batch['label'].shape == (5,) and batch['label'].dtype == np.int32
+    assert batch['video'].min() >= -1.0 and batch['video'].max() <= 1.0
+    assert batch['video'].max() > 0.5  # shapes are lit
+    assert np.all((0 <= batch['label']) & (batch['label'] < 12))
+  assert pipeline.num_classes(config) == 12
+
+
+def test_pipeline_normalisation_matches_source():
+  config = _data_config(num_examples=1)
+  batch = next(pipeline.make_dataset(config, 1, seed=0, process_index=0, process_count=1))
+  example = pipeline._make_source(config)[0]
+  np.testing.assert_allclose(batch['video'][0], example['video'] / 127.5 - 1.0, atol=1e-6)
+  assert batch['label'][0] == example['label']
+
+
+def _epoch_videos(config, process_index, process_count, num_batches):
+  it = pipeline.make_dataset(config, 4, seed=3, process_index=process_index,
+                             process_count=process_count)
+  videos = np.concatenate([next(it)['video'] for _ in range(num_batches)])
+  return {v.tobytes() for v in videos}
+
+
+def test_processes_read_disjoint_shares():
+  config = _data_config(num_examples=32)
+  share0 = _epoch_videos(config, 0, 2, 4)  # 16 examples = one epoch of the share
+  share1 = _epoch_videos(config, 1, 2, 4)
+  assert len(share0) == 16 and len(share1) == 16
+  assert not share0 & share1
+  assert share0 | share1 == _epoch_videos(config, 0, 1, 8)
+
+
+def test_epochs_are_reshuffled_and_complete():
+  config = _data_config(num_examples=8)
+  it = pipeline.make_dataset(config, 4, seed=0, process_index=0, process_count=1)
+  labels = [next(it)['label'] for _ in range(4)]
+  epoch0, epoch1 = np.concatenate(labels[:2]), np.concatenate(labels[2:])
+  np.testing.assert_array_equal(np.sort(epoch0), np.sort(epoch1))
+  it = pipeline.make_dataset(config, 4, seed=0, process_index=0, process_count=1)
+  videos = np.concatenate([next(it)['video'] for _ in range(4)])
+  assert len({v.tobytes() for v in videos[:8]}) == 8
+  assert not np.array_equal(videos[:8], videos[8:])  # new order in epoch 1
+
+
+def test_shuffle_seed_changes_order():
+  config = _data_config()
+  a = next(pipeline.make_dataset(config, 8, seed=0, process_index=0, process_count=1))
+  b = next(pipeline.make_dataset(config, 8, seed=1, process_index=0, process_count=1))
+  assert not np.array_equal(a['video'], b['video'])
+
+
+def _checkpoint_round_trip(tmp_path, config, k):
+  it = pipeline.make_dataset(config, 3, seed=7, process_index=0, process_count=1)
+  for _ in range(k):
+    next(it)
+  with ocp.CheckpointManager(tmp_path / 'ckpt') as manager:
+    manager.save(k, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(it)))
+    manager.wait_until_finished()
+  want = [next(it) for _ in range(2)]
+
+  fresh = pipeline.make_dataset(config, 3, seed=7, process_index=0, process_count=1)
+  with ocp.CheckpointManager(tmp_path / 'ckpt') as manager:
+    assert manager.latest_step() == k
+    manager.restore(k, args=ocp.args.Composite(
+        data_iter=grain.checkpoint.CheckpointRestore(fresh)))
+  got = [next(fresh) for _ in range(2)]
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(g['video'], w['video'])
+    np.testing.assert_array_equal(g['label'], w['label'])
+  # A fresh iterator that was not restored starts elsewhere.
+  unrestored = next(pipeline.make_dataset(config, 3, seed=7, process_index=0,
+                                          process_count=1))
+  assert not np.array_equal(unrestored['video'], want[0]['video'])
+
+
+def test_iterator_state_round_trip():
+  config = _data_config()
+  it = pipeline.make_dataset(config, 3, seed=7, process_index=0, process_count=1)
+  next(it)
+  state = it.get_state()
+  want = next(it)
+  fresh = pipeline.make_dataset(config, 3, seed=7, process_index=0, process_count=1)
+  fresh.set_state(state)
+  np.testing.assert_array_equal(next(fresh)['video'], want['video'])
+
+
+def test_orbax_checkpoint_round_trip(tmp_path):
+  _checkpoint_round_trip(tmp_path, _data_config(num_examples=16), k=7)  # crosses an epoch
+
+
+def test_orbax_checkpoint_round_trip_with_workers(tmp_path):
+  """Grain worker processes change speed, not content, order or checkpointing."""
+  config = _data_config(num_examples=16)
+  reference = pipeline.make_dataset(config, 3, seed=7, process_index=0, process_count=1)
+  want = [next(reference) for _ in range(5)]
+
+  config.num_workers = 1
+  it = pipeline.make_dataset(config, 3, seed=7, process_index=0, process_count=1)
+  for i in range(3):
+    np.testing.assert_array_equal(next(it)['video'], want[i]['video'])
+  with ocp.CheckpointManager(tmp_path / 'ckpt') as manager:
+    manager.save(3, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(it)))
+    manager.wait_until_finished()
+  it.close()
+
+  fresh = pipeline.make_dataset(config, 3, seed=7, process_index=0, process_count=1)
+  with ocp.CheckpointManager(tmp_path / 'ckpt') as manager:
+    manager.restore(3, args=ocp.args.Composite(
+        data_iter=grain.checkpoint.CheckpointRestore(fresh)))
+  for i in range(3, 5):
+    batch = next(fresh)
+    np.testing.assert_array_equal(batch['video'], want[i]['video'])
+    np.testing.assert_array_equal(batch['label'], want[i]['label'])
+  fresh.close()
+
+
+@pytest.mark.parametrize('overrides,match', [
+    (dict(source='ucf101'), r"allowed: \['synthetic'\]"),
+    (dict(channels=1), 'channels must be 3'),
+    (dict(num_workers=-1), 'num_workers'),
+    (dict(num_examples=1), 'process_count'),
+])
+def test_bad_data_config(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    pipeline.make_dataset(_data_config(**overrides), 2, seed=0, process_index=0,
+                          process_count=2)
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(batch_size=0), 'batch_size'),
+    (dict(seed=-1), 'seed'),
+    (dict(process_index=2, process_count=2), 'process_index'),
+])
+def test_bad_pipeline_arguments(kwargs, match):
+  args = dict(batch_size=2, seed=0, process_index=0, process_count=1)
+  args.update(kwargs)
+  batch_size = args.pop('batch_size')
+  with pytest.raises(ValueError, match=match):
+    pipeline.make_dataset(_data_config(), batch_size, **args)
+
+
+def test_missing_config_field():
+  config = _data_config()
+  del config['time_stride']
+  with pytest.raises(ValueError, match='time_stride'):
+    pipeline.num_classes(config)
+
+
+# ----------------------------------------------------------------------------- video io
+
+
+def test_to_uint8():
+  video = np.array([-2.0, -1.0, 0.0, 1.0, 3.0], np.float32)
+  np.testing.assert_array_equal(video_io.to_uint8(video), [0, 0, 128, 255, 255])
+  with pytest.raises(ValueError, match='dtype'):
+    video_io.to_uint8(np.zeros(3, np.uint8))
+  with pytest.raises(ValueError, match='NaN'):
+    video_io.to_uint8(np.array([np.nan]))
+
+
+def test_make_grid_layout():
+  n, t, h, w, c = 5, 2, 3, 4, 1
+  videos = np.arange(1, n + 1, dtype=np.uint8)[:, None, None, None, None] * np.ones(
+      (n, t, h, w, c), np.uint8)  # video i is filled with i + 1
+  grid = video_io.make_grid(videos, ncols=3, pad=1)
+  assert grid.shape == (t, 2 * h + 1, 3 * w + 2, c)
+  for i in range(n):
+    row, col = divmod(i, 3)
+    y, x = row * (h + 1), col * (w + 1)
+    assert np.all(grid[:, y:y + h, x:x + w] == i + 1)
+  assert np.all(grid[:, h, :] == 0)  # padding row
+  assert np.all(grid[:, :, w] == 0)  # padding column
+  assert np.all(grid[:, h + 1:, 2 * (w + 1):] == 0)  # empty last cell
+
+  scaled = video_io.make_grid(videos, ncols=3, pad=2, scale=2)
+  assert scaled.shape == (t, 2 * 2 * h + 2, 3 * 2 * w + 4, c)
+  np.testing.assert_array_equal(scaled[:, :2 * h:2, :2 * w:2], videos[0])
+  assert video_io.make_grid(videos).shape == (t, 2 * h + 1, 3 * w + 2, c)  # ceil(sqrt(5))
+  with pytest.raises(ValueError, match='shape'):
+    video_io.make_grid(videos[0])
+
+
+# imageio starts ffmpeg with subprocess (fork + exec); Python warns about forking a
+# multithreaded (JAX) process, which does not apply to an immediate exec.
+_FFMPEG_FORK = pytest.mark.filterwarnings('ignore:os.fork:RuntimeWarning')
+
+
+@_FFMPEG_FORK
+@pytest.mark.parametrize('ext', ['mp4', 'gif'])
+def test_write_read_round_trip(tmp_path, ext):
+  video = _source(num_frames=6)[4]['video']  # [6, 32, 32, 3], moving: no merged gif frames
+  path = tmp_path / 'nested' / 'dir' / f'clip.{ext}'
+  assert video_io.write_video(path, video, fps=8) == str(path)
+  back = video_io.read_video(path)
+  assert back.shape == video.shape and back.dtype == np.uint8
+  error = np.abs(back.astype(np.float32) - video.astype(np.float32))
+  assert error.mean() < (3.0 if ext == 'mp4' else 1.0), error.mean()
+  assert sorted(p.name for p in path.parent.iterdir()) == [f'clip.{ext}']  # no temp left
+
+
+@_FFMPEG_FORK
+def test_write_pads_mp4_and_handles_grey(tmp_path):
+  video = _source(num_frames=4)[2]['video'][:, :20, :30, :1]  # [4, 20, 30, 1]
+  back = video_io.read_video(video_io.write_video(tmp_path / 'grey.mp4', video))
+  assert back.shape == (4, 32, 32, 3)
+  assert back[:, 20:, :].max() < 10 and back[:, :, 30:].max() < 10  # black padding
+  back = video_io.read_video(video_io.write_video(tmp_path / 'grey.gif', video))
+  assert back.shape == (4, 20, 30, 3)
+  np.testing.assert_array_equal(back[..., 0], video[..., 0])
+
+
+def test_write_video_errors(tmp_path):
+  video = np.zeros((2, 16, 16, 3), np.uint8)
+  with pytest.raises(ValueError, match=r"clip\.avi.*\('\.mp4', '\.gif'\)"):
+    video_io.write_video(tmp_path / 'clip.avi', video)
+  with pytest.raises(ValueError, match='uint8'):
+    video_io.write_video(tmp_path / 'clip.gif', video.astype(np.float32))
+  with pytest.raises(ValueError, match='shape'):
+    video_io.write_video(tmp_path / 'clip.gif', video[0])
+  with pytest.raises(ValueError, match='fps'):
+    video_io.write_video(tmp_path / 'clip.gif', video, fps=0)
+  assert not list(tmp_path.iterdir())

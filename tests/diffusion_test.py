@@ -1,0 +1,400 @@
+"""Tests for vdit_jax.diffusion: schedules, objectives, samplers (CPU, tiny shapes)."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from vdit_jax import diffusion as vd
+
+SHAPE = (2, 4, 8, 8, 3)  # [B, T, H, W, C]
+
+
+def _cfg(**kw):
+  return ml_collections.ConfigDict(dict(
+      objective='eps', schedule='linear', num_timesteps=1000, t_sampling='uniform',
+      logit_mean=0.0, logit_std=1.0, shift=1.0) | kw)
+
+
+def _make(**kw):
+  return vd.Diffusion.from_config(_cfg(**kw))
+
+
+def _clip_x0(seed=0):
+  return jax.random.uniform(jax.random.PRNGKey(seed), SHAPE, jnp.float32, -0.9, 0.9)
+
+
+def _oracle(diff, x0):
+  """model_fn returning the exact eps / v / velocity for the fixed clip x0, given z and t."""
+  x0 = np.asarray(x0, np.float64)
+
+  def model_fn(z, t_model, labels):
+    del labels
+    if diff.is_flow:
+      t = (t_model / vd.FLOW_T_SCALE).reshape(-1, 1, 1, 1, 1)
+      eps = (z - (1.0 - t) * x0) / t
+      return eps - x0
+    abar = diff.alphas_cumprod[t_model.astype(jnp.int32)].reshape(-1, 1, 1, 1, 1)
+    eps = (z - jnp.sqrt(abar) * x0) / jnp.sqrt(1.0 - abar)
+    if diff.objective == 'eps':
+      return eps
+    return jnp.sqrt(abar) * eps - jnp.sqrt(1.0 - abar) * x0
+
+  return model_fn
+
+
+# ------------------------------------------------------------------------------ schedules
+
+
+@pytest.mark.parametrize('num_timesteps', [1000, 500, 100])
+def test_linear_endpoints(num_timesteps):
+  betas = vd.make_betas('linear', num_timesteps)
+  scale = 1000.0 / num_timesteps
+  assert betas.dtype == np.float64 and betas.shape == (num_timesteps,)
+  np.testing.assert_allclose(betas[0], 1e-4 * scale, rtol=1e-12)
+  np.testing.assert_allclose(betas[-1], 0.02 * scale, rtol=1e-12)
+  np.testing.assert_allclose(np.diff(betas), np.full(num_timesteps - 1, np.diff(betas)[0]),
+                             rtol=1e-9)
+
+
+def test_cosine_alphas_cumprod_closed_form():
+  T, s = 1000, 0.008
+  abar = vd.alphas_cumprod(vd.make_betas('cosine', T))
+  f = lambda t: np.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
+  expected = f(np.arange(1, T + 1)) / f(0.0)  # abar_t = f(t + 1) / f(0)
+  # Only the last beta is clipped at 0.999; all others follow the closed form exactly.
+  np.testing.assert_allclose(abar[:-1], expected[:-1], rtol=1e-9)
+  betas = vd.make_betas('cosine', T)
+  assert betas.max() == pytest.approx(0.999)
+  assert np.sum(betas >= 0.999) == 1
+
+
+@pytest.mark.parametrize('name', ['linear', 'cosine'])
+@pytest.mark.parametrize('num_timesteps', [1000, 50])
+def test_alphas_cumprod_monotone_in_unit_interval(name, num_timesteps):
+  abar = vd.alphas_cumprod(vd.make_betas(name, num_timesteps))
+  assert np.all(np.diff(abar) < 0)
+  assert np.all((abar > 0) & (abar < 1))
+
+
+def test_schedule_errors():
+  with pytest.raises(ValueError, match="schedule='quadratic'"):
+    vd.make_betas('quadratic', 10)
+  with pytest.raises(ValueError, match='num_timesteps=0'):
+    vd.make_betas('cosine', 0)
+  with pytest.raises(ValueError, match='num_timesteps=-3'):
+    vd.make_betas('linear', -3)
+  with pytest.raises(ValueError, match='num_timesteps=10.*below 1'):
+    vd.make_betas('linear', 10)
+  with pytest.raises(ValueError, match='in \\(0, 1\\)'):
+    vd.alphas_cumprod(np.array([0.5, 1.2]))
+
+
+def test_config_errors():
+  with pytest.raises(ValueError, match="objective='x0'"):
+    _make(objective='x0')
+  with pytest.raises(ValueError, match="t_sampling='beta'"):
+    _make(objective='flow', t_sampling='beta')
+  with pytest.raises(ValueError, match='shift=0.0'):
+    _make(objective='flow', shift=0.0)
+  with pytest.raises(ValueError, match='logit_std=-1.0'):
+    _make(objective='flow', t_sampling='logit_normal', logit_std=-1.0)
+  with pytest.raises(ValueError, match="schedule='nope'"):
+    _make(schedule='nope')
+
+
+# ------------------------------------------------------------------------------ objectives
+
+
+def test_targets_on_known_inputs():
+  x0 = jnp.full(SHAPE, 0.5, jnp.float32)
+  noise = jnp.full(SHAPE, -1.0, jnp.float32)
+  t = jnp.array([0, 700], jnp.int32)
+  abar = vd.alphas_cumprod(vd.make_betas('cosine', 1000))[np.array([0, 700])]
+  eps_d, v_d = _make(schedule='cosine'), _make(objective='v', schedule='cosine')
+  np.testing.assert_array_equal(eps_d.target(x0, noise, t), noise)
+  v = np.sqrt(abar) * -1.0 - np.sqrt(1 - abar) * 0.5  # [B]
+  np.testing.assert_allclose(v_d.target(x0, noise, t), np.broadcast_to(
+      v.reshape(2, 1, 1, 1, 1), SHAPE), rtol=1e-6)
+  flow = _make(objective='flow')
+  np.testing.assert_allclose(flow.target(x0, noise, jnp.array([0.2, 0.9])),
+                             np.full(SHAPE, -1.5), rtol=0)
+
+
+@pytest.mark.parametrize('objective,schedule', [('eps', 'linear'), ('v', 'cosine'),
+                                                ('flow', None)])
+def test_loss_oracle_and_zero_prediction(objective, schedule):
+  diff = _make(objective=objective, schedule=schedule or 'linear',
+               t_sampling='logit_normal', shift=2.0)
+  x0 = _clip_x0()
+  rng = jax.random.PRNGKey(7)
+  # Reproduce the documented draw order: t from the first split key, noise from the second.
+  t_rng, noise_rng = jax.random.split(rng)
+  t = diff.sample_t(t_rng, SHAPE[0])
+  noise = jax.random.normal(noise_rng, SHAPE, jnp.float32)
+  target = diff.target(x0, noise, t)
+
+  loss, aux = diff.loss(lambda z, tm: target, x0, rng)
+  assert loss.shape == () and float(loss) == 0.0
+  np.testing.assert_array_equal(aux['t'], t)
+  np.testing.assert_array_equal(aux['model_t'], diff.model_t(t))
+
+  # Zeros: loss = mean(target^2), target built by hand in float64 from the closed form.
+  x0_np, n_np = np.asarray(x0, np.float64), np.asarray(noise, np.float64)
+  if objective == 'flow':
+    by_hand = n_np - x0_np
+  else:
+    abar = vd.alphas_cumprod(vd.make_betas(schedule, 1000))[np.asarray(t)].reshape(-1, 1, 1, 1, 1)
+    by_hand = n_np if objective == 'eps' else np.sqrt(abar) * n_np - np.sqrt(1 - abar) * x0_np
+  loss0, _ = diff.loss(lambda z, tm: jnp.zeros_like(z), x0, rng)
+  np.testing.assert_allclose(float(loss0), np.mean(by_hand ** 2), rtol=1e-5)
+
+
+def test_loss_is_jittable_with_diffusion_as_argument():
+  diff = _make(objective='v', schedule='cosine')
+  x0 = _clip_x0()
+
+  @jax.jit
+  def f(d, x0, rng):
+    return d.loss(lambda z, tm: 0.5 * z, x0, rng)[0]
+
+  eager = diff.loss(lambda z, tm: 0.5 * z, x0, jax.random.PRNGKey(1))[0]
+  np.testing.assert_allclose(f(diff, x0, jax.random.PRNGKey(1)), eager, rtol=1e-6)
+
+
+def test_corrupt_at_zero_is_data():
+  x0 = _clip_x0()
+  noise = jax.random.normal(jax.random.PRNGKey(3), SHAPE)
+  flow = _make(objective='flow')
+  np.testing.assert_array_equal(flow.corrupt(x0, noise, jnp.zeros((2,))), x0)
+  np.testing.assert_allclose(flow.corrupt(x0, noise, jnp.ones((2,))), noise, atol=0)
+  diff = _make()
+  z0 = diff.corrupt(x0, noise, jnp.zeros((2,), jnp.int32))
+  a0 = 1.0 - 1e-4  # abar_0 of the linear schedule
+  np.testing.assert_allclose(z0, np.sqrt(a0) * x0 + np.sqrt(1 - a0) * noise, rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_allclose(z0, x0, atol=0.05)
+
+
+@pytest.mark.parametrize('objective,schedule,t', [
+    ('eps', 'linear', [0, 500]), ('eps', 'cosine', [250, 900]),
+    ('v', 'linear', [0, 999]), ('v', 'cosine', [1, 999]),
+    ('flow', 'linear', [0.0, 0.37]), ('flow', 'linear', [0.8, 1.0])])
+def test_conversions_invert_corrupt(objective, schedule, t):
+  diff = _make(objective=objective, schedule=schedule)
+  x0 = _clip_x0()
+  noise = jax.random.normal(jax.random.PRNGKey(4), SHAPE)
+  t = jnp.asarray(t, jnp.float32 if objective == 'flow' else jnp.int32)
+  z = diff.corrupt(x0, noise, t)
+  x0_hat, eps_hat = diff.pred_to_x0_eps(z, diff.target(x0, noise, t), t)
+  np.testing.assert_allclose(x0_hat, x0, atol=2e-5)
+  np.testing.assert_allclose(eps_hat, noise, atol=2e-5)
+
+
+def test_model_t():
+  np.testing.assert_array_equal(_make().model_t(jnp.array([0, 999])), [0.0, 999.0])
+  assert _make().model_t(jnp.array([3])).dtype == jnp.float32
+  np.testing.assert_allclose(_make(objective='flow').model_t(jnp.array([0.0, 0.25, 1.0])),
+                             [0.0, 250.0, 1000.0])
+
+
+def test_sample_t_ranges_and_shift():
+  rng = jax.random.PRNGKey(0)
+  t = _make().sample_t(rng, 4096)
+  assert t.dtype == jnp.int32 and int(t.min()) >= 0 and int(t.max()) <= 999
+  assert int(t.max()) > 900 and int(t.min()) < 100
+  tu = _make(objective='flow').sample_t(rng, 4096)
+  assert tu.dtype == jnp.float32 and float(tu.min()) >= 0 and float(tu.max()) <= 1
+  ln = _make(objective='flow', t_sampling='logit_normal')
+  tl = ln.sample_t(rng, 4096)
+  assert float(tl.min()) > 0 and float(tl.max()) < 1
+  assert abs(float(jnp.median(tl)) - 0.5) < 0.03  # sigmoid(N(0, 1)) has median 0.5
+  ts = _make(objective='flow', t_sampling='logit_normal', shift=3.0).sample_t(rng, 4096)
+  assert float(ts.min()) > 0 and float(ts.max()) < 1
+  np.testing.assert_allclose(ts, 3 * tl / (1 + 2 * tl), rtol=1e-6)
+  assert np.all(np.asarray(ts) >= np.asarray(tl)) and float(ts.mean()) > float(tl.mean()) + 0.1
+  assert vd.shift_t(0.5, 3.0) == pytest.approx(0.75)
+
+
+# ------------------------------------------------------------------------------ samplers
+
+
+def _key(seed):
+  """Sampler tests use typed 'rbg' keys: the sampler is key-agnostic and these compile faster."""
+  return jax.random.key(seed, impl='rbg')
+
+
+# The documented way to jit `sample`: model_fn and shape static, diffusion a pytree argument.
+_jit_sample = jax.jit(vd.sample, static_argnums=(1, 3), static_argnames=(
+    'sampler', 'num_steps', 'eta', 'cfg_scale', 'null_label', 'clip_x0'))
+
+
+def _run(diff, model_fn, rng, labels=None, **kw):
+  return _jit_sample(diff, model_fn, rng, SHAPE, labels, **kw)
+
+
+@pytest.mark.parametrize('objective,schedule,sampler,num_steps', [
+    ('eps', 'linear', 'ddpm', 10), ('v', 'cosine', 'ddpm', 7),
+    ('eps', 'cosine', 'ddim', 10), ('v', 'linear', 'ddim', 1),
+    ('flow', None, 'euler', 8), ('flow', None, 'euler', 1)])
+def test_oracle_recovers_x0(objective, schedule, sampler, num_steps):
+  diff = _make(objective=objective, schedule=schedule or 'linear')
+  x0 = _clip_x0(seed=11)
+  out = _run(diff, _oracle(diff, x0), _key(5), sampler=sampler,
+             num_steps=num_steps)
+  assert out.shape == SHAPE and out.dtype == jnp.float32
+  np.testing.assert_allclose(out, x0, atol=1e-4)
+
+
+def test_oracle_euler_with_shift_and_ddim_with_eta():
+  x0 = _clip_x0(seed=12)
+  flow = _make(objective='flow', shift=3.0)
+  out = _run(flow, _oracle(flow, x0), _key(0), sampler='euler', num_steps=5)
+  np.testing.assert_allclose(out, x0, atol=1e-4)
+  diff = _make(objective='v', schedule='cosine')
+  out = _run(diff, _oracle(diff, x0), _key(0), sampler='ddim', num_steps=6,
+             eta=1.0)
+  np.testing.assert_allclose(out, x0, atol=1e-4)
+
+
+def test_ddpm_two_steps_by_hand():
+  diff = _make()
+  rng = _key(9)
+  model_fn = lambda z, t, labels: 0.5 * z  # eps prediction
+  out = _run(diff, model_fn, rng, sampler='ddpm', num_steps=2, clip_x0=False)
+  init_rng, step_rng = jax.random.split(rng)
+  z = np.asarray(jax.random.normal(init_rng, SHAPE), np.float64)
+  n0 = np.asarray(jax.random.normal(jax.random.fold_in(step_rng, 0), SHAPE), np.float64)
+  abar = vd.alphas_cumprod(vd.make_betas('linear', 1000))
+  a_t, a_p = abar[999], abar[0]  # respaced chain 999 -> 0
+  x0_hat = (z - np.sqrt(1 - a_t) * 0.5 * z) / np.sqrt(a_t)
+  beta = 1 - a_t / a_p
+  mean = np.sqrt(a_p) * beta / (1 - a_t) * x0_hat + np.sqrt(1 - beta) * (1 - a_p) / (1 - a_t) * z
+  z1 = mean + np.sqrt(beta * (1 - a_p) / (1 - a_t)) * n0
+  expected = (z1 - np.sqrt(1 - a_p) * 0.5 * z1) / np.sqrt(a_p)  # last step returns x0_hat
+  np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_ddim_and_euler_by_hand():
+  rng = _key(2)
+  z = np.asarray(jax.random.normal(jax.random.split(rng)[0], SHAPE), np.float64)
+  diff = _make(objective='v', schedule='cosine')
+  out = _run(diff, lambda z, t, labels: 0.3 * z, rng, sampler='ddim', num_steps=3,
+             clip_x0=False)
+  abar = vd.alphas_cumprod(vd.make_betas('cosine', 1000))
+  ts = [999, 500, 0]
+  np.testing.assert_array_equal(vd.respaced_timesteps(1000, 3), ts)
+  for i, t in enumerate(ts):
+    a, a_p = abar[t], (abar[ts[i + 1]] if i + 1 < len(ts) else 1.0)
+    x0_hat = np.sqrt(a) * z - np.sqrt(1 - a) * 0.3 * z
+    eps_hat = np.sqrt(1 - a) * z + np.sqrt(a) * 0.3 * z
+    z = np.sqrt(a_p) * x0_hat + np.sqrt(1 - a_p) * eps_hat
+  np.testing.assert_allclose(out, z, rtol=1e-4, atol=1e-5)
+
+  flow = _make(objective='flow', shift=2.0)
+  out = _run(flow, lambda z, t, labels: -z, rng, sampler='euler', num_steps=4, clip_x0=False)
+  grid = 2 * np.linspace(1, 0, 5) / (1 + np.linspace(1, 0, 5))
+  z0 = np.asarray(jax.random.normal(jax.random.split(rng)[0], SHAPE), np.float64)
+  np.testing.assert_allclose(out, z0 * np.prod(1 - np.diff(grid)), rtol=1e-5)
+
+
+def _scaled_model(z, t, labels):
+  return 0.9 * z
+
+
+def test_ddim_eta0_deterministic_eta1_not():
+  diff = _make(objective='eps', schedule='cosine')
+  model_fn = _scaled_model  # one object, so the jitted sampler is reused across calls
+  noise = jax.random.normal(jax.random.PRNGKey(0), SHAPE)
+  a = _run(diff, model_fn, _key(1), sampler='ddim', num_steps=5,
+           init_noise=noise)
+  b = _run(diff, model_fn, _key(2), sampler='ddim', num_steps=5,
+           init_noise=noise)
+  np.testing.assert_array_equal(a, b)
+  c = _run(diff, model_fn, _key(1), sampler='ddim', num_steps=5,
+           init_noise=noise, eta=1.0)
+  d = _run(diff, model_fn, _key(2), sampler='ddim', num_steps=5,
+           init_noise=noise, eta=1.0)
+  assert float(jnp.max(jnp.abs(c - d))) > 1e-2
+  # Without init_noise the initial noise comes from rng: different rng, different sample.
+  e = _run(diff, model_fn, _key(2), sampler='ddim', num_steps=5)
+  assert float(jnp.max(jnp.abs(a - e))) > 1e-2
+
+
+def _label_model(z, t, labels):
+  return 0.1 * z + 0.05 * labels.astype(jnp.float32).reshape(-1, 1, 1, 1, 1)
+
+
+def test_guidance_combines_cond_and_uncond():
+  z = jax.random.normal(jax.random.PRNGKey(0), SHAPE)
+  t = jnp.array([10.0, 500.0])
+  labels = jnp.array([3, 7], jnp.int32)
+  calls = []
+
+  def counting(z, t, labels):
+    calls.append(z.shape[0])
+    return _label_model(z, t, labels)
+
+  np.testing.assert_array_equal(vd.guided_prediction(counting, z, t, labels, 1.0, None),
+                                _label_model(z, t, labels))
+  np.testing.assert_array_equal(vd.guided_prediction(counting, z, t, labels, 1.0, 10),
+                                _label_model(z, t, labels))
+  assert calls == [2, 2]
+  got = vd.guided_prediction(counting, z, t, labels, 3.0, null_label=10)
+  assert calls == [2, 2, 4]
+  cond = _label_model(z, t, labels)
+  uncond = _label_model(z, t, jnp.full((2,), 10, jnp.int32))
+  np.testing.assert_allclose(got, uncond + 3.0 * (cond - uncond), rtol=1e-6, atol=1e-6)
+
+
+def test_cfg_in_sampler_label_dependent_and_independent():
+  diff = _make(objective='v', schedule='cosine')
+  labels = jnp.array([1, 2], jnp.int32)
+  rng = _key(3)
+  kw = dict(sampler='ddim', num_steps=3)
+  cond_only = _run(diff, _label_model, rng, labels, **kw)
+  guided4 = _run(diff, _label_model, rng, labels, cfg_scale=4.0, null_label=0, **kw)
+  assert float(jnp.max(jnp.abs(guided4 - cond_only))) > 1e-3
+  indep = _scaled_model
+  np.testing.assert_allclose(_run(diff, indep, rng, labels, cfg_scale=4.0, null_label=0, **kw),
+                             _run(diff, indep, rng, labels, **kw), rtol=1e-6, atol=1e-6)
+
+
+def test_make_sampler_matches_sample():
+  flow = _make(objective='flow')
+  apply = lambda params, z, t, labels: params['w'] * z
+  fn = vd.make_sampler(flow, apply, SHAPE, sampler='euler', num_steps=3)
+  params = {'w': jnp.float32(-0.5)}
+  rng = jax.random.PRNGKey(0)
+  out = fn(params, rng, None)
+  ref = vd.sample(flow, functools.partial(apply, params), rng, SHAPE, None, sampler='euler',
+                  num_steps=3)
+  assert out.shape == SHAPE
+  np.testing.assert_allclose(out, ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize('objective,kw,match', [
+    ('eps', dict(sampler='euler'), "sampler='euler' cannot sample objective='eps'"),
+    ('v', dict(sampler='euler'), "sampler='euler' cannot sample objective='v'"),
+    ('flow', dict(sampler='ddpm'), "sampler='ddpm' cannot sample objective='flow'"),
+    ('flow', dict(sampler='ddim'), "sampler='ddim' cannot sample objective='flow'"),
+    ('eps', dict(sampler='ddim', num_steps=0), 'num_steps=0 must satisfy 1 <= num_steps'),
+    ('eps', dict(sampler='ddim', num_steps=1001), 'num_steps=1001 .*num_timesteps=1000'),
+    ('eps', dict(sampler='heun'), "sampler='heun' is not known"),
+    ('eps', dict(sampler='ddim', cfg_scale=2.0), 'cfg_scale=2.0 != 1 needs null_label'),
+    ('eps', dict(sampler='ddpm', eta=0.5), "eta=0.5 only applies to sampler 'ddim'"),
+    ('eps', dict(sampler='ddim', eta=-1.0), 'eta=-1.0 must be >= 0'),
+])
+def test_invalid_sampler_settings(objective, kw, match):
+  diff = _make(objective=objective)
+  kw = dict(num_steps=4) | kw
+  with pytest.raises(ValueError, match=match):
+    vd.sample(diff, _label_model, jax.random.PRNGKey(0), SHAPE, jnp.zeros((2,), jnp.int32),
+              **kw)
+  if 'cfg_scale' not in kw:
+    with pytest.raises(ValueError, match=match):
+      vd.make_sampler(diff, lambda p, z, t, l: z, SHAPE, **kw)

@@ -1,0 +1,219 @@
+"""Embeddings, QK-norm attention, adaLN-Zero blocks and the full VideoDiT."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from vdit_jax.model import attention, blocks, dit, embeddings
+
+
+def model_cfg(**overrides):
+  cfg = ml_collections.ConfigDict(dict(
+      variant=None, width=48, depth=3, num_heads=4, mlp_dim=96, patch_size=(2, 4, 4),
+      pos_embed='sincos', qk_norm=True, attention_impl='xla', scan_layers=True,
+      remat_policy='none', dtype='float32', param_dtype='float32'))
+  cfg.update(overrides)
+  return cfg
+
+
+def inputs(b=2, t=4, h=8, w=8, c=3, seed=0):
+  rng = np.random.default_rng(seed)
+  video = rng.normal(size=(b, t, h, w, c)).astype(np.float32)
+  return video, np.array([3.0, 700.0][:b], np.float32), np.array([1, 5][:b], np.int32)
+
+
+def randomise(params, seed=1, scale=0.1):
+  """Non-zero values everywhere (zero-init layers would hide bugs)."""
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(tree, [x + scale * jax.random.normal(k, x.shape, x.dtype)
+                                   for x, k in zip(leaves, keys)])
+
+
+def test_sincos_3d_shape_and_distinct_positions():
+  table = embeddings.sincos_3d((2, 3, 4), 48)
+  assert table.shape == (24, 48)
+  # All rows distinct: each position gets its own code.
+  d = np.abs(np.asarray(table)[:, None] - np.asarray(table)[None]).sum(-1)
+  assert (d + np.eye(24) > 1e-3).all()
+
+
+def test_rope_preserves_norm_and_is_relative():
+  cos, sin = embeddings.rope_3d((2, 3, 4), 12)
+  assert cos.shape == (24, 6)
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.normal(size=(1, 24, 2, 12)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(1, 24, 2, 12)), jnp.float32)
+  rq = embeddings.apply_rope(q, cos, sin)
+  np.testing.assert_allclose(np.linalg.norm(rq, axis=-1), np.linalg.norm(q, axis=-1), rtol=1e-5)
+  # Same vector at every position: the score depends only on the offset, so the
+  # (t, h, w) = (0, 0, 0)->(0, 0, 1) score equals (1, 2, 2)->(1, 2, 3).
+  qs = jnp.broadcast_to(q[:, :1], q.shape)
+  ks = jnp.broadcast_to(k[:, :1], k.shape)
+  rq, rk = embeddings.apply_rope(qs, cos, sin), embeddings.apply_rope(ks, cos, sin)
+  score = jnp.einsum('bnkd,bmkd->bknm', rq, rk)  # [B, K, N, N]
+  a, b = 0, 1
+  c, d = 1 * 12 + 2 * 4 + 2, 1 * 12 + 2 * 4 + 3
+  np.testing.assert_allclose(score[0, :, a, b], score[0, :, c, d], rtol=1e-4, atol=1e-4)
+
+
+def test_qk_norm_gives_unit_rms_per_head_before_scale():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 3, 16)) * 7.0 + 2.0, jnp.float32)
+  normed = attention.rms_normalize(x)
+  rms = np.sqrt(np.mean(np.square(np.asarray(normed)), axis=-1))
+  np.testing.assert_allclose(rms, np.ones_like(rms), rtol=1e-5)
+  # The module applies a learnable per-feature scale after normalising.
+  mod = attention.RMSNorm()
+  variables = mod.init(jax.random.key(0), x)
+  variables = jax.tree.map(lambda s: s * 3.0, variables)
+  np.testing.assert_allclose(mod.apply(variables, x), 3.0 * normed, rtol=1e-5)
+
+
+def test_attention_uses_normalised_q_and_k():
+  # With QK-norm, scaling the input's q/k projections does not change the output.
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 6, 16)), jnp.float32)
+  mod = attention.Attention(num_heads=2, qk_norm=True)
+  params = nn.unbox(mod.init(jax.random.key(0), x)['params'])
+  out = mod.apply({'params': params}, x)
+  scaled = dict(params)
+  for name in ('query_kernel', 'query_bias', 'key_kernel', 'key_bias'):
+    scaled[name] = params[name] * 10.0
+  np.testing.assert_allclose(mod.apply({'params': scaled}, x), out, rtol=1e-4, atol=1e-5)
+  plain = attention.Attention(num_heads=2, qk_norm=False)
+  p2 = nn.unbox(plain.init(jax.random.key(0), x)['params'])
+  s2 = dict(p2)
+  for name in ('query_kernel', 'query_bias', 'key_kernel', 'key_bias'):
+    s2[name] = p2[name] * 10.0
+  assert not np.allclose(plain.apply({'params': s2}, x), plain.apply({'params': p2}, x),
+                         atol=1e-3)
+
+
+def test_zero_initialised_block_is_identity():
+  block = blocks.DiTBlock(num_heads=4, mlp_dim=64)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 10, 32)), jnp.float32)
+  c = jnp.asarray(np.random.default_rng(1).normal(size=(2, 32)), jnp.float32)
+  variables = block.init(jax.random.key(0), x, c)
+  out, _ = block.apply(variables, x, c)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(x))
+  # Once the gates are non-zero, the block is no longer the identity.
+  params = randomise(nn.unbox(variables['params']))
+  out2, _ = block.apply({'params': params}, x, c)
+  assert np.abs(np.asarray(out2) - np.asarray(x)).max() > 1e-3
+
+
+def test_final_layer_is_zero_initialised():
+  model = dit.build_model(model_cfg(), channels=3, num_classes=10)
+  video, t, y = inputs()
+  variables = model.init(jax.random.key(0), video, t, y)
+  out = model.apply(variables, video, t, y)
+  assert out.shape == video.shape
+  np.testing.assert_array_equal(np.asarray(out), 0.0)
+
+
+@pytest.mark.parametrize('patch', [(1, 2, 2), (2, 4, 4), (4, 8, 8), (1, 1, 1)])
+@pytest.mark.parametrize('pos_embed', ['sincos', 'rope'])
+def test_output_shape_for_patch_sizes(patch, pos_embed):
+  model = dit.build_model(model_cfg(patch_size=patch, pos_embed=pos_embed, depth=1),
+                          channels=3, num_classes=10)
+  video, t, y = inputs()
+  params = randomise(nn.unbox(model.init(jax.random.key(0), video, t, y)['params']))
+  out = model.apply({'params': params}, video, t, y)
+  assert out.shape == video.shape and out.dtype == jnp.float32
+  assert np.isfinite(np.asarray(out)).all()
+
+
+def test_param_count_independent_of_frames_and_resolution():
+  model = dit.build_model(model_cfg(), channels=3, num_classes=10)
+  counts = []
+  for shape in [(4, 8, 8), (8, 16, 8), (2, 32, 32)]:
+    video = np.zeros((1,) + shape + (3,), np.float32)
+    v = jax.eval_shape(model.init, jax.random.key(0), video, np.zeros(1), np.zeros(1, np.int32))
+    counts.append(sum(x.size for x in jax.tree.leaves(v)))
+  assert counts[0] == counts[1] == counts[2]
+  # And the same weights run on another resolution/duration.
+  video, t, y = inputs()
+  params = model.init(jax.random.key(0), video, t, y)
+  bigger = np.zeros((2, 8, 16, 8, 3), np.float32)
+  assert model.apply(params, bigger, t, y).shape == bigger.shape
+
+
+def _unstack_scanned(scanned, depth):
+  """{'blocks': stacked} -> {'blocks_0': ..., 'blocks_{depth-1}': ...}."""
+  params = {k: v for k, v in scanned.items() if k != 'blocks'}
+  for i in range(depth):
+    params[f'blocks_{i}'] = jax.tree.map(lambda a, i=i: a[i], scanned['blocks'])
+  return params
+
+
+@pytest.mark.parametrize('pos_embed', ['sincos', 'rope'])
+def test_scanned_equals_unrolled(pos_embed):
+  video, t, y = inputs()
+  scanned = dit.build_model(model_cfg(pos_embed=pos_embed), 3, 10)
+  unrolled = dit.build_model(model_cfg(pos_embed=pos_embed, scan_layers=False), 3, 10)
+  params = randomise(nn.unbox(scanned.init(jax.random.key(0), video, t, y)['params']))
+  assert params['blocks']['mlp']['fc1']['kernel'].shape == (3, 48, 96)
+  out_scan = scanned.apply({'params': params}, video, t, y)
+  out_unrolled = unrolled.apply({'params': _unstack_scanned(params, 3)}, video, t, y)
+  np.testing.assert_allclose(out_scan, out_unrolled, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('policy', ['full', 'dots_saveable', 'dots_with_no_batch_dims_saveable'])
+def test_remat_policies_keep_values_and_gradients(policy):
+  video, t, y = inputs()
+  base = dit.build_model(model_cfg(), 3, 10)
+  remat = dit.build_model(model_cfg(remat_policy=policy), 3, 10)
+  params = randomise(nn.unbox(base.init(jax.random.key(0), video, t, y)['params']))
+
+  def loss(model, p):
+    return jnp.mean(model.apply({'params': p}, video, t, y) ** 2)
+
+  g1 = jax.grad(lambda p: loss(base, p))(params)
+  g2 = jax.grad(lambda p: loss(remat, p))(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g1, g2)
+
+
+def test_labels_change_output_and_null_label_exists():
+  model = dit.build_model(model_cfg(), 3, 10)
+  video, t, _ = inputs()
+  params = randomise(nn.unbox(model.init(jax.random.key(0), video, t, None)['params']))
+  assert params['y_embed']['table']['embedding'].shape == (11, 48)
+  a = model.apply({'params': params}, video, t, jnp.array([0, 0]))
+  b = model.apply({'params': params}, video, t, jnp.array([10, 10]))  # null label
+  assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-4
+
+
+def test_every_param_has_logical_names():
+  model = dit.build_model(model_cfg(), 3, 10)
+  video, t, y = inputs()
+  boxed = jax.eval_shape(model.init, jax.random.key(0), video, t, y)['params']
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
+  assert boxed['blocks']['attn']['query_kernel'].names == ('layers', 'embed', 'heads', 'kv')
+
+
+@pytest.mark.parametrize('variant,expect', [
+    ('S/2', dict(width=384, depth=12, num_heads=6, mlp_dim=1536, patch_size=(1, 2, 2))),
+    ('XL/2x4x4', dict(width=1152, depth=28, num_heads=16, mlp_dim=4608, patch_size=(2, 4, 4))),
+])
+def test_variant_table(variant, expect):
+  spec = dit.resolve_spec(model_cfg(variant=variant, width=None, depth=None, num_heads=None,
+                                    mlp_dim=None, patch_size=None))
+  for key, value in expect.items():
+    assert getattr(spec, key) == value
+  # Explicit fields override the variant's.
+  spec = dit.resolve_spec(model_cfg(variant=variant, width=None, depth=2, num_heads=None,
+                                    mlp_dim=None, patch_size=None))
+  assert spec.depth == 2 and spec.width == expect['width']
+
+
+def test_bf16_compute_with_f32_params():
+  model = dit.build_model(model_cfg(dtype='bfloat16'), 3, 10)
+  video, t, y = inputs()
+  variables = model.init(jax.random.key(0), video, t, y)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nn.unbox(variables)))
+  params = randomise(nn.unbox(variables['params']))
+  out = model.apply({'params': params}, video, t, y)
+  assert out.dtype == jnp.float32 and np.isfinite(np.asarray(out)).all()

@@ -1,0 +1,92 @@
+"""Every config rule is checked before anything compiles, with a message naming the value."""
+
+import re
+
+import pytest
+
+from configs import dit_xl_video, small, tiny
+from vdit_jax import validate
+from vdit_jax.train import loop
+
+
+def cfg(**overrides):
+  config = tiny.get_config()
+  for path, value in overrides.items():
+    section, key = path.split('__')
+    config[section][key] = value
+  return config
+
+
+@pytest.mark.parametrize('make', [tiny.get_config, small.get_config])
+def test_shipped_configs_are_valid(make):
+  validate.validate_config(make(), num_devices=1)
+
+
+def test_pod_config_shapes_are_valid_for_its_mesh():
+  config = dit_xl_video.get_config()
+  validate.validate_config(config, num_devices=128, process_count=32)
+
+
+CASES = [
+    # patch not dividing T/H/W
+    (dict(model__patch_size=(3, 4, 4)), 'T=16 is not a positive multiple of its patch size 3'),
+    (dict(data__height=30), 'H=30 is not a positive multiple'),
+    (dict(data__width=36, model__patch_size=(2, 4, 8)), 'W=36 is not a positive multiple'),
+    # width not divisible by heads
+    (dict(model__width=100, model__num_heads=3), 'model.width=100 is not divisible by model.num_heads=3'),
+    # unknown names
+    (dict(diffusion__objective='x0'), "diffusion.objective='x0' is not one of"),
+    (dict(sample__sampler='heun'), "sample.sampler='heun' is not one of"),
+    (dict(model__variant='Huge/2'), "model.variant='Huge/2' is not NAME/P"),
+    (dict(model__remat_policy='some'), "model.remat_policy='some' is not one of"),
+    (dict(model__pos_embed='learned'), "model.pos_embed='learned' is not one of"),
+    (dict(model__dtype='float8'), "model.dtype='float8' is not one of"),
+    (dict(diffusion__schedule='sqrt'), 'sqrt'),
+    (dict(sample__formats='avi'), "sample.formats='avi' must list mp4 and/or gif"),
+    # sampler / objective mismatch
+    (dict(diffusion__objective='flow'), "sample.sampler='ddim' does not sample objective 'flow'"),
+    (dict(sample__sampler='euler'), "sample.sampler='euler' does not sample objective 'eps'"),
+    # non-positive sizes
+    (dict(data__num_frames=0), 'config.data.num_frames=0 must be positive'),
+    (dict(data__height=-32), 'config.data.height=-32 must be positive'),
+    (dict(train__batch_size=0), 'config.train.batch_size=0 must be positive'),
+    (dict(train__num_steps=0), 'config.train.num_steps=0 must be positive'),
+    (dict(model__width=0), 'model.width=0 must be positive'),
+    (dict(model__depth=-1), 'model.depth=-1 must be positive'),
+    (dict(model__num_heads=0), 'model.num_heads=0 must be positive'),
+    (dict(checkpoint__every_steps=0), 'config.checkpoint.every_steps=0 must be positive'),
+    (dict(sample__num_steps=0), 'config.sample.num_steps=0 must be positive'),
+    (dict(train__ema_decay=1.0), r'config.train.ema_decay=1.0 must be in \[0, 1\)'),
+    (dict(sample__num_steps=2000), 'sample.num_steps=2000 exceeds diffusion.num_timesteps=1000'),
+]
+
+
+@pytest.mark.parametrize('overrides,message', CASES,
+                         ids=[m[:40] for _, m in CASES])
+def test_bad_config_is_rejected_with_message(overrides, message):
+  with pytest.raises(ValueError, match=message if '\\' in message else re.escape(message)):
+    validate.validate_config(cfg(**overrides), num_devices=1)
+
+
+def test_batch_not_divisible_by_devices():
+  with pytest.raises(ValueError, match='train.batch_size=16 is not divisible by the device count 3'):
+    validate.validate_config(cfg(), num_devices=3)
+
+
+def test_batch_not_divisible_by_processes():
+  with pytest.raises(ValueError, match='not divisible by the process count 5'):
+    validate.validate_config(cfg(train__batch_size=24), num_devices=24, process_count=5)
+
+
+def test_bad_mesh_is_rejected():
+  with pytest.raises(ValueError, match='mesh axes'):
+    validate.validate_config(cfg(mesh__fsdp=-1), num_devices=1)
+  with pytest.raises(ValueError, match='has 4 devices but 1 are available'):
+    validate.validate_config(cfg(mesh__data=2, mesh__tensor=2), num_devices=1)
+
+
+def test_train_validates_before_doing_anything(tmp_path):
+  workdir = tmp_path / 'run'
+  with pytest.raises(ValueError, match='is not divisible by model.num_heads'):
+    loop.train_and_evaluate(cfg(model__width=100, model__num_heads=3), str(workdir))
+  assert not (workdir / 'checkpoints').exists()

@@ -1,0 +1,225 @@
+"""Built-in synthetic video clips: one coloured shape bouncing around a dark frame.
+
+The default training data, so a newcomer needs no download. Each clip shows ONE shape
+(square, circle or triangle) of a random colour and size on a dark background, starting at a
+random position and moving at constant speed in one of four directions, reflecting off the
+borders so it always stays fully inside the frame. The class label encodes what a model can
+learn to generate on demand:
+
+    label = shape_index * len(DIRECTIONS) + direction_index        # in [0, NUM_CLASSES)
+
+`direction` is the direction of motion at frame 0; the start position is drawn so the
+shape travels at least one frame in that direction before its first bounce.
+
+`SyntheticShapes` is a grain random-access source (`__len__`, `__getitem__`): clip `idx` is
+a pure function of `(seed, idx)` and the constructor arguments, so any worker can render any
+clip and a checkpointed pipeline resumes exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import types
+
+import numpy as np
+
+SHAPES = ('square', 'circle', 'triangle')
+# Ordered name -> (R, G, B) in 0..255; the colour index of a clip is its position here.
+COLOURS = types.MappingProxyType({
+    'red': (230, 40, 40),
+    'green': (40, 200, 60),
+    'blue': (50, 90, 240),
+    'yellow': (240, 220, 40),
+    'magenta': (220, 50, 220),
+    'cyan': (40, 220, 230),
+    'white': (240, 240, 240),
+})
+DIRECTIONS = ('right', 'left', 'down', 'up')
+NUM_CLASSES = len(SHAPES) * len(DIRECTIONS)
+
+# Unit step (dx, dy) per direction, image coordinates (y grows downwards).
+_DIRECTION_STEPS = np.array([(1.0, 0.0), (-1.0, 0.0), (0.0, 1.0), (0.0, -1.0)])
+_PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)  # [K, 3]
+
+_MIN_SIDE = 8  # smallest frame side that fits a shape plus its margin
+_SIZE_RANGE = (0.20, 0.35)  # shape box side, as a fraction of min(H, W)
+_SPEED_RANGE = (1.0, 2.5)  # pixels per frame at 32x32 and time_stride 1
+_BACKGROUND_RANGE = (0, 30)  # grey level of the background, per clip
+_MARGIN = 1.0  # pixels kept between the shape edge and the border (room for anti-aliasing)
+
+
+def _check_positive_int(name: str, value) -> int:
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+    raise ValueError(f'{name} must be a positive integer, got {value!r}.')
+  return int(value)
+
+
+def _reflect(position: np.ndarray, lo: float, hi: float) -> np.ndarray:
+  """Folds positions on a line into [lo, hi] as a ball bouncing between two walls."""
+  span = hi - lo
+  if span <= 0:
+    return np.full_like(position, lo)
+  u = np.mod(position - lo, 2.0 * span)
+  return lo + np.where(u > span, 2.0 * span - u, u)
+
+
+class SyntheticShapes:
+  """Random-access source of synthetic clips (grain `RandomAccessDataSource` protocol).
+
+  Args:
+    num_frames: frames per clip, T.
+    height: frame height H in pixels (at least 8).
+    width: frame width W in pixels (at least 8).
+    num_examples: number of distinct clips (the source's length).
+    seed: non-negative integer; clip `idx` depends only on (seed, idx) and the sizes.
+    time_stride: frames are sampled every `time_stride` frames of the base motion, so a
+      clip rendered with time_stride=0.5 is the same motion at double the frame rate
+      (frame 2k of it equals frame k of the time_stride=1 clip).
+
+  `source[idx]` returns a dict of numpy values:
+    video      uint8 [T, H, W, 3]
+    label      int32 []   shape * len(DIRECTIONS) + direction
+    shape      int32 []   index into SHAPES
+    colour     int32 []   index into COLOURS
+    direction  int32 []   index into DIRECTIONS
+  """
+
+  def __init__(self, num_frames: int, height: int, width: int,
+               num_examples: int = 100_000, seed: int = 0, time_stride: float = 1.0):
+    self.num_frames = _check_positive_int('num_frames', num_frames)
+    self.height = _check_positive_int('height', height)
+    self.width = _check_positive_int('width', width)
+    self.num_examples = _check_positive_int('num_examples', num_examples)
+    if min(self.height, self.width) < _MIN_SIDE:
+      raise ValueError(
+          f'height and width must be at least {_MIN_SIDE} pixels so a shape fits inside '
+          f'the frame, got height={height!r}, width={width!r}.')
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+      raise ValueError(f'seed must be a non-negative integer, got {seed!r}.')
+    self.seed = int(seed)
+    if (isinstance(time_stride, bool) or not isinstance(time_stride, numbers.Real)
+        or not math.isfinite(time_stride) or time_stride <= 0):
+      raise ValueError(f'time_stride must be a finite number > 0, got {time_stride!r}.')
+    self.time_stride = float(time_stride)
+
+    # Pixel-centre coordinates, shared by every clip.
+    self._xs = (np.arange(self.width, dtype=np.float32) + 0.5)[None, None, :]  # [1, 1, W]
+    self._ys = (np.arange(self.height, dtype=np.float32) + 0.5)[None, :, None]  # [1, H, 1]
+    self._times = np.arange(self.num_frames, dtype=np.float64) * self.time_stride  # [T]
+    self._pixel_scale = min(self.height, self.width) / 32.0
+
+  def __len__(self) -> int:
+    return self.num_examples
+
+  def __repr__(self) -> str:
+    return (f'SyntheticShapes(num_frames={self.num_frames}, height={self.height}, '
+            f'width={self.width}, num_examples={self.num_examples}, seed={self.seed}, '
+            f'time_stride={self.time_stride})')
+
+  def __getitem__(self, idx) -> dict[str, np.ndarray]:
+    if isinstance(idx, bool) or not isinstance(idx, numbers.Integral):
+      raise TypeError(f'SyntheticShapes index must be an integer, got {idx!r}.')
+    requested = int(idx)
+    idx = requested + self.num_examples if requested < 0 else requested
+    if not 0 <= idx < self.num_examples:
+      raise IndexError(f'index {requested} is out of range for SyntheticShapes of length '
+                       f'{self.num_examples} (valid: -{self.num_examples} .. '
+                       f'{self.num_examples - 1}).')
+
+    # One draw of all random numbers: cheaper than one generator call per quantity.
+    u = np.random.default_rng([self.seed, idx]).random(8)  # [8] in [0, 1)
+    shape = min(int(u[0] * len(SHAPES)), len(SHAPES) - 1)
+    direction = min(int(u[1] * len(DIRECTIONS)), len(DIRECTIONS) - 1)
+    colour = min(int(u[2] * len(COLOURS)), len(COLOURS) - 1)
+    background = float(int(_BACKGROUND_RANGE[0]
+                           + u[3] * (_BACKGROUND_RANGE[1] - _BACKGROUND_RANGE[0] + 1)))
+    side = (_SIZE_RANGE[0] + u[4] * (_SIZE_RANGE[1] - _SIZE_RANGE[0])) * min(
+        self.height, self.width)
+    speed = (_SPEED_RANGE[0] + u[5] * (_SPEED_RANGE[1] - _SPEED_RANGE[0])) * self._pixel_scale
+    start_u, start_v = u[6], u[7]
+
+    half = side / 2.0
+    # Centre limits per axis that keep the shape (and its anti-aliased fringe) inside.
+    lo = half + _MARGIN
+    hi_x = self.width - half - _MARGIN
+    hi_y = self.height - half - _MARGIN
+    step_x, step_y = _DIRECTION_STEPS[direction]
+
+    def start(v, hi, step):
+      if step == 0:
+        return lo + v * (hi - lo)
+      # Leave one base frame of travel before the first bounce, so frame 0 -> 1 moves
+      # in the labelled direction.
+      room = max(hi - lo - speed, 0.0)
+      return lo + v * room if step > 0 else hi - v * room
+
+    cx = _reflect(start(start_u, hi_x, step_x) + step_x * speed * self._times, lo, hi_x)
+    cy = _reflect(start(start_v, hi_y, step_y) + step_y * speed * self._times, lo, hi_y)
+    cx = cx.astype(np.float32)[:, None, None]  # [T, 1, 1]
+    cy = cy.astype(np.float32)[:, None, None]  # [T, 1, 1]
+
+    dx = self._xs - cx  # [T, 1, W]
+    dy = self._ys - cy  # [T, H, 1]
+    half = np.float32(half)
+    # Signed distance (pixels, negative inside) to the shape's outline.
+    if SHAPES[shape] == 'square':
+      sdf = np.maximum(np.abs(dx), np.abs(dy))  # [T, H, W]
+      sdf -= half
+    elif SHAPES[shape] == 'circle':
+      sdf = dx * dx + dy * dy  # [T, H, W]
+      np.sqrt(sdf, out=sdf)
+      sdf -= half
+    else:  # triangle, apex up, base at the bottom of its box
+      base = dy - half  # [T, H, 1]
+      sides = 2.0 * np.abs(dx) - dy  # [T, H, W]
+      sides -= half
+      sides *= np.float32(1.0 / math.sqrt(5.0))
+      sdf = np.maximum(base, sides, out=sides)  # [T, H, W]
+      # Clip to the shape's box: at the sharp corners the fringe of two half-planes would
+      # reach up to ~1.1 px beyond the box, past the margin.
+      np.maximum(sdf, np.abs(dx) - half, out=sdf)
+      np.maximum(sdf, -dy - half, out=sdf)
+    # Pixel coverage clip(0.5 - sdf, 0, 1) as a rounded level 0..255, in place.
+    level = np.subtract(np.float32(0.5), sdf, out=sdf)  # [T, H, W]
+    level *= np.float32(255.0)
+    np.clip(level, 0.0, 255.0, out=level)
+    level += np.float32(0.5)
+    level = level.astype(np.uint8)  # [T, H, W]
+    # Colour of each coverage level, blended over the background.
+    ramp = np.arange(256, dtype=np.float32)[:, None] / np.float32(255.0)  # [256, 1]
+    lut = background + ramp * (_PALETTE[colour] - np.float32(background))  # [256, 3]
+    lut = np.rint(lut).astype(np.uint8)  # [256, 3]
+    video = np.take(lut, level, axis=0)  # [T, H, W, 3]
+    return {
+        'video': video,
+        'label': np.int32(shape * len(DIRECTIONS) + direction),
+        'shape': np.int32(shape),
+        'colour': np.int32(colour),
+        'direction': np.int32(direction),
+    }
+
+
+def _lookup(kind: str, names, value) -> str:
+  if isinstance(value, str):
+    if value not in names:
+      raise ValueError(f'{kind} {value!r} is not one of {tuple(names)}.')
+    return value
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise ValueError(f'{kind} must be a name or an index, got {value!r}.')
+  names = tuple(names)
+  if not 0 <= int(value) < len(names):
+    raise ValueError(f'{kind} index {value!r} is out of range [0, {len(names)}).')
+  return names[int(value)]
+
+
+def caption(shape, colour, direction) -> str:
+  """Text for a clip, e.g. caption(0, 'red', 1) == 'a red square moving left'.
+
+  Each argument is a name or an index into SHAPES / COLOURS / DIRECTIONS (numpy ints work,
+  so a clip's fields can be passed directly).
+  """
+  shape = _lookup('shape', SHAPES, shape)
+  colour = _lookup('colour', COLOURS, colour)
+  direction = _lookup('direction', DIRECTIONS, direction)
+  return f'a {colour} {shape} moving {direction}'

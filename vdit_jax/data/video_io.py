@@ -1,0 +1,213 @@
+"""Writing and reading clips: [-1, 1] floats -> uint8, grids of samples, mp4 / gif files.
+
+    frames = make_grid(to_uint8(samples), ncols=4, scale=4)   # [T, H', W', C]
+    write_video('samples/step_1000.mp4', frames, fps=8)
+
+imageio (with imageio-ffmpeg) and Pillow are optional: they are imported only when a file is
+written or read, and installed with `pip install 'vdit_jax[video]'`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import tempfile
+
+import numpy as np
+
+VIDEO_EXTENSIONS = ('.mp4', '.gif')
+_MACRO_BLOCK = 16  # H.264 encodes 16x16 blocks; players choke on other sizes
+_INSTALL_HINT = "pip install 'vdit_jax[video]'"
+
+
+def _import_imageio():
+  try:
+    import imageio.v2 as imageio  # pylint: disable=g-import-not-at-top
+    import imageio_ffmpeg  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    raise ImportError(f'Reading and writing mp4 needs imageio and imageio-ffmpeg: '
+                      f'{_INSTALL_HINT}') from e
+  return imageio
+
+
+def _import_pil_image():
+  try:
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(f'Reading and writing gif needs Pillow: {_INSTALL_HINT}') from e
+  return Image
+
+
+def _extension(path) -> str:
+  ext = os.path.splitext(os.fspath(path))[1].lower()
+  if ext not in VIDEO_EXTENSIONS:
+    raise ValueError(f'Cannot handle video file {os.fspath(path)!r}: the extension must be one '
+                     f'of {VIDEO_EXTENSIONS}.')
+  return ext
+
+
+def to_uint8(video) -> np.ndarray:
+  """Maps floats in [-1, 1] (values outside are clipped) to uint8 in [0, 255], any shape."""
+  video = np.asarray(video)
+  if not np.issubdtype(video.dtype, np.floating):
+    raise ValueError(f'to_uint8 expects floats in [-1, 1], got dtype {video.dtype}.')
+  if not np.all(np.isfinite(video)):
+    raise ValueError('to_uint8 got NaN or infinite values; a video must be finite.')
+  video = np.clip(video.astype(np.float32), -1.0, 1.0)
+  return np.rint((video + 1.0) * 127.5).astype(np.uint8)
+
+
+def _check_positive_int(name: str, value, minimum: int = 1) -> int:
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+    raise ValueError(f'{name} must be an integer >= {minimum}, got {value!r}.')
+  return int(value)
+
+
+def make_grid(videos, ncols: int | None = None, pad: int = 1, scale: int = 1, *,
+              pad_value=0) -> np.ndarray:
+  """Tiles N clips into one clip: [N, T, H, W, C] -> [T, H', W', C].
+
+  Clip n sits in row n // ncols, column n % ncols. Each tile is first upscaled by `scale`
+  (nearest neighbour), then tiles are separated by `pad` pixels of `pad_value`; empty cells
+  of the last row are `pad_value` too. With R = ceil(N / ncols) rows:
+    H' = R * H * scale + (R - 1) * pad,   W' = ncols * W * scale + (ncols - 1) * pad.
+
+  Args:
+    videos: [N, T, H, W, C] array of any dtype (uint8 from `to_uint8` for files).
+    ncols: columns; default ceil(sqrt(N)).
+    pad: pixels between tiles, >= 0.
+    scale: integer upscaling factor, >= 1.
+    pad_value: value of padding pixels (0 is black for uint8 clips).
+  """
+  videos = np.asarray(videos)
+  if videos.ndim != 5:
+    raise ValueError(f'make_grid expects videos of shape [N, T, H, W, C], got shape '
+                     f'{videos.shape}.')
+  n, t, h, w, c = videos.shape
+  if n == 0:
+    raise ValueError('make_grid got N=0 videos; it needs at least one.')
+  ncols = math.ceil(math.sqrt(n)) if ncols is None else _check_positive_int('ncols', ncols)
+  ncols = min(ncols, n)
+  pad = _check_positive_int('pad', pad, minimum=0)
+  scale = _check_positive_int('scale', scale)
+  nrows = math.ceil(n / ncols)
+
+  if scale > 1:
+    videos = np.repeat(np.repeat(videos, scale, axis=2), scale, axis=3)  # [N, T, sH, sW, C]
+    h, w = h * scale, w * scale
+  grid_h = nrows * h + (nrows - 1) * pad
+  grid_w = ncols * w + (ncols - 1) * pad
+  grid = np.full((t, grid_h, grid_w, c), pad_value, dtype=videos.dtype)  # [T, H', W', C]
+  for i in range(n):
+    row, col = divmod(i, ncols)
+    y, x = row * (h + pad), col * (w + pad)
+    grid[:, y:y + h, x:x + w, :] = videos[i]
+  return grid
+
+
+def _check_frames(frames) -> np.ndarray:
+  frames = np.asarray(frames)
+  if frames.dtype != np.uint8:
+    raise ValueError(f'write_video expects uint8 frames (use to_uint8), got dtype '
+                     f'{frames.dtype}.')
+  if frames.ndim != 4 or frames.shape[-1] not in (1, 3) or frames.shape[0] == 0:
+    raise ValueError(f'write_video expects frames of shape [T, H, W, C] with T >= 1 and C in '
+                     f'(1, 3), got shape {frames.shape}.')
+  return frames
+
+
+def _pad_to_macro_block(frames: np.ndarray) -> np.ndarray:
+  """Pads bottom/right with black so H and W are multiples of 16."""
+  _, h, w, _ = frames.shape
+  pad_h = -h % _MACRO_BLOCK
+  pad_w = -w % _MACRO_BLOCK
+  if pad_h or pad_w:
+    frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))  # [T, H16, W16, C]
+  return frames
+
+
+def _write_mp4(path: str, frames: np.ndarray, fps: float) -> None:
+  imageio = _import_imageio()
+  if frames.shape[-1] == 1:
+    frames = np.repeat(frames, 3, axis=-1)  # [T, H, W, 3]
+  frames = _pad_to_macro_block(frames)  # [T, H16, W16, 3]
+  writer = imageio.get_writer(
+      path, format='FFMPEG', mode='I', fps=fps, codec='libx264', pixelformat='yuv420p',
+      quality=9, macro_block_size=1, ffmpeg_log_level='error')
+  try:
+    for frame in frames:
+      writer.append_data(frame)
+  finally:
+    writer.close()
+
+
+def _write_gif(path: str, frames: np.ndarray, fps: float) -> None:
+  image_lib = _import_pil_image()
+  if frames.shape[-1] == 1:
+    images = [image_lib.fromarray(f[..., 0]) for f in frames]
+  else:
+    images = [image_lib.fromarray(f) for f in frames]
+  duration_ms = max(int(round(1000.0 / fps)), 10)
+  images[0].save(path, format='GIF', save_all=True, append_images=images[1:],
+                 duration=duration_ms, loop=0, optimize=False)
+
+
+def write_video(path, frames, fps: float = 8) -> str:
+  """Writes uint8 frames [T, H, W, C] (C = 1 or 3) to `path` (.mp4 or .gif); returns the path.
+
+  - .mp4: H.264 (libx264, yuv420p) through imageio's ffmpeg plugin. H and W are padded with
+    black at the bottom/right up to multiples of 16 so every player opens the file (upscale
+    small clips first with `make_grid(..., scale=k)` to make them watchable).
+  - .gif: Pillow, looping forever. Pillow merges consecutive identical frames into one
+    longer frame (the total duration is kept), so reading back may give fewer frames.
+
+  Parent directories are created. The file appears complete or not at all (written to a
+  temporary file in the same directory, then renamed).
+  """
+  path = os.fspath(path)
+  ext = _extension(path)
+  frames = _check_frames(frames)
+  if (isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not math.isfinite(fps)
+      or fps <= 0):
+    raise ValueError(f'fps must be a finite number > 0, got {fps!r}.')
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  fd, tmp_path = tempfile.mkstemp(suffix=ext, prefix='.tmp_video_', dir=parent)
+  os.close(fd)
+  try:
+    if ext == '.mp4':
+      _write_mp4(tmp_path, frames, fps)
+    else:
+      _write_gif(tmp_path, frames, fps)
+    os.replace(tmp_path, path)
+  except BaseException:
+    if os.path.exists(tmp_path):
+      os.remove(tmp_path)
+    raise
+  return path
+
+
+def read_video(path) -> np.ndarray:
+  """Reads an .mp4 or .gif into uint8 [T, H, W, 3] (grey gifs come back as RGB)."""
+  path = os.fspath(path)
+  ext = _extension(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'No video file at {path!r}.')
+  if ext == '.mp4':
+    imageio = _import_imageio()
+    reader = imageio.get_reader(path, format='FFMPEG', mode='I')
+    try:
+      frames = [np.asarray(frame) for frame in reader]
+    finally:
+      reader.close()
+    video = np.stack(frames)  # [T, H, W, 3]
+  else:
+    image_lib = _import_pil_image()
+    frames = []
+    with image_lib.open(path) as image:
+      for i in range(getattr(image, 'n_frames', 1)):
+        image.seek(i)
+        frames.append(np.asarray(image.convert('RGB')))
+    video = np.stack(frames)  # [T, H, W, 3]
+  return video.astype(np.uint8)

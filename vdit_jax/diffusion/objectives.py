@@ -1,0 +1,208 @@
+"""Training objectives: eps- and v-prediction on a discrete schedule, and rectified flow.
+
+`Diffusion` is a `flax.struct.PyTreeNode`: the schedule arrays are float32 leaves and the
+settings are static fields, so it can be passed into (or closed over by) jitted functions.
+
+Conventions
+- discrete ('eps', 'v'): integer t in [0, T), z_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps.
+- flow: float t in [0, 1], z_t = (1 - t) x0 + t eps (t=0 data, t=1 noise), target eps - x0.
+- the network always sees a float32 timestep `model_t(t)` on a 0..1000 scale.
+"""
+
+from typing import Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vdit_jax.diffusion import schedules
+
+OBJECTIVES = ('eps', 'v', 'flow')
+DISCRETE_OBJECTIVES = ('eps', 'v')
+T_SAMPLINGS = ('uniform', 'logit_normal')
+# Flow times in [0, 1] are fed to the network multiplied by this, matching discrete t in [0, 1000).
+FLOW_T_SCALE = 1000.0
+
+
+def shift_t(t, shift):
+  """Time shift s: t -> s t / (1 + (s - 1) t); s > 1 moves mass toward t=1 (noise)."""
+  if shift == 1.0:
+    return t
+  return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def mse(target, pred):
+  """Mean squared error over all elements, computed in float32."""
+  if target.shape != pred.shape:
+    raise ValueError(
+        f'prediction shape {pred.shape} must equal target shape {target.shape}.')
+  diff = target.astype(jnp.float32) - pred.astype(jnp.float32)
+  return jnp.mean(jnp.square(diff))
+
+
+def _bcast(coef, x):
+  """Per-example coefficients [B] -> [B, 1, ..., 1] broadcastable against x [B, ...]."""
+  if coef.ndim != 1 or coef.shape[0] != x.shape[0]:
+    raise ValueError(
+        f'per-example coefficients of shape {coef.shape} must be [B] with B={x.shape[0]} '
+        f'matching the leading dim of x {x.shape}.')
+  return coef.reshape(coef.shape + (1,) * (x.ndim - 1))
+
+
+class Diffusion(flax.struct.PyTreeNode):
+  """Forward process, targets and loss for one objective. Build with `create` / `from_config`."""
+
+  betas: Optional[jax.Array]  # [T] float32, None for flow
+  alphas_cumprod: Optional[jax.Array]  # [T] float32, None for flow
+  # sqrt(abar), sqrt(1 - abar) computed in float64 before the cast: 1 - abar in float32 loses
+  # about 3 digits near t=0, where abar is within 1e-4 of 1.
+  sqrt_alphas_cumprod: Optional[jax.Array]  # [T] float32, None for flow
+  sqrt_one_minus_alphas_cumprod: Optional[jax.Array]  # [T] float32, None for flow
+  objective: str = flax.struct.field(pytree_node=False, default='eps')
+  schedule: Optional[str] = flax.struct.field(pytree_node=False, default='linear')
+  num_timesteps: int = flax.struct.field(pytree_node=False, default=1000)
+  t_sampling: str = flax.struct.field(pytree_node=False, default='uniform')
+  logit_mean: float = flax.struct.field(pytree_node=False, default=0.0)
+  logit_std: float = flax.struct.field(pytree_node=False, default=1.0)
+  shift: float = flax.struct.field(pytree_node=False, default=1.0)
+
+  # ---------------------------------------------------------------- construction
+
+  @classmethod
+  def create(cls, objective, *, schedule='linear', num_timesteps=1000, t_sampling='uniform',
+             logit_mean=0.0, logit_std=1.0, shift=1.0):
+    """Validated constructor. Flow ignores `schedule` (stored as None)."""
+    if objective not in OBJECTIVES:
+      raise ValueError(f'objective={objective!r} is not known; expected one of {OBJECTIVES}.')
+    if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, (int, np.integer)) \
+        or num_timesteps < 1:
+      raise ValueError(f'num_timesteps={num_timesteps!r} must be a positive integer.')
+    num_timesteps = int(num_timesteps)
+    if objective in DISCRETE_OBJECTIVES:
+      betas64 = schedules.make_betas(schedule, num_timesteps)  # [T]
+      abar64 = schedules.alphas_cumprod(betas64)  # [T]
+      betas = jnp.asarray(betas64, dtype=jnp.float32)
+      abar = jnp.asarray(abar64, dtype=jnp.float32)
+      sqrt_abar = jnp.asarray(np.sqrt(abar64), dtype=jnp.float32)
+      sqrt_1m_abar = jnp.asarray(np.sqrt(1.0 - abar64), dtype=jnp.float32)
+    else:
+      schedule, betas, abar, sqrt_abar, sqrt_1m_abar = None, None, None, None, None
+      if t_sampling not in T_SAMPLINGS:
+        raise ValueError(
+            f't_sampling={t_sampling!r} is not known; expected one of {T_SAMPLINGS}.')
+      if not float(logit_std) > 0:
+        raise ValueError(f'logit_std={logit_std!r} must be > 0.')
+      if not float(shift) > 0:
+        raise ValueError(f'shift={shift!r} must be > 0 (1.0 means no shift).')
+    return cls(betas=betas, alphas_cumprod=abar, sqrt_alphas_cumprod=sqrt_abar,
+               sqrt_one_minus_alphas_cumprod=sqrt_1m_abar, objective=objective, schedule=schedule,
+               num_timesteps=num_timesteps, t_sampling=t_sampling,
+               logit_mean=float(logit_mean), logit_std=float(logit_std), shift=float(shift))
+
+  @classmethod
+  def from_config(cls, dcfg):
+    """Build from a ConfigDict with `objective` and optional schedule/num_timesteps/
+    t_sampling/logit_mean/logit_std/shift (defaults: linear, 1000, uniform, 0, 1, 1)."""
+    if 'objective' not in dcfg:
+      raise ValueError(f"diffusion config must set 'objective' (one of {OBJECTIVES}).")
+    return cls.create(
+        dcfg.objective,
+        schedule=dcfg.get('schedule', 'linear'),
+        num_timesteps=dcfg.get('num_timesteps', 1000),
+        t_sampling=dcfg.get('t_sampling', 'uniform'),
+        logit_mean=dcfg.get('logit_mean', 0.0),
+        logit_std=dcfg.get('logit_std', 1.0),
+        shift=dcfg.get('shift', 1.0))
+
+  def alphas_cumprod_f64(self):
+    """abar as float64 numpy, rebuilt from the static fields (concrete even under jit)."""
+    if self.is_flow:
+      raise ValueError("objective='flow' has no discrete schedule (alphas_cumprod).")
+    return schedules.alphas_cumprod(schedules.make_betas(self.schedule, self.num_timesteps))
+
+  @property
+  def is_flow(self):
+    return self.objective == 'flow'
+
+  # ---------------------------------------------------------------- forward process
+
+  def _coefs(self, t):
+    """(a, b) [B] float32 with z_t = a x0 + b eps."""
+    if self.is_flow:
+      t = jnp.asarray(t, jnp.float32)
+      return 1.0 - t, t
+    t = jnp.asarray(t, jnp.int32)
+    return self.sqrt_alphas_cumprod[t], self.sqrt_one_minus_alphas_cumprod[t]  # [B] each
+
+  def sample_t(self, rng, batch):
+    """Training timesteps [batch]: int32 in [0, T) (discrete) or float32 in [0, 1] (flow)."""
+    if not self.is_flow:
+      return jax.random.randint(rng, (batch,), 0, self.num_timesteps, dtype=jnp.int32)
+    if self.t_sampling == 'uniform':
+      t = jax.random.uniform(rng, (batch,), dtype=jnp.float32)
+    else:
+      u = self.logit_mean + self.logit_std * jax.random.normal(rng, (batch,), jnp.float32)
+      t = jax.nn.sigmoid(u)
+    return shift_t(t, self.shift)
+
+  def corrupt(self, x0, noise, t):
+    """z_t from data x0 [B, ...], noise of the same shape and t [B]."""
+    if noise.shape != x0.shape:
+      raise ValueError(f'noise shape {noise.shape} must equal x0 shape {x0.shape}.')
+    a, b = self._coefs(t)
+    z = _bcast(a, x0) * x0 + _bcast(b, x0) * noise  # [B, ...]
+    return z.astype(x0.dtype)
+
+  def target(self, x0, noise, t):
+    """Regression target: eps, v = sqrt(abar) eps - sqrt(1 - abar) x0, or velocity eps - x0."""
+    if self.objective == 'eps':
+      return noise
+    if self.objective == 'flow':
+      return noise - x0
+    a, b = self._coefs(t)
+    return (_bcast(a, x0) * noise - _bcast(b, x0) * x0).astype(x0.dtype)
+
+  def model_t(self, t):
+    """Float32 timestep [B] for the network: discrete t as float, flow t * 1000."""
+    t = jnp.asarray(t, jnp.float32)
+    return t * FLOW_T_SCALE if self.is_flow else t
+
+  def loss(self, pred_fn, x0, rng):
+    """Mean squared error of pred_fn(z_t, model_t(t)) against the target.
+
+    pred_fn: (z_t [B, ...], t_model [B] float32) -> prediction [B, ...] (close over labels).
+    Returns (scalar float32 loss, aux dict with 't', 'model_t').
+    """
+    t_rng, noise_rng = jax.random.split(rng)
+    t = self.sample_t(t_rng, x0.shape[0])  # [B]
+    noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)  # [B, ...]
+    z_t = self.corrupt(x0, noise, t)  # [B, ...]
+    t_model = self.model_t(t)  # [B]
+    pred = pred_fn(z_t, t_model)  # [B, ...]
+    loss = mse(self.target(x0, noise, t), pred)
+    return loss, {'t': t, 'model_t': t_model}
+
+  # ---------------------------------------------------------------- sampler conversions
+
+  def pred_to_x0_eps(self, z_t, pred, t):
+    """Invert a prediction at z_t to (x0_hat, eps_hat), each shaped like z_t.
+
+    eps: x0 = (z - sqrt(1-abar) eps) / sqrt(abar)
+    v:   x0 = sqrt(abar) z - sqrt(1-abar) v,  eps = sqrt(1-abar) z + sqrt(abar) v
+    flow: x0 = z - t v,  eps = z + (1 - t) v
+    """
+    a, b = self._coefs(t)
+    a, b = _bcast(a, z_t), _bcast(b, z_t)
+    z_t = z_t.astype(jnp.float32)
+    pred = pred.astype(jnp.float32)
+    if self.objective == 'eps':
+      return (z_t - b * pred) / a, pred
+    if self.objective == 'v':
+      return a * z_t - b * pred, b * z_t + a * pred
+    return z_t - b * pred, z_t + a * pred
+
+  def eps_from_x0(self, z_t, x0, t):
+    """eps implied by z_t and an x0 estimate (used after clipping x0)."""
+    a, b = self._coefs(t)
+    return (z_t - _bcast(a, z_t) * x0) / _bcast(b, z_t)

@@ -1,0 +1,194 @@
+"""Compiled samplers: DDPM (ancestral, respaced), DDIM and Euler (rectified flow), with CFG.
+
+`sample` is a pure function whose step loop is a `jax.lax.fori_loop`. It is not jitted itself:
+the caller jits it with `model_fn`, `shape`, `sampler`, `num_steps`, `eta`, `cfg_scale`,
+`null_label` and `clip_x0` static (Python values; `diffusion`, `rng`, `labels` and `init_noise`
+may be traced), e.g.
+
+  jitted = jax.jit(sample, static_argnums=(1, 3), static_argnames=(
+      'sampler', 'num_steps', 'eta', 'cfg_scale', 'null_label', 'clip_x0'))
+
+or uses `make_sampler`, which closes over everything but (params, rng, labels).
+
+Randomness: `rng` is split once into (init_rng, step_rng). The initial noise is
+`jax.random.normal(init_rng, shape)` unless `init_noise` is given; step i's noise (DDPM, DDIM
+with eta > 0) is drawn from `jax.random.fold_in(step_rng, i)`. DDIM with eta=0 and Euler use
+no step noise, so with the same initial noise they give the same output for any rng.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vdit_jax.diffusion.objectives import FLOW_T_SCALE, shift_t
+
+SAMPLERS = ('ddpm', 'ddim', 'euler')
+_SAMPLER_OBJECTIVES = {'ddpm': ('eps', 'v'), 'ddim': ('eps', 'v'), 'euler': ('flow',)}
+
+
+def _validate(diffusion, sampler, num_steps, shape, labels, eta, cfg_scale, null_label,
+              check_labels=True):
+  if sampler not in SAMPLERS:
+    raise ValueError(f'sampler={sampler!r} is not known; expected one of {SAMPLERS}.')
+  allowed = _SAMPLER_OBJECTIVES[sampler]
+  if diffusion.objective not in allowed:
+    raise ValueError(
+        f"sampler={sampler!r} cannot sample objective={diffusion.objective!r}; "
+        f'{sampler!r} works with objectives {allowed}.')
+  if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
+    raise ValueError(f'num_steps={num_steps!r} must be a Python int (it is static).')
+  if not 1 <= num_steps <= diffusion.num_timesteps:
+    raise ValueError(
+        f'num_steps={num_steps} must satisfy 1 <= num_steps <= num_timesteps='
+        f'{diffusion.num_timesteps}.')
+  if len(shape) < 1 or shape[0] < 1:
+    raise ValueError(f'shape={tuple(shape)} must start with a positive batch size.')
+  if labels is not None and tuple(labels.shape) != (shape[0],):
+    raise ValueError(f'labels shape {tuple(labels.shape)} must be [B]=({shape[0]},).')
+  if not float(eta) >= 0:
+    raise ValueError(f'eta={eta!r} must be >= 0.')
+  if sampler != 'ddim' and eta != 0:
+    raise ValueError(f'eta={eta!r} only applies to sampler \'ddim\', not {sampler!r}.')
+  if cfg_scale != 1.0:
+    if null_label is None:
+      raise ValueError(
+          f'cfg_scale={cfg_scale!r} != 1 needs null_label (the unconditional class id).')
+    if check_labels and labels is None:
+      raise ValueError(f'cfg_scale={cfg_scale!r} != 1 needs labels to guide toward.')
+
+
+def guided_prediction(model_fn, z, t_model, labels, cfg_scale=1.0, null_label=None):
+  """Classifier-free guidance. z [B, ...], t_model [B], labels int32 [B] or None.
+
+  cfg_scale == 1: one call model_fn(z, t_model, labels). Otherwise one call on the doubled batch
+  [cond; null] and uncond + cfg_scale * (cond - uncond).
+  """
+  if cfg_scale == 1.0:
+    return model_fn(z, t_model, labels)
+  if null_label is None:
+    raise ValueError(
+        f'cfg_scale={cfg_scale!r} != 1 needs null_label (the unconditional class id).')
+  if labels is None:
+    raise ValueError(f'cfg_scale={cfg_scale!r} != 1 needs labels to guide toward.')
+  b = z.shape[0]
+  z2 = jnp.concatenate([z, z], axis=0)  # [2B, ...]
+  t2 = jnp.concatenate([t_model, t_model], axis=0)  # [2B]
+  null = jnp.full_like(labels, null_label)  # [B]
+  labels2 = jnp.concatenate([labels, null], axis=0)  # [2B]
+  out = model_fn(z2, t2, labels2)  # [2B, ...]
+  cond, uncond = out[:b], out[b:]  # [B, ...] each
+  return uncond + cfg_scale * (cond - uncond)
+
+
+def respaced_timesteps(num_timesteps, num_steps):
+  """Descending int timesteps, num_steps of them evenly spaced over [T-1, 0] (T-1 first)."""
+  return np.round(np.linspace(num_timesteps - 1, 0, num_steps)).astype(np.int32)  # [S]
+
+
+def flow_time_grid(num_steps, shift):
+  """Descending flow times [S + 1] from 1 to 0, shifted like training times."""
+  return shift_t(np.linspace(1.0, 0.0, num_steps + 1), shift).astype(np.float32)
+
+
+def _discrete_step_tables(diffusion, sampler, num_steps, eta):
+  """Per-step coefficients of the respaced chain, computed in float64 from the static schedule.
+
+  Returns int32 timesteps [S] and float32 tables [S] (names below), so that 1 - abar near t=0
+  keeps its precision. With abar_i at the chosen timesteps and abar_prev the next one (1 after
+  the last): beta'_i = 1 - abar_i / abar_prev.
+    ddpm: z <- c_x0 * x0_hat + c_z * z + std * noise (posterior q(z_prev | z, x0_hat)).
+    ddim: z <- c_x0 * x0_hat + c_eps * eps_hat + std * noise (Song et al., sigma = std).
+  """
+  ts = respaced_timesteps(diffusion.num_timesteps, num_steps)  # [S]
+  abar = diffusion.alphas_cumprod_f64()[ts]  # [S]
+  abar_prev = np.concatenate([abar[1:], [1.0]])  # [S]
+  beta = 1.0 - abar / abar_prev  # [S]
+  if sampler == 'ddpm':
+    c_x0 = np.sqrt(abar_prev) * beta / (1.0 - abar)
+    c_second = np.sqrt(1.0 - beta) * (1.0 - abar_prev) / (1.0 - abar)  # multiplies z
+    std = np.sqrt(beta * (1.0 - abar_prev) / (1.0 - abar))  # 0 at the last step
+  else:
+    std = float(eta) * np.sqrt((1.0 - abar_prev) / (1.0 - abar) * beta)  # sigma, 0 at the end
+    c_x0 = np.sqrt(abar_prev)
+    c_second = np.sqrt(np.maximum(1.0 - abar_prev - std ** 2, 0.0))  # multiplies eps_hat
+  as32 = lambda a: jnp.asarray(a, jnp.float32)
+  return jnp.asarray(ts, jnp.int32), as32(c_x0), as32(c_second), as32(std)
+
+
+def sample(diffusion, model_fn, rng, shape, labels, *, sampler, num_steps, eta=0.0,
+           cfg_scale=1.0, null_label=None, clip_x0=True, init_noise=None):
+  """Draw samples x0 of `shape` ([B, T, H, W, C]) by running `num_steps` model steps.
+
+  model_fn(z [B, ...], t_model float32 [B], labels int32 [B] | None) -> prediction [B, ...] in
+  the diffusion's objective (eps, v or velocity). clip_x0 clips x0 estimates to [-1, 1] at each
+  DDPM/DDIM step, and the final Euler sample. eta (DDIM only) and cfg_scale are Python floats.
+  init_noise [*shape] replaces the initial noise drawn from rng. Returns float32 [*shape].
+  """
+  shape = tuple(int(d) for d in shape)
+  _validate(diffusion, sampler, num_steps, shape, labels, eta, cfg_scale, null_label)
+  init_rng, step_rng = jax.random.split(rng)
+  if init_noise is None:
+    z = jax.random.normal(init_rng, shape, jnp.float32)  # [B, T, H, W, C]
+  else:
+    if tuple(init_noise.shape) != shape:
+      raise ValueError(f'init_noise shape {tuple(init_noise.shape)} must equal shape {shape}.')
+    z = jnp.asarray(init_noise, jnp.float32)
+  batch = shape[0]
+  predict = functools.partial(guided_prediction, model_fn, labels=labels, cfg_scale=cfg_scale,
+                              null_label=null_label)
+  maybe_clip = (lambda x: jnp.clip(x, -1.0, 1.0)) if clip_x0 else (lambda x: x)
+
+  if sampler == 'euler':
+    grid = jnp.asarray(flow_time_grid(num_steps, diffusion.shift))  # [S + 1]
+
+    def euler_step(i, z):
+      t, t_next = grid[i], grid[i + 1]
+      v = predict(z, jnp.full((batch,), t * FLOW_T_SCALE, jnp.float32))  # [B, ...]
+      return z + (t_next - t) * v.astype(jnp.float32)
+
+    z = jax.lax.fori_loop(0, num_steps, euler_step, z)
+    return maybe_clip(z)
+
+  ts, c_x0, c_second, std = _discrete_step_tables(diffusion, sampler, num_steps, eta)
+  stochastic = sampler == 'ddpm' or eta > 0
+
+  def discrete_step(i, z):
+    t_vec = jnp.full((batch,), ts[i], jnp.int32)  # [B]
+    pred = predict(z, diffusion.model_t(t_vec))  # [B, ...]
+    x0_hat, eps_hat = diffusion.pred_to_x0_eps(z, pred, t_vec)  # [B, ...] each
+    x0_hat = maybe_clip(x0_hat)
+    if sampler == 'ddpm':
+      z_next = c_x0[i] * x0_hat + c_second[i] * z
+    else:
+      # ddim: eps re-derived from the clipped x0 so that the pair stays consistent with z.
+      if clip_x0:
+        eps_hat = diffusion.eps_from_x0(z, x0_hat, t_vec)
+      z_next = c_x0[i] * x0_hat + c_second[i] * eps_hat
+    if not stochastic:  # DDIM with eta=0 draws no noise at all
+      return z_next
+    noise = jax.random.normal(jax.random.fold_in(step_rng, i), shape, jnp.float32)
+    return z_next + std[i] * noise
+
+  return jax.lax.fori_loop(0, num_steps, discrete_step, z)
+
+
+def make_sampler(diffusion, model_apply, shape, *, sampler, num_steps, eta=0.0, cfg_scale=1.0,
+                 null_label=None, clip_x0=True):
+  """Jitted `fn(params, rng, labels) -> x0 [*shape]` with model_fn = model_apply(params, ...).
+
+  model_apply(params, z, t_model, labels) -> prediction. Validation runs now, not at first call.
+  """
+  shape = tuple(int(d) for d in shape)
+  _validate(diffusion, sampler, num_steps, shape, None, eta, cfg_scale, null_label,
+            check_labels=False)
+
+  @jax.jit
+  def run(params, rng, labels):
+    model_fn = functools.partial(model_apply, params)
+    return sample(diffusion, model_fn, rng, shape, labels, sampler=sampler,
+                  num_steps=num_steps, eta=eta, cfg_scale=cfg_scale, null_label=null_label,
+                  clip_x0=clip_x0)
+
+  return run

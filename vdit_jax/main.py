@@ -1,0 +1,36 @@
+r"""Entry point: train or sample a video DiT.
+
+python -m vdit_jax.main --config=configs/tiny.py --workdir=/tmp/vdit_tiny \
+    [--mode=train|sample] [--config.train.num_steps=200 ...]
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Path to a configs/*.py file.',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and samples.')
+flags.DEFINE_enum('mode', 'train', ['train', 'sample'], 'What to run.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not FLAGS['verbosity'].present:
+    # Orbax and grain log every save at INFO; keep the console to progress
+    # lines unless the user asks for more (-v 0).
+    logging.set_verbosity(logging.WARNING)
+  from vdit_jax.train import loop  # pylint: disable=g-import-not-at-top
+  logging.info('config:\n%s', FLAGS.config)
+  if FLAGS.mode == 'train':
+    loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  else:
+    loop.sample(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,116 @@
+"""Embeddings: timesteps, class labels, and 3-D positions (sin-cos and RoPE).
+
+Positions are computed from the token grid, never stored in a table, so one
+set of weights serves any (T, H, W) that the patch divides.
+"""
+
+import math
+from typing import Sequence, Tuple
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from vdit_jax.model import axes
+
+
+def split_three(dim: int) -> Tuple[int, int, int]:
+  """Splits an even `dim` into three even parts for the (t, h, w) axes."""
+  if dim % 2 or dim < 6:
+    raise ValueError(f'dimension {dim} must be even and >= 6 to split across (t, h, w).')
+  part = 2 * (dim // 6)
+  return part, part, dim - 2 * part
+
+
+def sincos_1d(positions: jnp.ndarray, dim: int, max_period: float = 10_000.0) -> jnp.ndarray:
+  """[N] -> [N, dim] of (sin, cos) features; `dim` even."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions.astype(jnp.float32)[:, None] * freqs[None, :]  # [N, dim/2]
+  return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)  # [N, dim]
+
+
+def grid_positions(grid: Sequence[int]) -> jnp.ndarray:
+  """[N, 3] integer (t, h, w) coordinates of a token grid in (t, h, w) order."""
+  t, h, w = grid
+  tt, hh, ww = jnp.meshgrid(jnp.arange(t), jnp.arange(h), jnp.arange(w), indexing='ij')
+  return jnp.stack([tt.ravel(), hh.ravel(), ww.ravel()], axis=-1)  # [N, 3]
+
+
+def sincos_3d(grid: Sequence[int], dim: int) -> jnp.ndarray:
+  """Additive 3-D sin-cos position table [N, dim] for a (t, h, w) token grid."""
+  pos = grid_positions(grid)  # [N, 3]
+  parts = split_three(dim)
+  return jnp.concatenate(
+      [sincos_1d(pos[:, i], d) for i, d in enumerate(parts)], axis=-1)  # [N, D]
+
+
+def rope_3d(grid: Sequence[int], head_dim: int,
+            max_period: float = 10_000.0) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """3-D rotary tables (cos, sin), each [N, head_dim // 2].
+
+  The head dim is split across t, h and w; each part rotates pairs of
+  features by angles proportional to that coordinate.
+  """
+  pos = grid_positions(grid).astype(jnp.float32)  # [N, 3]
+  angles = []
+  for i, d in enumerate(split_three(head_dim)):
+    half = d // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    angles.append(pos[:, i:i + 1] * freqs[None, :])  # [N, d/2]
+  angles = jnp.concatenate(angles, axis=-1)  # [N, Dh/2]
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
+  """Rotates [B, N, K, Dh] by tables [N, Dh/2] (halves layout: x1 = x[..., :Dh/2])."""
+  half = x.shape[-1] // 2
+  x1, x2 = x[..., :half], x[..., half:]  # [B, N, K, Dh/2]
+  c = cos[None, :, None, :].astype(x.dtype)
+  s = sin[None, :, None, :].astype(x.dtype)
+  return jnp.concatenate([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1)  # [B, N, K, Dh]
+
+
+def timestep_features(t: jnp.ndarray, dim: int, max_period: float = 10_000.0) -> jnp.ndarray:
+  """Sinusoidal features of (possibly fractional) timesteps: [B] -> [B, dim]."""
+  if dim % 2:
+    raise ValueError(f'timestep feature dim {dim} must be even.')
+  return sincos_1d(t, dim, max_period)  # [B, dim]
+
+
+class TimestepEmbedder(nn.Module):
+  """Sinusoidal features of t followed by a two-layer MLP: [B] -> [B, D]."""
+  width: int
+  freq_dim: int = 256
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, t):  # [B]
+    init = nn.initializers.normal(0.02)
+    x = timestep_features(t, self.freq_dim).astype(self.dtype)  # [B, F]
+    x = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+                 kernel_init=nn.with_logical_partitioning(init, (axes.FREQ, axes.EMBED)),
+                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes.EMBED,)),
+                 name='mlp_in')(x)
+    x = nn.silu(x)
+    return nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+                    kernel_init=nn.with_logical_partitioning(init, (axes.MLP, axes.EMBED)),
+                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes.EMBED,)),
+                    name='mlp_out')(x)  # [B, D]
+
+
+class LabelEmbedder(nn.Module):
+  """Class labels -> [B, D]; row `num_classes` is the null label used for CFG."""
+  num_classes: int
+  width: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, labels):  # [B] int, in [0, num_classes]
+    table = nn.Embed(
+        self.num_classes + 1, self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+        embedding_init=nn.with_logical_partitioning(
+            nn.initializers.normal(0.02), (axes.CLASSES, axes.EMBED)),
+        name='table')
+    return table(labels)  # [B, D]

@@ -1,0 +1,180 @@
+"""train_and_evaluate(config, workdir) and sample(config, workdir)."""
+
+import dataclasses
+import os
+import time
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from vdit_jax import validate
+from vdit_jax.data import pipeline
+from vdit_jax.diffusion import objectives
+from vdit_jax.model import dit
+from vdit_jax.model import patching
+from vdit_jax.parallel import mesh as mesh_lib
+from vdit_jax.train import checkpoint as ckpt_lib
+from vdit_jax.train import metrics as metrics_lib
+from vdit_jax.train import sampling
+from vdit_jax.train import state as state_lib
+from vdit_jax.train import step as step_lib
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything built from the config before the first step."""
+  config: Any
+  mesh: Any
+  rules: Any
+  model: dit.VideoDiT
+  diffusion: Any
+  tx: Any
+  schedule: Any
+  num_classes: int
+  init_fn: Any
+  abstract_state: Any
+  state_shardings: Any
+  checkpointer: ckpt_lib.Checkpointer
+
+
+def build(config, workdir: str) -> Setup:
+  """Validates the config and builds mesh, model, optimizer, checkpointer (no compile)."""
+  validate.validate_config(config, jax.device_count(), jax.process_count())
+  mesh = mesh_lib.make_mesh(config.mesh)
+  rules = tuple(tuple(r) for r in config.logical_axis_rules)
+  num_classes = pipeline.num_classes(config.data)
+  model = dit.build_model(config.model, config.data.channels, num_classes)
+  diffusion = objectives.Diffusion.from_config(config.diffusion)
+  schedule = state_lib.learning_rate_schedule(config.train)
+  tx = state_lib.make_optimizer(config.train)
+  init_fn = state_lib.make_init_fn(model, tx, config.data)
+  abstract, shardings = state_lib.state_shardings(init_fn, mesh, rules)
+  checkpointer = ckpt_lib.Checkpointer(
+      os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep,
+      every_steps=config.checkpoint.every_steps, async_save=config.checkpoint.async_save)
+  return Setup(config, mesh, rules, model, diffusion, tx, schedule, num_classes, init_fn,
+               abstract, shardings, checkpointer)
+
+
+def tokens_per_clip(config, spec: dit.ModelSpec) -> int:
+  grid = patching.token_grid((config.data.num_frames, config.data.height, config.data.width),
+                             spec.patch_size)
+  return int(np.prod(grid))
+
+
+def global_batch(local_batch, mesh, rules):
+  """Per-process numpy batch -> global jax.Arrays sharded over the batch axes."""
+  return {k: jax.make_array_from_process_local_data(
+      mesh_lib.batch_sharding(mesh, rules, v.ndim), v) for k, v in local_batch.items()}
+
+
+def _save_config(config, workdir):
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
+def _sample_and_write(s: Setup, params, step: int, workdir: str, name: Optional[str] = None):
+  cfg = s.config
+  sample_fn = sampling.make_sample_fn(s.model, s.diffusion, cfg.sample, cfg.data, s.num_classes,
+                                      cfg.sample.num_samples)
+  labels = sampling.sample_labels(cfg.sample.num_samples, s.num_classes)
+  rng = jax.random.key(cfg.sample.seed)
+  t0 = time.perf_counter()
+  with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
+    videos = jax.jit(sample_fn, out_shardings=mesh_lib.replicated(s.mesh))(params, rng, labels)
+    videos = jax.block_until_ready(videos)
+  paths = []
+  if jax.process_index() == 0:
+    directory = os.path.join(workdir, 'samples')
+    paths = sampling.write_samples(videos, directory, name or f'step_{step:07d}',
+                                   cfg.sample.formats, cfg.sample.fps)
+    metrics_lib.log_line(f'wrote samples {paths} ({cfg.sample.sampler}, {cfg.sample.num_steps} '
+                         f'steps, cfg {cfg.sample.cfg_scale}) in {time.perf_counter() - t0:.1f}s')
+  return videos, paths
+
+
+def train_and_evaluate(config, workdir: str):
+  """Trains from scratch, or resumes from the newest checkpoint in `workdir`."""
+  os.makedirs(workdir, exist_ok=True)
+  s = build(config, workdir)
+  spec = s.model.spec
+  local_batch = config.train.batch_size // jax.process_count()
+  data_iter = pipeline.make_dataset(config.data, local_batch, seed=config.seed)
+
+  latest = s.checkpointer.latest_step()
+  if latest is not None:
+    state = s.checkpointer.restore(
+        latest, state_lib.abstract_with_shardings(s.abstract_state, s.state_shardings),
+        data_iter)
+    metrics_lib.log_line(f'resumed from step {latest} in {s.checkpointer.directory}')
+  else:
+    state, _ = state_lib.create_state(s.init_fn, jax.random.key(config.seed), s.mesh, s.rules)
+  _save_config(config, workdir)
+  metrics_lib.log_line(
+      f'model {spec.width}w x {spec.depth}d x {spec.num_heads}h patch {spec.patch_size}: '
+      f'{state_lib.param_count(state.params):,} params, '
+      f'{tokens_per_clip(config, spec)} tokens/clip; mesh {dict(s.mesh.shape)}; '
+      f'{jax.device_count()} devices, {jax.process_count()} processes')
+
+  batch_shardings = {
+      'video': mesh_lib.batch_sharding(s.mesh, s.rules, 5),
+      'label': mesh_lib.batch_sharding(s.mesh, s.rules, 1)}
+  replicated = mesh_lib.replicated(s.mesh)
+  train_step = jax.jit(
+      step_lib.make_train_step(s.model, s.diffusion, s.tx, s.schedule,
+                               num_classes=s.num_classes,
+                               label_dropout=config.model.label_dropout,
+                               ema=config.train.ema_decay),
+      in_shardings=(s.state_shardings, batch_shardings, replicated),
+      out_shardings=(s.state_shardings, replicated),
+      donate_argnums=0)
+
+  writer = metrics_lib.MetricsWriter(workdir)
+  meter = metrics_lib.RateMeter(config.train.batch_size * tokens_per_clip(config, spec))
+  rng = jax.random.key(config.seed + 1)
+  step = int(jax.device_get(state.step))
+  num_steps = config.train.num_steps
+  t_start = time.perf_counter()
+  with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
+    while step < num_steps:
+      batch = global_batch(next(data_iter), s.mesh, s.rules)
+      state, metrics = train_step(state, batch, rng)
+      step += 1
+      if step == 1 or step % config.train.log_every == 0 or step == num_steps:
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        values.update(meter.rates(step))
+        values['wall_s'] = time.perf_counter() - t_start
+        writer.write(step, values)
+        metrics_lib.log_line(metrics_lib.format_line(step, num_steps, values))
+      if s.checkpointer.should_save(step) or step == num_steps:
+        s.checkpointer.save(step, state, data_iter)
+      if config.sample.every_steps and step % config.sample.every_steps == 0:
+        _sample_and_write(s, _sample_params(state, config), step, workdir)
+  s.checkpointer.wait()
+  if not (config.sample.every_steps and step % config.sample.every_steps == 0):
+    _sample_and_write(s, _sample_params(state, config), step, workdir)
+  s.checkpointer.close()
+  return state
+
+
+def _sample_params(state, config):
+  return state.ema_params if config.sample.use_ema else state.params
+
+
+def sample(config, workdir: str):
+  """Restores the newest checkpoint in `workdir` and writes a sample video."""
+  s = build(config, workdir)
+  latest = s.checkpointer.latest_step()
+  if latest is None:
+    raise FileNotFoundError(
+        f'no checkpoint in {s.checkpointer.directory}: train first '
+        f'(--mode=train --workdir={workdir}).')
+  state = s.checkpointer.restore(
+      latest, state_lib.abstract_with_shardings(s.abstract_state, s.state_shardings))
+  videos, paths = _sample_and_write(s, _sample_params(state, config), latest, workdir,
+                                    name=f'sample_step_{latest:07d}')
+  s.checkpointer.close()
+  return videos, paths

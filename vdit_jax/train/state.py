@@ -1,0 +1,84 @@
+"""Train state, optimizer, and sharded initialisation."""
+
+from typing import Any, Callable, Tuple
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jnp.ndarray          # int32 scalar
+  params: Any
+  opt_state: Any
+  ema_params: Any
+
+
+def learning_rate_schedule(train_cfg) -> optax.Schedule:
+  """Linear warm-up to the peak, then cosine decay to end_lr_fraction * peak."""
+  peak = train_cfg.learning_rate
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=peak, warmup_steps=train_cfg.warmup_steps,
+      decay_steps=max(train_cfg.num_steps, train_cfg.warmup_steps + 1),
+      end_value=peak * train_cfg.end_lr_fraction)
+
+
+def make_optimizer(train_cfg) -> optax.GradientTransformation:
+  """AdamW with global-norm clipping (grad_clip=0 turns clipping off)."""
+  parts = []
+  if train_cfg.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(train_cfg.grad_clip))
+  parts.append(optax.adamw(learning_rate_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2,
+                           weight_decay=train_cfg.weight_decay))
+  return optax.chain(*parts)
+
+
+def model_inputs(data_cfg, batch: int):
+  """Dummy (video, t, labels) of the config's shapes, for init and tracing."""
+  video = jnp.zeros((batch, data_cfg.num_frames, data_cfg.height, data_cfg.width,
+                     data_cfg.channels), jnp.float32)  # [B, T, H, W, C]
+  return video, jnp.zeros((batch,), jnp.float32), jnp.zeros((batch,), jnp.int32)
+
+
+def make_init_fn(model: nn.Module, tx: optax.GradientTransformation, data_cfg
+                 ) -> Callable[[jax.Array], TrainState]:
+  """rng -> TrainState whose param leaves are still boxed with logical names."""
+
+  def init(rng):
+    params = model.init(rng, *model_inputs(data_cfg, 1))['params']
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params), ema_params=params)
+
+  return init
+
+
+def state_shardings(init_fn, mesh: Mesh, rules):
+  """(abstract unboxed state, NamedSharding tree) from the logical annotations."""
+  abstract_boxed = jax.eval_shape(init_fn, jax.random.key(0))
+  logical = nn.get_partition_spec(abstract_boxed)
+  shardings = nn.logical_to_mesh_sharding(logical, mesh, rules)
+  return nn.unbox(abstract_boxed), shardings
+
+
+def create_state(init_fn, rng, mesh: Mesh, rules) -> Tuple[TrainState, Any]:
+  """Initialises the state directly into its shardings: never whole on one device."""
+  _, shardings = state_shardings(init_fn, mesh, rules)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(rng)
+  return state, shardings
+
+
+def abstract_with_shardings(abstract, shardings):
+  """ShapeDtypeStructs carrying target shardings, for restoring onto a mesh."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+def param_count(params) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(params)))
+
+

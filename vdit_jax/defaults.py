@@ -25,6 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.pos_embed = 'sincos'            # sincos | rope
   m.qk_norm = True
   m.attention_impl = 'xla'
+  m.sequence_parallel = 'none'      # none | all_gather | ring | ulysses (over mesh.sequence)
   m.scan_layers = True
   m.remat_policy = 'none'           # none | full | dots_saveable | ...
   m.dtype = 'float32'               # compute dtype

@@ -14,8 +14,10 @@ import jax.numpy as jnp
 
 from vdit_jax.model import axes
 from vdit_jax.model import embeddings
+from vdit_jax.parallel import sequence_attention
 
 ATTENTION_IMPLS = ('xla',)
+SEQUENCE_PARALLEL = sequence_attention.SEQUENCE_PARALLEL
 
 
 def rms_normalize(x: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
@@ -39,11 +41,17 @@ class RMSNorm(nn.Module):
     return rms_normalize(x, self.eps) * scale.astype(x.dtype)
 
 
-def dot_product_attention(q, k, v, impl: str = 'xla'):
-  """q [B, N, K, Dh], k/v [B, M, K, Dh] -> [B, N, K, Dh]; scale 1/sqrt(Dh)."""
-  if impl == 'xla':
-    return jax.nn.dot_product_attention(q, k, v, implementation='xla')
-  raise ValueError(f'attention_impl={impl!r} is not one of {ATTENTION_IMPLS}.')
+def dot_product_attention(q, k, v, impl: str = 'xla', sequence_parallel: str = 'none'):
+  """q [B, N, K, Dh], k/v [B, M, K, Dh] -> [B, N, K, Dh]; scale 1/sqrt(Dh).
+
+  `sequence_parallel` other than 'none' splits the tokens over the mesh axis
+  `sequence` of the mesh in context (see parallel/sequence_attention.py).
+  """
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f'attention_impl={impl!r} is not one of {ATTENTION_IMPLS}.')
+  if sequence_parallel != 'none':
+    return sequence_attention.sequence_parallel_attention(q, k, v, strategy=sequence_parallel)
+  return jax.nn.dot_product_attention(q, k, v, implementation='xla')
 
 
 class Attention(nn.Module):
@@ -53,6 +61,7 @@ class Attention(nn.Module):
   attention_impl: str = 'xla'
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  sequence_parallel: str = 'none'
 
   @nn.compact
   def __call__(self, x, rope: Optional[Tuple[jnp.ndarray, jnp.ndarray]] = None):
@@ -84,7 +93,8 @@ class Attention(nn.Module):
     q = nn.with_logical_constraint(q, names)
     k = nn.with_logical_constraint(k, names)
     v = nn.with_logical_constraint(v, names)
-    out = dot_product_attention(q, k, v, self.attention_impl)  # [B, N, K, Dh]
+    out = dot_product_attention(q, k, v, self.attention_impl,
+                                self.sequence_parallel)  # [B, N, K, Dh]
     out = nn.with_logical_constraint(out, names)
     kernel = self.param('out_kernel', nn.with_logical_partitioning(
         nn.initializers.xavier_uniform(in_axis=(-3, -2), out_axis=-1),

@@ -70,6 +70,7 @@ class DiTBlock(nn.Module):
   attention_impl: str = 'xla'
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  sequence_parallel: str = 'none'
 
   @nn.compact
   def __call__(self, x, c, rope: Optional[Tuple[jnp.ndarray, jnp.ndarray]] = None):
@@ -80,7 +81,7 @@ class DiTBlock(nn.Module):
         width, 6, self.dtype, self.param_dtype, name='adaln')(c)  # 6 x [B, D]
     h = modulate(_norm(self.dtype)(x), shift1, scale1)
     h = Attention(self.num_heads, self.qk_norm, self.attention_impl, self.dtype,
-                  self.param_dtype, name='attn')(h, rope)  # [B, N, D]
+                  self.param_dtype, self.sequence_parallel, name='attn')(h, rope)  # [B, N, D]
     x = x + gate1[:, None, :] * h
     h = modulate(_norm(self.dtype)(x), shift2, scale2)
     h = Mlp(self.mlp_dim, self.dtype, self.param_dtype, name='mlp')(h)

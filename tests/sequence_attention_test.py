@@ -7,11 +7,6 @@ be set before jax starts, so they run once in `sequence_attention_multidevice.py
 and each check is reported here as its own test.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -19,12 +14,12 @@ import ml_collections
 import numpy as np
 import pytest
 
+from tests import multidevice
 from vdit_jax import defaults
 from vdit_jax.model import attention, axes, dit
 from vdit_jax.parallel import mesh as mesh_lib
 from vdit_jax.parallel import sequence_attention as sa
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 STRATEGIES = ('all_gather', 'ring', 'ulysses')
 MULTIDEVICE_CHECKS = (
     [f'equal/{m}/{s}' for m in ('seq8', 'data2_seq4', 'seq2_tensor2_data2') for s in STRATEGIES]
@@ -123,17 +118,7 @@ def test_config_default_and_validation():
 
 @pytest.fixture(scope='module')
 def multidevice_results():
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
-                      ' --xla_force_host_platform_device_count=8').strip()
-  env['JAX_PLATFORMS'] = 'cpu'
-  env['PYTHONPATH'] = os.pathsep.join(
-      p for p in (os.path.dirname(HERE), env.get('PYTHONPATH')) if p)
-  proc = subprocess.run(
-      [sys.executable, os.path.join(HERE, 'sequence_attention_multidevice.py')],
-      env=env, capture_output=True, text=True, timeout=600, check=False)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return multidevice.run_checks('sequence_attention_multidevice.py')
 
 
 def test_multidevice_runs_exactly_the_expected_checks(multidevice_results):

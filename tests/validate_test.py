@@ -45,7 +45,8 @@ CASES = [
     (dict(sample__formats='avi'), "sample.formats='avi' must list mp4 and/or gif"),
     # sampler / objective mismatch
     (dict(diffusion__objective='flow'), "sample.sampler='ddim' does not sample objective 'flow'"),
-    (dict(sample__sampler='euler'), "sample.sampler='euler' does not sample objective 'eps'"),
+    (dict(sample__sampler='euler', diffusion__objective='eps'),
+     "sample.sampler='euler' does not sample objective 'eps'"),
     # non-positive sizes
     (dict(data__num_frames=0), 'config.data.num_frames=0 must be positive'),
     (dict(data__height=-32), 'config.data.height=-32 must be positive'),
@@ -69,8 +70,11 @@ def test_bad_config_is_rejected_with_message(overrides, message):
 
 
 def test_batch_not_divisible_by_devices():
-  with pytest.raises(ValueError, match='train.batch_size=16 is not divisible by the device count 3'):
-    validate.validate_config(cfg(), num_devices=3)
+  # The default mesh is data=-1: every device takes a share of the batch.
+  with pytest.raises(ValueError, match=re.escape(
+      "train.batch_size=16 is not divisible by 3, the size of mesh axes ('data', 'fsdp') "
+      "(data=3, fsdp=1)")):
+    validate.validate_config(cfg(train__batch_size=16), num_devices=3)
 
 
 def test_batch_not_divisible_by_processes():
@@ -83,6 +87,56 @@ def test_bad_mesh_is_rejected():
     validate.validate_config(cfg(mesh__fsdp=-1), num_devices=1)
   with pytest.raises(ValueError, match='has 4 devices but 1 are available'):
     validate.validate_config(cfg(mesh__data=2, mesh__tensor=2), num_devices=1)
+
+
+# tiny: width 128, 4 heads, MLP 512, depth 4, 16x32x32 clips in 2x4x4 tubelets -> 512 tokens.
+MESH_CASES = [
+    (dict(mesh__data=2, mesh__fsdp=4, train__batch_size=12), 8,
+     "train.batch_size=12 is not divisible by 8, the size of mesh axes ('data', 'fsdp') "
+     "(data=2, fsdp=4) that shard it through the logical axis 'activation_batch'"),
+    (dict(mesh__data=1, mesh__fsdp=3, model__width=96, model__num_heads=4,
+          train__batch_size=24, data__channels=1),
+     3, None),  # 96 / 3 = 32 per device: valid
+    (dict(mesh__data=1, mesh__fsdp=5, model__width=128, train__batch_size=40), 5,
+     "model width=128 is not divisible by 5, the size of mesh axes ('fsdp',) (fsdp=5) "
+     "that shard it through the logical axis 'embed'"),
+    (dict(mesh__data=1, mesh__tensor=8, train__batch_size=8), 8,
+     "model num_heads=4 is not divisible by 8, the size of mesh axes ('tensor',) (tensor=8)"),
+    (dict(mesh__data=1, mesh__tensor=3, model__num_heads=3, model__width=96,
+          model__mlp_dim=256, train__batch_size=3), 3,
+     "model mlp_dim=256 is not divisible by 3, the size of mesh axes ('tensor',) (tensor=3)"),
+    (dict(mesh__data=1, mesh__sequence=3, train__batch_size=3), 3,
+     "tokens per clip 512 (T/pt * H/ph * W/pw) is not divisible by 3, the size of mesh axes "
+     "('sequence',) (sequence=3)"),
+    (dict(mesh__data=2, mesh__sequence=4, model__sequence_parallel='ring',
+          sample__num_samples=3), 8,
+     "sample.num_samples=3 is not divisible by 2, the size of mesh axes ('data', 'fsdp') "
+     "(data=2, fsdp=1)"),
+    (dict(mesh__data=1, mesh__tensor=2, mesh__sequence=4, model__sequence_parallel='ulysses'),
+     8, "the heads per device, num_heads=4 / 2 = 2, must be divisible by the "
+        "sequence-sharding mesh size 4"),
+    (dict(mesh__data=1, mesh__sequence=4, model__sequence_parallel='ulysses'), 4, None),
+]
+
+
+@pytest.mark.parametrize('overrides,num_devices,message', MESH_CASES,
+                         ids=[str(m)[:50] for _, _, m in MESH_CASES])
+def test_mesh_must_divide_every_dimension_it_shards(overrides, num_devices, message):
+  config = cfg(**overrides)
+  if message is None:
+    validate.validate_config(config, num_devices=num_devices)
+  else:
+    with pytest.raises(ValueError, match=re.escape(message)):
+      validate.validate_config(config, num_devices=num_devices)
+
+
+def test_rules_naming_unknown_mesh_axes_are_rejected():
+  config = cfg()
+  config.logical_axis_rules = tuple(config.logical_axis_rules) + (('embed', 'model'),)
+  with pytest.raises(ValueError, match=re.escape(
+      "logical_axis_rules entry ('embed', 'model') names mesh axes ['model'] that are not "
+      "mesh axes ('data', 'fsdp', 'tensor', 'sequence')")):
+    validate.validate_config(config, num_devices=1)
 
 
 def test_train_validates_before_doing_anything(tmp_path):

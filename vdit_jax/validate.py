@@ -1,6 +1,7 @@
 """Config validation: every rule a run depends on, checked before anything compiles."""
 
 from vdit_jax.diffusion import objectives, samplers
+from vdit_jax.model import axes
 from vdit_jax.model import dit
 from vdit_jax.model import patching
 from vdit_jax.parallel import mesh as mesh_lib
@@ -67,13 +68,72 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
 
   sizes = mesh_lib.mesh_shape(config.mesh, num_devices)
   batch = config.train.batch_size
-  if batch % num_devices:
-    raise ValueError(f'train.batch_size={batch} is not divisible by the device count '
-                     f'{num_devices}.')
+  # The batch splits over the mesh axes of 'activation_batch' (data x fsdp by default; the
+  # whole device count when the mesh is all data), checked with the other dimensions below.
   if batch % process_count:
     raise ValueError(f'train.batch_size={batch} is not divisible by the process count '
                      f'{process_count}.')
-  batch_ways = sizes['data'] * sizes['fsdp']
-  if batch % batch_ways:
-    raise ValueError(f'train.batch_size={batch} is not divisible by mesh data*fsdp='
-                     f'{batch_ways}.')
+  rules = _check_rules(config.logical_axis_rules)
+  pt, ph, pw = spec.patch_size
+  tokens = (config.data.num_frames // pt) * (config.data.height // ph) * (
+      config.data.width // pw)
+  dims = [  # (what, size, logical axis that shards it)
+      (f'train.batch_size={batch}', batch, axes.ACT_BATCH),
+      (f'model width={spec.width}', spec.width, axes.EMBED),
+      (f'model mlp_dim={spec.mlp_dim}', spec.mlp_dim, axes.MLP),
+      (f'model mlp_dim={spec.mlp_dim}', spec.mlp_dim, axes.ACT_MLP),
+      (f'model num_heads={spec.num_heads}', spec.num_heads, axes.HEADS),
+      (f'model num_heads={spec.num_heads}', spec.num_heads, axes.ACT_HEADS),
+      (f'head dim width/num_heads={spec.width // spec.num_heads}',
+       spec.width // spec.num_heads, axes.HEAD_DIM),
+      (f'model depth={spec.depth}', spec.depth, axes.LAYERS),
+      (f'tubelet size pt*ph*pw*C={pt * ph * pw * config.data.channels}',
+       pt * ph * pw * config.data.channels, axes.PATCH),
+      (f'tokens per clip {tokens} (T/pt * H/ph * W/pw)', tokens, axes.ACT_LENGTH),
+  ]
+  seq_ways = _ways(rules, axes.ACT_LENGTH, sizes)[1]
+  if spec.sequence_parallel != 'none' and seq_ways > 1:
+    # Sequence-parallel attention runs in shard_map, which needs even blocks of the
+    # sampler's batch too (doubled by classifier-free guidance, so num_samples suffices).
+    dims.append((f'sample.num_samples={config.sample.num_samples}',
+                 config.sample.num_samples, axes.ACT_BATCH))
+  for what, size, logical in dims:
+    mesh_axes, ways = _ways(rules, logical, sizes)
+    if size % ways:
+      raise ValueError(
+          f'{what} is not divisible by {ways}, the size of mesh axes {mesh_axes} '
+          f'({", ".join(f"{a}={sizes[a]}" for a in mesh_axes)}) that shard it through '
+          f'the logical axis {logical!r} in config.logical_axis_rules.')
+  if spec.sequence_parallel == 'ulysses' and seq_ways > 1:
+    head_ways = _ways(rules, axes.ACT_HEADS, sizes)[1]
+    if (spec.num_heads // head_ways) % seq_ways:
+      raise ValueError(
+          f"model.sequence_parallel='ulysses' swaps heads for tokens, so the heads per "
+          f'device, num_heads={spec.num_heads} / {head_ways} = {spec.num_heads // head_ways}, '
+          f'must be divisible by the sequence-sharding mesh size {seq_ways}.')
+
+
+def _check_rules(rules):
+  """The logical axis rules as {logical name: tuple of mesh axes}, checked."""
+  table = {}
+  for rule in rules:
+    if not isinstance(rule, (tuple, list)) or len(rule) != 2:
+      raise ValueError(f'logical_axis_rules entry {rule!r} must be a pair '
+                       '(logical name, mesh axis or tuple of mesh axes or None).')
+    name, target = rule
+    targets = () if target is None else (
+        (target,) if isinstance(target, str) else tuple(target))
+    unknown = [a for a in targets if a not in axes.MESH_AXES]
+    if unknown:
+      raise ValueError(f'logical_axis_rules entry {tuple(rule)!r} names mesh axes {unknown} '
+                       f'that are not mesh axes {axes.MESH_AXES}.')
+    table.setdefault(name, targets)  # flax uses the first rule for a name
+  return table
+
+
+def _ways(table, logical, sizes):
+  mesh_axes = table.get(logical, ())
+  ways = 1
+  for a in mesh_axes:
+    ways *= sizes[a]
+  return mesh_axes, ways

@@ -3,7 +3,7 @@
 import dataclasses
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -36,26 +36,62 @@ class Setup:
   init_fn: Any
   abstract_state: Any
   state_shardings: Any
-  checkpointer: ckpt_lib.Checkpointer
+  checkpointer: Optional[ckpt_lib.Checkpointer]  # None when built without a workdir
 
 
-def build(config, workdir: str) -> Setup:
-  """Validates the config and builds mesh, model, optimizer, checkpointer (no compile)."""
-  validate.validate_config(config, jax.device_count(), jax.process_count())
-  mesh = mesh_lib.make_mesh(config.mesh)
+def build(config, workdir: Optional[str], *, devices: Optional[Sequence[Any]] = None,
+          process_count: Optional[int] = None, num_classes: Optional[int] = None) -> Setup:
+  """Validates the config and builds mesh, model, optimizer, checkpointer (no compile).
+
+  The keywords let `tools.plan` build the same setup for abstract devices (a TPU
+  topology) without the data pipeline: `devices` defaults to `jax.devices()`,
+  `process_count` to `jax.process_count()`, `num_classes` to what the configured data
+  source produces; `workdir=None` builds no checkpointer.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  if process_count is None:
+    process_count = jax.process_count()
+  validate.validate_config(config, len(devices), process_count)
+  mesh = mesh_lib.make_mesh(config.mesh, devices=devices)
   rules = tuple(tuple(r) for r in config.logical_axis_rules)
-  num_classes = pipeline.num_classes(config.data)
+  if num_classes is None:
+    num_classes = pipeline.num_classes(config.data)
   model = dit.build_model(config.model, config.data.channels, num_classes)
   diffusion = objectives.Diffusion.from_config(config.diffusion)
   schedule = state_lib.learning_rate_schedule(config.train)
   tx = state_lib.make_optimizer(config.train)
   init_fn = state_lib.make_init_fn(model, tx, config.data)
   abstract, shardings = state_lib.state_shardings(init_fn, mesh, rules)
-  checkpointer = ckpt_lib.Checkpointer(
-      os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep,
-      every_steps=config.checkpoint.every_steps, async_save=config.checkpoint.async_save)
+  checkpointer = None
+  if workdir is not None:
+    checkpointer = ckpt_lib.Checkpointer(
+        os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep,
+        every_steps=config.checkpoint.every_steps, async_save=config.checkpoint.async_save)
   return Setup(config, mesh, rules, model, diffusion, tx, schedule, num_classes, init_fn,
                abstract, shardings, checkpointer)
+
+
+def batch_shardings(mesh, rules):
+  """Shardings of the train step's batch {'video': [B, T, H, W, C], 'label': [B]}."""
+  return {'video': mesh_lib.batch_sharding(mesh, rules, 5),
+          'label': mesh_lib.batch_sharding(mesh, rules, 1)}
+
+
+def jit_train_step(s: Setup):
+  """The jitted train step with explicit in/out shardings and the state donated.
+
+  Call (and lower) it inside `jax.set_mesh(s.mesh)` and `nn.logical_axis_rules(s.rules)`;
+  the trainer and `tools.plan` both compile this one function.
+  """
+  replicated = mesh_lib.replicated(s.mesh)
+  return jax.jit(
+      step_lib.make_train_step(s.model, s.diffusion, s.tx, s.schedule,
+                               num_classes=s.num_classes,
+                               label_dropout=s.config.model.label_dropout,
+                               ema=s.config.train.ema_decay),
+      in_shardings=(s.state_shardings, batch_shardings(s.mesh, s.rules), replicated),
+      out_shardings=(s.state_shardings, replicated),
+      donate_argnums=0)
 
 
 def tokens_per_clip(config, spec: dit.ModelSpec) -> int:
@@ -96,8 +132,12 @@ def _sample_and_write(s: Setup, params, step: int, workdir: str, name: Optional[
   return videos, paths
 
 
-def train_and_evaluate(config, workdir: str):
-  """Trains from scratch, or resumes from the newest checkpoint in `workdir`."""
+def train_and_evaluate(config, workdir: str, *, stop_at: Optional[int] = None):
+  """Trains from scratch, or resumes from the newest checkpoint in `workdir`.
+
+  `stop_at` ends the run early after that step, with a checkpoint, as a
+  preemption would (tests use it; the schedule still follows num_steps).
+  """
   os.makedirs(workdir, exist_ok=True)
   s = build(config, workdir)
   spec = s.model.spec
@@ -117,20 +157,9 @@ def train_and_evaluate(config, workdir: str):
       f'model {spec.width}w x {spec.depth}d x {spec.num_heads}h patch {spec.patch_size}: '
       f'{state_lib.param_count(state.params):,} params, '
       f'{tokens_per_clip(config, spec)} tokens/clip; mesh {dict(s.mesh.shape)}; '
-      f'{jax.device_count()} devices, {jax.process_count()} processes')
+      f'{jax.device_count()} device(s), {jax.process_count()} process(es)')
 
-  batch_shardings = {
-      'video': mesh_lib.batch_sharding(s.mesh, s.rules, 5),
-      'label': mesh_lib.batch_sharding(s.mesh, s.rules, 1)}
-  replicated = mesh_lib.replicated(s.mesh)
-  train_step = jax.jit(
-      step_lib.make_train_step(s.model, s.diffusion, s.tx, s.schedule,
-                               num_classes=s.num_classes,
-                               label_dropout=config.model.label_dropout,
-                               ema=config.train.ema_decay),
-      in_shardings=(s.state_shardings, batch_shardings, replicated),
-      out_shardings=(s.state_shardings, replicated),
-      donate_argnums=0)
+  train_step = jit_train_step(s)
 
   writer = metrics_lib.MetricsWriter(workdir)
   meter = metrics_lib.RateMeter(config.train.batch_size * tokens_per_clip(config, spec))
@@ -139,7 +168,8 @@ def train_and_evaluate(config, workdir: str):
   num_steps = config.train.num_steps
   t_start = time.perf_counter()
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
-    while step < num_steps:
+    last = num_steps if stop_at is None else min(stop_at, num_steps)
+    while step < last:
       batch = global_batch(next(data_iter), s.mesh, s.rules)
       state, metrics = train_step(state, batch, rng)
       step += 1
@@ -149,7 +179,7 @@ def train_and_evaluate(config, workdir: str):
         values['wall_s'] = time.perf_counter() - t_start
         writer.write(step, values)
         metrics_lib.log_line(metrics_lib.format_line(step, num_steps, values))
-      if s.checkpointer.should_save(step) or step == num_steps:
+      if s.checkpointer.should_save(step) or step == last:
         s.checkpointer.save(step, state, data_iter)
       if config.sample.every_steps and step % config.sample.every_steps == 0:
         _sample_and_write(s, _sample_params(state, config), step, workdir)

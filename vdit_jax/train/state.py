@@ -1,5 +1,6 @@
 """Train state, optimizer, and sharded initialisation."""
 
+import dataclasses
 from typing import Any, Callable, Tuple
 
 import flax.linen as nn
@@ -46,7 +47,14 @@ def model_inputs(data_cfg, batch: int):
 
 def make_init_fn(model: nn.Module, tx: optax.GradientTransformation, data_cfg
                  ) -> Callable[[jax.Array], TrainState]:
-  """rng -> TrainState whose param leaves are still boxed with logical names."""
+  """rng -> TrainState whose param leaves are still boxed with logical names.
+
+  Init traces the model on a batch of 1, which no batch-sharded mesh axis
+  divides; sequence-parallel attention (no params of its own) would reject that,
+  so init runs the plain attention: the params are the same.
+  """
+  if getattr(model, 'spec', None) is not None and model.spec.sequence_parallel != 'none':
+    model = model.clone(spec=dataclasses.replace(model.spec, sequence_parallel='none'))
 
   def init(rng):
     params = model.init(rng, *model_inputs(data_cfg, 1))['params']

@@ -1,0 +1,26 @@
+"""Runs a check script under N fake CPU devices in a fresh process.
+
+The suite itself runs with one device; the device count must be set before jax
+starts, so multi-device checks live in `*_multidevice.py` scripts that print
+one JSON line {check name: 'ok' | failure text} as their last stdout line.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_checks(script: str, num_devices: int = 8, timeout: int = 900) -> dict:
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
+                      f' --xla_force_host_platform_device_count={num_devices}').strip()
+  env['JAX_PLATFORMS'] = 'cpu'
+  env['PYTHONPATH'] = os.pathsep.join(
+      p for p in (os.path.dirname(HERE), env.get('PYTHONPATH')) if p)
+  proc = subprocess.run([sys.executable, os.path.join(HERE, script)], env=env,
+                        capture_output=True, text=True, timeout=timeout, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])

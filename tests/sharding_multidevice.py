@@ -1,0 +1,146 @@
+"""One train step on 8 fake CPU devices under several meshes == the same step on one device.
+
+Run by sharding_test.py in a subprocess. Prints one JSON line {check: 'ok' | failure}.
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharding_multidevice.py
+"""
+
+import json
+import os
+import sys
+import traceback
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import flax.linen as nn  # pylint: disable=g-import-not-at-top
+import jax
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from configs import tiny
+from vdit_jax.data import pipeline
+from vdit_jax.train import loop
+from vdit_jax.train import state as state_lib
+
+MESHES = {
+    'data8': dict(data=8),
+    'fsdp8': dict(fsdp=8),
+    'data2_fsdp2_tensor2': dict(data=2, fsdp=2, tensor=2),
+    'data2_seq4_all_gather': dict(data=2, sequence=4),
+    'data2_seq4_ring': dict(data=2, sequence=4),
+    'data2_seq4_ulysses': dict(data=2, sequence=4),
+}
+STEPS = 2
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+# Logical names -> mesh axes under the default rules, for every parameter path.
+EMBED, MLP, HEADS = 'fsdp', 'tensor', 'tensor'
+EXPECTED_PARAM_SPECS = {
+    'patch_embed/proj/kernel': P(None, EMBED),
+    'patch_embed/proj/bias': P(EMBED),
+    't_embed/mlp_in/kernel': P(None, EMBED),
+    't_embed/mlp_in/bias': P(EMBED),
+    't_embed/mlp_out/kernel': P(MLP, EMBED),
+    't_embed/mlp_out/bias': P(EMBED),
+    'y_embed/table/embedding': P(None, EMBED),
+    'blocks/adaln/proj/kernel': P(None, EMBED, None),
+    'blocks/adaln/proj/bias': P(None, None),
+    'blocks/attn/query_kernel': P(None, EMBED, HEADS, None),
+    'blocks/attn/key_kernel': P(None, EMBED, HEADS, None),
+    'blocks/attn/value_kernel': P(None, EMBED, HEADS, None),
+    'blocks/attn/query_bias': P(None, HEADS, None),
+    'blocks/attn/key_bias': P(None, HEADS, None),
+    'blocks/attn/value_bias': P(None, HEADS, None),
+    'blocks/attn/q_norm/scale': P(None, None),
+    'blocks/attn/k_norm/scale': P(None, None),
+    'blocks/attn/out_kernel': P(None, HEADS, None, EMBED),
+    'blocks/attn/out_bias': P(None, EMBED),
+    'blocks/mlp/fc1/kernel': P(None, EMBED, MLP),
+    'blocks/mlp/fc1/bias': P(None, MLP),
+    'blocks/mlp/fc2/kernel': P(None, MLP, EMBED),
+    'blocks/mlp/fc2/bias': P(None, EMBED),
+    'final/adaln/proj/kernel': P(EMBED, None),
+    'final/adaln/proj/bias': P(None),
+    'final/proj/kernel': P(EMBED, None),
+    'final/proj/bias': P(None),
+}
+
+
+def config_for(name=None):
+  config = tiny.get_config()
+  config.model.variant = None
+  config.model.width = 32
+  config.model.depth = 2
+  config.model.num_heads = 4
+  config.model.mlp_dim = 64
+  config.model.patch_size = (2, 4, 4)   # 4 x 16 x 16 clip -> 32 tokens
+  config.data.num_frames = 4
+  config.data.height = 16
+  config.data.width = 16
+  config.train.batch_size = 8
+  config.train.warmup_steps = 0         # a real update on the first step
+  config.train.learning_rate = 1e-3
+  config.mesh.data = 1
+  if name is not None:
+    config.mesh.update(MESHES[name])
+    if 'seq4_' in name:
+      config.model.sequence_parallel = name.split('seq4_')[1]
+  return config
+
+
+def path_specs(tree):
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {'/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path): leaf.spec
+          for path, leaf in flat}
+
+
+def run(config, devices):
+  s = loop.build(config, None, devices=devices)
+  state, shardings = state_lib.create_state(s.init_fn, jax.random.key(0), s.mesh, s.rules)
+  data = pipeline.make_dataset(config.data, config.train.batch_size, seed=0,
+                               process_index=0, process_count=1)
+  step = loop.jit_train_step(s)
+  losses = []
+  with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
+    for _ in range(STEPS):
+      batch = loop.global_batch(next(data), s.mesh, s.rules)
+      state, metrics = step(state, batch, jax.random.key(1))
+      losses.append(float(metrics['loss']))
+  return s, state, shardings, losses
+
+
+def main():
+  results = {}
+  devices = jax.devices()
+  assert len(devices) == 8, devices
+  _, ref_state, _, ref_losses = run(config_for(), devices[:1])
+  ref_params = jax.device_get(ref_state.params)
+  for name in MESHES:
+    try:
+      s, state, shardings, losses = run(config_for(name), devices)
+      np.testing.assert_allclose(losses, ref_losses, **TOL)
+      params = jax.device_get(state.params)
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), params, ref_params)
+      # The state really lives on the mesh as planned.
+      specs = path_specs(shardings.params)
+      assert specs == EXPECTED_PARAM_SPECS, {k: (v, EXPECTED_PARAM_SPECS.get(k))
+                                             for k, v in specs.items()
+                                             if EXPECTED_PARAM_SPECS.get(k) != v}
+      assert path_specs(shardings.ema_params) == EXPECTED_PARAM_SPECS
+      adam = shardings.opt_state[1][0]  # chain(clip, adamw) -> adamw's ScaleByAdamState
+      assert path_specs(adam.mu) == EXPECTED_PARAM_SPECS
+      assert path_specs(adam.nu) == EXPECTED_PARAM_SPECS
+      assert adam.count.spec == P()
+      assert shardings.step.spec == P()
+      leaf = state.params['blocks']['mlp']['fc1']['kernel']
+      assert leaf.sharding.spec == P(None, EMBED, MLP), leaf.sharding
+      results[name] = 'ok'
+    except Exception:  # pylint: disable=broad-except
+      results[name] = traceback.format_exc()[-2000:]
+  print(json.dumps(results))
+
+
+if __name__ == '__main__':
+  main()

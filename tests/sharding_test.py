@@ -1,0 +1,26 @@
+"""Sharded training equals one-device training, with exactly the planned shardings.
+
+The checks need 8 fake CPU devices, so they run in sharding_multidevice.py in a
+subprocess; each mesh is reported here as its own test.
+"""
+
+import pytest
+
+from tests import multidevice
+
+MESHES = ('data8', 'fsdp8', 'data2_fsdp2_tensor2', 'data2_seq4_all_gather',
+          'data2_seq4_ring', 'data2_seq4_ulysses')
+
+
+@pytest.fixture(scope='module')
+def results():
+  return multidevice.run_checks('sharding_multidevice.py')
+
+
+def test_reports_exactly_the_expected_meshes(results):
+  assert sorted(results) == sorted(MESHES)
+
+
+@pytest.mark.parametrize('mesh', MESHES)
+def test_one_train_step_matches_one_device(results, mesh):
+  assert results[mesh] == 'ok', results[mesh]

@@ -21,8 +21,11 @@ EXTRAS = {
     # carries the ffmpeg binary), gif through Pillow.
     'video': ['imageio>=2.37', 'imageio-ffmpeg>=0.6', 'pillow>=11'],
     'test': ['pytest>=8'],
+    # libtpu: run on TPU VMs, and AOT-compile for a TPU topology on any host (tools.plan).
+    'tpu': ['jax[tpu]>=0.10.2'],
 }
-EXTRAS['test'] = EXTRAS['test'] + EXTRAS['video']
+# The tests AOT-compile for a TPU topology (tests/plan_test.py), so they need libtpu too.
+EXTRAS['test'] = EXTRAS['test'] + EXTRAS['video'] + EXTRAS['tpu']
 
 setup(
     name='vdit_jax',

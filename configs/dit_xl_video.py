@@ -1,12 +1,23 @@
-r"""DiT-XL video model at pod scale (not run in tests; see tools.plan in a later issue).
+r"""DiT-XL video model at pod scale (not run in tests).
 
-python -m vdit_jax.main --config=configs/dit_xl_video.py --workdir=gs://BUCKET/run
+python -m vdit_jax.main --config=configs/dit_xl_video.py --workdir=/mnt/shared/runs/xl  # a filesystem all hosts share
 
 Latent video [B, T, H, W, C] = [B, 16, 32, 32, 16] (a 4x temporal / 8x spatial
 VAE's latents of 61 frames at 256x256), tubelets 1x2x2 -> 4,096 tokens per clip,
-XL width 1152, depth 28, 16 heads (~ 680 M parameters), 3-D RoPE, bf16 compute,
+XL width 1152, depth 28, 16 heads (~ 674 M parameters), 3-D RoPE, bf16 compute,
 f32 params, layers scanned and rematerialised, params and optimizer state
 sharded over fsdp.
+
+Planned (AOT-compiled on a CPU host, no TPU needed) with
+
+python -m vdit_jax.tools.plan --config=configs/dit_xl_video.py --topology=v5p:4x4x8
+python -m vdit_jax.tools.plan --config=configs/dit_xl_video.py --topology=v6e:16x16
+
+Global batch 256 (a multiple of both device counts), mesh data=-1 x fsdp=8, remat
+dots_with_no_batch_dims_saveable (keeps the weight matmuls' outputs, recomputes the
+attention logits that xla attention would otherwise keep as [B, K, N, N] per layer):
+v5p:4x4x8  mesh data 16 x fsdp 8, 2 clips/chip, 17.5 GiB of 95 GiB per chip;
+v6e:16x16  mesh data 32 x fsdp 8, 1 clip/chip,   8.2 GiB of 32 GiB per chip.
 """
 
 from vdit_jax.defaults import base_config

@@ -1,0 +1,159 @@
+"""tools.plan: the real train step AOT-compiles for a TPU topology under every mesh kind;
+the analytic FLOP count matches a hand count and the model's own weights; the command line
+prints a parseable JSON plan for fake CPU devices."""
+
+import concurrent.futures
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from vdit_jax.model import dit
+from vdit_jax.model import flops as flops_lib
+from vdit_jax.tools import plan as plan_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOPOLOGY = 'v5p:2x2x1'  # 4 chips, one host
+
+
+def small_config(**mesh):
+  """configs/tiny.py shrunk for compile speed: 2 layers (still scanned), 16 tokens/clip."""
+  config = tiny.get_config()
+  config.data.num_frames = 4
+  config.data.height = 16
+  config.data.width = 16
+  config.model.depth = 2
+  config.train.batch_size = 4
+  config.mesh.update(dict(data=1, fsdp=1, tensor=1, sequence=1), **mesh)
+  return config
+
+
+MESHES = {
+    'data=4': dict(data=4),
+    'fsdp=4': dict(fsdp=4),
+    'data=2,fsdp=2': dict(data=2, fsdp=2),
+    'fsdp=2,tensor=2': dict(fsdp=2, tensor=2),  # Mu: 4 heads, MLP 512, both split in 2
+}
+
+
+@pytest.fixture(scope='module')
+def tpu_devices():
+  try:
+    import libtpu  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    pytest.skip(f'libtpu cannot be imported ({e}); pip install "jax[tpu]=={jax.__version__}"')
+  return plan_lib.topology_devices(TOPOLOGY)
+
+
+@pytest.fixture(scope='module')
+def tpu_plans(tpu_devices):
+  """Every mesh kind's plan (a future), compiled two at a time: XLA compiles release the
+  GIL, and flax's axis rules and jax's mesh context are thread-local."""
+  with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+    futures = {name: pool.submit(plan_lib.plan, small_config(**mesh), tpu_devices,
+                                 topology=TOPOLOGY) for name, mesh in MESHES.items()}
+  return futures
+
+
+@pytest.mark.parametrize('name', list(MESHES))
+def test_train_step_compiles_for_tpu_topology(tpu_plans, name):
+  p = tpu_plans[name].result()  # re-raises what the TPU compiler rejected
+  assert p.device_kind == 'TPU v5'
+  assert (p.num_devices, p.num_chips, p.num_hosts) == (4, 4, 1)
+  assert p.mesh == dict(dict(data=1, fsdp=1, tensor=1, sequence=1), **MESHES[name])
+  assert p.param_count > 0 and p.total_bytes > 0
+  # The donated state comes back in place: the aliased bytes are the state's outputs.
+  assert 0 < p.alias_bytes <= p.output_bytes
+  assert p.hbm_bytes_per_device == 95 * 2**30 and p.fits is True
+
+
+def test_fsdp_shards_the_state_per_device(tpu_plans):
+  """Each plan used its own mesh: the state per device shrinks as fsdp grows."""
+  args = {name: tpu_plans[name].result().argument_bytes for name in MESHES}
+  assert args['fsdp=4'] < args['data=2,fsdp=2'] < args['data=4']
+  assert args['fsdp=4'] < 0.5 * args['data=4']
+
+
+def test_bad_topology_is_a_value_error(tpu_devices):
+  with pytest.raises(ValueError, match=r"--topology='v5p:9x9' is not a TPU topology"):
+    plan_lib.topology_devices('v5p:9x9')
+
+
+def test_plan_validates_the_config_first(tpu_devices):
+  config = small_config(data=4)
+  config.train.batch_size = 6
+  with pytest.raises(ValueError, match=r"train.batch_size=6 is not divisible by 4, the size "
+                                       r"of mesh axes \('data', 'fsdp'\)"):
+    plan_lib.plan(config, tpu_devices, topology=TOPOLOGY)
+
+
+def test_flops_match_a_hand_count():
+  spec = dit.ModelSpec(width=8, depth=1, num_heads=2, mlp_dim=16, patch_size=(1, 2, 2),
+                       pos_embed='sincos', qk_norm=True, attention_impl='xla',
+                       scan_layers=True, remat_policy='full', dtype='float32',
+                       param_dtype='float32')
+  f = flops_lib.train_step_flops(spec, (2, 4, 4, 3), batch_size=2)
+  # patch 1*2*2*3 = 12 values -> 8 tokens of width 8 per clip.
+  assert f.tokens_per_clip == 8
+  # token-wise: embed 12*8, q/k/v/out 4*8*8, MLP 2*8*16, final 8*12.
+  assert f.token_matmul_params == 96 + 256 + 256 + 96
+  # clip-wise: timestep MLP 256*8 + 8*8, block adaLN 8*48, final adaLN 8*16.
+  assert f.clip_matmul_params == 2048 + 64 + 384 + 128
+  assert f.matmul == 6 * (704 * 8 * 2 + 2624 * 2)
+  assert f.attention == 12 * 1 * 8 * 8 * 8 * 2   # 12 L N D per token, 16 tokens
+  assert f.total == 99072 + 12288
+
+
+def test_flops_count_every_matmul_weight_of_the_model():
+  """Oracle: the counted matmul params are exactly the model's kernels (no bias, norm, table)."""
+  config = tiny.get_config()
+  model = dit.build_model(config.model, config.data.channels, num_classes=12)
+  video = jax.ShapeDtypeStruct((1, 16, 32, 32, 3), np.float32)
+  t = jax.ShapeDtypeStruct((1,), np.float32)
+  labels = jax.ShapeDtypeStruct((1,), np.int32)
+  params = jax.eval_shape(model.init, jax.random.key(0), video, t, labels)['params']
+  kernels = sum(math.prod(leaf.shape) for path, leaf in
+                jax.tree_util.tree_leaves_with_path(params)
+                if 'kernel' in jax.tree_util.keystr(path))
+  f = flops_lib.train_step_flops(model.spec, (16, 32, 32, 3), batch_size=1)
+  assert f.token_matmul_params + f.clip_matmul_params == kernels
+
+
+@pytest.mark.parametrize('shape, batch, message', [
+    ((16, 32, 32), 1, r'data_shape=\(16, 32, 32\) must be 4 positive ints'),
+    ((16, 32, 32, 3), 0, 'batch_size=0 must be positive'),
+    ((15, 32, 32, 3), 1, 'T=15 is not a positive multiple'),
+])
+def test_flops_reject_bad_shapes(shape, batch, message):
+  spec = dit.resolve_spec(tiny.get_config().model)
+  with pytest.raises(ValueError, match=message):
+    flops_lib.train_step_flops(spec, shape, batch)
+
+
+def test_command_line_plans_for_fake_cpu_devices_and_says_when_it_does_not_fit():
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
+  env.pop('XLA_FLAGS', None)  # the tool asks for its own CPU device count
+  cmd = [sys.executable, '-m', 'vdit_jax.tools.plan', '--config=configs/tiny.py',
+         '--num_devices=2', '--config.mesh.fsdp=2', '--config.data.num_frames=4',
+         '--config.data.height=16', '--config.data.width=16', '--config.model.depth=1',
+         '--config.train.batch_size=2', '--hbm_gib=0.001']
+  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 1, out.stderr[-3000:]  # compiled, but 1 MiB per chip is too little
+  assert 'DOES NOT FIT' in out.stdout
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result['topology'] == 'cpu' and result['num_devices'] == 2
+  assert result['mesh'] == {'data': 1, 'fsdp': 2, 'tensor': 1, 'sequence': 1}
+  assert result['fits'] is False and result['hbm_bytes_per_device'] == int(0.001 * 2**30)
+  assert result['total_bytes'] == (result['argument_bytes'] + result['output_bytes']
+                                   + result['temp_bytes'] - result['alias_bytes']
+                                   + result['code_bytes'])
+  spec = dataclasses.replace(dit.resolve_spec(tiny.get_config().model), depth=1)
+  expected = flops_lib.train_step_flops(spec, (4, 16, 16, 3), batch_size=2).total
+  assert result['model_flops_per_step'] == expected

@@ -1,0 +1,69 @@
+"""Analytic model FLOPs of one train step, from the resolved ModelSpec and the data shape.
+
+Counted the way MFU is usually counted (PaLM appendix B; MaxText's
+`calculate_tflops_training_per_device`):
+
+  * every matmul weight costs 2 FLOPs per use forward and 4 backward (gradient of the
+    input and of the weight), so 6 x params x uses for a train step;
+  * token-wise weights (patch embedding, q/k/v/out projections, MLP, final projection) are
+    used once per token; clip-wise weights (timestep MLP, adaLN projections) once per clip;
+  * bidirectional attention costs QK^T and AV, 2 x N x D each per token per layer forward,
+    so 12 x L x N x D per token for forward + backward (no causal halving);
+  * rematerialisation recompute is not counted (it is work, not model FLOPs), nor are
+    element-wise ops, norms, softmax, the label-embedding gather or the optimizer.
+"""
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from vdit_jax.model import patching
+
+# Forward + backward cost of one multiply-accumulate of a weight: 2 forward, 4 backward.
+TRAIN_FLOPS_PER_MAC = 6
+TIMESTEP_FREQ_DIM = 256  # embeddings.TimestepEmbedder.freq_dim
+
+
+@dataclasses.dataclass(frozen=True)
+class FlopCount:
+  """FLOPs of one train step (forward + backward) over the whole global batch."""
+  tokens_per_clip: int
+  token_matmul_params: int   # weights applied once per token
+  clip_matmul_params: int    # weights applied once per clip (conditioning path)
+  matmul: int                # 6 x (token params x tokens + clip params x clips)
+  attention: int             # 12 x L x N x D per token
+  total: int
+
+
+def _check_shape(data_shape: Sequence[int], batch_size: int) -> None:
+  if len(data_shape) != 4 or min(data_shape) <= 0:
+    raise ValueError(f'data_shape={tuple(data_shape)} must be 4 positive ints (T, H, W, C).')
+  if batch_size <= 0:
+    raise ValueError(f'batch_size={batch_size} must be positive.')
+
+
+def train_step_flops(spec, data_shape: Sequence[int], batch_size: int) -> FlopCount:
+  """Model FLOPs of one train step on `batch_size` clips of shape (T, H, W, C).
+
+  `spec` is a resolved `dit.ModelSpec`; the counts follow VideoDiT's layers.
+  """
+  _check_shape(data_shape, batch_size)
+  t, h, w, c = (int(x) for x in data_shape)
+  patching.check_patch((t, h, w), spec.patch_size)
+  d, f, depth = spec.width, spec.mlp_dim, spec.depth
+  patch_dim = int(np.prod(spec.patch_size)) * c
+  tokens = int(np.prod(patching.token_grid((t, h, w), spec.patch_size)))
+
+  per_block_token = 4 * d * d + 2 * d * f       # q, k, v, out; fc1, fc2
+  token_params = patch_dim * d + depth * per_block_token + d * patch_dim  # embed, blocks, final
+  clip_params = (TIMESTEP_FREQ_DIM * d + d * d   # timestep MLP
+                 + depth * d * 6 * d             # adaLN (shift, scale, gate) x 2 per block
+                 + d * 2 * d)                    # final adaLN (shift, scale)
+
+  clips = int(batch_size)
+  matmul = TRAIN_FLOPS_PER_MAC * (token_params * tokens * clips + clip_params * clips)
+  attention = 12 * depth * tokens * d * tokens * clips
+  return FlopCount(tokens_per_clip=tokens, token_matmul_params=token_params,
+                   clip_matmul_params=clip_params, matmul=matmul, attention=attention,
+                   total=matmul + attention)

@@ -1,0 +1,1 @@
+"""Command-line helpers: `python -m vdit_jax.tools.<name>`."""

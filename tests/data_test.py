@@ -233,6 +233,19 @@ def test_processes_read_disjoint_shares():
   assert share0 | share1 == _epoch_videos(config, 0, 1, 8)
 
 
+def test_process_rows_make_the_single_process_batches():
+  """P processes of batch b each hold rows [i*b, (i+1)*b) of the 1-process batch of P*b."""
+  config = _data_config(num_examples=10)  # 3 global batches of 4 cross an epoch
+  whole = pipeline.make_dataset(config, 4, seed=5, process_index=0, process_count=1)
+  parts = [pipeline.make_dataset(config, 2, seed=5, process_index=i, process_count=2)
+           for i in range(2)]
+  for _ in range(3):
+    want = next(whole)
+    got = [next(p) for p in parts]
+    for key in ('video', 'label'):
+      np.testing.assert_array_equal(np.concatenate([g[key] for g in got]), want[key])
+
+
 def test_epochs_are_reshuffled_and_complete():
   config = _data_config(num_examples=8)
   it = pipeline.make_dataset(config, 4, seed=0, process_index=0, process_count=1)

@@ -2,6 +2,11 @@ r"""Entry point: train or sample a video DiT.
 
 python -m vdit_jax.main --config=configs/tiny.py --workdir=/tmp/vdit_tiny \
     [--mode=train|sample] [--config.train.num_steps=200 ...]
+
+Several processes (one per host): add --coordinator_address=HOST:PORT
+--num_processes=N --process_id=I on each (or set VDIT_COORDINATOR_ADDRESS,
+VDIT_NUM_PROCESSES, VDIT_PROCESS_ID); on SLURM and Cloud TPU slices they are
+detected. launch/ has scripts for a local run, a TPU pod and SLURM.
 """
 
 from absl import app
@@ -9,17 +14,28 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from vdit_jax.parallel import distributed
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to a configs/*.py file.',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and samples.')
 flags.DEFINE_enum('mode', 'train', ['train', 'sample'], 'What to run.')
+flags.DEFINE_string('coordinator_address', None,
+                    'host:port of process 0, for a multi-process run (env '
+                    f'{distributed.ENV_COORDINATOR_ADDRESS}).')
+flags.DEFINE_integer('num_processes', None,
+                     f'Processes in the run (env {distributed.ENV_NUM_PROCESSES}).')
+flags.DEFINE_integer('process_id', None,
+                     f'This process, in [0, num_processes) (env {distributed.ENV_PROCESS_ID}).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # Before any other JAX call: joins the other processes of a multi-host run.
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   if not FLAGS['verbosity'].present:
     # Orbax and grain log every save at INFO; keep the console to progress
     # lines unless the user asks for more (-v 0).

@@ -1,4 +1,4 @@
-"""Grain input pipeline: source -> per-process share -> shuffle -> repeat -> normalise -> batch.
+"""Grain input pipeline: source -> shuffle -> repeat -> normalise -> batch -> per-process rows.
 
     it = make_dataset(config.data, batch_size=per_process_batch, seed=config.seed)
     batch = next(it)   # {'video': float32 [b, T, H, W, C] in [-1, 1], 'label': int32 [b]}
@@ -9,10 +9,17 @@ exactly where it is, and Orbax checkpoints it next to the train state with
     ocp.args.Composite(state=..., data_iter=grain.checkpoint.CheckpointSave(it))
     ocp.args.Composite(state=..., data_iter=grain.checkpoint.CheckpointRestore(it))
 
-so a resumed run sees the same batches the interrupted one would have seen next. Each
-process reads a disjoint share of the source (`source[process_index::process_count]`);
-the state saved by a process restores only that process's iterator (Orbax's grain handler
-writes one file per process).
+so a resumed run sees the same batches the interrupted one would have seen next.
+
+The global batch sequence depends on the seed and the global batch size only, not on the
+number of processes: all processes shuffle the same stream, cut it into blocks of
+`batch_size` (the per-process batch), and process i takes blocks i, i + P, i + 2P, ...
+So global batch g is stream elements [g * B, (g + 1) * B) with process i holding rows
+[i * b, (i + 1) * b) of it, which is where `jax.make_array_from_process_local_data` puts
+them when each process's devices hold a contiguous block of the batch dim (as on CPU and
+on meshes whose outer axes span processes); 1 and N processes then train on the same
+batches. Each process decodes only its own rows. The state saved by a process restores
+only that process's iterator (Orbax's grain handler writes one file per process).
 
 Data config fields:
   source        'synthetic' (the built-in `SyntheticShapes`; more sources come later)
@@ -122,14 +129,16 @@ def make_dataset(data_config, batch_size: int, *, seed: int,
   if len(source) < process_count:
     raise ValueError(
         f'data.num_examples={len(source)} is smaller than process_count={process_count}; '
-        'every process needs at least one example of its own.')
+        'a source must hold at least one example per process.')
 
   ds = grain.MapDataset.source(source)
-  ds = ds[process_index::process_count]  # this process's disjoint share
   ds = ds.shuffle(seed=seed)  # reshuffled per epoch (grain seeds each epoch from `seed`)
   ds = ds.repeat(None)
   ds = ds.map(_to_model_inputs)
   ds = ds.batch(batch_size, drop_remainder=True)
+  # This process's rows of each global batch: blocks i, i + P, ... (lazy: only these
+  # blocks are ever read, so each process decodes 1/P of the data).
+  ds = ds[process_index::process_count]
   # In-process reading prefetches a couple of batches on threads; the default read options
   # (16 threads, 500 elements) would hold hundreds of video batches in memory.
   iter_ds = ds.to_iter_dataset(_READ_OPTIONS)

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# N local processes of vdit_jax.main joined on 127.0.0.1 (multi-host on one machine, CPU):
+#
+#   launch/local_multiprocess.sh 2 --config=configs/tiny.py --workdir=runs/mp
+#   DEVICES_PER_PROCESS=8 launch/local_multiprocess.sh 1 ...   # one process, 8 devices
+#
+# Each process: JAX_PLATFORMS=cpu, $DEVICES_PER_PROCESS (default 4) fake CPU devices,
+# --coordinator_address=127.0.0.1:<free port> --num_processes=N --process_id=i.
+# Output lines are prefixed with [i]; if one process fails the rest are stopped and the
+# script exits with its status. The logic is in vdit_jax/tools/launch_local.py.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export PYTHONPATH="${repo}${PYTHONPATH:+:${PYTHONPATH}}"
+exec "${PYTHON:-python}" -m vdit_jax.tools.launch_local "$@"

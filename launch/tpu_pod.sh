@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Train on every host of a Cloud TPU VM slice (v4-32, v5p-64, ...): one process per host,
+# all started at once with `--worker=all`. Run it from your own machine:
+#
+#   TPU_NAME=my-slice ZONE=us-central2-b launch/tpu_pod.sh \
+#       --config=configs/dit_xl_video.py --workdir=/mnt/shared/runs/xl
+#
+# Once per slice, put the code on every host (REPO is where it lands, default ~/vdit_jax):
+#
+#   gcloud compute tpus tpu-vm ssh my-slice --zone us-central2-b --worker=all --command \
+#       "git clone https://YOUR/vdit_jax.git ~/vdit_jax &&
+#        cd ~/vdit_jax && pip install -e '.[tpu,video]'"
+#
+# VDIT_DISTRIBUTED_AUTO=1 makes vdit_jax.main call jax.distributed.initialize() with no
+# arguments; JAX finds the hosts through the TPU metadata server. --workdir must be a
+# directory every host sees (NFS / Filestore / gcsfuse mount): Orbax writes one checkpoint
+# there from all hosts together. Stop a run with Ctrl-C and then
+#   gcloud compute tpus tpu-vm ssh my-slice --zone ZONE --worker=all \
+#       --command "pkill -f vdit_jax.main"
+set -euo pipefail
+: "${TPU_NAME:?set TPU_NAME to the slice name}" "${ZONE:?set ZONE to the slice zone}"
+REPO="${REPO:-~/vdit_jax}"
+gcloud compute tpus tpu-vm ssh "${TPU_NAME}" --zone "${ZONE}" --worker=all --command \
+  "cd ${REPO} && VDIT_DISTRIBUTED_AUTO=1 python -m vdit_jax.main $(printf '%q ' "$@")"

@@ -7,6 +7,7 @@ Run by sharding_test.py in a subprocess. Prints one JSON line {check: 'ok' | fai
 
 import json
 import os
+import re
 import sys
 import traceback
 
@@ -104,22 +105,49 @@ def run(config, devices):
   step = loop.jit_train_step(s)
   losses = []
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
-    for _ in range(STEPS):
+    for i in range(STEPS):
       batch = loop.global_batch(next(data), s.mesh, s.rules)
+      if i == 0:
+        hlo = step.lower(state, batch, jax.random.key(1)).compile().as_text()
       state, metrics = step(state, batch, jax.random.key(1))
       losses.append(float(metrics['loss']))
-  return s, state, shardings, losses
+  return s, state, shardings, losses, hlo
+
+
+def all_gather_shapes(hlo: str):
+  """Result shapes of every all-gather in compiled HLO text."""
+  shapes = []
+  for line in hlo.splitlines():
+    m = re.search(r'all-gather(?:-start)?\(', line)
+    if m:
+      shapes += [tuple(int(d) for d in dims.split(',') if d)
+                 for dims in re.findall(r'[a-z]+\d*\[([\d,]*)\]', line[:m.start()])]
+  return shapes
+
+
+def check_ring_step(config, hlo):
+  """The compiled train step passes K/V blocks round the ring and never gathers a full
+  K/V [B/data, N, K, Dh] (here [4, 32, 4, 8])."""
+  assert 'collective-permute' in hlo, 'no collective-permute in the ring train step'
+  pt, ph, pw = config.model.patch_size
+  tokens = (config.data.num_frames // pt) * (config.data.height // ph) * (
+      config.data.width // pw)
+  heads = config.model.num_heads
+  full_kv = (config.train.batch_size // config.mesh.data, tokens, heads,
+             config.model.width // heads)
+  gathered = all_gather_shapes(hlo)
+  assert full_kv not in gathered, f'full K/V {full_kv} all-gathered: {gathered}'
 
 
 def main():
   results = {}
   devices = jax.devices()
   assert len(devices) == 8, devices
-  _, ref_state, _, ref_losses = run(config_for(), devices[:1])
+  _, ref_state, _, ref_losses, _ = run(config_for(), devices[:1])
   ref_params = jax.device_get(ref_state.params)
   for name in MESHES:
     try:
-      s, state, shardings, losses = run(config_for(name), devices)
+      s, state, shardings, losses, hlo = run(config_for(name), devices)
       np.testing.assert_allclose(losses, ref_losses, **TOL)
       params = jax.device_get(state.params)
       jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), params, ref_params)
@@ -136,6 +164,11 @@ def main():
       assert shardings.step.spec == P()
       leaf = state.params['blocks']['mlp']['fc1']['kernel']
       assert leaf.sharding.spec == P(None, EMBED, MLP), leaf.sharding
+      if name.endswith('_ring'):
+        check_ring_step(config_for(name), hlo)
+      if name.endswith('_all_gather'):  # the oracle above can see a full K/V gather
+        gathered = all_gather_shapes(hlo)
+        assert (4, 32, 4, 8) in gathered, gathered
       results[name] = 'ok'
     except Exception:  # pylint: disable=broad-except
       results[name] = traceback.format_exc()[-2000:]

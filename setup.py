@@ -14,6 +14,10 @@ INSTALL_REQUIRES = [
     'ml-collections>=1.1.0',
     'absl-py>=2.1',
     'numpy>=2.0',
+    # Already installed by flax / grain; named because vdit_jax imports them itself
+    # (data/shards.py: the record format and the ArrayRecord files).
+    'msgpack>=1.0',
+    'array-record>=0.8',
 ]
 
 EXTRAS = {

@@ -331,7 +331,7 @@ def test_orbax_checkpoint_round_trip_with_workers(tmp_path):
 
 
 @pytest.mark.parametrize('overrides,match', [
-    (dict(source='ucf101'), r"allowed: \['synthetic'\]"),
+    (dict(source='ucf101'), r"allowed: \['synthetic', 'files', 'shards'\]"),
     (dict(channels=1), 'channels must be 3'),
     (dict(num_workers=-1), 'num_workers'),
     (dict(num_examples=1), 'process_count'),

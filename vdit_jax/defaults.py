@@ -42,14 +42,19 @@ def base_config() -> ml_collections.ConfigDict:
   d.shift = 1.0
 
   c.data = dd = ml_collections.ConfigDict()
-  dd.source = 'synthetic'
+  dd.source = 'synthetic'           # synthetic | files | shards (see data/pipeline.py)
+  dd.path = ''                      # files: folder or glob of videos; shards: make_shards' --out
   dd.num_frames = 16
   dd.height = 32
   dd.width = 32
   dd.channels = 3
-  dd.num_examples = 100_000
+  dd.num_examples = 100_000         # synthetic only; files / shards hold what is on disk
   dd.num_workers = 0
-  dd.time_stride = 1.0
+  dd.time_stride = 1.0              # synthetic: base-motion frames per clip frame
+  dd.source_seed = 0                # synthetic clips; files: per-index draws of source[idx]
+  dd.frame_stride = 1               # files: video frames between clip frames
+  dd.clip_start = 'random'          # files: random | center
+  dd.crop = 'center'                # files: center | random (after the short-side resize)
 
   c.train = t = ml_collections.ConfigDict()
   t.num_steps = 1000
@@ -68,6 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
   ck.every_steps = 500
   ck.keep = 3
   ck.async_save = True
+  ck.keep_period = config_dict.placeholder(int)  # also keep every multiple of this step
 
   c.sample = s = ml_collections.ConfigDict()
   s.every_steps = 0                 # 0 = only at the end of training

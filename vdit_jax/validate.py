@@ -1,5 +1,6 @@
 """Config validation: every rule a run depends on, checked before anything compiles."""
 
+from vdit_jax.data import pipeline
 from vdit_jax.diffusion import objectives, samplers
 from vdit_jax.model import axes
 from vdit_jax.model import dit
@@ -36,11 +37,16 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
             'diffusion.num_timesteps')
   _non_negative(config, 'train.warmup_steps', 'sample.every_steps', 'data.num_workers',
                 'train.weight_decay', 'train.grad_clip', 'sample.eta')
+  # Data fields and names; the files on disk are checked when the source is built
+  # (pipeline.num_classes in loop.build, still before anything compiles).
+  pipeline.check_data_config(config.data)
   for path in ('train.ema_decay', 'model.label_dropout'):
     section, key = path.split('.')
     value = config[section][key]
     if not 0.0 <= value < 1.0:
       raise ValueError(f'config.{path}={value} must be in [0, 1).')
+
+  _check_checkpoint(config.checkpoint)
 
   spec = dit.resolve_spec(config.model)
   dit.check_spec(spec)
@@ -111,6 +117,21 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
           f"model.sequence_parallel='ulysses' swaps heads for tokens, so the heads per "
           f'device, num_heads={spec.num_heads} / {head_ways} = {spec.num_heads // head_ways}, '
           f'must be divisible by the sequence-sharding mesh size {seq_ways}.')
+
+
+def _check_checkpoint(ck) -> None:
+  """config.checkpoint: keep_period is None or a positive multiple of every_steps."""
+  period = ck.get('keep_period')
+  if period is None:
+    return
+  if isinstance(period, bool) or not isinstance(period, int) or period <= 0:
+    raise ValueError(f'config.checkpoint.keep_period={period!r} must be None or a positive '
+                     'integer (keep every step that is a multiple of it).')
+  if period % ck.every_steps:
+    raise ValueError(
+        f'config.checkpoint.keep_period={period} is not a multiple of '
+        f'checkpoint.every_steps={ck.every_steps}: only steps that are multiples of both '
+        f'would be saved and kept; use a multiple of {ck.every_steps}.')
 
 
 def _check_rules(rules):

@@ -22,16 +22,33 @@ batches. Each process decodes only its own rows. The state saved by a process re
 only that process's iterator (Orbax's grain handler writes one file per process).
 
 Data config fields:
-  source        'synthetic' (the built-in `SyntheticShapes`; more sources come later)
+  source        'synthetic' (the built-in `SyntheticShapes`), 'files' (a folder or glob of
+                video files, `video_files.VideoFiles`) or 'shards' (ArrayRecord shards
+                made by `tools.make_shards`, `shards.ShardSource`)
   num_frames    T
   height, width H, W
-  channels      C; must be 3 for 'synthetic'
-  num_examples  clips in the source
+  channels      C; must be 3 for 'synthetic' and 'files', the shards' C for 'shards'
+  num_examples  clips in the 'synthetic' source (the other sources hold what is on disk)
   num_workers   0 reads in this process; N > 0 renders batches in N grain worker
                 processes (`mp_prefetch`), still checkpointable
-  time_stride   base-motion frames between consecutive clip frames (0.5 = double frame rate)
-  source_seed   optional, default 0: which clips the synthetic source holds; the `seed`
-                argument only orders them
+  time_stride   'synthetic': base-motion frames between consecutive clip frames
+                (0.5 = double frame rate)
+  source_seed   optional, default 0: which clips the synthetic source holds, and the
+                draws of `files` source[idx]; the `seed` argument only orders them
+  path          'files': folder or glob of videos; 'shards': the folder holding index.json
+  frame_stride  'files': source frames between consecutive clip frames (default 1)
+  clip_start    'files': 'random' (default) or 'center' start of the clip in the video
+  crop          'files': 'center' (default) or 'random' crop after the short-side resize
+The optional fields take their defaults when absent, so a data config written before they
+existed still works for 'synthetic'. A 'files' clip shorter than (T - 1) * frame_stride + 1
+frames is padded with its last frame; unreadable files are skipped and logged (see
+video_files.py). 'shards' clips are used as stored: their shape must equal
+[num_frames, height, width, channels]. uint8 clips are normalised to [-1, 1]; float clips
+(latents) reach the model unchanged.
+
+With 'files' the random draws (clip start, crop) come from grain's `random_map`, seeded
+from `seed` and the position in the shuffled, repeated stream: each epoch cuts new clips,
+deterministically, and a restored iterator continues with the same draws.
 """
 
 from __future__ import annotations
@@ -43,12 +60,19 @@ import grain
 import jax
 import numpy as np
 
+from vdit_jax.data import shards
 from vdit_jax.data import synthetic
+from vdit_jax.data import transforms
+from vdit_jax.data import video_files
 
-SOURCES = ('synthetic',)
+SOURCES = ('synthetic', 'files', 'shards')
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
 _REQUIRED_FIELDS = ('source', 'num_frames', 'height', 'width', 'channels', 'num_examples',
                     'num_workers', 'time_stride')
+# Optional fields and their defaults (absent in data configs older than the file sources).
+_OPTIONAL_FIELDS = {'path': '', 'frame_stride': 1, 'clip_start': 'random', 'crop': 'center',
+                    'source_seed': 0}
+_RGB_SOURCES = ('synthetic', 'files')
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -57,42 +81,110 @@ def _check_int(name: str, value, minimum: int) -> int:
   return int(value)
 
 
-def _validate(data_config) -> None:
+def _field(data_config, name):
+  return data_config.get(name, _OPTIONAL_FIELDS[name])
+
+
+def check_data_config(data_config) -> None:
+  """The rules of the data config alone (no file system): fields, names, ranges.
+
+  `validate.validate_config` runs this; `_validate` adds the checks against the source
+  itself (channels, files on disk, the shards' clip shape).
+  """
   missing = [f for f in _REQUIRED_FIELDS if f not in data_config]
   if missing:
     raise ValueError(f'data config is missing field(s) {missing}; it needs all of '
                      f'{list(_REQUIRED_FIELDS)}.')
-  if data_config.source not in SOURCES:
-    raise ValueError(
-        f'data.source={data_config.source!r} is not supported; allowed: {list(SOURCES)}.')
-  if data_config.source == 'synthetic' and data_config.channels != 3:
-    raise ValueError(f"data.channels must be 3 for source 'synthetic' (RGB clips), got "
-                     f'{data_config.channels!r}.')
+  source = data_config.source
+  if source not in SOURCES:
+    raise ValueError(f'data.source={source!r} is not supported; allowed: {list(SOURCES)}.')
   _check_int('data.num_workers', data_config.num_workers, 0)
+  if source == 'synthetic':
+    return
+  path = _field(data_config, 'path')
+  if not isinstance(path, str) or not path:
+    what = ('a folder or glob of video files' if source == 'files'
+            else 'a folder made by python -m vdit_jax.tools.make_shards')
+    raise ValueError(f'data.path={path!r} must name {what} for data.source={source!r}.')
+  if source == 'files':
+    _check_int('data.frame_stride', _field(data_config, 'frame_stride'), 1)
+    _check_int('data.source_seed', _field(data_config, 'source_seed'), 0)
+    if _field(data_config, 'clip_start') not in transforms.CLIP_STARTS:
+      raise ValueError(f'data.clip_start={_field(data_config, "clip_start")!r} is not one '
+                       f'of {transforms.CLIP_STARTS}.')
+    if _field(data_config, 'crop') not in transforms.CROPS:
+      raise ValueError(f'data.crop={_field(data_config, "crop")!r} is not one of '
+                       f'{transforms.CROPS}.')
+
+
+def _validate(data_config) -> None:
+  """`check_data_config`, then the source: channels, the path on disk, the shards' shape."""
+  check_data_config(data_config)
+  source = data_config.source
+  if source in _RGB_SOURCES and data_config.channels != 3:
+    raise ValueError(f"data.channels must be 3 for source {source!r} (RGB clips), got "
+                     f'{data_config.channels!r}.')
+  if source == 'files':
+    video_files.list_videos(data_config.path)  # raises naming the path if it holds none
+  elif source == 'shards':
+    index = shards.read_index(data_config.path)
+    want = [data_config.num_frames, data_config.height, data_config.width,
+            data_config.channels]
+    if list(index['clip_shape']) != want:
+      raise ValueError(
+          f'data.path={data_config.path!r} holds clips of shape [T, H, W, C] = '
+          f'{index["clip_shape"]}, but the data config asks for {want} (data.num_frames, '
+          'height, width, channels); set those to the shards\' shape or remake the shards.')
 
 
 def num_classes(data_config) -> int:
-  """Number of class labels the configured source produces (12 for 'synthetic')."""
+  """Number of class labels the configured source produces (12 for 'synthetic').
+
+  'files': the number of class folders (1 for a flat folder); 'shards': the index's
+  num_classes.
+  """
   _validate(data_config)
+  if data_config.source == 'files':
+    return video_files.list_videos(data_config.path).num_classes
+  if data_config.source == 'shards':
+    return int(shards.read_index(data_config.path)['num_classes'])
   return synthetic.NUM_CLASSES
 
 
 def _to_model_inputs(example: dict) -> dict:
-  """Keeps what the model trains on: video as float32 in [-1, 1], label as int32."""
-  video = example['video'].astype(np.float32)  # [T, H, W, C]
-  video = video * np.float32(1.0 / 127.5) - np.float32(1.0)  # [T, H, W, C]
+  """Keeps what the model trains on: video as float32 (uint8 -> [-1, 1]), label as int32."""
+  video = example['video']  # [T, H, W, C]
+  if video.dtype == np.uint8:
+    video = video.astype(np.float32) * np.float32(1.0 / 127.5) - np.float32(1.0)
+  else:  # latents: already the model's scale
+    video = video.astype(np.float32)  # [T, H, W, C]
   return {'video': video, 'label': np.int32(example['label'])}
 
 
 def _make_source(data_config):
+  """The configured source: `__len__` and `__getitem__(idx)` -> {'video', 'label', ...}."""
+  if data_config.source == 'files':
+    spec = video_files.ClipSpec(
+        num_frames=data_config.num_frames, height=data_config.height,
+        width=data_config.width, frame_stride=_field(data_config, 'frame_stride'),
+        clip_start=_field(data_config, 'clip_start'), crop=_field(data_config, 'crop'))
+    return video_files.VideoFiles(data_config.path, spec,
+                                  seed=_field(data_config, 'source_seed'))
+  if data_config.source == 'shards':
+    return shards.ShardSource(data_config.path)
   return synthetic.SyntheticShapes(
       num_frames=data_config.num_frames,
       height=data_config.height,
       width=data_config.width,
       num_examples=data_config.num_examples,
-      seed=data_config.get('source_seed', 0),
+      seed=_field(data_config, 'source_seed'),
       time_stride=data_config.time_stride,
   )
+
+
+def _random_map_seed(seed: int) -> int:
+  """A 32-bit seed for the per-element draws, distinct from the shuffle's stream."""
+  return int(np.random.SeedSequence([seed, 1]).generate_state(1)[0])
 
 
 def make_dataset(data_config, batch_size: int, *, seed: int,
@@ -127,13 +219,22 @@ def make_dataset(data_config, batch_size: int, *, seed: int,
 
   source = _make_source(data_config)
   if len(source) < process_count:
-    raise ValueError(
-        f'data.num_examples={len(source)} is smaller than process_count={process_count}; '
-        'a source must hold at least one example per process.')
+    what = (f'data.num_examples={len(source)} is' if data_config.source == 'synthetic'
+            else f'data.path={data_config.path!r} holds {len(source)} clip(s),')
+    raise ValueError(f'{what} fewer than process_count={process_count}; a source must hold '
+                     'at least one example per process.')
 
-  ds = grain.MapDataset.source(source)
-  ds = ds.shuffle(seed=seed)  # reshuffled per epoch (grain seeds each epoch from `seed`)
-  ds = ds.repeat(None)
+  if data_config.source == 'files':
+    # Indices are shuffled and repeated, then each is decoded with a generator keyed on its
+    # position in the stream: new clip starts / crops every epoch, all deterministic.
+    ds = grain.MapDataset.range(len(source))
+    ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(None)
+    ds = ds.random_map(source.load, seed=_random_map_seed(seed))
+  else:
+    ds = grain.MapDataset.source(source)
+    ds = ds.shuffle(seed=seed)  # reshuffled per epoch (grain seeds each epoch from `seed`)
+    ds = ds.repeat(None)
   ds = ds.map(_to_model_inputs)
   ds = ds.batch(batch_size, drop_remainder=True)
   # This process's rows of each global batch: blocks i, i + P, ... (lazy: only these

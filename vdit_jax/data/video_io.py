@@ -2,6 +2,12 @@
 
     frames = make_grid(to_uint8(samples), ncols=4, scale=4)   # [T, H', W', C]
     write_video('samples/step_1000.mp4', frames, fps=8)
+    n = count_frames('clip.webm')                             # decodes once, raises if broken
+    clip = read_frames('clip.webm', [0, 2, 4, 6])             # [4, H, W, 3] uint8
+
+Writing handles .mp4 and .gif; reading (`count_frames`, `read_frames`) handles every
+extension in READ_EXTENSIONS: .gif through Pillow, the rest through the ffmpeg binary that
+imageio-ffmpeg ships (run directly, one process per call).
 
 imageio (with imageio-ffmpeg) and Pillow are optional: they are imported only when a file is
 written or read, and installed with `pip install 'vdit_jax[video]'`.
@@ -12,11 +18,13 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import subprocess
 import tempfile
 
 import numpy as np
 
-VIDEO_EXTENSIONS = ('.mp4', '.gif')
+VIDEO_EXTENSIONS = ('.mp4', '.gif')  # what write_video / read_video handle
+READ_EXTENSIONS = ('.mp4', '.m4v', '.mov', '.mkv', '.webm', '.avi', '.gif')
 _MACRO_BLOCK = 16  # H.264 encodes 16x16 blocks; players choke on other sizes
 _INSTALL_HINT = "pip install 'vdit_jax[video]'"
 
@@ -211,3 +219,123 @@ def read_video(path) -> np.ndarray:
         frames.append(np.asarray(image.convert('RGB')))
     video = np.stack(frames)  # [T, H, W, 3]
   return video.astype(np.uint8)
+
+
+def _read_extension(path: str) -> str:
+  ext = os.path.splitext(path)[1].lower()
+  if ext not in READ_EXTENSIONS:
+    raise ValueError(f'Cannot read video file {path!r}: the extension must be one of '
+                     f'{READ_EXTENSIONS}.')
+  return ext
+
+
+def _run_ffmpeg(args) -> bytes:
+  """Runs the ffmpeg binary of imageio-ffmpeg; returns stdout, raises with its error log.
+
+  Called through plain `subprocess.run` (no `preexec_fn`, unlike imageio-ffmpeg's own
+  readers), so starting it from a multi-threaded process (JAX, grain threads) is safe.
+  """
+  try:
+    import imageio_ffmpeg  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(f'Reading videos needs imageio-ffmpeg: {_INSTALL_HINT}') from e
+  cmd = [imageio_ffmpeg.get_ffmpeg_exe(), '-nostdin', '-hide_banner', '-v', 'error', *args]
+  result = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, check=False)
+  if result.returncode != 0:
+    log = result.stderr.decode(errors='replace').strip().splitlines()
+    raise RuntimeError(f'ffmpeg exited with status {result.returncode}: '
+                       f'{log[-1] if log else "(no message)"}')
+  return result.stdout
+
+
+def count_frames(path) -> int:
+  """Number of frames of a video file, found by decoding it once (raises if it cannot).
+
+  Serves as the readability probe of a file: a file that ffmpeg (or Pillow, for .gif)
+  cannot open or decode raises (RuntimeError, OSError, ...), one with no frames raises
+  ValueError.
+  """
+  path = os.fspath(path)
+  ext = _read_extension(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'No video file at {path!r}.')
+  if ext == '.gif':
+    image_lib = _import_pil_image()
+    with image_lib.open(path) as image:
+      count = int(getattr(image, 'n_frames', 1))
+      image.seek(count - 1)
+      image.load()  # decodes the last frame: a truncated file fails here
+  else:
+    # -progress writes key=value lines; the last 'frame=' is the number decoded.
+    out = _run_ffmpeg(['-i', path, '-map', '0:v:0', '-f', 'null', '-progress', 'pipe:1',
+                       '-nostats', '-'])
+    counts = [line[6:] for line in out.decode(errors='replace').splitlines()
+              if line.startswith('frame=')]
+    count = int(counts[-1]) if counts else 0
+  if count < 1:
+    raise ValueError(f'Video file {path!r} holds no frames.')
+  return count
+
+
+def _parse_ppm_stream(data: bytes) -> list:
+  """Binary PPM images (P6, maxval 255) one after another -> list of uint8 [H, W, 3]."""
+  frames, pos = [], 0
+  while pos < len(data):
+    fields = []
+    while len(fields) < 4:  # magic, width, height, maxval, separated by whitespace
+      while data[pos:pos + 1].isspace():
+        pos += 1
+      end = pos
+      while end < len(data) and not data[end:end + 1].isspace():
+        end += 1
+      fields.append(data[pos:end])
+      pos = end
+    pos += 1  # the single whitespace byte before the pixels
+    if fields[0] != b'P6' or fields[3] != b'255':
+      raise ValueError(f'unexpected frame header {fields!r} from ffmpeg (wanted P6, 255).')
+    width, height = int(fields[1]), int(fields[2])
+    size = width * height * 3
+    if pos + size > len(data):
+      raise ValueError('ffmpeg output ends inside a frame.')
+    frames.append(np.frombuffer(data, np.uint8, size, pos).reshape(height, width, 3))
+    pos += size
+  return frames
+
+
+def read_frames(path, indices) -> np.ndarray:
+  """Decodes the frames numbered `indices` of a video: uint8 [len(indices), H, W, 3].
+
+  Indices may repeat and come in any order; every index must be < the file's frame count
+  (`count_frames`), otherwise this raises. Decodes from the start up to the largest
+  index; ffmpeg passes on only the frames asked for (its `select` filter), as PPM images.
+  """
+  path = os.fspath(path)
+  ext = _read_extension(path)
+  indices = np.asarray(indices, np.int64)  # [K]
+  if indices.ndim != 1 or indices.size == 0 or indices.min() < 0:
+    raise ValueError(f'read_frames needs a non-empty 1-D list of frame numbers >= 0, got '
+                     f'{indices.tolist()!r}.')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'No video file at {path!r}.')
+  unique = sorted(set(indices.tolist()))
+  if ext == '.gif':
+    image_lib = _import_pil_image()
+    frames = []
+    with image_lib.open(path) as image:
+      available = int(getattr(image, 'n_frames', 1))
+      for i in unique:
+        if i >= available:
+          break
+        image.seek(i)
+        frames.append(np.asarray(image.convert('RGB')))  # [H, W, 3]
+  else:
+    select = '+'.join(f'eq(n\\,{i})' for i in unique)
+    out = _run_ffmpeg(['-i', path, '-map', '0:v:0', '-vf', f'select={select}',
+                       '-fps_mode', 'passthrough', '-frames:v', str(len(unique)),
+                       '-f', 'image2pipe', '-c:v', 'ppm', '-'])
+    frames = _parse_ppm_stream(out)
+  if len(frames) != len(unique):
+    raise ValueError(f'Video file {path!r} has no frame {unique[len(frames)]} (it ended '
+                     f'after {len(frames)} of the {len(unique)} frames asked for).')
+  by_index = dict(zip(unique, frames))
+  return np.stack([by_index[i] for i in indices.tolist()])  # [K, H, W, 3]

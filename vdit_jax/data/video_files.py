@@ -1,0 +1,276 @@
+"""A folder (or glob) of video files as a grain random-access source of uint8 clips.
+
+    source = VideoFiles('data/clips', ClipSpec(num_frames=16, height=32, width=32))
+    example = source[7]   # {'video': uint8 [16, 32, 32, 3], 'label': int32 []}
+
+Which files: `path` is a folder (searched recursively) or a glob pattern (`**` allowed);
+files whose extension is in `video_io.READ_EXTENSIONS` count, hidden names (starting with
+'.') do not. Files are sorted by their path relative to the root, so the index of a file
+does not depend on the file system's listing order.
+
+Labels: the root is the folder itself, or for a glob the folder part before the first
+wildcard. A video in a sub-folder of the root belongs to the class named by that first
+sub-folder (class ids are the sorted class names: 0, 1, ...); when every video lies
+directly in the root the dataset is flat, with one class and label 0. A root that mixes
+both is an error (the labels would be ambiguous).
+
+Unreadable files: on construction every file is probed (`video_io.count_frames`: a full
+decode, run on a few threads); files that fail are skipped, counted (`skipped`) and logged
+as a warning, and the source indexes only readable files. If nothing readable is left, the
+constructor raises. A file that passed the probe but fails when a clip is read is probed
+again: if it is now unreadable or has another frame count (changed or removed during
+training) the next index (idx + 1, idx + 2, ..., deterministically) is read instead and a
+warning logged, so the run goes on; if it probes as before, the read error is raised (a
+bug is not hidden behind substitutes).
+
+Clips: see `transforms` (frame indices with `frame_stride`, start 'random' | 'center',
+padding of short videos with their last frame, short-side resize and 'center' | 'random'
+crop). `source[idx]` draws its randomness from (seed, idx), so it is deterministic per
+index; `source.load(idx, rng)` takes the generator explicitly (the pipeline passes one
+that differs per epoch).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import glob
+import numbers
+import os
+
+from absl import logging
+import numpy as np
+
+from vdit_jax.data import transforms
+from vdit_jax.data import video_io
+
+_MAX_SUBSTITUTES = 16  # read-time failures in a row before giving up
+_PROBE_THREADS = 8     # ffmpeg probes are subprocesses: threads overlap them
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipSpec:
+  """What one clip is: T frames every `frame_stride` source frames, resized to H x W."""
+  num_frames: int
+  height: int
+  width: int
+  frame_stride: int = 1
+  clip_start: str = 'random'  # random | center
+  crop: str = 'center'        # center | random
+
+  def __post_init__(self):
+    for name in ('num_frames', 'height', 'width', 'frame_stride'):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f'{name} must be an integer >= 1, got {value!r}.')
+    if self.clip_start not in transforms.CLIP_STARTS:
+      raise ValueError(f'clip_start={self.clip_start!r} is not one of {transforms.CLIP_STARTS}.')
+    if self.crop not in transforms.CROPS:
+      raise ValueError(f'crop={self.crop!r} is not one of {transforms.CROPS}.')
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoList:
+  """The video files under a root: paths sorted, with their class labels."""
+  root: str
+  paths: tuple[str, ...]
+  labels: tuple[int, ...]
+  class_names: tuple[str, ...]  # () when flat
+
+  @property
+  def num_classes(self) -> int:
+    return max(len(self.class_names), 1)
+
+
+def _is_video(name: str) -> bool:
+  return (not name.startswith('.')
+          and os.path.splitext(name)[1].lower() in video_io.READ_EXTENSIONS)
+
+
+def _glob_root(pattern: str) -> str:
+  """The folder part of a glob before its first wildcard component."""
+  parts = pattern.split(os.sep)
+  fixed = []
+  for part in parts[:-1]:
+    if glob.has_magic(part):
+      break
+    fixed.append(part)
+  root = os.sep.join(fixed)
+  if not root and pattern.startswith(os.sep):
+    return os.sep
+  return root  # '' for a relative pattern with a wildcard in its first component
+
+
+def list_videos(path) -> VideoList:
+  """Finds the video files of a folder or glob and their labels (see the module doc)."""
+  path = os.fspath(path) if path is not None else ''
+  if not path:
+    raise ValueError("data.path is empty: set it to a folder or glob of video files "
+                     "(e.g. --config.data.path=data/clips or 'data/**/*.mp4').")
+  if os.path.isdir(path):
+    root = path
+    found = []
+    for folder, dirs, files in os.walk(path, followlinks=True):
+      dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
+      found.extend(os.path.join(folder, f) for f in files if _is_video(f))
+    if not found:
+      raise FileNotFoundError(
+          f'data.path={path!r} is a folder with no video files in it (looked for '
+          f'{video_io.READ_EXTENSIONS}, in sub-folders too).')
+  else:
+    root = _glob_root(path) if glob.has_magic(path) else os.path.dirname(path)
+    found = [p for p in glob.glob(path, recursive=True)
+             if os.path.isfile(p) and _is_video(os.path.basename(p))]
+    if not found:
+      if not glob.has_magic(path) and not os.path.exists(path):
+        raise FileNotFoundError(f'data.path={path!r} does not exist.')
+      raise FileNotFoundError(
+          f'data.path={path!r} matches no video files (extensions {video_io.READ_EXTENSIONS}).')
+
+  relative = sorted((os.path.relpath(p, root or os.curdir), p) for p in found)
+  folders = [rel.split(os.sep)[0] if os.sep in rel else None for rel, _ in relative]
+  paths = tuple(p for _, p in relative)
+  if all(f is None for f in folders):
+    return VideoList(root, paths, (0,) * len(paths), ())
+  if any(f is None for f in folders):
+    top = next(rel for (rel, _), f in zip(relative, folders) if f is None)
+    nested = next(rel for (rel, _), f in zip(relative, folders) if f is not None)
+    raise ValueError(
+        f'data.path={path!r} mixes videos directly in {root or os.curdir!r} (e.g. {top!r}) '
+        f'with videos in class folders (e.g. {nested!r}); labels come from the first '
+        'sub-folder, so put every video in a class folder, or none.')
+  class_names = tuple(sorted(set(folders)))
+  ids = {name: i for i, name in enumerate(class_names)}
+  return VideoList(root, paths, tuple(ids[f] for f in folders), class_names)
+
+
+def describe_error(error: Exception) -> str:
+  """One line: the error's type, and the first and last lines of its message (ffmpeg's
+  errors carry pages of log between the two)."""
+  lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+  if not lines:
+    return type(error).__name__
+  text = lines[0] if len(lines) == 1 else f'{lines[0]} ... {lines[-1]}'
+  return f'{type(error).__name__}: {text[:300]}'
+
+
+def _probe(path: str):
+  """(frame count, None) or (None, reason)."""
+  try:
+    return video_io.count_frames(path), None
+  except Exception as e:  # pylint: disable=broad-except
+    return None, describe_error(e)
+
+
+def probe_videos(paths, num_threads: int = _PROBE_THREADS):
+  """Frame count of each path (None if unreadable) and the reason it failed (or None)."""
+  if not paths:
+    return [], []
+  with concurrent.futures.ThreadPoolExecutor(min(num_threads, len(paths))) as pool:
+    results = list(pool.map(_probe, paths))
+  return [r[0] for r in results], [r[1] for r in results]
+
+
+def read_clip(path: str, num_available: int, spec: ClipSpec,
+              rng: np.random.Generator | None = None) -> np.ndarray:
+  """One clip of a video with `num_available` frames: uint8 [T, H, W, 3].
+
+  `rng` is only needed when spec.clip_start or spec.crop is 'random'.
+  """
+  indices = transforms.clip_frame_indices(num_available, spec.num_frames, spec.frame_stride,
+                                          spec.clip_start, rng)  # [T]
+  frames = video_io.read_frames(path, indices)  # [T, h, w, 3]
+  return transforms.resize_and_crop(frames, spec.height, spec.width, spec.crop, rng)
+
+
+class VideoFiles:
+  """Random-access source of clips from video files (grain `RandomAccessDataSource`).
+
+  Args:
+    path: folder or glob (see the module doc).
+    spec: the clip to cut from each video.
+    seed: non-negative integer; `source[idx]` depends only on (seed, idx) and the files.
+    num_probe_threads: threads that probe files on construction.
+
+  Attributes:
+    paths, labels, frame_counts: readable files, their labels and frame counts.
+    class_names: sorted class folder names (() when flat); num_classes >= 1.
+    skipped: (path, reason) of every file the probe rejected.
+
+  `source[idx]` returns {'video': uint8 [T, H, W, 3], 'label': int32 []}.
+  """
+
+  def __init__(self, path, spec: ClipSpec, seed: int = 0,
+               num_probe_threads: int = _PROBE_THREADS):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+      raise ValueError(f'seed must be a non-negative integer, got {seed!r}.')
+    self.spec = spec
+    self.seed = int(seed)
+    listing = list_videos(path)
+    self.path = os.fspath(path)
+    self.class_names = listing.class_names
+    self.num_classes = listing.num_classes
+    counts, reasons = probe_videos(listing.paths, num_probe_threads)
+    keep = [i for i, n in enumerate(counts) if n is not None]
+    self.paths = tuple(listing.paths[i] for i in keep)
+    self.labels = tuple(listing.labels[i] for i in keep)
+    self.frame_counts = tuple(counts[i] for i in keep)
+    self.skipped = tuple((p, r) for p, r in zip(listing.paths, reasons) if r is not None)
+    if self.skipped:
+      logging.warning('video files %r: skipped %d unreadable file(s) of %d: %s', self.path,
+                      len(self.skipped), len(listing.paths),
+                      '; '.join(f'{p} ({r})' for p, r in self.skipped[:5])
+                      + (' ...' if len(self.skipped) > 5 else ''))
+    if not self.paths:
+      raise ValueError(
+          f'data.path={self.path!r}: none of its {len(listing.paths)} video file(s) could be '
+          f'read, e.g. {self.skipped[0][0]!r}: {self.skipped[0][1]}')
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def __repr__(self) -> str:
+    return (f'VideoFiles({self.path!r}, {self.spec}, seed={self.seed}: {len(self)} videos, '
+            f'{self.num_classes} classes, {len(self.skipped)} skipped)')
+
+  def _check_index(self, idx) -> int:
+    if isinstance(idx, bool) or not isinstance(idx, numbers.Integral):
+      raise TypeError(f'VideoFiles index must be an integer, got {idx!r}.')
+    n = len(self)
+    requested = int(idx)
+    idx = requested + n if requested < 0 else requested
+    if not 0 <= idx < n:
+      raise IndexError(f'index {requested} is out of range for VideoFiles of length {n}.')
+    return idx
+
+  def read(self, idx: int, rng: np.random.Generator | None = None) -> dict:
+    """Clip `idx` with randomness from `rng`; raises if the file cannot be decoded."""
+    idx = self._check_index(idx)
+    video = read_clip(self.paths[idx], self.frame_counts[idx], self.spec, rng)
+    return {'video': video, 'label': np.int32(self.labels[idx])}
+
+  def load(self, idx: int, rng: np.random.Generator | None = None) -> dict:
+    """Like `read`, but a file that has become unreadable is replaced by the next index.
+
+    A failing file is probed again: if the probe now fails or counts other frames, the
+    file changed or went away since the source was built, and the next index is used
+    (logged). If the file probes as before, the failure is not the file's, and it is
+    raised rather than hidden behind substitutes.
+    """
+    idx = self._check_index(idx)
+    attempts = min(_MAX_SUBSTITUTES, len(self))
+    for attempt in range(attempts):
+      candidate = (idx + attempt) % len(self)
+      try:
+        return self.read(candidate, rng)
+      except Exception as e:  # pylint: disable=broad-except
+        if _probe(self.paths[candidate])[0] == self.frame_counts[candidate]:
+          raise  # the file is as it was: the failure is not the file's
+        logging.warning('video files: %s is no longer readable (%s); using the next index.',
+                        self.paths[candidate], describe_error(e))
+    raise RuntimeError(f'{attempts} video files in a row have become unreadable, starting '
+                       f'at {self.paths[idx]!r}; check data.path={self.path!r}.')
+
+  def __getitem__(self, idx) -> dict:
+    idx = self._check_index(idx)
+    return self.load(idx, np.random.default_rng([self.seed, idx]))

@@ -1,0 +1,216 @@
+r"""Convert a folder (or glob) of videos into ArrayRecord shards of fixed-size clips.
+
+python -m vdit_jax.tools.make_shards --videos=data/clips --out=data/shards \
+    --num_shards=8 --num_frames=16 --height=32 --width=32 [--frame_stride=2] \
+    [--num_workers=8] [--overwrite]
+
+Train on them with `--config.data.source=shards --config.data.path=data/shards` (the
+config's num_frames / height / width must match; channels is 3).
+
+One clip per video, cut exactly as the `files` source cuts it with clip_start='center'
+and crop='center' (same frame indices, same padding of short videos with their last
+frame, same resize and crop), labels from class folders as there. Worker processes decode
+and encode in parallel; the parent writes records in file order, video i to shard
+i * num_shards // num_videos, so the shards concatenated hold the readable videos in the
+`files` source's order. Files that fail to decode are skipped, counted and listed in the
+index ('skipped'). Shards are written under temporary names and `index.json` last, so a
+folder with an index is complete. See vdit_jax/data/shards.py for the formats.
+
+Exit status: 0 done, 2 bad input (a ValueError or missing file: the message says which).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+from vdit_jax.data import shards
+from vdit_jax.data import video_files
+from vdit_jax.data import video_io
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('videos', None, 'Folder or glob of video files (class sub-folders give '
+                    'labels).')
+flags.DEFINE_string('out', None, 'Output folder for the shards and index.json.')
+flags.DEFINE_integer('num_shards', 1, 'Number of shard files.')
+flags.DEFINE_integer('num_frames', None, 'Frames per clip, T.')
+flags.DEFINE_integer('height', None, 'Clip height H.')
+flags.DEFINE_integer('width', None, 'Clip width W.')
+flags.DEFINE_integer('frame_stride', 1, 'Source frames between consecutive clip frames.')
+flags.DEFINE_integer('num_workers', None, 'Decoding processes (default: the CPU count; 0 '
+                     'decodes in this process).')
+flags.DEFINE_boolean('overwrite', False, 'Replace the shards already in --out.')
+
+_PROGRESS_EVERY_S = 0.5
+
+
+def _encode(task):
+  """Worker: (i, path, label, key, spec) -> (i, record bytes or None, failure or None)."""
+  i, path, label, key, spec = task
+  try:
+    clip = video_files.read_clip(path, video_io.count_frames(path), spec)  # [T, H, W, 3]
+    return i, shards.encode_record(clip, label=label, key=key), None
+  except Exception as e:  # pylint: disable=broad-except
+    return i, None, video_files.describe_error(e)
+
+
+_TMP_PREFIX = '.tmp-shard-'
+
+
+def _prepare_out(out: str, overwrite: bool) -> None:
+  os.makedirs(out, exist_ok=True)
+  for name in os.listdir(out):  # left by an interrupted run
+    if name.startswith(_TMP_PREFIX):
+      os.remove(os.path.join(out, name))
+  index_path = os.path.join(out, shards.INDEX_NAME)
+  if not os.path.exists(index_path):
+    return
+  if not overwrite:
+    raise ValueError(f'--out={out!r} already holds shards ({shards.INDEX_NAME}); pass '
+                     '--overwrite to replace them, or choose another folder.')
+  old = shards.read_index(out)
+  os.remove(index_path)  # first: a half-replaced folder must not look complete
+  for shard in old['shards']:
+    os.remove(os.path.join(out, shard['name']))
+
+
+class _Progress:
+  """One self-overwriting status line on a stream (None: silent)."""
+
+  def __init__(self, stream, total: int):
+    self.stream, self.total = stream, total
+    self.start = self.last = time.perf_counter()
+
+  def update(self, done: int, skipped: int, final: bool = False) -> None:
+    now = time.perf_counter()
+    if self.stream is None or (not final and now - self.last < _PROGRESS_EVERY_S):
+      return
+    self.last = now
+    rate = done / max(now - self.start, 1e-9)
+    self.stream.write(f'\rmake_shards: {done}/{self.total} videos, {skipped} skipped, '
+                      f'{rate:.1f} videos/s' + ('\n' if final else ''))
+    self.stream.flush()
+
+
+def make_shards(videos, out, *, num_shards: int, num_frames: int, height: int, width: int,
+                frame_stride: int = 1, num_workers: int | None = None,
+                overwrite: bool = False, progress=sys.stderr) -> dict:
+  """Writes the shards and index.json of `videos` into `out`; returns the index."""
+  # Imported here so worker processes (which import this module) do not load it.
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  spec = video_files.ClipSpec(num_frames, height, width, frame_stride, clip_start='center',
+                              crop='center')
+  listing = video_files.list_videos(videos)
+  total = len(listing.paths)
+  if isinstance(num_shards, bool) or not isinstance(num_shards, int) or not (
+      1 <= num_shards <= total):
+    raise ValueError(f'num_shards={num_shards!r} must be an integer in [1, {total}] (the '
+                     f'number of video files under {os.fspath(videos)!r}).')
+  if num_workers is None:
+    num_workers = os.cpu_count() or 1
+  if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+    raise ValueError(f'num_workers={num_workers!r} must be an integer >= 0.')
+  out = os.fspath(out)
+  _prepare_out(out, overwrite)
+
+  root = listing.root or os.curdir
+  tasks = [(i, p, listing.labels[i], os.path.relpath(p, root), spec)
+           for i, p in enumerate(listing.paths)]
+  tmp_names = [f'{_TMP_PREFIX}{k:05d}.array_record' for k in range(num_shards)]
+  counts = [0] * num_shards
+  skipped = []
+  writer, writer_shard = None, None
+  meter = _Progress(progress, total)
+  pool = None
+  try:
+    if num_workers == 0:
+      results = map(_encode, tasks)
+    else:
+      # spawn: the caller may have started threads (JAX does) that fork would copy.
+      pool = concurrent.futures.ProcessPoolExecutor(
+          num_workers, mp_context=multiprocessing.get_context('spawn'))
+      results = pool.map(_encode, tasks, chunksize=max(1, min(16, total // (4 * num_workers))))
+    for done, (i, record, failure) in enumerate(results, start=1):
+      if record is None:
+        skipped.append({'path': listing.paths[i], 'reason': failure})
+      else:
+        k = i * num_shards // total
+        if k != writer_shard:
+          if writer is not None:
+            writer.close()
+          writer = array_record_module.ArrayRecordWriter(
+              os.path.join(out, tmp_names[k]), shards.WRITER_OPTIONS)
+          writer_shard = k
+        writer.write(record)
+        counts[k] += 1
+      meter.update(done, len(skipped), final=done == total)
+    if writer is not None:
+      writer.close()
+      writer = None
+  finally:
+    if writer is not None:
+      writer.close()
+    if pool is not None:
+      pool.shutdown(cancel_futures=True)
+
+  if progress is not None:
+    for item in skipped:
+      progress.write(f'make_shards: skipped {item["path"]}: {item["reason"]}\n')
+  if not any(counts):
+    raise ValueError(f'none of the {total} video file(s) under {os.fspath(videos)!r} could '
+                     f'be decoded, e.g. {skipped[0]["path"]!r}: {skipped[0]["reason"]}')
+  # Shards every video of which was skipped are dropped; the rest are renamed in order.
+  kept = [k for k in range(num_shards) if counts[k]]
+  entries = []
+  for j, k in enumerate(kept):
+    name = shards.shard_name(j, len(kept))
+    os.replace(os.path.join(out, tmp_names[k]), os.path.join(out, name))
+    entries.append({'name': name, 'num_records': counts[k]})
+  index = {
+      'format': shards.FORMAT,
+      'shards': entries,
+      'num_records': sum(counts),
+      'clip_shape': [num_frames, height, width, 3],
+      'dtype': 'uint8',
+      'num_classes': listing.num_classes,
+      'class_names': list(listing.class_names),
+      'frame_stride': frame_stride,
+      'clip_start': spec.clip_start,
+      'crop': spec.crop,
+      'source': os.fspath(videos),
+      'num_videos': total,
+      'num_skipped': len(skipped),
+      'skipped': skipped,
+  }
+  shards.write_index(out, index)
+  return index
+
+
+def main(argv) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  for name in ('videos', 'out', 'num_frames', 'height', 'width'):
+    if FLAGS[name].value is None:
+      raise app.UsageError(f'--{name} is required.')
+  try:
+    index = make_shards(FLAGS.videos, FLAGS.out, num_shards=FLAGS.num_shards,
+                        num_frames=FLAGS.num_frames, height=FLAGS.height, width=FLAGS.width,
+                        frame_stride=FLAGS.frame_stride, num_workers=FLAGS.num_workers,
+                        overwrite=FLAGS.overwrite)
+  except (ValueError, FileNotFoundError) as e:
+    print(f'make_shards: error: {e}', file=sys.stderr)
+    return 2
+  print(f'make_shards: wrote {index["num_records"]} clips of {index["clip_shape"]} in '
+        f'{len(index["shards"])} shard(s), {index["num_classes"]} class(es), '
+        f'{index["num_skipped"]} video(s) skipped, to {FLAGS.out}', flush=True)
+  return 0
+
+
+if __name__ == '__main__':
+  app.run(main)

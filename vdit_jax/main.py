@@ -1,7 +1,12 @@
-r"""Entry point: train or sample a video DiT.
+r"""Entry point: train, sample or export a video DiT.
 
 python -m vdit_jax.main --config=configs/tiny.py --workdir=/tmp/vdit_tiny \
-    [--mode=train|sample] [--config.train.num_steps=200 ...]
+    [--mode=train|sample|export] [--config.train.num_steps=200 ...]
+
+train: resumes from the newest checkpoint in WORKDIR; on SIGTERM it saves the
+current step and exits 0. export: the newest checkpoint's EMA params and the config
+to WORKDIR/export/<step>/. sample: from --checkpoint=EXPORT_DIR, else the newest
+checkpoint, else the newest export in WORKDIR.
 
 Several processes (one per host): add --coordinator_address=HOST:PORT
 --num_processes=N --process_id=I on each (or set VDIT_COORDINATOR_ADDRESS,
@@ -20,7 +25,9 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to a configs/*.py file.',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and samples.')
-flags.DEFINE_enum('mode', 'train', ['train', 'sample'], 'What to run.')
+flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'export'], 'What to run.')
+flags.DEFINE_string('checkpoint', None,
+                    '--mode=sample: an export directory (WORKDIR/export/<step>) to sample from.')
 flags.DEFINE_string('coordinator_address', None,
                     'host:port of process 0, for a multi-process run (env '
                     f'{distributed.ENV_COORDINATOR_ADDRESS}).')
@@ -42,10 +49,15 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   from vdit_jax.train import loop  # pylint: disable=g-import-not-at-top
   logging.info('config:\n%s', FLAGS.config)
+  if FLAGS.checkpoint is not None and FLAGS.mode != 'sample':
+    raise app.UsageError(f'--checkpoint={FLAGS.checkpoint} is for --mode=sample, '
+                         f'not --mode={FLAGS.mode}.')
   if FLAGS.mode == 'train':
     loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  elif FLAGS.mode == 'export':
+    loop.export(FLAGS.config, FLAGS.workdir)
   else:
-    loop.sample(FLAGS.config, FLAGS.workdir)
+    loop.sample(FLAGS.config, FLAGS.workdir, checkpoint=FLAGS.checkpoint)
 
 
 if __name__ == '__main__':

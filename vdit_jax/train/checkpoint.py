@@ -1,4 +1,14 @@
-"""Orbax checkpoints of the train state and the data iterator, in one manager."""
+"""Orbax checkpoints of the train state and the data iterator, in one manager.
+
+Durability: Orbax writes step N to `N.orbax-checkpoint-tmp` and renames it to `N`
+only when every item is written (on every process), so a process killed during a
+save leaves a temporary directory that is never listed as a step; the next save of
+N replaces it. A finalised step whose files were damaged later (a copy cut short, a
+full disk, a manual edit) cannot be told apart without reading it: `restore` raises
+`CheckpointRestoreError` naming the step's directory and the previous complete step,
+rather than silently resuming from an older step. Silent fallback could also make
+processes of a multi-host run resume from different steps (each reads its own shards).
+"""
 
 import os
 from typing import Any, Optional
@@ -8,26 +18,35 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 
+class CheckpointRestoreError(RuntimeError):
+  """A listed (finalised) checkpoint step could not be read back."""
+
+
 class Checkpointer:
   """Saves `state` (and `data_iter`, when given) every N steps, keeps the newest K.
 
-  Orbax writes each step to a temporary directory and renames it when complete,
-  so an interrupted save is never listed as a step to resume from.
+  `keep_period` (optional) additionally keeps every step that is a multiple of it,
+  whatever `keep` says (Orbax's `keep_period`).
   """
 
-  def __init__(self, directory: str, *, keep: int, every_steps: int, async_save: bool = True):
+  def __init__(self, directory: str, *, keep: int, every_steps: int, async_save: bool = True,
+               keep_period: Optional[int] = None):
     self.directory = os.path.abspath(directory)
     self.every_steps = every_steps
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save))
+            max_to_keep=keep, keep_period=keep_period, create=True,
+            enable_async_checkpointing=async_save))
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
   def all_steps(self):
     return list(self.manager.all_steps())
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
 
   def should_save(self, step: int) -> bool:
     return step % self.every_steps == 0
@@ -45,15 +64,21 @@ class Checkpointer:
     """Restores step `step` into `abstract_state`'s shapes and shardings.
 
     `data_iter`, when given, is set in place to the saved iterator position.
+    Raises FileNotFoundError for a step that is not a complete checkpoint, and
+    CheckpointRestoreError when a listed step cannot be read back.
     """
-    if step not in self.manager.all_steps():
+    steps = sorted(self.manager.all_steps())
+    if step not in steps:
       raise FileNotFoundError(
           f'no complete checkpoint for step {step} in {self.directory} '
-          f'(complete steps: {sorted(self.manager.all_steps())}).')
+          f'(complete steps: {steps}).')
     items = {'state': ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
       items['data_iter'] = grain.checkpoint.CheckpointRestore(data_iter)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # pylint: disable=broad-except  # Orbax/TensorStore raise many kinds
+      raise CheckpointRestoreError(_restore_failure(self.step_dir(step), step, steps, e)) from e
     return restored['state']
 
   def wait(self):
@@ -62,3 +87,21 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _restore_failure(path: str, step: int, steps, error: Exception) -> str:
+  reason = str(error).strip().splitlines()[0] if str(error).strip() else ''
+  if len(reason) > 400:
+    reason = reason[:400] + '...'
+  older = [s for s in steps if s < step]
+  if older:
+    way_out = (f'Move it aside to resume from step {older[-1]}, the previous complete step: '
+               f'mv {path} {path}.damaged')
+  else:
+    way_out = ('No earlier complete step exists; move it aside to start afresh: '
+               f'mv {path} {path}.damaged')
+  return (f'checkpoint step {step} at {path} could not be restored '
+          f'({type(error).__name__}: {reason}). Its files are incomplete or damaged (Orbax lists a '
+          'step only after every file was written, so this happened after the save: a copy '
+          'cut short, a full disk, a manual edit), or the config no longer describes the model '
+          f'that saved it. {way_out}')

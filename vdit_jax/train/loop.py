@@ -1,4 +1,4 @@
-"""train_and_evaluate(config, workdir) and sample(config, workdir)."""
+"""train_and_evaluate(config, workdir), sample(config, workdir) and export(config, workdir)."""
 
 import dataclasses
 import os
@@ -16,7 +16,9 @@ from vdit_jax.model import dit
 from vdit_jax.model import patching
 from vdit_jax.parallel import mesh as mesh_lib
 from vdit_jax.train import checkpoint as ckpt_lib
+from vdit_jax.train import export as export_lib
 from vdit_jax.train import metrics as metrics_lib
+from vdit_jax.train import preemption
 from vdit_jax.train import sampling
 from vdit_jax.train import state as state_lib
 from vdit_jax.train import step as step_lib
@@ -66,7 +68,8 @@ def build(config, workdir: Optional[str], *, devices: Optional[Sequence[Any]] = 
   if workdir is not None:
     checkpointer = ckpt_lib.Checkpointer(
         os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep,
-        every_steps=config.checkpoint.every_steps, async_save=config.checkpoint.async_save)
+        every_steps=config.checkpoint.every_steps, async_save=config.checkpoint.async_save,
+        keep_period=config.checkpoint.keep_period)
   return Setup(config, mesh, rules, model, diffusion, tx, schedule, num_classes, init_fn,
                abstract, shardings, checkpointer)
 
@@ -132,11 +135,29 @@ def _sample_and_write(s: Setup, params, step: int, workdir: str, name: Optional[
   return videos, paths
 
 
+def restore_or_init(s: Setup, data_iter=None):
+  """(state, restored step or None): the newest complete checkpoint, else a fresh init.
+
+  The state is restored straight into `s.state_shardings`, i.e. onto this run's
+  mesh, whatever mesh saved it; `data_iter` is moved to the saved position.
+  """
+  latest = s.checkpointer.latest_step()
+  if latest is None:
+    state, _ = state_lib.create_state(s.init_fn, jax.random.key(s.config.seed), s.mesh, s.rules)
+    return state, None
+  state = s.checkpointer.restore(
+      latest, state_lib.abstract_with_shardings(s.abstract_state, s.state_shardings), data_iter)
+  return state, latest
+
+
 def train_and_evaluate(config, workdir: str, *, stop_at: Optional[int] = None):
   """Trains from scratch, or resumes from the newest checkpoint in `workdir`.
 
   `stop_at` ends the run early after that step, with a checkpoint, as a
   preemption would (tests use it; the schedule still follows num_steps).
+  A SIGTERM during the steps saves a checkpoint at the end of the current step
+  (all processes agree on which, see train/preemption.py) and returns without
+  the final sample.
   """
   os.makedirs(workdir, exist_ok=True)
   s = build(config, workdir)
@@ -144,14 +165,9 @@ def train_and_evaluate(config, workdir: str, *, stop_at: Optional[int] = None):
   local_batch = config.train.batch_size // jax.process_count()
   data_iter = pipeline.make_dataset(config.data, local_batch, seed=config.seed)
 
-  latest = s.checkpointer.latest_step()
+  state, latest = restore_or_init(s, data_iter)
   if latest is not None:
-    state = s.checkpointer.restore(
-        latest, state_lib.abstract_with_shardings(s.abstract_state, s.state_shardings),
-        data_iter)
     metrics_lib.log_line(f'resumed from step {latest} in {s.checkpointer.directory}')
-  else:
-    state, _ = state_lib.create_state(s.init_fn, jax.random.key(config.seed), s.mesh, s.rules)
   _save_config(config, workdir)
   metrics_lib.log_line(
       f'model {spec.width}w x {spec.depth}d x {spec.num_heads}h patch {spec.patch_size}: '
@@ -167,7 +183,9 @@ def train_and_evaluate(config, workdir: str, *, stop_at: Optional[int] = None):
   step = int(jax.device_get(state.step))
   num_steps = config.train.num_steps
   t_start = time.perf_counter()
-  with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
+  preempted = False
+  with (jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules),
+        preemption.PreemptionWatcher() as watcher):
     last = num_steps if stop_at is None else min(stop_at, num_steps)
     while step < last:
       batch = global_batch(next(data_iter), s.mesh, s.rules)
@@ -179,11 +197,22 @@ def train_and_evaluate(config, workdir: str, *, stop_at: Optional[int] = None):
         values['wall_s'] = time.perf_counter() - t_start
         writer.write(step, values)
         metrics_lib.log_line(metrics_lib.format_line(step, num_steps, values))
-      if s.checkpointer.should_save(step) or step == last:
+      preempted = watcher.should_stop(step)
+      if s.checkpointer.should_save(step) or step == last or preempted:
         s.checkpointer.save(step, state, data_iter)
+      if preempted:
+        break
       if config.sample.every_steps and step % config.sample.every_steps == 0:
         _sample_and_write(s, _sample_params(state, config), step, workdir)
-  s.checkpointer.wait()
+    # Inside the watcher: a SIGTERM while the last save finishes is not fatal, and
+    # one after the last step still skips the final sample.
+    s.checkpointer.wait()
+    preempted = preempted or watcher.received_at is not None
+  if preempted:
+    s.checkpointer.close()
+    metrics_lib.log_line(f'SIGTERM: saved the checkpoint of step {step} in '
+                         f'{s.checkpointer.step_dir(step)}; stopping (run again to resume).')
+    return state
   if not (config.sample.every_steps and step % config.sample.every_steps == 0):
     _sample_and_write(s, _sample_params(state, config), step, workdir)
   s.checkpointer.close()
@@ -194,17 +223,60 @@ def _sample_params(state, config):
   return state.ema_params if config.sample.use_ema else state.params
 
 
-def sample(config, workdir: str):
-  """Restores the newest checkpoint in `workdir` and writes a sample video."""
-  s = build(config, workdir)
+def _restore_latest(s: Setup, workdir: str):
   latest = s.checkpointer.latest_step()
   if latest is None:
     raise FileNotFoundError(
         f'no checkpoint in {s.checkpointer.directory}: train first '
         f'(--mode=train --workdir={workdir}).')
-  state = s.checkpointer.restore(
-      latest, state_lib.abstract_with_shardings(s.abstract_state, s.state_shardings))
-  videos, paths = _sample_and_write(s, _sample_params(state, config), latest, workdir,
-                                    name=f'sample_step_{latest:07d}')
-  s.checkpointer.close()
-  return videos, paths
+  return s.checkpointer.restore(
+      latest, state_lib.abstract_with_shardings(s.abstract_state, s.state_shardings)), latest
+
+
+def _params_to_sample(s: Setup, workdir: str, checkpoint: Optional[str]):
+  """(params, step, sample file name) from the export `checkpoint`, else see `sample`."""
+  if checkpoint is None and s.checkpointer.latest_step() is None:
+    checkpoint = export_lib.latest(workdir)
+    if checkpoint is None:
+      raise FileNotFoundError(
+          f'no export in {os.path.join(os.path.abspath(workdir), export_lib.EXPORT_DIRNAME)} '
+          f'and no checkpoint in {s.checkpointer.directory}: train first '
+          f'(--mode=train --workdir={workdir}).')
+  if checkpoint is None:
+    state, step = _restore_latest(s, workdir)
+    return _sample_params(state, s.config), step, f'sample_step_{step:07d}'
+  abstract = state_lib.abstract_with_shardings(s.abstract_state, s.state_shardings)
+  params, info = export_lib.read(checkpoint, abstract.ema_params)  # same shapes as params
+  metrics_lib.log_line(f'sampling from the {info["params"]} exported in {checkpoint}')
+  return params, info['step'], f'sample_export_step_{info["step"]:07d}'
+
+
+def sample(config, workdir: str, checkpoint: Optional[str] = None):
+  """Writes a sample video to WORKDIR/samples from the params of a checkpoint or export.
+
+  `checkpoint` is an export directory (WORKDIR/export/<step>, from `export`); no
+  optimizer state is read then. Without it: the newest train checkpoint in
+  WORKDIR/checkpoints, else the newest export in WORKDIR/export (so a workdir that
+  holds only an export samples too).
+  """
+  s = build(config, workdir)
+  try:
+    params, step, name = _params_to_sample(s, workdir, checkpoint)
+  finally:
+    s.checkpointer.close()
+  return _sample_and_write(s, params, step, workdir, name=name)
+
+
+def export(config, workdir: str) -> str:
+  """Writes the newest checkpoint's sampling params (EMA unless sample.use_ema=False)
+  and the config to WORKDIR/export/<step>/; returns that directory."""
+  s = build(config, workdir)
+  try:
+    state, step = _restore_latest(s, workdir)
+  finally:
+    s.checkpointer.close()
+  which = 'ema_params' if config.sample.use_ema else 'params'
+  path = export_lib.write(export_lib.export_dir(workdir, step), getattr(state, which), config,
+                          step=step, which=which)
+  metrics_lib.log_line(f'exported the {which} of step {step} to {path}')
+  return path

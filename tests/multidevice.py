@@ -7,6 +7,7 @@ one JSON line {check name: 'ok' | failure text} as their last stdout line.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -24,3 +25,14 @@ def run_checks(script: str, num_devices: int = 8, timeout: int = 900) -> dict:
                         capture_output=True, text=True, timeout=timeout, check=False)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def all_gather_shapes(hlo: str) -> list:
+  """Result shapes (tuples of dims) of every all-gather in compiled HLO text."""
+  shapes = []
+  for line in hlo.splitlines():
+    m = re.search(r'all-gather(?:-start)?\(', line)
+    if m:
+      shapes += [tuple(int(d) for d in dims.split(',') if d)
+                 for dims in re.findall(r'[a-z]+\d*\[([\d,]*)\]', line[:m.start()])]
+  return shapes

@@ -10,7 +10,6 @@ report each check on its own.
 
 import json
 import os
-import re
 import sys
 import traceback
 
@@ -25,6 +24,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from tests.multidevice import all_gather_shapes
 from vdit_jax.model import axes, dit
 from vdit_jax.parallel import mesh as mesh_lib
 from vdit_jax.parallel import sequence_attention as sa
@@ -69,17 +69,6 @@ def sharded_fn(mesh, strategy, arrays):
     compiled = fn.lower(*args).compile()
     (_, out), grads = compiled(*args)
   return compiled, np.asarray(out), [np.asarray(g) for g in grads]
-
-
-def all_gather_shapes(hlo: str):
-  """Result shapes [dims] of every all-gather in compiled HLO text."""
-  shapes = []
-  for line in hlo.splitlines():
-    m = re.search(r'all-gather(?:-start)?\(', line)
-    if m:
-      shapes += [tuple(int(d) for d in s.split(',') if d)
-                 for s in re.findall(r'[a-z]+\d*\[([\d,]*)\]', line[:m.start()])]
-  return shapes
 
 
 def full_sequence_gathers(hlo: str):

@@ -7,7 +7,6 @@ Run by sharding_test.py in a subprocess. Prints one JSON line {check: 'ok' | fai
 
 import json
 import os
-import re
 import sys
 import traceback
 
@@ -21,6 +20,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from configs import tiny
+from tests.multidevice import all_gather_shapes
 from vdit_jax.data import pipeline
 from vdit_jax.train import loop
 from vdit_jax.train import state as state_lib
@@ -112,17 +112,6 @@ def run(config, devices):
       state, metrics = step(state, batch, jax.random.key(1))
       losses.append(float(metrics['loss']))
   return s, state, shardings, losses, hlo
-
-
-def all_gather_shapes(hlo: str):
-  """Result shapes of every all-gather in compiled HLO text."""
-  shapes = []
-  for line in hlo.splitlines():
-    m = re.search(r'all-gather(?:-start)?\(', line)
-    if m:
-      shapes += [tuple(int(d) for d in dims.split(',') if d)
-                 for dims in re.findall(r'[a-z]+\d*\[([\d,]*)\]', line[:m.start()])]
-  return shapes
 
 
 def check_ring_step(config, hlo):

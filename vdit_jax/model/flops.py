@@ -8,7 +8,10 @@ Counted the way MFU is usually counted (PaLM appendix B; MaxText's
   * token-wise weights (patch embedding, q/k/v/out projections, MLP, final projection) are
     used once per token; clip-wise weights (timestep MLP, adaLN projections) once per clip;
   * bidirectional attention costs QK^T and AV, 2 x N x D each per token per layer forward,
-    so 12 x L x N x D per token for forward + backward (no causal halving);
+    so 12 x L x N x D per token for forward + backward (no causal halving); other attention
+    patterns replace N by the keys each query attends to (H'W' spatial, T' temporal, the
+    window size, the mean over head groups for hierarchical; shifted windows count whole
+    windows, masked scores included), summed over the attention sub-layers;
   * rematerialisation recompute is not counted (it is work, not model FLOPs), nor are
     element-wise ops, norms, softmax, the label-embedding gather or the optimizer.
 """
@@ -18,6 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
+from vdit_jax.model import attention_patterns
 from vdit_jax.model import patching
 
 # Forward + backward cost of one multiply-accumulate of a weight: 2 forward, 4 backward.
@@ -32,7 +36,7 @@ class FlopCount:
   token_matmul_params: int   # weights applied once per token
   clip_matmul_params: int    # weights applied once per clip (conditioning path)
   matmul: int                # 6 x (token params x tokens + clip params x clips)
-  attention: int             # 12 x L x N x D per token
+  attention: int             # 12 x L x N x D per token (full attention)
   total: int
 
 
@@ -53,17 +57,21 @@ def train_step_flops(spec, data_shape: Sequence[int], batch_size: int) -> FlopCo
   patching.check_patch((t, h, w), spec.patch_size)
   d, f, depth = spec.width, spec.mlp_dim, spec.depth
   patch_dim = int(np.prod(spec.patch_size)) * c
-  tokens = int(np.prod(patching.token_grid((t, h, w), spec.patch_size)))
+  grid = patching.token_grid((t, h, w), spec.patch_size)
+  tokens = int(np.prod(grid))
+  sublayers = attention_patterns.attention_sublayers(spec.pattern)  # 2: within_block
 
-  per_block_token = 4 * d * d + 2 * d * f       # q, k, v, out; fc1, fc2
+  per_block_token = 4 * d * d * sublayers + 2 * d * f  # q, k, v, out per sub-layer; fc1, fc2
   token_params = patch_dim * d + depth * per_block_token + d * patch_dim  # embed, blocks, final
   clip_params = (TIMESTEP_FREQ_DIM * d + d * d   # timestep MLP
                  + depth * d * 6 * d             # adaLN (shift, scale, gate) x 2 per block
+                 + depth * d * 3 * d * (sublayers - 1)  # adaLN of extra attention sub-layers
                  + d * 2 * d)                    # final adaLN (shift, scale)
 
   clips = int(batch_size)
   matmul = TRAIN_FLOPS_PER_MAC * (token_params * tokens * clips + clip_params * clips)
-  attention = 12 * depth * tokens * d * tokens * clips
+  attention = 12 * attention_patterns.score_macs_per_token(
+      spec.pattern, grid, depth, d) * tokens * clips
   return FlopCount(tokens_per_clip=tokens, token_matmul_params=token_params,
                    clip_matmul_params=clip_params, matmul=matmul, attention=attention,
                    total=matmul + attention)

@@ -16,11 +16,11 @@ exactly what moves (P = size of the sequence axis, n = N / P):
   ([B, n, K, Dh] -> [B, N, K/P, Dh]), full-length attention on K/P heads, and
   an all-to-all back. Needs the local heads divisible by P.
 
-`none`, or a sequence axis of size 1, is plain `jax.nn.dot_product_attention`.
+`none`, or a sequence axis of size 1, is plain attention (the caller's kernel, else XLA's).
 """
 
 import math
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -173,43 +173,53 @@ def _ring_attention(q, k, v, axis: str, size: int):
 # --- other strategies -----------------------------------------------------------------------
 
 
-def _all_gather_attention(q, k, v, axis: str):
+def _all_gather_attention(q, k, v, axis: str, local=_plain):
   k = lax.all_gather(k, axis, axis=1, tiled=True)  # [B, N, K, Dh]
   v = lax.all_gather(v, axis, axis=1, tiled=True)
-  return _plain(q, k, v)  # [B, n, K, Dh]
+  return local(q, k, v)  # [B, n, K, Dh]
 
 
-def _ulysses_attention(q, k, v, axis: str):
+def _ulysses_attention(q, k, v, axis: str, local=_plain):
   # [B, n, K, Dh] -> [B, N, K/P, Dh]: give away head groups, receive token blocks.
   q, k, v = (lax.all_to_all(x, axis, split_axis=2, concat_axis=1, tiled=True)
              for x in (q, k, v))
-  out = _plain(q, k, v)  # [B, N, K/P, Dh]
+  out = local(q, k, v)  # [B, N, K/P, Dh]
   return lax.all_to_all(out, axis, split_axis=1, concat_axis=2, tiled=True)  # [B, n, K, Dh]
 
 
-def sequence_parallel_attention(q, k, v, *, strategy: str, mesh=None, axis: str = 'sequence'):
+def sequence_parallel_attention(q, k, v, *, strategy: str, mesh=None, axis: str = 'sequence',
+                                attention_fn: Optional[Callable] = None,
+                                local_attention_fn: Optional[Callable] = None,
+                                check_vma: bool = True):
   """Bidirectional attention, scale 1/sqrt(Dh), q/k/v [B, N, K, Dh] -> [B, N, K, Dh].
 
   `mesh` (a Mesh or AbstractMesh) defaults to the one in context
   (`jax.set_mesh`); the shard_map specs come from the logical axis rules in
   context (`nn.logical_axis_rules`), else `axes.DEFAULT_RULES`. With no mesh,
   strategy 'none', or a sequence axis of size 1 this is plain attention.
+
+  `attention_fn(q, k, v)` is that plain attention (default: XLA's) and
+  `local_attention_fn` the per-device attention of all_gather and ulysses inside
+  the shard_map (default: XLA's); ring has its own online softmax. `check_vma=False`
+  lets that be a Pallas kernel, which shard_map's type checks cannot see into.
   """
   if strategy not in SEQUENCE_PARALLEL:
     raise ValueError(f'sequence_parallel={strategy!r} is not one of {SEQUENCE_PARALLEL}.')
   if not (q.ndim == k.ndim == v.ndim == 4) or not (q.shape == k.shape == v.shape):
     raise ValueError(f'q, k, v must all be [B, N, K, Dh] of one shape, got {q.shape}, '
                      f'{k.shape}, {v.shape}.')
+  plain = attention_fn or _plain
+  local = local_attention_fn or _plain
   given = mesh
   if mesh is None:
     mesh = jax.sharding.get_abstract_mesh()
   if strategy == 'none' or not mesh.axis_names:
-    return _plain(q, k, v)
+    return plain(q, k, v)
   if axis not in mesh.axis_names:
     raise ValueError(f'sequence axis {axis!r} is not an axis of the mesh {mesh.axis_names}.')
   size = mesh.shape[axis]
   if size == 1:
-    return _plain(q, k, v)
+    return plain(q, k, v)
 
   spec = token_spec(mesh, axis)
   _check_divisible(q.shape, spec, mesh)
@@ -221,9 +231,10 @@ def sequence_parallel_attention(q, k, v, *, strategy: str, mesh=None, axis: str 
           f"sequence_parallel='ulysses' needs the heads per device, K={q.shape[2]} / "
           f'{heads_sharding} (heads sharding {spec[2]!r}) = {local_heads}, divisible by the '
           f'{axis!r} axis size {size}.')
-    body = lambda q, k, v: _ulysses_attention(q, k, v, axis)
+    body = lambda q, k, v: _ulysses_attention(q, k, v, axis, local)
   elif strategy == 'all_gather':
-    body = lambda q, k, v: _all_gather_attention(q, k, v, axis)
+    body = lambda q, k, v: _all_gather_attention(q, k, v, axis, local)
   else:
     body = lambda q, k, v: _ring_attention(q, k, v, axis, size)
-  return jax.shard_map(body, mesh=given, in_specs=(spec, spec, spec), out_specs=spec)(q, k, v)
+  return jax.shard_map(body, mesh=given, in_specs=(spec, spec, spec), out_specs=spec,
+                       check_vma=check_vma)(q, k, v)

@@ -1,0 +1,110 @@
+"""Multi-device checks of the attention kernels on 8 fake CPU devices.
+
+Run by attention_impl_test.py in a subprocess; prints one JSON line on stdout,
+{check name: 'ok' | the failure}.
+- splash under a data=2 x tensor=2 mesh runs per device in shard_map (interpreted
+  on CPU) and equals XLA's attention in value and gradients; a batch that the mesh
+  cannot split is a ValueError naming it;
+- ulysses sequence parallelism runs the chosen kernel (blockwise, splash) on
+  each device's share (all_gather shares that path), equal to XLA's attention.
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/attention_impl_multidevice.py
+"""
+
+import json
+import os
+import sys
+import traceback
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import flax.linen as nn  # pylint: disable=g-import-not-at-top
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding
+
+from vdit_jax.model import attention, axes
+from vdit_jax.parallel import mesh as mesh_lib
+from vdit_jax.parallel import sequence_attention as sa
+
+RULES = axes.DEFAULT_RULES
+TOL = dict(rtol=1e-5, atol=2e-5)
+
+
+def make_mesh(**sizes):
+  cfg = dict(data=1, fsdp=1, tensor=1, sequence=1)
+  cfg.update(sizes)
+  count = cfg['data'] * cfg['fsdp'] * cfg['tensor'] * cfg['sequence']
+  return mesh_lib.make_mesh(ml_collections.ConfigDict(cfg), devices=jax.devices()[:count])
+
+
+def arrays(shape, seed=0):
+  rng = np.random.default_rng(seed)
+  return [(1.5 * rng.normal(size=shape)).astype(np.float32) for _ in range(4)]
+
+
+def value_and_grads(impl, sequence_parallel='none'):
+  def loss(q, k, v, w):
+    out = attention.dot_product_attention(q, k, v, impl, sequence_parallel)
+    return jnp.sum(out * w), out
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+
+def check_equal(mesh, impl, sequence_parallel, shape, expect_in_jaxpr=()):
+  q, k, v, w = arrays(shape)
+  (_, want), want_grads = value_and_grads('xla')(q, k, v, w)
+  spec = nn.logical_to_mesh_axes(sa.TOKEN_HEADS, RULES)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+    args = [jax.device_put(x, NamedSharding(mesh, spec)) for x in (q, k, v, w)]
+    fn = value_and_grads(impl, sequence_parallel)
+    text = str(jax.make_jaxpr(fn)(*args))
+    (_, out), grads = fn(*args)
+  for name in expect_in_jaxpr:
+    assert name in text, f'{name} not in the jaxpr'
+  np.testing.assert_allclose(out, want, **TOL)
+  for g, r in zip(grads, want_grads):
+    np.testing.assert_allclose(g, r, **TOL)
+
+
+def check_indivisible_batch():
+  q = jnp.zeros((3, 128, 4, 8))
+  with jax.set_mesh(make_mesh(data=2, tensor=2)), nn.logical_axis_rules(RULES):
+    try:
+      jax.eval_shape(lambda q: attention.dot_product_attention(q, q, q, 'splash:128x128'), q)
+    except ValueError as e:
+      assert 'batch B=3' in str(e) and 'not divisible by the 2 devices' in str(e), str(e)
+      return
+  raise AssertionError('no ValueError for batch 3 on data=2')
+
+
+def main():
+  results = {}
+  checks = {
+      # B=4 over data=2, K=4 over tensor=2; N=200 pads to 256 on each device.
+      'splash_shard_map/data2_tensor2': lambda: check_equal(
+          make_mesh(data=2, tensor=2), 'splash:128x128', 'none', (4, 200, 4, 16),
+          ('shard_map', 'pallas_call')),
+      'splash_shard_map/indivisible_batch': check_indivisible_batch,
+      # ulysses on sequence=4: 8 heads -> 2 per device over all N=160 tokens.
+      'ulysses/blockwise': lambda: check_equal(
+          make_mesh(data=2, sequence=4), 'blockwise:32x64', 'ulysses', (2, 160, 8, 8),
+          ('all_to_all', 'scan')),
+      'ulysses/splash': lambda: check_equal(
+          make_mesh(sequence=2), 'splash:128x128', 'ulysses', (1, 256, 2, 8),
+          ('all_to_all', 'pallas_call')),
+  }
+  for name, check in checks.items():
+    try:
+      check()
+      results[name] = 'ok'
+    except Exception:  # pylint: disable=broad-except
+      results[name] = traceback.format_exc()[-2000:]
+  print(json.dumps(results))
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,247 @@
+"""LoRA fine-tuning: a frozen base model and trained rank-r adapters (model/lora.py).
+
+With config.lora.rank > 0, `loop.build` gives the run a train state whose params,
+opt_state and ema_params are the adapters alone, so everything the trainer does to a
+state applies to the adapters only:
+  - WORKDIR/checkpoints/<step> holds adapters + their Adam moments + their EMA + the data
+    position (a few % of a full checkpoint); a rerun resumes from it as any run does;
+  - `--mode=export` writes the (EMA) adapters alone, with the config, to WORKDIR/export/<step>;
+  - samples (end of training, `--mode=sample`) use merge(base, adapters): W + (alpha/r) A B.
+
+The base params come from config.lora.base_checkpoint, read once onto the mesh with the
+model's shardings:
+  - an export directory (WORKDIR/export/<step>): the params it holds (EMA by default);
+  - a workdir: the EMA params of its newest train checkpoint (the weights its samples
+    use), else its newest export.
+They enter the jitted step as an input that is neither donated nor differentiated (the
+step's `param_transform` merges them with the adapters inside the loss) and are never
+written again.
+"""
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+
+from vdit_jax.model import dit
+from vdit_jax.model import lora
+from vdit_jax.parallel import mesh as mesh_lib
+from vdit_jax.train import export as export_lib
+from vdit_jax.train import metrics as metrics_lib
+from vdit_jax.train import state as state_lib
+
+# Model fields a base and its LoRA run must share (the params' shapes and meaning).
+_SHARED_MODEL_FIELDS = ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size', 'pos_embed',
+                        'qk_norm', 'scan_layers', 'param_dtype')
+
+
+def enabled(config) -> bool:
+  return config.get('lora') is not None and config.lora.get('rank', 0) > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseSource:
+  """Where the base params are: an export directory, or a train checkpoint step."""
+  kind: str                  # 'export' | 'checkpoint'
+  path: str                  # the export directory, or the checkpoint step's directory
+  step: int
+  config_path: Optional[str]  # the base run's config.json, when it has one
+
+
+def _latest_checkpoint(workdir: str) -> Optional[Tuple[str, int]]:
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    return None
+  steps = ocp.utils.checkpoint_steps(directory)  # finalised steps only
+  if not steps:
+    return None
+  return os.path.join(directory, str(max(steps))), int(max(steps))
+
+
+def _export_source(directory: str) -> BaseSource:
+  with open(os.path.join(directory, export_lib.INFO_FILENAME)) as f:
+    step = int(json.load(f)['step'])
+  config_path = os.path.join(directory, export_lib.CONFIG_FILENAME)
+  return BaseSource('export', directory, step,
+                    config_path if os.path.isfile(config_path) else None)
+
+
+def resolve_base(path: str) -> BaseSource:
+  """The base params' source for config.lora.base_checkpoint=path (see the module doc)."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'config.lora.base_checkpoint={path!r} is not a directory: give '
+                            'the workdir or the export directory of a trained model.')
+  if export_lib.is_complete(path):
+    return _export_source(path)
+  latest = _latest_checkpoint(path)
+  if latest is not None:
+    config_path = os.path.join(path, 'config.json')
+    return BaseSource('checkpoint', latest[0], latest[1],
+                      config_path if os.path.isfile(config_path) else None)
+  export = export_lib.latest(path)
+  if export is not None:
+    return _export_source(export)
+  raise FileNotFoundError(
+      f'config.lora.base_checkpoint={path!r} holds no complete export '
+      f'({export_lib.INFO_FILENAME}), no checkpoint under checkpoints/ and no export under '
+      f'{export_lib.EXPORT_DIRNAME}/: train the base model first.')
+
+
+def check_base_config(source: BaseSource, config) -> None:
+  """Raises ValueError when the base run's config.json describes another model, or a LoRA
+  run (whose checkpoints and exports hold adapters only)."""
+  if source.config_path is None:
+    return
+  with open(source.config_path) as f:
+    base = json.load(f)
+  if (base.get('lora') or {}).get('rank', 0) > 0:
+    raise ValueError(
+        f'config.lora.base_checkpoint: {source.config_path} is the config of a LoRA run '
+        f'(lora.rank={base["lora"]["rank"]}), whose checkpoints and exports hold adapters '
+        "only; fine-tune from that run's base, "
+        f'{base["lora"].get("base_checkpoint")!r}, instead.')
+  base_spec = dit.resolve_spec(ml_collections.ConfigDict(base['model']))
+  spec = dit.resolve_spec(config.model)
+  diffs = [f'{k}: base {getattr(base_spec, k)!r}, this config {getattr(spec, k)!r}'
+           for k in _SHARED_MODEL_FIELDS if getattr(base_spec, k) != getattr(spec, k)]
+  base_channels = base.get('data', {}).get('channels', config.data.channels)
+  if base_channels != config.data.channels:
+    diffs.append(f'data.channels: base {base_channels}, this config {config.data.channels}')
+  if diffs:
+    raise ValueError(
+        f'config.lora.base_checkpoint: the base model ({source.config_path}) differs from '
+        f'this config\'s model in {"; ".join(diffs)}. LoRA adapts the base as it is: set '
+        'the model section to the base\'s.')
+
+
+def _restore_ema_params(step_dir: str, abstract):
+  """The `ema_params` of a train checkpoint step's `state` item, and nothing else."""
+  item = {'ema_params': abstract}
+  checkpointer = ocp.PyTreeCheckpointer()
+  try:
+    restored = checkpointer.restore(
+        os.path.join(step_dir, 'state'),
+        args=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True))
+  finally:
+    checkpointer.close()
+  return restored['ema_params']
+
+
+def load_base(source: BaseSource, abstract) -> Tuple[Any, str]:
+  """(base params restored into `abstract`'s shapes and shardings, what they are)."""
+  if source.kind == 'export':
+    params, info = export_lib.read(source.path, abstract)
+    return params, f'{info["params"]} of step {source.step} exported in {source.path}'
+  try:
+    params = _restore_ema_params(source.path, abstract)
+  except Exception as e:  # pylint: disable=broad-except  # Orbax/TensorStore raise many kinds
+    raise ValueError(
+        f'could not restore the EMA params of checkpoint {source.path} as the base of LoRA '
+        f'({type(e).__name__}: {str(e).strip()[:400]}). The config\'s model must be the '
+        'base run\'s.') from e
+  return params, f'EMA params of checkpoint step {source.step} in {source.path}'
+
+
+class BoundStep:
+  """train_step(state, batch, rng) (and .lower) of a jitted step(state, base, batch, rng)
+  with the frozen base bound: the trainer calls it like the full-model step."""
+
+  def __init__(self, jitted, base):
+    self.jitted = jitted
+    self.base = base
+
+  def __call__(self, state, batch, rng):
+    return self.jitted(state, self.base, batch, rng)
+
+  def lower(self, state, batch, rng):
+    return self.jitted.lower(state, self.base, batch, rng)
+
+
+@dataclasses.dataclass
+class LoraSetup:
+  """The LoRA part of `loop.Setup`: adapter init, the frozen base and its shardings."""
+  rank: int
+  alpha: float
+  targets: Tuple[str, ...]
+  source: BaseSource          # where the base params are, resolved when built
+  mesh: Any
+  rules: Any
+  base_abstract: Any          # unboxed ShapeDtypeStructs of the model params
+  base_shardings: Any
+  init_fn: Callable[[jax.Array], state_lib.TrainState]
+  num_adapter_params: int
+  _base: Any = None
+  _merge_fn: Any = None
+
+  def base_params(self):
+    """The base params on the mesh, read on first use."""
+    if self._base is None:
+      abstract = state_lib.abstract_with_shardings(self.base_abstract, self.base_shardings)
+      self._base, what = load_base(self.source, abstract)
+      total = state_lib.param_count(self.base_abstract)
+      metrics_lib.log_line(
+          f'LoRA rank {self.rank} (alpha {self.alpha:g}) on {",".join(self.targets)}: '
+          f'{self.num_adapter_params:,} trainable params = '
+          f'{100.0 * self.num_adapter_params / total:.2f}% of the {total:,} frozen base '
+          f'params; base: {what}')
+    return self._base
+
+  def merged(self, adapters):
+    """merge(base, adapters) on the mesh, in the base's shardings."""
+    if self._merge_fn is None:
+      self._merge_fn = jax.jit(lambda base, a: lora.merge(base, a, self.alpha, self.rank),
+                               out_shardings=self.base_shardings)
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self._merge_fn(self.base_params(), adapters)
+
+  def jit_train_step(self, make_step, state_shardings, batch_shardings) -> BoundStep:
+    """The adapters-only step, jitted like the full-model one (state donated) with the
+    base as a second, sharded input. `make_step(param_transform)` is `loop`'s builder of
+    the step (step.make_train_step with the config's settings)."""
+
+    def train_step(state, base, batch, rng):
+      base = jax.lax.stop_gradient(base)
+      merge = lambda adapters: lora.merge(base, adapters, self.alpha, self.rank)
+      return make_step(merge)(state, batch, rng)
+
+    replicated = mesh_lib.replicated(self.mesh)
+    jitted = jax.jit(
+        train_step,
+        in_shardings=(state_shardings, self.base_shardings, batch_shardings, replicated),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=0)
+    return BoundStep(jitted, self.base_params())
+
+
+def make_setup(model, tx, config, mesh, rules) -> LoraSetup:
+  """Checks the base checkpoint's location and model (reads no params) and builds the
+  adapters' init: rng -> TrainState of boxed adapters (logical names for shardings)."""
+  lora_cfg = config.lora
+  source = resolve_base(lora_cfg.base_checkpoint)
+  check_base_config(source, config)
+  boxed = jax.eval_shape(state_lib.make_init_fn(model, tx, config.data),
+                         jax.random.key(0)).params
+  targets = lora.parse_targets(lora_cfg.targets)
+  rank = int(lora_cfg.rank)
+  specs = lora.adapter_specs(boxed, targets, rank)
+  dtype = dit.DTYPES[model.spec.param_dtype]
+
+  def init(rng):
+    adapters = lora.init_adapters(rng, boxed, targets, rank, dtype)
+    return state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=adapters,
+                                opt_state=tx.init(adapters), ema_params=adapters)
+
+  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+  return LoraSetup(rank=rank, alpha=float(lora_cfg.alpha), targets=targets,
+                   source=source, mesh=mesh, rules=rules,
+                   base_abstract=nn.unbox(boxed), base_shardings=shardings, init_fn=init,
+                   num_adapter_params=lora.num_adapter_params(specs))

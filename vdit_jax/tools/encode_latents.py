@@ -1,0 +1,255 @@
+r"""Encode clips with a VAE into ArrayRecord shards of latents, for latent diffusion training.
+
+python -m vdit_jax.tools.encode_latents --videos=data/shards --vae=runs/vae_tiny/vae \
+    --out=data/latents [--num_shards=4] [--batch_size=8] [--overwrite]
+python -m vdit_jax.tools.encode_latents --videos=synthetic --num_examples=2048 \
+    --num_frames=9 --height=32 --width=32 --vae=runs/vae_tiny/vae --out=data/latents
+python -m vdit_jax.tools.encode_latents --videos=data/clips --num_frames=17 --height=256 \
+    --width=256 --vae=checkpoints/wan21_vae --out=data/latents [--tile=256,192]
+
+--videos is a shard folder made by tools.make_shards (its uint8 clips, labels and keys),
+'synthetic' (the built-in shapes: --num_examples clips, --source_seed), or a folder or glob
+of video files (cut as make_shards cuts them: centred clip and crop). A clip of
+T = 1 + 4k frames of H x W becomes latents [1 + k, H/8, W/8, z] (Wan 2.1 layout), stored
+as float16 and, by default, normalised per channel with the VAE's latents_mean / std
+((z - mean) / std; --normalize=false stores them raw). --sample=mean stores the
+posterior means (default); 'posterior' draws z from the posterior (seeded by --seed).
+
+Train on them with the shards source: --config.data.source=shards
+--config.data.path=OUT --config.data.num_frames=T' --config.data.height=H'
+--config.data.width=W' --config.data.channels=z (index.json lists the shape and the VAE).
+
+Output: the same format as make_shards (vdit_jax/data/shards.py), dtype 'float16', with
+index.json fields 'vae' (folder, config with the latent statistics, 'normalized',
+'sample') and 'source_clip_shape'. Shards are written under temporary names and
+index.json last, so a folder with an index is complete. Encoding runs in temporal chunks
+(vae/chunked.py), optionally in spatial tiles (--tile=SIZE,STRIDE in pixels).
+
+Exit status: 0 done, 2 bad input (the message says which).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Optional
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import numpy as np
+
+from vdit_jax.data import shards
+from vdit_jax.data import synthetic
+from vdit_jax.data import video_files
+from vdit_jax.vae import checkpoint
+from vdit_jax.vae import chunked
+from vdit_jax.vae import config as vae_config
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """The command line's flags (defined only when run as a program, so that importing
+  this module next to other tools defines no clashing flag names)."""
+  flags.DEFINE_string('videos', None, "A make_shards folder, 'synthetic', or a folder/glob of "
+                      'video files.')
+  flags.DEFINE_string('vae', None, 'VAE folder (tools.convert_wan_vae or vae.train output).')
+  flags.DEFINE_string('out', None, 'Output folder for the latent shards and index.json.')
+  flags.DEFINE_integer('num_shards', 1, 'Number of shard files.')
+  flags.DEFINE_integer('batch_size', 8, 'Clips encoded per call.')
+  flags.DEFINE_integer('num_frames', None, 'Frames per clip (synthetic and video files).')
+  flags.DEFINE_integer('height', None, 'Clip height (synthetic and video files).')
+  flags.DEFINE_integer('width', None, 'Clip width (synthetic and video files).')
+  flags.DEFINE_integer('num_examples', 1024, "Clips to encode with --videos=synthetic.")
+  flags.DEFINE_integer('source_seed', 0, 'Seed of the synthetic clips.')
+  flags.DEFINE_boolean('normalize', True, 'Store (z - latents_mean) / latents_std.')
+  flags.DEFINE_enum('sample', 'mean', ['mean', 'posterior'], 'Posterior mean or a draw.')
+  flags.DEFINE_integer('seed', 0, 'Seed of the posterior draws (--sample=posterior).')
+  flags.DEFINE_list('tile', None, 'SIZE,STRIDE: encode frames larger than SIZE pixels in '
+                    'tiles of SIZE x SIZE every STRIDE pixels, blended.')
+  flags.DEFINE_boolean('overwrite', False, 'Replace the shards already in --out.')
+
+
+_TMP_PREFIX = '.tmp-latents-'
+
+
+def open_clips(videos: str, *, num_frames: Optional[int] = None, height: Optional[int] = None,
+               width: Optional[int] = None, num_examples: int = 1024, source_seed: int = 0):
+  """(source with source[i] -> {'video': uint8 [T, H, W, 3], 'label', optional 'key'},
+  index fields describing it: num_classes, class_names, source)."""
+  if videos == 'synthetic':
+    _require(num_frames=num_frames, height=height, width=width)
+    source = synthetic.SyntheticShapes(num_frames, height, width, num_examples=num_examples,
+                                       seed=source_seed)
+    return source, {'num_classes': synthetic.NUM_CLASSES, 'class_names': [],
+                    'source': f'synthetic(seed={source_seed})'}
+  if os.path.isfile(os.path.join(videos, shards.INDEX_NAME)):
+    source = shards.ShardSource(videos)
+    if source.dtype != 'uint8':
+      raise ValueError(f'--videos={videos!r} holds {source.dtype} clips (latents?); encode '
+                       'uint8 video shards.')
+    got = list(source.clip_shape[:3])
+    for name, want, value in (('num_frames', num_frames, got[0]), ('height', height, got[1]),
+                              ('width', width, got[2])):
+      if want is not None and want != value:
+        raise ValueError(f'--{name}={want} but the shards in {videos!r} hold clips of '
+                         f'{got} frames x height x width.')
+    return source, {'num_classes': source.num_classes,
+                    'class_names': source.index.get('class_names', []), 'source': videos}
+  _require(num_frames=num_frames, height=height, width=width)
+  spec = video_files.ClipSpec(num_frames, height, width, 1, clip_start='center',
+                              crop='center')
+  source = video_files.VideoFiles(videos, spec)
+  return source, {'num_classes': source.num_classes,
+                  'class_names': list(source.class_names), 'source': videos}
+
+
+def _require(**values) -> None:
+  missing = [f'--{k}' for k, v in values.items() if v is None]
+  if missing:
+    raise ValueError(f'{", ".join(missing)} must be given for this --videos.')
+
+
+def _prepare_out(out: str, overwrite: bool) -> None:
+  os.makedirs(out, exist_ok=True)
+  for name in os.listdir(out):  # left by an interrupted run
+    if name.startswith(_TMP_PREFIX):
+      os.remove(os.path.join(out, name))
+  if not os.path.exists(os.path.join(out, shards.INDEX_NAME)):
+    return
+  if not overwrite:
+    raise ValueError(f'--out={out!r} already holds shards ({shards.INDEX_NAME}); pass '
+                     '--overwrite to replace them, or choose another folder.')
+  old = shards.read_index(out)
+  os.remove(os.path.join(out, shards.INDEX_NAME))  # first: never a half-replaced index
+  for shard in old['shards']:
+    os.remove(os.path.join(out, shard['name']))
+
+
+def encode_latents(videos: str, vae: str, out: str, *, num_shards: int = 1,
+                   batch_size: int = 8, normalize: bool = True, sample: str = 'mean',
+                   seed: int = 0, tiling: Optional[chunked.Tiling] = None,
+                   overwrite: bool = False, progress=sys.stderr, **clip_args) -> dict:
+  """Writes latent shards of `videos` encoded by the VAE folder `vae`; returns the index."""
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  if sample not in ('mean', 'posterior'):
+    raise ValueError(f"sample={sample!r} must be 'mean' or 'posterior'.")
+  cfg, params = checkpoint.load(vae)
+  source, described = open_clips(videos, **clip_args)
+  total = len(source)
+  if isinstance(num_shards, bool) or not isinstance(num_shards, int) or not (
+      1 <= num_shards <= total):
+    raise ValueError(f'num_shards={num_shards!r} must be an integer in [1, {total}] (the '
+                     'number of clips).')
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    raise ValueError(f'batch_size={batch_size!r} must be a positive integer.')
+  clip_shape = tuple(source[0]['video'].shape)  # [T, H, W, C]
+  if clip_shape[-1] != cfg.in_channels:
+    raise ValueError(f'the clips have {clip_shape[-1]} channels, the VAE takes '
+                     f'{cfg.in_channels}.')
+  latent_shape = cfg.latent_shape(*clip_shape[:3])  # raises if T, H, W do not fit
+  out = os.fspath(out)
+  _prepare_out(out, overwrite)
+  tmp_names = [f'{_TMP_PREFIX}{k:05d}.array_record' for k in range(num_shards)]
+  counts = [0] * num_shards
+  writer, writer_shard = None, None
+  rng = jax.random.PRNGKey(seed)
+  start = time.perf_counter()
+  try:
+    for first in range(0, total, batch_size):
+      examples = [source[i] for i in range(first, min(first + batch_size, total))]
+      video = np.stack([e['video'] for e in examples]).astype(np.float32)  # [B, T, H, W, C]
+      video = video / np.float32(127.5) - np.float32(1.0)
+      mean, logvar = chunked.encode_video(cfg, params, video, tiling=tiling)  # [B, T', ...]
+      z = mean
+      if sample == 'posterior':
+        noise = np.asarray(jax.random.normal(jax.random.fold_in(rng, first), mean.shape))
+        z = mean + np.exp(0.5 * logvar) * noise
+      if normalize:
+        z = vae_config.normalize_latents(cfg, z)
+      z = z.astype(np.float16)
+      for offset, example in enumerate(examples):
+        i = first + offset
+        k = i * num_shards // total
+        if k != writer_shard:
+          if writer is not None:
+            writer.close()
+          writer = array_record_module.ArrayRecordWriter(
+              os.path.join(out, tmp_names[k]), shards.WRITER_OPTIONS)
+          writer_shard = k
+        writer.write(shards.encode_record(z[offset], label=int(example['label']),
+                                          key=str(example.get('key', i))))
+        counts[k] += 1
+      if progress is not None:
+        done = first + len(examples)
+        progress.write(f'\rencode_latents: {done}/{total} clips, '
+                       f'{done / (time.perf_counter() - start):.1f} clips/s'
+                       + ('\n' if done == total else ''))
+        progress.flush()
+    if writer is not None:
+      writer.close()
+      writer = None
+  finally:
+    if writer is not None:
+      writer.close()
+  entries = []
+  for k in range(num_shards):
+    name = shards.shard_name(k, num_shards)
+    os.replace(os.path.join(out, tmp_names[k]), os.path.join(out, name))
+    entries.append({'name': name, 'num_records': counts[k]})
+  index = {
+      'format': shards.FORMAT,
+      'shards': entries,
+      'num_records': total,
+      'clip_shape': list(latent_shape),
+      'dtype': 'float16',
+      'num_classes': described['num_classes'],
+      'class_names': described['class_names'],
+      'source': described['source'],
+      'source_clip_shape': list(clip_shape),
+      'vae': {'path': os.path.abspath(os.fspath(vae)), 'config': cfg.to_dict(),
+              'normalized': bool(normalize), 'sample': sample},
+  }
+  shards.write_index(out, index)
+  return index
+
+
+def main(argv) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every step of a save at INFO
+  for name in ('videos', 'vae', 'out'):
+    if FLAGS[name].value is None:
+      raise app.UsageError(f'--{name} is required.')
+  try:
+    tiling = None
+    if FLAGS.tile:
+      if len(FLAGS.tile) != 2:
+        raise ValueError(f'--tile={",".join(FLAGS.tile)} must be SIZE,STRIDE.')
+      size, stride = (int(v) for v in FLAGS.tile)
+      tiling = chunked.Tiling(size, size, stride, stride)
+    index = encode_latents(
+        FLAGS.videos, FLAGS.vae, FLAGS.out, num_shards=FLAGS.num_shards,
+        batch_size=FLAGS.batch_size, normalize=FLAGS.normalize, sample=FLAGS.sample,
+        seed=FLAGS.seed, tiling=tiling, overwrite=FLAGS.overwrite,
+        num_frames=FLAGS.num_frames, height=FLAGS.height, width=FLAGS.width,
+        num_examples=FLAGS.num_examples, source_seed=FLAGS.source_seed)
+  except (ValueError, FileNotFoundError) as e:
+    print(f'encode_latents: error: {e}', file=sys.stderr)
+    return 2
+  t, h, w, c = index['clip_shape']
+  print(f'encode_latents: wrote {index["num_records"]} latent clips of [T, H, W, C] = '
+        f'{index["clip_shape"]} in {len(index["shards"])} shard(s) to {FLAGS.out}; train with '
+        f'--config.data.source=shards --config.data.path={FLAGS.out} '
+        f'--config.data.num_frames={t} --config.data.height={h} --config.data.width={w} '
+        f'--config.data.channels={c}', flush=True)
+  return 0
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)

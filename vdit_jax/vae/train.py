@@ -1,0 +1,213 @@
+r"""Train a causal video VAE from scratch on the configured clips (the synthetic shapes by
+default), so that latent diffusion runs end to end with no download.
+
+python -m vdit_jax.vae.train --config=configs/vae_tiny.py --workdir=runs/vae_tiny \
+    [--config.train.num_steps=300 ...]
+
+Loss: mean squared error of the reconstruction (clips in [-1, 1], z sampled from the
+posterior) + `train.kl_weight` x the mean KL of the posterior to N(0, 1) per latent value.
+AdamW with warm-up and cosine decay (the DiT trainer's optimizer). At the end the latents'
+per-channel mean and std are measured on `train.stats_batches` batches, and the VAE folder
+WORKDIR/vae (`vae/checkpoint.py`: params + config with those statistics) is written, for
+`vae.checkpoint.load`, `tools/encode_latents` and decoding samples.
+
+WORKDIR/metrics.jsonl: one JSON object per logged step (step, loss, mse, kl, psnr (dB, of
+the training batch), grad_norm, learning_rate, steps_per_s). Single process; no resume:
+a run this size takes minutes (see configs/vae_tiny.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import numbers
+import os
+import time
+from typing import Any, Dict
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_dict
+from ml_collections import config_flags
+import numpy as np
+import optax
+
+from vdit_jax import defaults
+from vdit_jax.data import pipeline
+from vdit_jax.train import metrics as metrics_lib
+from vdit_jax.train import state as state_lib
+from vdit_jax.vae import checkpoint
+from vdit_jax.vae import model as vae_model
+from vdit_jax.vae.config import VAEConfig
+from vdit_jax.vae.config import check_clip_shape
+
+VAE_DIRNAME = 'vae'
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every key VAE training reads, with its default (configs/vae_*.py start from this)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.vae = v = ml_collections.ConfigDict()  # VAEConfig fields (vae/config.py)
+  arch = VAEConfig()
+  v.base_dim = arch.base_dim
+  v.decoder_base_dim = config_dict.placeholder(int)  # None: base_dim
+  v.z_dim = arch.z_dim
+  v.dim_mult = arch.dim_mult
+  v.num_res_blocks = arch.num_res_blocks
+  v.temporal_downsample = arch.temporal_downsample
+  v.dtype = 'float32'
+  # The DiT trainer's data config: same sources, fields and checks.
+  c.data = copy.deepcopy(defaults.base_config().data)
+  c.data.num_frames = 17  # 1 + 4k
+  c.train = t = ml_collections.ConfigDict()
+  t.num_steps = 1000
+  t.batch_size = 8
+  t.learning_rate = 1e-3
+  t.warmup_steps = 50
+  t.end_lr_fraction = 0.1
+  t.weight_decay = 0.0
+  t.b1 = 0.9
+  t.b2 = 0.99
+  t.grad_clip = 1.0
+  t.kl_weight = 1e-4     # x mean KL per latent value, next to the per-pixel MSE
+  t.log_every = 25
+  t.stats_batches = 8    # batches that measure the latents' mean / std at the end
+  return c
+
+
+def vae_config(config) -> VAEConfig:
+  v = config.vae
+  return VAEConfig(base_dim=v.base_dim, decoder_base_dim=v.decoder_base_dim, z_dim=v.z_dim,
+                   dim_mult=tuple(v.dim_mult), num_res_blocks=v.num_res_blocks,
+                   temporal_downsample=tuple(bool(b) for b in v.temporal_downsample),
+                   in_channels=config.data.channels, out_channels=config.data.channels,
+                   dtype=v.dtype)
+
+
+def check_config(config) -> VAEConfig:
+  """Raises ValueError naming the value and the rule; returns the VAE architecture."""
+  cfg = vae_config(config)  # the architecture's own rules
+  pipeline.check_data_config(config.data)
+  check_clip_shape(cfg, config.data.num_frames, config.data.height, config.data.width)
+  t = config.train
+  for name in ('num_steps', 'batch_size', 'log_every', 'stats_batches'):
+    value = t[name]
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+      raise ValueError(f'train.{name} must be a positive integer, got {value!r}.')
+  for name in ('learning_rate', 'kl_weight', 'grad_clip', 'weight_decay'):
+    if not isinstance(t[name], numbers.Real) or t[name] < 0:
+      raise ValueError(f'train.{name} must be a number >= 0, got {t[name]!r}.')
+  if jax.process_count() != 1:
+    raise ValueError(f'vae.train runs in one process; got {jax.process_count()} processes.')
+  return cfg
+
+
+def make_train_step(cfg: VAEConfig, tx: optax.GradientTransformation, kl_weight: float):
+  """jit((params, opt_state, video [B, T, H, W, C], rng) -> (params, opt_state, metrics))."""
+  model = vae_model.WanVAE(cfg)
+
+  def loss_fn(params, video, rng):
+    recon, mean, logvar = model.apply({'params': params}, video, rng)  # recon unclipped
+    mse = jnp.mean(jnp.square(recon.astype(jnp.float32) - video))
+    kl = jnp.mean(vae_model.kl_to_standard_normal(mean, logvar))
+    return mse + kl_weight * kl, {'mse': mse, 'kl': kl}
+
+  def step(params, opt_state, video, rng):
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, video, rng)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics = {'loss': loss, **aux, 'psnr': 10.0 * jnp.log10(4.0 / aux['mse']),
+               'grad_norm': optax.global_norm(grads)}
+    return params, opt_state, metrics
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def latent_statistics(cfg: VAEConfig, params, batches) -> Dict[str, np.ndarray]:
+  """Per-channel mean and std of the posterior means over `batches` (float64 sums)."""
+  model = vae_model.WanVAE(cfg)
+  encode = jax.jit(lambda p, x: model.apply({'params': p}, x, method=vae_model.WanVAE.encode))
+  total = np.zeros(cfg.z_dim)
+  total_sq = np.zeros(cfg.z_dim)
+  count = 0
+  for video in batches:
+    mean, _ = encode(params, video)
+    z = np.asarray(mean, np.float64).reshape(-1, cfg.z_dim)  # [N, z]
+    total += z.sum(0)
+    total_sq += np.square(z).sum(0)
+    count += z.shape[0]
+  mu = total / count
+  std = np.sqrt(np.maximum(total_sq / count - np.square(mu), 0.0))
+  return {'mean': mu, 'std': np.maximum(std, 1e-6)}
+
+
+def train_and_evaluate(config, workdir: str) -> str:
+  """Trains, writes WORKDIR/metrics.jsonl and the VAE folder WORKDIR/vae; returns its path."""
+  cfg = check_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  rng = jax.random.PRNGKey(config.seed)
+  init_rng, rng = jax.random.split(rng)
+  params = checkpoint.init_params(cfg, init_rng)
+  num_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
+  tx = state_lib.make_optimizer(config.train)
+  schedule = state_lib.learning_rate_schedule(config.train)
+  opt_state = tx.init(params)
+  train_step = make_train_step(cfg, tx, float(config.train.kl_weight))
+  data = pipeline.make_dataset(config.data, config.train.batch_size, seed=config.seed)
+  writer = metrics_lib.MetricsWriter(workdir)
+  t = config.train
+  print(f'vae.train: {num_params / 1e6:.2f} M params, latents '
+        f'{list(cfg.latent_shape(config.data.num_frames, config.data.height, config.data.width))} '
+        f'per clip of {[config.data.num_frames, config.data.height, config.data.width]}, '
+        f'{t.num_steps} steps of batch {t.batch_size}', flush=True)
+  start = time.perf_counter()
+  last_time, last_step = None, 0
+  for step in range(1, t.num_steps + 1):
+    video = next(data)['video']  # [B, T, H, W, C] in [-1, 1]
+    params, opt_state, metrics = train_step(params, opt_state, video,
+                                            jax.random.fold_in(rng, step))
+    if step % t.log_every == 0 or step == t.num_steps:
+      record = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      record['learning_rate'] = float(schedule(step - 1))
+      now = time.perf_counter()
+      if last_time is not None:  # the first window holds the compilation
+        record['steps_per_s'] = (step - last_step) / (now - last_time)
+      last_time, last_step = now, step
+      record['wall_s'] = now - start
+      writer.write(step, record)
+      rate = record.get('steps_per_s')
+      print(f'step {step}/{t.num_steps} loss {record["loss"]:.4g} psnr {record["psnr"]:.2f} dB '
+            f'kl {record["kl"]:.3g} grad_norm {record["grad_norm"]:.3g}'
+            + (f' steps_per_s {rate:.3g}' if rate else ''), flush=True)
+  stats = latent_statistics(cfg, params, (next(data)['video'] for _ in range(t.stats_batches)))
+  final = VAEConfig.from_dict({**cfg.to_dict(), 'latents_mean': stats['mean'].tolist(),
+                               'latents_std': stats['std'].tolist()})
+  out = checkpoint.save(os.path.join(workdir, VAE_DIRNAME), final, params,
+                        step=t.num_steps, trained_on=config.data.to_dict(),
+                        final_metrics=record)
+  print(f'vae.train: wrote {out} (latents std per channel: '
+        f'{np.array2string(stats["std"], precision=2)})', flush=True)
+  return out
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+  train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  config_flags.DEFINE_config_file('config', None, 'Path to a configs/vae_*.py file.',
+                                  lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Directory for metrics.jsonl and the trained VAE.')
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)

@@ -1,0 +1,252 @@
+r"""Does a trained model follow its prompt / continue the given motion? Measured with the
+detector of tools/detect.py on generated clips.
+
+python bench/generation_eval.py --task=text --config=configs/tiny_text.py \
+    --workdir=runs/tiny_text [--num_prompts=84 --num_steps=25]
+python bench/generation_eval.py --task=extend --config=configs/tiny_extend.py \
+    --workdir=runs/tiny_extend [--num_clips=24 --total_frames=28]
+
+text: samples one clip per prompt 'a {colour} {shape} moving {direction}' (the prompts
+cycle through all colours x shapes x directions), detects each clip's colour, shape and
+direction and prints the accuracies against the prompt, next to chance (1/7, 1/3, 1/4)
+and to the same model sampled with no caption (the null caption) in the same run.
+First, the denoising loss of held-out clips with their own caption, none, and another
+clip's caption (same t and noise): whether the model reads the text at all.
+
+extend: renders --num_clips held-out synthetic clips of --total_frames frames (the
+ground truth), gives the model their first k = sample.overlap frames, extends them to
+--total_frames with the extension loop, and compares the detected centroid displacement per frame of
+the generated frames with the true clip's (mean absolute error, px/frame), next to two
+references computed in the same run: constant-velocity extrapolation of the given frames
+(ignores bounces) and no motion. Also the share of clips whose generated frames keep the
+given colour. First, the denoising loss of the frames after the first k with those k given
+vs none given (same t and noise): whether the model reads the given frames at all.
+
+A measurement, not a test: it never fails on a number. Ends with one JSON line.
+"""
+
+import json
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from vdit_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+from vdit_jax.diffusion import conditioning as cond_lib
+from vdit_jax.model import text as text_lib
+from vdit_jax.tools import detect
+from vdit_jax.train import generate
+from vdit_jax.train import loop
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'The config the model was trained with.')
+flags.DEFINE_string('workdir', None, 'Workdir holding the trained checkpoints.')
+flags.DEFINE_enum('task', 'text', ['text', 'extend'], 'What to measure.')
+flags.DEFINE_integer('num_prompts', 84, 'text: prompts (= clips) to sample.')
+flags.DEFINE_integer('num_clips', 24, 'extend: clips to extend.')
+flags.DEFINE_integer('total_frames', 28, 'extend: frames of each extended clip.')
+flags.DEFINE_integer('num_steps', 25, 'Sampler steps.')
+flags.DEFINE_integer('batch', 12, 'Clips sampled per call.')
+flags.DEFINE_integer('seed', 1234, 'Sampling seed; extend: also the held-out clips\' source seed.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def prompt_grid(n):
+  """n (prompt, colour, shape, direction) cycling through every combination."""
+  out = []
+  for i in range(n):
+    colour = list(synthetic.COLOURS)[i % len(synthetic.COLOURS)]
+    direction = synthetic.DIRECTIONS[(i // len(synthetic.COLOURS)) % len(synthetic.DIRECTIONS)]
+    shape = synthetic.SHAPES[(i // (len(synthetic.COLOURS) * len(synthetic.DIRECTIONS)))
+                             % len(synthetic.SHAPES)]
+    out.append((f'a {colour} {shape} moving {direction}', colour, shape, direction))
+  return out
+
+
+def sample_batches(s, params, conds, rng):
+  cfg = s.config
+  fn = jax.jit(generate.make_sample_fn(s.model, s.diffusion, cfg, s.num_classes,
+                                       generate.sample_shape(cfg, FLAGS.batch)))
+  return [np.asarray(fn(params, jax.random.fold_in(rng, i), c)) for i, c in enumerate(conds)]
+
+
+def caption_losses(s, params, tok):
+  """Denoising loss on held-out clips with their own caption, no caption, and another
+  clip's caption, at the same (t, noise) draws: lower with the right caption = the model
+  reads the text, whether or not its samples are clean yet."""
+  cfg = s.config
+  n = FLAGS.num_prompts - FLAGS.num_prompts % FLAGS.batch or FLAGS.batch
+  source = synthetic.SyntheticShapes(cfg.data.num_frames, cfg.data.height, cfg.data.width,
+                                     num_examples=n, seed=FLAGS.seed, captions=True,
+                                     time_stride=cfg.data.time_stride)
+  video = np.stack([source[i]['video'] for i in range(n)]).astype(np.float32) / 127.5 - 1.0
+  captions = [source[i]['caption'] for i in range(n)]
+  shuffled = captions[1:] + captions[:1]
+  t_rng, noise_rng = jax.random.split(jax.random.key(FLAGS.seed))
+  t = s.diffusion.sample_t(t_rng, n)
+  noise = jax.random.normal(noise_rng, video.shape)
+
+  @jax.jit
+  def per_clip(video, t, noise, text):
+    z = s.diffusion.corrupt(video, noise, t)
+    pred = s.model.apply({'params': params}, z, s.diffusion.model_t(t), None, text=text)
+    return jnp.mean(jnp.square(pred - s.diffusion.target(video, noise, t)), axis=(1, 2, 3, 4))
+
+  out = {}
+  for name, texts in (('own_caption', captions), ('no_caption', None),
+                      ('other_caption', shuffled)):
+    losses = []
+    for b in range(0, n, FLAGS.batch):
+      sl = slice(b, b + FLAGS.batch)
+      if texts is None:
+        text = text_lib.null_text(text_lib.resolve_spec(cfg.model.text), FLAGS.batch)
+      else:
+        ids, mask = tok.encode_batch(texts[sl])
+        text = {'tokens': ids, 'mask': mask}
+      losses.append(per_clip(video[sl], t[sl], noise[sl], text))
+    out[name] = float(np.mean(np.concatenate(losses)))
+  print(f'denoising loss on {n} held-out clips: own caption {out["own_caption"]:.4f}, '
+        f'no caption {out["no_caption"]:.4f}, another clip\'s caption '
+        f'{out["other_caption"]:.4f}')
+  return out
+
+
+def eval_text(s, params):
+  cfg = s.config
+  spec = text_lib.resolve_spec(cfg.model.text)
+  tok = text_lib.Tokenizer(spec.max_length)
+  results = {'loss': caption_losses(s, params, tok)}
+  grid = prompt_grid(FLAGS.num_prompts)
+  grid += grid[:(-len(grid)) % FLAGS.batch]  # whole batches
+  for name, use_caption in (('prompted', True), ('no_caption', False)):
+    conds = []
+    for b in range(0, len(grid), FLAGS.batch):
+      ids, mask = tok.encode_batch([g[0] for g in grid[b:b + FLAGS.batch]])
+      conds.append({'text': {'tokens': ids, 'mask': mask & use_caption}})
+    t0 = time.perf_counter()
+    clips = np.concatenate(sample_batches(s, params, conds, jax.random.key(FLAGS.seed)))
+    found = [detect.detect(c) for c in clips[:FLAGS.num_prompts]]
+    truth = grid[:FLAGS.num_prompts]
+    acc = {key: float(np.mean([getattr(d, key) == t[i + 1] for d, t in zip(found, truth)]))
+           for i, key in enumerate(('colour', 'shape', 'direction'))}
+    acc['sample_s'] = time.perf_counter() - t0
+    results[name] = acc
+    print(f'{name:>10}: colour {acc["colour"]:.3f}  shape {acc["shape"]:.3f}  direction '
+          f'{acc["direction"]:.3f}  ({len(found)} clips, {acc["sample_s"]:.0f}s)')
+  results['chance'] = {'colour': 1 / len(synthetic.COLOURS), 'shape': 1 / len(synthetic.SHAPES),
+                       'direction': 1 / len(synthetic.DIRECTIONS)}
+  print(f'{"chance":>10}: colour {1 / 7:.3f}  shape {1 / 3:.3f}  direction {1 / 4:.3f}')
+  return results
+
+
+def displacement(centroids):
+  return np.diff(centroids, axis=0)  # [T-1, 2] px/frame
+
+
+def given_frame_losses(s, params, clips, k):
+  """Denoising loss on the frames after the first k of held-out clips [N, T, H, W, 3]
+  (float), with those k frames given clean vs none given, at the same (t, noise) draws:
+  lower with given frames = the model reads them."""
+  n = clips.shape[0]
+  t_rng, noise_rng = jax.random.split(jax.random.key(FLAGS.seed))
+  t = s.diffusion.sample_t(t_rng, n)
+  noise = jax.random.normal(noise_rng, clips.shape)
+  free = cond_lib.frame_mask(jnp.full((n,), k), clips.shape[1])  # scored: not in here
+
+  @jax.jit
+  def loss(video, t, noise, mask, free):
+    def apply_fn(z, tm, frame_mask=None):
+      return s.model.apply({'params': params}, z, tm, None, frame_mask=frame_mask)
+    z = cond_lib.impose(s.diffusion.corrupt(video, noise, t), video, mask)
+    pred = apply_fn(z, s.diffusion.model_t(t), frame_mask=mask)
+    return cond_lib.masked_mse(s.diffusion.target(video, noise, t), pred, free)
+
+  out = {}
+  for name, mask in (('given', free), ('none_given', jnp.zeros_like(free))):
+    out[name] = float(loss(clips, t, noise, mask, free))
+  print(f'denoising loss on frames {k}.. of {n} held-out clips: {k} frames given '
+        f'{out["given"]:.4f}, none given {out["none_given"]:.4f}')
+  return out
+
+
+def eval_extend(s, params):
+  cfg = s.config
+  k = int(cfg.sample.overlap or cfg.model.context_frames_max)
+  total = FLAGS.total_frames
+  source = synthetic.SyntheticShapes(total, cfg.data.height, cfg.data.width,
+                                     num_examples=FLAGS.num_clips, seed=FLAGS.seed,
+                                     time_stride=cfg.data.time_stride)
+  truth = np.stack([source[i]['video'] for i in range(FLAGS.num_clips)])  # [N, F, H, W, 3]
+  colours = [list(synthetic.COLOURS)[source[i]['colour']] for i in range(FLAGS.num_clips)]
+  given = truth[:, :k].astype(np.float32) / 127.5 - 1.0
+  losses = given_frame_losses(
+      s, params, truth[:, :cfg.data.num_frames].astype(np.float32) / 127.5 - 1.0, k)
+  t0 = time.perf_counter()
+  clips = []
+  for b in range(0, FLAGS.num_clips, FLAGS.batch):
+    clip, _ = generate.extend_clip(s.model, s.diffusion, cfg, params, given[b:b + FLAGS.batch],
+                                   total, rng=jax.random.key(FLAGS.seed + b),
+                                   num_classes=s.num_classes)
+    clips.append(clip)
+  clips = np.concatenate(clips)
+  seconds = time.perf_counter() - t0
+  errors = {'model': [], 'constant_velocity': [], 'no_motion': []}
+  seam = []
+  same_colour = []
+  for gen, true, colour in zip(clips, truth, colours):
+    d_gen, d_true = detect.detect(gen), detect.detect(true)
+    true_steps = displacement(d_true.centroids)[k - 1:]  # steps into generated frames
+    gen_steps = displacement(d_gen.centroids)[k - 1:]
+    given_v = np.nanmean(displacement(d_true.centroids[:k]), axis=0) if k > 1 else np.zeros(2)
+    ok = np.isfinite(gen_steps).all(axis=1)
+    errors['model'].append(np.abs(gen_steps - true_steps)[ok].mean())
+    errors['constant_velocity'].append(np.abs(given_v[None] - true_steps).mean())
+    errors['no_motion'].append(np.abs(true_steps).mean())
+    seam.append(np.abs(gen_steps[0] - true_steps[0]).mean() if ok[0] else np.nan)
+    gen_part = detect.detect(gen[k:])
+    same_colour.append(gen_part.colour == colour)
+  out = {name: float(np.nanmean(v)) for name, v in errors.items()}
+  out['loss'] = losses
+  out['model_first_step_after_seam'] = float(np.nanmean(seam))
+  out['colour_kept'] = float(np.mean(same_colour))
+  out['given_frames'] = k
+  out['total_frames'] = total
+  out['extend_s'] = seconds
+  print(f'velocity error, px/frame per axis (mean |generated - true| over the generated '
+        f'frames, {FLAGS.num_clips} clips, {k} given, extended to {total}):')
+  for name in ('model', 'constant_velocity', 'no_motion'):
+    print(f'  {name:>18}: {out[name]:.3f}')
+  print(f'  first step after the seam (model): {out["model_first_step_after_seam"]:.3f}')
+  print(f'  generated frames keep the given colour: {out["colour_kept"]:.3f} ({seconds:.0f}s)')
+  return out
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  config.sample.num_steps = FLAGS.num_steps
+  config.sample.num_samples = FLAGS.batch
+  s = loop.build(config, FLAGS.workdir)
+  try:
+    # The params --mode=sample would use (newest checkpoint's EMA, else the newest export).
+    params, step, _ = loop._params_to_sample(  # pylint: disable=protected-access
+        s, FLAGS.workdir, None)
+  finally:
+    s.checkpointer.close()
+  print(f'{FLAGS.task}: step {step} of {FLAGS.workdir}, {FLAGS.num_steps} '
+        f'{config.sample.sampler} steps, cfg {config.sample.cfg_scale} '
+        '(shared, contended CPU: times are indicative only)')
+  result = eval_text(s, params) if FLAGS.task == 'text' else eval_extend(s, params)
+  print(json.dumps({'task': FLAGS.task, 'step': step, **result}))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,254 @@
+"""Conditioning beyond class labels: text captions and given frames (video extension and
+image-to-video), for the train step, the samplers and the extension loop.
+
+Given frames. The first k frames of a clip are given clean; the rest are generated. The
+model sees `impose(z_t, x, mask)` = the noisy clip with the given frames replaced by their
+clean values, plus `frame_mask` [B, T] as one more input channel (VideoDiT appends it:
+C + 1 channels in, C out). C + 1 rather than 2C + 1 (noisy clip, clean clip, mask): the
+given frames are in the model's input exactly where they belong in the output, the
+sampler's state can hold them as they are, and the patch embedding grows by one channel.
+  * training draws k per clip in [1, model.context_frames_max], or 0 with probability
+    model.context_none_prob (so one model also generates from nothing), and the loss
+    covers only the frames that are not given (`masked_mse`);
+  * sampling re-imposes the given frames on the model input at every step and on the
+    result, so the sampler returns them exactly (`sample`);
+  * `extend` grows a clip window by window: the last `overlap` frames of what exists are
+    the given frames of the next window, so every window continues the motion it sees.
+    Image-to-video is k = 1: one given frame.
+
+Text. Captions arrive as {'tokens' | 'embed', 'mask'} (model/text.py); training clears
+the mask of a clip with probability model.caption_dropout (the learned null caption), and
+classifier-free guidance's unconditional half clears it for every clip (`null_condition`).
+
+A "condition" passed through the samplers is a dict of [B, ...] arrays with any of
+  'label' int32 [B], 'text' {'tokens' | 'embed', 'mask'}, 'context' [B, T, H, W, C] (the
+  given frames, zeros elsewhere) with 'frame_mask' bool [B, T].
+"""
+
+import dataclasses
+import functools
+import numbers
+from typing import Callable, List, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vdit_jax.diffusion import objectives
+from vdit_jax.diffusion import samplers
+
+TEXT_KEYS = {'builtin': 'tokens', 'precomputed': 'embed'}  # model.text.encoder -> text key
+# Batch keys of captions, from the pipeline (data/captions.py), by model.text.encoder.
+BATCH_TEXT_KEYS = {'builtin': ('tokens', 'text_mask'), 'precomputed': ('text_embed', 'text_mask')}
+
+
+def check_num_given(k, num_frames: int) -> int:
+  """k given frames of a clip of num_frames: an integer in [0, num_frames)."""
+  if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
+    raise ValueError(f'the number of given frames k={k!r} must be an integer >= 0.')
+  if k >= num_frames:
+    raise ValueError(f'k={k} given frames leave nothing to generate in a clip of '
+                     f'{num_frames} (latent) frames; k must be < {num_frames}.')
+  return int(k)
+
+
+def frame_mask(num_given, num_frames: int):
+  """num_given int [B] (or an int) -> bool [B, T]: True on the first num_given frames."""
+  return jnp.arange(num_frames)[None, :] < jnp.asarray(num_given, jnp.int32).reshape(-1, 1)
+
+
+def _frames(mask, x):
+  """bool [B, T] -> [B, T, 1, ..., 1] broadcastable against x [B, T, H, W, C]."""
+  if mask.shape != x.shape[:2]:
+    raise ValueError(f'frame_mask {mask.shape} must be [B, T]={x.shape[:2]} of the clip '
+                     f'{x.shape}.')
+  return mask.reshape(mask.shape + (1,) * (x.ndim - 2))
+
+
+def impose(z, given, mask):
+  """z [B, T, ...] with the frames where mask [B, T] is True taken from `given` (exact)."""
+  return jnp.where(_frames(mask, z), given.astype(z.dtype), z)
+
+
+def draw_num_given(rng, batch: int, max_given: int, none_prob: float):
+  """k [B] int32: 0 with probability none_prob, else uniform in [1, max_given]."""
+  none_rng, k_rng = jax.random.split(rng)
+  k = jax.random.randint(k_rng, (batch,), 1, max_given + 1, dtype=jnp.int32)  # [B]
+  if none_prob > 0:
+    k = jnp.where(jax.random.bernoulli(none_rng, none_prob, (batch,)), 0, k)
+  return k
+
+
+def masked_mse(target, pred, mask):
+  """Mean squared error over the frames where mask [B, T] is False (the generated ones),
+  in float32; the given frames' predictions do not enter it at all."""
+  if target.shape != pred.shape:
+    raise ValueError(f'prediction shape {pred.shape} must equal target shape {target.shape}.')
+  keep = jnp.logical_not(_frames(mask, target))  # [B, T, 1, 1, 1]
+  diff = target.astype(jnp.float32) - pred.astype(jnp.float32)
+  total = jnp.sum(jnp.where(keep, jnp.square(diff), 0.0))
+  per_frame = np.prod(target.shape[2:])
+  count = jnp.sum(jnp.logical_not(mask).astype(jnp.float32)) * per_frame
+  return total / jnp.maximum(count, 1.0)
+
+
+def null_condition(cond, null_label: Optional[int] = None):
+  """The unconditional version of a condition for classifier-free guidance: no caption
+  (mask cleared) or the null label; given frames stay."""
+  out = dict(cond)
+  if 'text' in cond:
+    out['text'] = {**cond['text'], 'mask': jnp.zeros_like(cond['text']['mask'])}
+  elif 'label' in cond and null_label is not None:
+    out['label'] = jnp.full_like(cond['label'], null_label)
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Conditioning:
+  """What the train step draws and feeds beyond (video, label): captions with dropout,
+  given frames. Build with `from_config`; None there means class conditioning only."""
+  text_encoder: Optional[str] = None   # 'builtin' | 'precomputed' | None (no text)
+  caption_dropout: float = 0.0
+  context_frames_max: int = 0
+  context_none_prob: float = 0.0
+
+  @classmethod
+  def from_config(cls, config) -> Optional['Conditioning']:
+    m = config.model
+    text = m.get('conditioning', 'class') == 'text'
+    k_max = int(m.get('context_frames_max', 0) or 0)
+    if not text and k_max == 0:
+      return None
+    return cls(text_encoder=m.text.get('encoder', 'builtin') if text else None,
+               caption_dropout=float(m.get('caption_dropout', 0.0)) if text else 0.0,
+               context_frames_max=k_max,
+               context_none_prob=float(m.get('context_none_prob', 0.0)) if k_max else 0.0)
+
+  def batch_keys(self) -> Tuple[str, ...]:
+    """Keys the batch must hold besides 'video' and 'label'."""
+    return BATCH_TEXT_KEYS[self.text_encoder] if self.text_encoder else ()
+
+  def draw(self, rng, batch) -> dict:
+    """Per-clip draws for the whole batch: {'text': ..., 'frame_mask': bool [B, T]}."""
+    text_rng, frames_rng = jax.random.split(rng)
+    b, t = batch['video'].shape[:2]
+    out = {}
+    if self.text_encoder:
+      data_key, mask_key = BATCH_TEXT_KEYS[self.text_encoder]
+      missing = [k for k in (data_key, mask_key) if k not in batch]
+      if missing:
+        raise ValueError(f'model.text.encoder={self.text_encoder!r} needs batch keys '
+                         f'{[data_key, mask_key]}; missing {missing} (batch has {sorted(batch)}).')
+      text = {TEXT_KEYS[self.text_encoder]: batch[data_key], 'mask': batch[mask_key]}
+      if self.caption_dropout > 0:
+        drop = jax.random.bernoulli(text_rng, self.caption_dropout, (b,))  # [B]
+        text = {**text, 'mask': jnp.logical_and(text['mask'], jnp.logical_not(drop)[:, None])}
+      out['text'] = text
+    if self.context_frames_max > 0:
+      k = draw_num_given(frames_rng, b, self.context_frames_max, self.context_none_prob)
+      out['frame_mask'] = frame_mask(k, t)  # [B, T]
+    return out
+
+  def loss(self, diffusion, apply_fn, inputs):
+    """The denoising loss with these conditions.
+
+    apply_fn(z [B, T, H, W, C], t_model [B], **kwargs) -> prediction, kwargs being
+    text= and/or frame_mask=; `inputs` holds 'video', 't', 'noise' and `draw`'s output.
+    """
+    x0, t, noise = inputs['video'], inputs['t'], inputs['noise']
+    z_t = diffusion.corrupt(x0, noise, t)  # [B, T, H, W, C]
+    kwargs = {}
+    if 'text' in inputs:
+      kwargs['text'] = inputs['text']
+    mask = inputs.get('frame_mask')
+    if mask is not None:
+      z_t = impose(z_t, x0, mask)  # the given frames enter clean
+      kwargs['frame_mask'] = mask
+    pred = apply_fn(z_t, diffusion.model_t(t), **kwargs)  # [B, T, H, W, C]
+    target = diffusion.target(x0, noise, t)
+    if mask is None:
+      return objectives.mse(target, pred)
+    return masked_mse(target, pred, mask)
+
+
+def model_fn_with_context(apply_fn: Callable) -> Callable:
+  """apply_fn(z, t_model, label=, text=, frame_mask=) -> the samplers' model_fn(z, t, cond):
+  the given frames of `cond` are imposed on z before every model call."""
+
+  def model_fn(z, t_model, cond):
+    kwargs = {k: cond[k] for k in ('label', 'text') if k in cond}
+    if 'frame_mask' in cond:
+      z = impose(z, cond['context'], cond['frame_mask'])
+      kwargs['frame_mask'] = cond['frame_mask']
+    return apply_fn(z, t_model, **kwargs)
+
+  return model_fn
+
+
+def sample(diffusion, apply_fn, rng, shape, cond, *, sampler, num_steps, eta=0.0,
+           cfg_scale=1.0, null_label=None, clip_x0=True):
+  """`samplers.sample` with a condition dict (see the module docstring): given frames
+  re-imposed before every model call and on the result, so they come back exactly;
+  guidance toward the condition against `null_condition(cond, null_label)`.
+
+  apply_fn(z, t_model, label=, text=, frame_mask=) -> prediction. Returns [*shape].
+  """
+  shape = tuple(int(d) for d in shape)
+  if 'frame_mask' in cond:
+    if 'context' not in cond:
+      raise ValueError("a condition with 'frame_mask' needs 'context', the given frames.")
+    if tuple(cond['context'].shape) != shape:
+      raise ValueError(f"given frames 'context' {tuple(cond['context'].shape)} must have the "
+                       f'sample shape {shape} (zeros where not given).')
+  out = samplers.sample(
+      diffusion, model_fn_with_context(apply_fn), rng, shape, cond, sampler=sampler,
+      num_steps=num_steps, eta=eta, cfg_scale=cfg_scale, clip_x0=clip_x0,
+      null_label=functools.partial(null_condition, null_label=null_label))
+  if 'frame_mask' in cond:
+    out = impose(out, cond['context'], cond['frame_mask'])
+  return out
+
+
+def given_condition(frames, num_frames: int):
+  """Given frames [B, k, H, W, C] -> ('context' [B, T, H, W, C] zero-padded, 'frame_mask'
+  bool [B, T]) for a clip of num_frames frames; raises unless 0 <= k < num_frames."""
+  if frames.ndim != 5:
+    raise ValueError(f'given frames must be [B, k, H, W, C], got shape {frames.shape}.')
+  k = check_num_given(frames.shape[1], num_frames)
+  context = jnp.zeros(frames.shape[:1] + (num_frames,) + frames.shape[2:], jnp.float32)
+  context = context.at[:, :k].set(jnp.asarray(frames, jnp.float32))
+  mask = jnp.broadcast_to(frame_mask(k, num_frames), (frames.shape[0], num_frames))
+  return context, mask
+
+
+def extend(window_fn: Callable, frames, total_frames: int, window: int, overlap: int
+           ) -> Tuple[np.ndarray, List[np.ndarray]]:
+  """Grows `frames` [B, F, H, W, C] to `total_frames` frames, window by window.
+
+  Each window has `window` frames; its first g = min(overlap, frames so far) frames are
+  the last g frames of the clip so far (given), the rest new. window_fn(context
+  [B, window, H, W, C] (zeros past g), frame_mask bool [B, window], index) -> [B, window,
+  H, W, C] must return the given frames unchanged (as `sample` does). Returns the clip
+  [B, total_frames, ...] (the input frames first) and the list of windows.
+  """
+  frames = np.asarray(frames, np.float32)
+  if frames.ndim != 5 or frames.shape[1] < 1:
+    raise ValueError(f'frames to extend must be [B, F, H, W, C] with F >= 1, got '
+                     f'{frames.shape}.')
+  for name, value in (('total_frames', total_frames), ('window', window), ('overlap', overlap)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+      raise ValueError(f'{name}={value!r} must be a positive integer.')
+  check_num_given(overlap, window)
+  if total_frames <= frames.shape[1]:
+    raise ValueError(f'total_frames={total_frames} must exceed the {frames.shape[1]} frames '
+                     'given, or there is nothing to generate.')
+  clip, windows = frames, []
+  while clip.shape[1] < total_frames:
+    g = min(overlap, clip.shape[1])
+    context, mask = given_condition(clip[:, -g:], window)
+    out = np.asarray(jax.device_get(window_fn(context, mask, len(windows))), np.float32)
+    if out.shape != context.shape:
+      raise ValueError(f'window_fn returned {out.shape}, expected {context.shape}.')
+    windows.append(out)
+    clip = np.concatenate([clip, out[:, g:]], axis=1)  # [B, F', H, W, C]
+  return clip[:, :total_frames], windows

@@ -1,0 +1,133 @@
+r"""A simple detector for clips of one coloured shape on a dark background (the synthetic
+data, and what models trained on it generate): dominant colour, a shape guess, and the
+centroid's motion.
+
+python -m vdit_jax.tools.detect clip.mp4      # prints one JSON line
+
+Per frame, the background colour is the median of the border pixels; foreground pixels
+differ from it by more than `threshold` (0..255 units, summed over RGB as a Euclidean
+distance). Then
+  colour     the palette colour (synthetic.COLOURS) nearest to the median foreground RGB
+  shape      from the fill ratio area / bounding-box area, median over frames:
+             square ~1, circle ~pi/4, triangle ~1/2
+  centroids  [T, 2] (x, y) in pixels, NaN where a frame has no foreground
+  velocity   (vx, vy) px/frame: the mean displacement over the first `lead` frames
+             (the synthetic label is the direction at frame 0; the shape may bounce
+             off a wall from the second frame on, so `lead` is short)
+  direction  right | left | down | up: the larger component of the velocity, by sign
+"""
+
+import dataclasses
+import json
+import sys
+from typing import Tuple
+
+import numpy as np
+
+from vdit_jax.data import synthetic
+
+_PALETTE = np.array(list(synthetic.COLOURS.values()), np.float32)  # [K, 3]
+# Fill-ratio boundaries: square 1 > 0.89 > circle 0.785 > 0.64 > triangle 0.5.
+_SQUARE_MIN_FILL = 0.89
+_CIRCLE_MIN_FILL = 0.64
+
+
+@dataclasses.dataclass
+class Detection:
+  colour: str
+  colour_rgb: Tuple[float, float, float]  # median foreground RGB, 0..255
+  shape: str
+  fill: float                             # median area / bounding-box area
+  direction: str
+  velocity: Tuple[float, float]           # (vx, vy) px/frame over the first frames
+  centroids: np.ndarray                   # [T, 2] (x, y), NaN where nothing was found
+  found: np.ndarray                       # bool [T]
+
+  def summary(self) -> dict:
+    return {'colour': self.colour, 'shape': self.shape, 'direction': self.direction,
+            'velocity': [round(v, 3) for v in self.velocity], 'fill': round(self.fill, 3),
+            'colour_rgb': [round(c, 1) for c in self.colour_rgb],
+            'frames_found': int(self.found.sum())}
+
+
+def to_uint8_range(frames) -> np.ndarray:
+  """uint8 [T, H, W, 3] or float in [-1, 1] -> float32 in 0..255."""
+  frames = np.asarray(frames)
+  if frames.ndim != 4 or frames.shape[-1] != 3 or min(frames.shape) < 1:
+    raise ValueError(f'frames must be [T, H, W, 3] RGB, got shape {frames.shape}.')
+  if frames.dtype == np.uint8:
+    return frames.astype(np.float32)
+  return (np.clip(frames.astype(np.float32), -1.0, 1.0) + 1.0) * 127.5
+
+
+def foreground(frames, threshold: float = 60.0) -> np.ndarray:
+  """bool [T, H, W]: pixels farther than `threshold` from their frame's border median."""
+  return _foreground(to_uint8_range(frames), threshold)
+
+
+def _foreground(x, threshold):  # x float32 [T, H, W, 3] in 0..255
+  border = np.concatenate([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], axis=1)  # [T, P, 3]
+  background = np.median(border, axis=1)  # [T, 3]
+  return np.linalg.norm(x - background[:, None, None, :], axis=-1) > threshold
+
+
+def velocity_of(centroids, found, lead: int = 2) -> Tuple[float, float]:
+  """Mean displacement (vx, vy) per frame between the first `lead` + 1 found frames;
+  (nan, nan) with fewer than two."""
+  idx = np.flatnonzero(found)[:lead + 1]
+  if len(idx) < 2:
+    return float('nan'), float('nan')
+  vx, vy = (centroids[idx[-1]] - centroids[idx[0]]) / (idx[-1] - idx[0])  # px/frame
+  return float(vx), float(vy)
+
+
+def direction_of(velocity) -> str:
+  vx, vy = velocity
+  if not np.isfinite(vx) or not np.isfinite(vy):
+    return 'unknown'
+  if abs(vx) >= abs(vy):
+    return 'right' if vx > 0 else 'left'
+  return 'down' if vy > 0 else 'up'
+
+
+def detect(frames, threshold: float = 60.0, lead: int = 2) -> Detection:
+  """Detects the shape in a clip [T, H, W, 3] (uint8, or float in [-1, 1])."""
+  x = to_uint8_range(frames)
+  mask = _foreground(x, threshold)  # [T, H, W]
+  t, h, w = mask.shape
+  ys, xs = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5  # pixel centres
+  area = mask.sum(axis=(1, 2))  # [T]
+  found = area > 0
+  safe = np.maximum(area, 1)
+  centroids = np.stack([(mask * xs).sum(axis=(1, 2)) / safe,
+                        (mask * ys).sum(axis=(1, 2)) / safe], axis=-1)  # [T, 2]
+  centroids[~found] = np.nan
+  fills = []
+  for i in np.flatnonzero(found):
+    rows, cols = np.flatnonzero(mask[i].any(axis=1)), np.flatnonzero(mask[i].any(axis=0))
+    box = (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
+    fills.append(area[i] / box)
+  fill = float(np.median(fills)) if fills else float('nan')
+  if not found.any():
+    rgb = np.full(3, np.nan, np.float32)
+    colour = shape = 'unknown'
+  else:
+    rgb = np.median(x[mask], axis=0)  # [3]
+    colour = list(synthetic.COLOURS)[int(np.argmin(np.linalg.norm(_PALETTE - rgb, axis=-1)))]
+    shape = ('square' if fill >= _SQUARE_MIN_FILL else
+             'circle' if fill >= _CIRCLE_MIN_FILL else 'triangle')
+  velocity = velocity_of(centroids, found, lead)
+  return Detection(colour=colour, colour_rgb=tuple(float(c) for c in rgb), shape=shape,
+                   fill=fill, direction=direction_of(velocity), velocity=velocity,
+                   centroids=centroids, found=found)
+
+
+def main(argv):
+  if len(argv) != 2:
+    raise SystemExit('usage: python -m vdit_jax.tools.detect CLIP.(mp4|gif)')
+  from vdit_jax.data import video_io  # pylint: disable=g-import-not-at-top
+  print(json.dumps(detect(video_io.read_video(argv[1])).summary()))
+
+
+if __name__ == '__main__':
+  main(sys.argv)

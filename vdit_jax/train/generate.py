@@ -1,0 +1,283 @@
+"""Generation with captions and given frames: config checks, the sample grid of a text- or
+frame-conditioned model, prompts (--mode=sample --prompt=...) and video extension
+(--mode=extend --input=clip.mp4 --num_frames=N; a .png input is image-to-video).
+
+The pure pieces (given-frame masks, re-imposition, the extension loop) live in
+diffusion/conditioning.py; this module ties them to a config, a model and its params.
+"""
+
+import os
+from typing import List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vdit_jax.data import synthetic
+from vdit_jax.data import transforms
+from vdit_jax.data import video_io
+from vdit_jax.diffusion import conditioning as cond_lib
+from vdit_jax.model import axes
+from vdit_jax.model import text as text_lib
+from vdit_jax.train import sampling
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
+PROMPT_SEPARATOR = ';'
+
+
+def conditioning(config) -> Optional[cond_lib.Conditioning]:
+  """What the train step draws beyond labels (None: class conditioning only)."""
+  return cond_lib.Conditioning.from_config(config)
+
+
+def is_text(config) -> bool:
+  return config.model.get('conditioning', 'class') == 'text'
+
+
+def needs_conditions(config) -> bool:
+  """True when sampling needs a condition dict (captions or given frames), not labels."""
+  return is_text(config) or int(config.model.get('context_frames_max', 0) or 0) > 0
+
+
+def parse_prompts(prompts) -> List[str]:
+  """'a red square moving left; a blue circle moving up' (or a list) -> list of prompts."""
+  if isinstance(prompts, str):
+    prompts = prompts.split(PROMPT_SEPARATOR)
+  return [p.strip() for p in prompts if p.strip()]
+
+
+def default_prompts(num: int) -> List[str]:
+  """Synthetic captions covering shapes, colours and directions, `num` of them."""
+  out = []
+  for i in range(num):
+    out.append(synthetic.caption(i % len(synthetic.SHAPES), (i * 3) % len(synthetic.COLOURS),
+                                 (i // len(synthetic.SHAPES)) % len(synthetic.DIRECTIONS)))
+  return out
+
+
+def check_config(config) -> None:
+  """Rules of the text / given-frames keys against the data and sample config."""
+  m, data = config.model, config.data
+  text = is_text(config)
+  if text:
+    p = m.get('caption_dropout', 0.0)
+    if not 0.0 <= p < 1.0:
+      raise ValueError(f'config.model.caption_dropout={p} must be in [0, 1).')
+    encoder = m.text.get('encoder', 'builtin')
+    if encoder == 'builtin' and data.source == 'files':
+      raise ValueError("model.conditioning='text' with model.text.encoder='builtin' needs a "
+                       "caption per clip; data.source='files' has none (use 'synthetic', or "
+                       "'shards' written with captions).")
+    if encoder == 'precomputed' and data.source == 'synthetic':
+      raise ValueError("model.text.encoder='precomputed' reads each clip's caption_embedding "
+                       "from data.source='shards'; data.source='synthetic' has none (use "
+                       "encoder='builtin').")
+  prompts = parse_prompts(config.sample.get('prompts', ''))
+  if prompts:
+    if not text:
+      raise ValueError(f'config.sample.prompts={config.sample.prompts!r} needs '
+                       "model.conditioning='text'.")
+    check_prompts(config, prompts)
+  k_max = m.get('context_frames_max', 0) or 0
+  if isinstance(k_max, bool) or not isinstance(k_max, int) or k_max < 0:
+    raise ValueError(f'config.model.context_frames_max={k_max!r} must be an integer >= 0.')
+  if k_max >= data.num_frames:
+    raise ValueError(f'config.model.context_frames_max={k_max} must be < data.num_frames='
+                     f'{data.num_frames} (frames per clip; latent frames for latent data), '
+                     'so that every clip keeps a frame to generate.')
+  none_prob = m.get('context_none_prob', 0.0)
+  if not 0.0 <= none_prob <= 1.0:
+    raise ValueError(f'config.model.context_none_prob={none_prob} must be in [0, 1].')
+  overlap = config.sample.get('overlap', 0)
+  if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
+    raise ValueError(f'config.sample.overlap={overlap!r} must be an integer >= 0 '
+                     '(0: model.context_frames_max).')
+  if overlap > k_max:
+    raise ValueError(f'config.sample.overlap={overlap} exceeds model.context_frames_max='
+                     f'{k_max}, the most given frames the model was trained with.')
+  lora = config.get('lora')
+  if lora is not None and lora.get('rank', 0) > 0 and (text or k_max > 0):
+    raise ValueError(f'config.lora.rank={lora.rank}: LoRA fine-tuning does not feed captions '
+                     "or given frames to the train step yet; use model.conditioning='class' "
+                     'and model.context_frames_max=0 with LoRA.')
+
+
+def check_prompts(config, prompts: Sequence[str]) -> None:
+  """Each prompt tokenises (builtin encoder): raises naming an unknown word."""
+  if config.model.text.get('encoder', 'builtin') != 'builtin':
+    raise ValueError("prompts need model.text.encoder='builtin'; a 'precomputed' model takes "
+                     'embeddings from your own text encoder, not words.')
+  tokenizer = text_lib.Tokenizer(int(config.model.text.max_length))
+  for prompt in prompts:
+    tokenizer.encode(prompt)
+
+
+def check_prompt_flag(config, prompt: Optional[str]) -> None:
+  """--prompt: needs a text model with the builtin encoder and known words (fails fast)."""
+  if prompt is None:
+    return
+  if not is_text(config):
+    raise ValueError(f"--prompt={prompt!r} needs a text-conditioned model "
+                     "(model.conditioning='text', e.g. configs/tiny_text.py).")
+  check_prompts(config, parse_prompts(prompt) or [prompt])
+
+
+def sharded_dims(config):
+  """(what, size, logical axis) of the text encoder's sharded dims, for validate.py."""
+  if not is_text(config):
+    return []
+  spec = text_lib.resolve_spec(config.model.text)
+  if spec.encoder == 'precomputed':
+    return [(f'model.text.embed_dim={spec.embed_dim}', spec.embed_dim, axes.MLP)]
+  return [(f'model.text.width={spec.width}', spec.width, axes.EMBED),
+          (f'model.text.width={spec.width}', spec.width, axes.MLP),
+          (f'model.text.num_heads={spec.num_heads}', spec.num_heads, axes.HEADS),
+          (f'model.text.mlp_dim={spec.mlp_dim}', spec.mlp_dim, axes.MLP)]
+
+
+def batch_ndims(config) -> dict:
+  """Ranks of the caption arrays in a train batch ({} without text), for its shardings."""
+  c = conditioning(config)
+  if c is None or not c.text_encoder:
+    return {}
+  data_key, mask_key = c.batch_keys()
+  return {data_key: 2 if data_key == 'tokens' else 3, mask_key: 2}
+
+
+def _guidance(config, num_classes: int, cond) -> Tuple[float, Optional[int]]:
+  """(cfg_scale, null label): guide toward captions or labels; nothing to guide: 1."""
+  if 'text' in cond or ('label' in cond and num_classes > 0):
+    return float(config.sample.cfg_scale), (num_classes if num_classes > 0 else None)
+  return 1.0, None
+
+
+def make_sample_fn(model, diffusion, config, num_classes: int, shape):
+  """sample_fn(params, rng, cond) -> clips [*shape] (the caller jits it); cond from
+  `sample_condition` (or with given frames, see conditioning.given_condition)."""
+  shape = tuple(int(d) for d in shape)
+
+  def sample_fn(params, rng, cond):
+    def apply_fn(z, t, label=None, text=None, frame_mask=None):
+      return model.apply({'params': params}, z, t, label, text=text, frame_mask=frame_mask)
+    cfg_scale, null_label = _guidance(config, num_classes, cond)
+    return cond_lib.sample(diffusion, apply_fn, rng, shape, cond,
+                           sampler=config.sample.sampler, num_steps=config.sample.num_steps,
+                           eta=config.sample.eta, cfg_scale=cfg_scale, null_label=null_label)
+
+  return sample_fn
+
+
+def sample_shape(config, num_samples: int):
+  d = config.data
+  return (num_samples, d.num_frames, d.height, d.width, d.channels)
+
+
+def sample_condition(config, num_classes: int, num_samples: int,
+                     prompts: Optional[Sequence[str]] = None) -> dict:
+  """The condition dict of a sample grid: captions (prompts cycled over the samples; no
+  prompts: sample.prompts, else synthetic captions), or labels cycling through the
+  classes; with given frames enabled, none given (k = 0)."""
+  cond = {}
+  if is_text(config):
+    spec = text_lib.resolve_spec(config.model.text)
+    if spec.encoder == 'builtin':
+      prompts = parse_prompts(prompts or config.sample.get('prompts', '')) or default_prompts(
+          num_samples)
+      check_prompts(config, prompts)
+      chosen = [prompts[i % len(prompts)] for i in range(num_samples)]
+      ids, mask = text_lib.Tokenizer(spec.max_length).encode_batch(chosen)
+      cond['text'] = {'tokens': jnp.asarray(ids), 'mask': jnp.asarray(mask)}
+    else:
+      if prompts:
+        check_prompts(config, prompts)  # raises: precomputed models take no words
+      cond['text'] = text_lib.null_text(spec, num_samples)  # unconditional
+  elif num_classes > 0:
+    cond['label'] = sampling.sample_labels(num_samples, num_classes)
+  if int(config.model.get('context_frames_max', 0) or 0) > 0:
+    shape = sample_shape(config, num_samples)
+    cond['context'] = jnp.zeros(shape, jnp.float32)
+    cond['frame_mask'] = jnp.zeros(shape[:2], bool)
+  return cond
+
+
+def read_input(path: str, height: int, width: int) -> np.ndarray:
+  """An image or a video file -> float32 [F, height, width, 3] in [-1, 1] (short-side
+  resize, centre crop); an image is one frame (image-to-video)."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'--input={path!r}: no such file.')
+  ext = os.path.splitext(path)[1].lower()
+  if ext in IMAGE_EXTENSIONS:
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    with Image.open(path) as image:
+      frames = np.asarray(image.convert('RGB'))[None]  # [1, h, w, 3]
+  elif ext in video_io.READ_EXTENSIONS:
+    frames = video_io.read_frames(path, range(video_io.count_frames(path)))  # [F, h, w, 3]
+  else:
+    raise ValueError(f'--input={path!r}: the extension must be an image '
+                     f'{IMAGE_EXTENSIONS} or a video {video_io.READ_EXTENSIONS}.')
+  frames = transforms.resize_and_crop(frames, height, width, 'center')  # [F, H, W, 3]
+  return frames.astype(np.float32) / 127.5 - 1.0
+
+
+def extend_clip(model, diffusion, config, params, frames, num_frames: int, *, rng,
+                num_classes: int = 0, prompt: Optional[str] = None):
+  """Continues `frames` [B, F, H, W, C] to `num_frames` frames (the F given first).
+
+  Windows of data.num_frames frames, each given the last sample.overlap (default
+  model.context_frames_max) frames of the clip so far; a class model samples
+  unconditionally (null label), a text model toward `prompt` (None: no caption).
+  Returns (clip [B, num_frames, H, W, C], list of windows [B, T, H, W, C]).
+  """
+  k_max = int(config.model.get('context_frames_max', 0) or 0)
+  if k_max < 1:
+    raise ValueError('extending a clip needs a model trained with given frames: '
+                     'model.context_frames_max > 0 (see configs/tiny_extend.py).')
+  frames = np.asarray(frames, np.float32)
+  d = config.data
+  if frames.ndim != 5 or frames.shape[2:] != (d.height, d.width, d.channels):
+    raise ValueError(f'frames to extend must be [B, F, {d.height}, {d.width}, {d.channels}] '
+                     f'(data.height, width, channels), got {frames.shape}.')
+  overlap = int(config.sample.get('overlap', 0) or 0) or k_max
+  batch = frames.shape[0]
+  cond = {}
+  if is_text(config):
+    spec = text_lib.resolve_spec(config.model.text)
+    if prompt:
+      check_prompts(config, [prompt])
+      ids, mask = text_lib.Tokenizer(spec.max_length).encode_batch([prompt] * batch)
+      cond['text'] = {'tokens': jnp.asarray(ids), 'mask': jnp.asarray(mask)}
+    else:
+      cond['text'] = text_lib.null_text(spec, batch)
+  elif prompt:
+    raise ValueError(f"--prompt={prompt!r} needs model.conditioning='text'.")
+  elif num_classes > 0:
+    cond['label'] = jnp.full((batch,), num_classes, jnp.int32)  # the null label
+  sample_fn = jax.jit(make_sample_fn(model, diffusion, config, num_classes,
+                                     (batch, d.num_frames, d.height, d.width, d.channels)))
+
+  def window_fn(context, mask, index):
+    return sample_fn(params, jax.random.fold_in(rng, index),
+                     {**cond, 'context': context, 'frame_mask': mask})
+
+  return cond_lib.extend(window_fn, frames, num_frames, d.num_frames, overlap)
+
+
+def extend_and_write(s, params, input_path: str, num_frames: int, workdir: str, name: str,
+                     prompt: Optional[str] = None):
+  """--mode=extend: reads `input_path`, extends it (sample.num_samples continuations),
+  writes WORKDIR/samples/<name>.<formats>; returns (clips, paths)."""
+  cfg = s.config
+  if cfg.data.channels != 3:
+    raise ValueError(f'--mode=extend reads RGB frames, but data.channels={cfg.data.channels} '
+                     '(latents): encode the input with your VAE and call extend_clip.')
+  frames = read_input(input_path, cfg.data.height, cfg.data.width)  # [F, H, W, 3]
+  frames = np.broadcast_to(frames[None], (cfg.sample.num_samples,) + frames.shape)
+  clip, windows = extend_clip(s.model, s.diffusion, cfg, params, frames, num_frames,
+                              rng=jax.random.key(cfg.sample.seed), num_classes=s.num_classes,
+                              prompt=prompt)
+  paths = []
+  if jax.process_index() == 0:
+    paths = sampling.write_samples(clip, os.path.join(workdir, 'samples'), name,
+                                   cfg.sample.formats, cfg.sample.fps)
+  return clip, windows, paths

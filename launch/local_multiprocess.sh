@@ -8,6 +8,9 @@
 # --coordinator_address=127.0.0.1:<free port> --num_processes=N --process_id=i.
 # Output lines are prefixed with [i]; if one process fails the rest are stopped and the
 # script exits with its status. The logic is in vdit_jax/tools/launch_local.py.
+# Each process sets up its host allocator before importing jax (vdit_jax/runtime.py:
+# jemalloc / tcmalloc if installed, else glibc huge pages; one restart, logged);
+# VDIT_RUNTIME=0 keeps the environment as it is, VDIT_ALLOCATOR=jemalloc|tcmalloc|system picks.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="${repo}${PYTHONPATH:+:${PYTHONPATH}}"

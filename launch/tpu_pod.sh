@@ -14,11 +14,18 @@
 # VDIT_DISTRIBUTED_AUTO=1 makes vdit_jax.main call jax.distributed.initialize() with no
 # arguments; JAX finds the hosts through the TPU metadata server. --workdir must be a
 # directory every host sees (NFS / Filestore / gcsfuse mount): Orbax writes one checkpoint
-# there from all hosts together. Stop a run with Ctrl-C and then
+# there from all hosts together. The host set-up of vdit_jax/runtime.py (allocator, huge
+# pages) runs on every host; VDIT_RUNTIME=0 or VDIT_ALLOCATOR=... set here is passed on to
+# the hosts. Stop a run with Ctrl-C and then
 #   gcloud compute tpus tpu-vm ssh my-slice --zone ZONE --worker=all \
 #       --command "pkill -f vdit_jax.main"
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME to the slice name}" "${ZONE:?set ZONE to the slice zone}"
 REPO="${REPO:-~/vdit_jax}"
+# ssh does not carry the local environment: pass the host set-up switches when set.
+runtime_env=""
+for var in VDIT_RUNTIME VDIT_ALLOCATOR; do
+  if [[ -n "${!var+x}" ]]; then runtime_env+="${var}=$(printf '%q' "${!var}") "; fi
+done
 gcloud compute tpus tpu-vm ssh "${TPU_NAME}" --zone "${ZONE}" --worker=all --command \
-  "cd ${REPO} && VDIT_DISTRIBUTED_AUTO=1 python -m vdit_jax.main $(printf '%q ' "$@")"
+  "cd ${REPO} && ${runtime_env}VDIT_DISTRIBUTED_AUTO=1 python -m vdit_jax.main $(printf '%q ' "$@")"

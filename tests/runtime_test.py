@@ -1,0 +1,245 @@
+"""vdit_jax/runtime.py (the launch path's host set-up) and the bench/ scripts' output.
+
+The set-up is checked as a pure function of the environment (opt-out, allocator found or
+absent, the user's own variables kept, XLA_FLAGS merged) and end to end in a subprocess:
+it restarts exactly once, the allocator is really mapped into the restarted process, and
+the opt-out runs once with nothing changed. The three bench scripts run concurrently on
+tiny shapes and must end with a JSON line holding their documented keys.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from vdit_jax import runtime
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JEMALLOC = '/opt/lib/libjemalloc.so.2'
+TCMALLOC = '/opt/lib/libtcmalloc_minimal.so.4'
+
+
+def finder(*available):
+  """A `find` for compose_env that knows only the given library paths."""
+  def find(names):
+    for path in available:
+      if os.path.basename(path) in names:
+        return path
+    return None
+  return find
+
+
+def test_default_preloads_jemalloc_with_its_settings_and_restarts():
+  plan = runtime.compose_env({}, platform='linux', find=finder(TCMALLOC, JEMALLOC))
+  assert plan.changes['LD_PRELOAD'] == JEMALLOC
+  assert plan.changes['MALLOC_CONF'] == dict(runtime.ALLOCATORS['jemalloc'].env)['MALLOC_CONF']
+  assert 'GLIBC_TUNABLES' not in plan.changes
+  assert plan.needs_reexec
+
+
+def test_tcmalloc_when_jemalloc_is_absent_or_asked_for():
+  plan = runtime.compose_env({}, platform='linux', find=finder(TCMALLOC))
+  assert plan.changes['LD_PRELOAD'] == TCMALLOC
+  assert plan.changes['TCMALLOC_RELEASE_RATE'] == '0'
+  assert any('jemalloc not found' in n for n in plan.notes)
+  asked = runtime.compose_env({runtime.ENV_ALLOCATOR: 'tcmalloc'}, platform='linux',
+                              find=finder(TCMALLOC, JEMALLOC))
+  assert asked.changes['LD_PRELOAD'] == TCMALLOC
+  # A named allocator that is not installed falls back to the others.
+  fallback = runtime.compose_env({runtime.ENV_ALLOCATOR: 'tcmalloc'}, platform='linux',
+                                 find=finder(JEMALLOC))
+  assert fallback.changes['LD_PRELOAD'] == JEMALLOC
+
+
+def test_no_allocator_installed_falls_back_to_glibc_tunables():
+  plan = runtime.compose_env({}, platform='linux', find=finder())
+  assert 'LD_PRELOAD' not in plan.changes
+  assert plan.changes['GLIBC_TUNABLES'] == runtime.GLIBC_TUNABLES
+  assert plan.needs_reexec
+  assert sum('not found' in n for n in plan.notes) == len(runtime.AUTO_ORDER)
+  system = runtime.compose_env({runtime.ENV_ALLOCATOR: 'system'}, platform='linux',
+                               find=finder(JEMALLOC))
+  assert 'LD_PRELOAD' not in system.changes
+  assert system.changes['GLIBC_TUNABLES'] == runtime.GLIBC_TUNABLES
+
+
+@pytest.mark.parametrize('value', ['0', 'off', 'False', 'no'])
+def test_opt_out_changes_nothing(value):
+  plan = runtime.compose_env({runtime.ENV_SWITCH: value}, platform='linux',
+                             find=finder(JEMALLOC))
+  assert plan.changes == {} and not plan.needs_reexec
+
+
+def test_user_variables_are_kept():
+  env = {'LD_PRELOAD': '/my/libfoo.so', 'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'}
+  plan = runtime.compose_env(env, platform='linux', find=finder(JEMALLOC))
+  assert plan.changes == {}  # the allocator and the tunables are the user's
+  own_preload = runtime.compose_env({'LD_PRELOAD': '/my/libfoo.so'}, platform='linux',
+                                    find=finder(JEMALLOC))
+  assert own_preload.changes == {'GLIBC_TUNABLES': runtime.GLIBC_TUNABLES}
+  own_conf = runtime.compose_env({'MALLOC_CONF': 'narenas:1'}, platform='linux',
+                                 find=finder(JEMALLOC))
+  assert own_conf.changes['LD_PRELOAD'] == JEMALLOC
+  assert 'MALLOC_CONF' not in own_conf.changes
+  kept = runtime.compose_env({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}, platform='linux',
+                             find=finder())
+  assert 'GLIBC_TUNABLES' not in kept.changes
+
+
+def test_marker_and_other_platforms_stop_any_change():
+  # The restarted process sees the marker and does not restart again.
+  plan = runtime.compose_env({runtime.ENV_MARKER: 'x'}, platform='linux', find=finder(JEMALLOC))
+  assert plan.changes == {} and not plan.needs_reexec
+  mac = runtime.compose_env({}, platform='darwin', find=finder(JEMALLOC))
+  assert mac.changes == {} and not mac.needs_reexec
+
+
+def test_bad_allocator_name_is_rejected():
+  with pytest.raises(ValueError, match=r"VDIT_ALLOCATOR='mimalloc' is not one of"):
+    runtime.compose_env({runtime.ENV_ALLOCATOR: 'mimalloc'}, platform='linux',
+                        find=finder(JEMALLOC))
+
+
+def test_merge_xla_flags_keeps_the_users_and_adds_only_new_names():
+  merged = runtime.merge_xla_flags('--xla_force_host_platform_device_count=8 --xla_a=1',
+                                   ['--xla_a=2', '--xla_b=true'])
+  assert merged.split() == ['--xla_force_host_platform_device_count=8', '--xla_a=1',
+                            '--xla_b=true']
+  assert runtime.merge_xla_flags('', []) == ''
+
+
+def test_setup_execs_once_with_the_marker():
+  calls = []
+  env = {}
+  plan = runtime.setup(argv=['python', '-m', 'vdit_jax.main', '--x=1'], environ=env,
+                       execv=lambda path, argv: calls.append((path, list(argv))))
+  assert calls == [(sys.executable, ['python', '-m', 'vdit_jax.main', '--x=1'])]
+  assert runtime.ENV_MARKER in env
+  assert all(env[k] == v for k, v in plan.changes.items())
+  # What the restarted process would see: the same environment, marker included.
+  again = runtime.setup(argv=['python'], environ=dict(env),
+                        execv=lambda path, argv: calls.append(path))
+  assert len(calls) == 1 and again.changes == {}
+
+
+_PROBE = textwrap.dedent('''
+    import json, os, sys
+    sys.path.insert(0, {repo!r})
+    with open({log!r}, 'a') as f:
+      f.write('start\\n')
+    from vdit_jax import runtime
+    runtime.setup()
+    maps = open('/proc/self/maps').read()
+    print(json.dumps({{k: os.environ.get(k) for k in ('LD_PRELOAD', 'GLIBC_TUNABLES',
+        'VDIT_RUNTIME_APPLIED')}} | {{'mapped': [l.split()[-1] for l in maps.splitlines()
+        if 'malloc' in l.split()[-1]]}}))
+    ''')
+
+
+def _run_probe(tmp_path, **env_extra):
+  log = tmp_path / 'starts.log'
+  script = tmp_path / 'probe.py'
+  script.write_text(_PROBE.format(repo=REPO, log=str(log)))
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('LD_PRELOAD', 'GLIBC_TUNABLES', 'MALLOC_CONF', runtime.ENV_MARKER,
+                      runtime.ENV_SWITCH, runtime.ENV_ALLOCATOR)}
+  env.update(env_extra)
+  p = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                     timeout=120)
+  assert p.returncode == 0, p.stderr
+  return json.loads(p.stdout.strip().splitlines()[-1]), log.read_text().count('start'), p.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='LD_PRELOAD is Linux only')
+def test_process_restarts_once_and_the_allocator_is_loaded(tmp_path):
+  expected = runtime.compose_env({})
+  out, starts, stderr = _run_probe(tmp_path)
+  assert starts == 2  # the original process and one restart, never a loop
+  assert out['VDIT_RUNTIME_APPLIED'] and 'vdit_jax.runtime:' in stderr
+  if 'LD_PRELOAD' in expected.changes:
+    assert out['LD_PRELOAD'] == expected.changes['LD_PRELOAD']
+    assert out['mapped'] and os.path.realpath(expected.changes['LD_PRELOAD']) in [
+        os.path.realpath(m) for m in out['mapped']]
+  else:  # no allocator on this machine: glibc tunables instead
+    assert out['GLIBC_TUNABLES'] == runtime.GLIBC_TUNABLES
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='LD_PRELOAD is Linux only')
+def test_opt_out_runs_once_unchanged(tmp_path):
+  out, starts, stderr = _run_probe(tmp_path, VDIT_RUNTIME='0')
+  assert starts == 1
+  assert out['LD_PRELOAD'] is None and out['GLIBC_TUNABLES'] is None and not out['mapped']
+  assert 'vdit_jax.runtime' not in stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='LD_PRELOAD is Linux only')
+def test_missing_preload_library_degrades_gracefully(tmp_path):
+  # A user's LD_PRELOAD naming a library that is not there: the loader warns, the run goes on,
+  # and the set-up leaves the user's choice alone.
+  out, starts, _ = _run_probe(tmp_path, LD_PRELOAD=str(tmp_path / 'libnot_there.so'))
+  assert starts == 2  # restarted for the glibc-side settings only
+  assert out['LD_PRELOAD'] == str(tmp_path / 'libnot_there.so') and not out['mapped']
+
+
+# The bench scripts on tiny shapes, all three at once (each mostly compiles).
+_TINY = ['--config.model.depth=1', '--config.model.width=32', '--config.model.num_heads=2',
+         '--config.model.mlp_dim=64', '--config.data.num_frames=2', '--config.data.height=8',
+         '--config.data.width=8']
+_BENCHES = {
+    'train_step': ['bench/train_step.py', '--config=configs/bench.py', *_TINY, '--warmup=1',
+                   '--steps=2', '--matmul_size=64', '--matmul_reps=2'],
+    'compile': ['bench/compile.py', '--config=configs/bench.py', *_TINY, '--depths=1',
+                '--scan=true,false'],
+    'sample': ['bench/sample.py', '--configs=configs/tiny.py', '--loop_config=configs/tiny.py',
+               '--set=model.depth=1', '--set=model.width=32', '--set=model.num_heads=2',
+               '--set=model.mlp_dim=64', '--set=data.num_frames=2', '--set=data.height=8',
+               '--set=data.width=8', '--set=sample.num_samples=2', '--num_steps=2',
+               '--loop_steps=3', '--reps=1'],
+}
+
+
+@pytest.fixture(scope='module')
+def bench_outputs():
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  procs = {name: subprocess.Popen([sys.executable, *args], cwd=REPO, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for name, args in _BENCHES.items()}
+  outputs = {}
+  for name, p in procs.items():
+    stdout, stderr = p.communicate(timeout=900)
+    assert p.returncode == 0, f'{name}: {stderr[-3000:]}'
+    outputs[name] = json.loads(stdout.strip().splitlines()[-1])
+  return outputs
+
+
+def test_train_step_bench_json(bench_outputs):
+  r = bench_outputs['train_step']
+  for key in ('tokens_per_s', 'model_flops_per_s', 'matmul_flops_per_s', 'roofline_fraction',
+              'step_s', 'minor_faults_per_step', 'sys_s_per_step', 'runtime'):
+    assert key in r, key
+  assert r['step_s'] > 0 and r['matmul_flops_per_s'] > 0
+  assert r['tokens_per_step'] == 2 * (2 * 4 * 4)  # batch 2 x (2/1 * 8/2 * 8/2) tokens
+  assert r['roofline_fraction'] == pytest.approx(r['model_flops_per_s'] / r['matmul_flops_per_s'])
+  assert r['tokens_per_s'] == pytest.approx(r['tokens_per_step'] / r['step_s'])
+
+
+def test_compile_bench_json(bench_outputs):
+  cases = bench_outputs['compile']['cases']
+  assert [(c['depth'], c['scan_layers']) for c in cases] == [(1, True), (1, False)]
+  for c in cases:
+    assert 'error' not in c, c
+    assert c['compile_s'] > 0 and c['hlo_chars'] > 0 and c['compilation_cache'] is False
+  assert 'unrolled_over_scanned_compile_s_depth1' in bench_outputs['compile']
+
+
+def test_sample_bench_json(bench_outputs):
+  r = bench_outputs['sample']
+  (tp,) = r['throughput']
+  assert tp['steps_per_s'] > 0 and tp['clips_per_s'] > 0 and tp['num_steps'] == 2
+  loop = r['loop']
+  assert loop['num_steps'] == 3 and r['python_over_compiled'] > 0
+  # The Python loop of single steps computes the same clips as the compiled sampler.
+  assert loop['max_abs_difference'] < 1e-4

@@ -1,0 +1,235 @@
+"""Host set-up of a run, applied before jax is imported: malloc, huge pages, XLA flags.
+
+A CPU train step of a video DiT allocates and frees hundreds of MB to GBs of buffers every
+step (attention probabilities [B, K, N, N] kept for the backward pass, activations,
+gradients). glibc's malloc serves every buffer over its mmap threshold (at most 32 MiB)
+with a fresh mmap and unmaps it on free, so the kernel faults in and zeroes the same
+memory again on every step: millions of minor page faults and seconds of system time per
+step (measured numbers: bench/train_step.py and BUILD_NOTES.md). An allocator that keeps
+freed memory mapped and reuses it (jemalloc, tcmalloc) removes those faults.
+
+`setup()` is the first thing `python -m vdit_jax.main` and bench/*.py run. On Linux it
+composes the environment the run should have (`compose_env`): LD_PRELOAD of the first
+allocator library found (jemalloc, then tcmalloc; Debian/Ubuntu packages libjemalloc2 and
+libtcmalloc-minimal4) with its settings, or, where neither is installed, glibc malloc
+tunables. The dynamic loader and the allocators read these variables only when a process
+starts, so if any changes `setup()` re-executes the process once (`os.execv`: same pid,
+same arguments, same signals) with them, and the marker VDIT_RUNTIME_APPLIED stops a
+second re-exec. It logs one line to stderr saying what it set.
+
+What the user decides:
+  VDIT_RUNTIME=0 (or off / false / no)        change nothing at all.
+  VDIT_ALLOCATOR=auto | jemalloc | tcmalloc | system
+                                              auto (default): jemalloc, else tcmalloc,
+                                              else glibc with tunables; a named one that
+                                              is not installed falls back the same way.
+  A variable the user set is never overridden: with LD_PRELOAD set the allocator is left
+  alone, with GLIBC_TUNABLES / MALLOC_CONF / a TCMALLOC_* variable set that one is kept;
+  XLA_FLAGS only gains flags whose names it does not already give.
+Elsewhere than Linux `setup()` does nothing.
+"""
+
+import dataclasses
+import os
+import sys
+import sysconfig
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+ENV_SWITCH = 'VDIT_RUNTIME'
+ENV_ALLOCATOR = 'VDIT_ALLOCATOR'
+ENV_MARKER = 'VDIT_RUNTIME_APPLIED'
+_OFF = ('0', 'off', 'false', 'no', 'none')
+ALLOCATOR_CHOICES = ('auto', 'jemalloc', 'tcmalloc', 'system')
+
+
+@dataclasses.dataclass(frozen=True)
+class Allocator:
+  """A malloc replacement loaded with LD_PRELOAD, and the settings it reads at start-up."""
+  name: str
+  libraries: Tuple[str, ...]             # file names, most specific first
+  env: Tuple[Tuple[str, str], ...] = ()  # (variable, value) it reads at start-up
+
+
+ALLOCATORS = {
+    # Never give freed memory back (no decay purge): a training step frees and re-allocates
+    # the same buffers, so what is freed is needed again within a step. RSS stays at the
+    # peak of the step, which the step reaches every time anyway.
+    'jemalloc': Allocator(
+        'jemalloc', ('libjemalloc.so.2', 'libjemalloc.so'),
+        (('MALLOC_CONF', 'dirty_decay_ms:-1,muzzy_decay_ms:-1'),)),
+    # gperftools: release nothing to the OS, and no "large alloc" report on stderr for
+    # every buffer over 1 GiB.
+    'tcmalloc': Allocator(
+        'tcmalloc', ('libtcmalloc_minimal.so.4', 'libtcmalloc.so.4', 'libtcmalloc_minimal.so',
+                     'libtcmalloc.so'),
+        (('TCMALLOC_RELEASE_RATE', '0'),
+         ('TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD', str(1 << 40)))),
+}
+AUTO_ORDER = ('jemalloc', 'tcmalloc')
+
+# glibc malloc without a preloaded allocator: back the heap and mmapped chunks with
+# transparent huge pages (glibc >= 2.35; older glibc ignores unknown tunables), so each
+# re-fault brings in 2 MiB instead of 4 KiB.
+GLIBC_TUNABLES = 'glibc.malloc.hugetlb=1'
+
+# XLA flags added to XLA_FLAGS unless the user's XLA_FLAGS name them already.
+XLA_FLAGS: Tuple[str, ...] = ()
+
+# Variables read only when a process starts: changing one needs a re-exec.
+_START_TIME_VARS = ('LD_PRELOAD', 'GLIBC_TUNABLES')
+
+
+@dataclasses.dataclass
+class Plan:
+  """What `setup` would do: the variables to set and one note per decision."""
+  changes: Dict[str, str]
+  notes: List[str]
+  needs_reexec: bool
+
+
+def library_dirs(environ: Mapping[str, str]) -> List[str]:
+  """Directories searched for an allocator library, most specific first."""
+  arch = sysconfig.get_config_var('MULTIARCH') or ''
+  dirs = []
+  for prefix in (environ.get('CONDA_PREFIX'), sys.prefix):
+    if prefix:
+      dirs.append(os.path.join(prefix, 'lib'))
+  for base in ('/usr/lib', '/lib', '/usr/local/lib'):
+    if arch:
+      dirs.append(os.path.join(base, arch))
+    dirs.append(base)
+  dirs += ['/usr/lib64', '/lib64']
+  seen, out = set(), []
+  for d in dirs:
+    if d not in seen:
+      seen.add(d)
+      out.append(d)
+  return out
+
+
+def find_library(names: Sequence[str], dirs: Sequence[str]) -> Optional[str]:
+  """The first readable file `dir/name` (names outer, dirs inner), else None."""
+  for name in names:
+    for d in dirs:
+      path = os.path.join(d, name)
+      if os.path.isfile(path) and os.access(path, os.R_OK):
+        return path
+  return None
+
+
+def _flag_name(flag: str) -> str:
+  return flag.split('=', 1)[0]
+
+
+def merge_xla_flags(current: str, extra: Sequence[str]) -> str:
+  """`current` plus each flag of `extra` whose name `current` does not give."""
+  have = {_flag_name(f) for f in current.split()}
+  added = [f for f in extra if _flag_name(f) not in have]
+  return ' '.join(current.split() + added)
+
+
+def compose_env(environ: Mapping[str, str], *, platform: str = sys.platform,
+                find: Optional[Callable[[Sequence[str]], Optional[str]]] = None) -> Plan:
+  """The variables to set for a fast CPU run, given the current environment.
+
+  Pure (reads the file system only through `find`, which maps library file names to a
+  path or None; default: `find_library` over `library_dirs`). Raises ValueError for an
+  unknown VDIT_ALLOCATOR.
+  """
+  if find is None:
+    dirs = library_dirs(environ)
+    find = lambda names: find_library(names, dirs)
+  switch = environ.get(ENV_SWITCH, '').strip().lower()
+  if switch in _OFF:
+    return Plan({}, [f'{ENV_SWITCH}={environ[ENV_SWITCH]}: left the environment as it is'],
+                False)
+  if ENV_MARKER in environ:
+    return Plan({}, [f'already set up ({environ[ENV_MARKER]})'], False)
+  if not platform.startswith('linux'):
+    return Plan({}, [f'platform {platform}: nothing to set'], False)
+
+  choice = environ.get(ENV_ALLOCATOR, 'auto').strip().lower() or 'auto'
+  if choice not in ALLOCATOR_CHOICES:
+    raise ValueError(f'{ENV_ALLOCATOR}={environ[ENV_ALLOCATOR]!r} is not one of '
+                     f'{ALLOCATOR_CHOICES}.')
+  changes: Dict[str, str] = {}
+  notes: List[str] = []
+  allocator = None
+  if environ.get('LD_PRELOAD'):
+    notes.append(f'LD_PRELOAD={environ["LD_PRELOAD"]} set by the user: allocator left alone')
+  elif choice != 'system':
+    order = AUTO_ORDER if choice == 'auto' else (choice,) + tuple(
+        a for a in AUTO_ORDER if a != choice)
+    for name in order:
+      path = find(ALLOCATORS[name].libraries)
+      if path is not None:
+        allocator = ALLOCATORS[name]
+        changes['LD_PRELOAD'] = path
+        break
+      notes.append(f'{name} not found ({", ".join(ALLOCATORS[name].libraries)})')
+  if allocator is not None:
+    for var, value in allocator.env:
+      if var in environ:
+        notes.append(f'{var}={environ[var]} set by the user: kept')
+      else:
+        changes[var] = value
+    notes.append(f'allocator {allocator.name}')
+  else:
+    # glibc malloc, unless the user's LD_PRELOAD replaces it (glibc then ignores these).
+    if 'GLIBC_TUNABLES' in environ:
+      notes.append(f'GLIBC_TUNABLES={environ["GLIBC_TUNABLES"]} set by the user: kept')
+    else:
+      changes['GLIBC_TUNABLES'] = GLIBC_TUNABLES
+    if not environ.get('LD_PRELOAD'):
+      notes.append('allocator glibc malloc')
+
+  xla = merge_xla_flags(environ.get('XLA_FLAGS', ''), XLA_FLAGS)
+  if xla != environ.get('XLA_FLAGS', ''):
+    changes['XLA_FLAGS'] = xla
+  start_vars = set(_START_TIME_VARS) | {v for a in ALLOCATORS.values() for v, _ in a.env}
+  needs_reexec = any(v in start_vars for v in changes)
+  return Plan(changes, notes, needs_reexec)
+
+
+def describe(plan: Plan) -> str:
+  sets = ' '.join(f'{k}={v}' for k, v in plan.changes.items()) or 'nothing set'
+  return f'{sets} ({"; ".join(plan.notes)})'
+
+
+def setup(argv: Optional[Sequence[str]] = None, environ=None,
+          execv: Callable[[str, Sequence[str]], None] = os.execv) -> Plan:
+  """Applies `compose_env` to this process; re-executes it once if that needs a restart.
+
+  Call it before jax (or anything large) is imported. `argv` defaults to the command line
+  the interpreter was started with (`sys.orig_argv`, so `python -m pkg.mod ...` and
+  interpreter options survive). Returns the plan when it does not re-execute.
+  """
+  environ = os.environ if environ is None else environ
+  try:
+    plan = compose_env(environ)
+  except ValueError as e:
+    raise SystemExit(f'vdit_jax.runtime: {e}') from None
+  if not plan.changes:
+    return plan
+  environ.update(plan.changes)
+  message = describe(plan)
+  if not plan.needs_reexec:
+    print(f'vdit_jax.runtime: {message}', file=sys.stderr, flush=True)
+    return plan
+  environ[ENV_MARKER] = message
+  argv = list(sys.orig_argv if argv is None else argv)
+  print(f'vdit_jax.runtime: {message}; restarting the process once to apply it '
+        f'({ENV_SWITCH}=0 to opt out)', file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  execv(sys.executable, argv)
+  return plan  # only reached when `execv` is replaced (tests)
+
+
+def current_settings(environ: Optional[Mapping[str, str]] = None) -> Dict[str, Optional[str]]:
+  """The variables this module manages, as the process sees them (for bench reports)."""
+  environ = os.environ if environ is None else environ
+  names = ['LD_PRELOAD', 'GLIBC_TUNABLES', 'XLA_FLAGS', ENV_SWITCH, ENV_ALLOCATOR]
+  names += sorted({v for a in ALLOCATORS.values() for v, _ in a.env})
+  out = {n: environ.get(n) for n in names}
+  out[ENV_MARKER] = environ.get(ENV_MARKER)
+  return out

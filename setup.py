@@ -18,6 +18,8 @@ INSTALL_REQUIRES = [
     # (data/shards.py: the record format and the ArrayRecord files).
     'msgpack>=1.0',
     'array-record>=0.8',
+    # jax.export's (de)serialisation of the exported sampler (tools/export.py, serving.py).
+    'flatbuffers>=24.3',
 ]
 
 EXTRAS = {
@@ -27,9 +29,26 @@ EXTRAS = {
     'test': ['pytest>=8'],
     # libtpu: run on TPU VMs, and AOT-compile for a TPU topology on any host (tools.plan).
     'tpu': ['jax[tpu]>=0.10.2'],
+    # tools/plot.py: the loss / throughput curves of metrics.jsonl.
+    'plot': ['matplotlib>=3.8'],
+    # tools/convert_wan_vae.py: published VAE weights are .safetensors files, read with
+    # safetensors' numpy API (no pickle, no torch).
+    'vae': ['safetensors>=0.4'],
+    # tests/vae_test.py: the reference implementation, diffusers' AutoencoderKLWan on a CPU
+    # torch. torch is capped below 2.14 because pip then takes the CPU build (2.13.0+cpu)
+    # that lies on the project machines' disk; from 2.14 on it would take a CUDA build of
+    # several GB.
+    'vae_reference': ['torch>=2.4,<2.14', 'diffusers>=0.35'],
 }
 # The tests AOT-compile for a TPU topology (tests/plan_test.py), so they need libtpu too.
 EXTRAS['test'] = EXTRAS['test'] + EXTRAS['video'] + EXTRAS['tpu']
+# tests/tensorboard_test.py reads the event files with TensorBoard's own loader,
+# tests/plot_test.py draws with matplotlib, tests/notebook_test.py executes the quickstart
+# notebook in a Jupyter kernel.
+EXTRAS['test'] += ['tensorboard>=2.16'] + EXTRAS['plot'] + [
+    'nbformat>=5.9', 'nbclient>=0.10', 'ipykernel>=6.29']
+# tests/vae_test.py converts a diffusers AutoencoderKLWan and compares against it.
+EXTRAS['test'] += EXTRAS['vae'] + EXTRAS['vae_reference']
 
 setup(
     name='vdit_jax',

@@ -24,13 +24,40 @@ def base_config() -> ml_collections.ConfigDict:
   m.patch_size = config_dict.placeholder(tuple)  # (pt, ph, pw)
   m.pos_embed = 'sincos'            # sincos | rope
   m.qk_norm = True
-  m.attention_impl = 'xla'
+  m.attention_impl = 'xla'          # auto | xla | cudnn | blockwise | splash (model/attention.py)
+  # blockwise / splash tiles (splash: multiples of 128); None: the kernel's default,
+  # blockwise 256 x 256 (CPU caches), splash 512 x 512 (attention.DEFAULT_BLOCKS).
+  m.attention_block_q = config_dict.placeholder(int)
+  m.attention_block_kv = config_dict.placeholder(int)
   m.sequence_parallel = 'none'      # none | all_gather | ring | ulysses (over mesh.sequence)
+  # Attention patterns (model/attention_patterns.py); window sizes in tokens, -1 = whole axis.
+  m.attention_pattern = 'full'      # full | factorised | windowed | hierarchical
+  m.factorised_mode = 'alternating'  # alternating (even blocks spatial, odd temporal) | within_block
+  m.window_size = (2, 4, 4)         # windowed: (wt, wh, ww), each dividing the token grid
+  m.window_shift = True             # windowed: Swin half-window shift on odd blocks (masked)
+  m.hierarchical_windows = ((-1, -1, -1), (2, 4, 4))  # coarse -> fine, one head group each
   m.scan_layers = True
-  m.remat_policy = 'none'           # none | full | dots_saveable | ...
+  m.remat_policy = 'none'           # none | full | nothing_saveable | dots_saveable |
+                                    # dots_with_no_batch_dims_saveable | save_named | ...
+  m.remat_names = ''                # save_named: comma list from blocks.CHECKPOINT_NAMES
   m.dtype = 'float32'               # compute dtype
   m.param_dtype = 'float32'
   m.label_dropout = 0.1             # p(label -> null) in training, for CFG
+  # Text conditioning (model/text.py): cross-attention to caption tokens in every block.
+  m.conditioning = 'class'          # class | text
+  m.caption_dropout = 0.1           # text: p(caption -> learned null caption), for CFG
+  m.text = tx = ml_collections.ConfigDict()
+  tx.encoder = 'builtin'            # builtin (word tokens + small transformer, trained with the
+                                    # model) | precomputed (shards' caption_embedding [L, E])
+  tx.max_length = 16                # caption tokens / embedding rows L
+  tx.width = 128                    # builtin encoder width, depth, heads, MLP (None: 4 x width)
+  tx.depth = 2
+  tx.num_heads = 4
+  tx.mlp_dim = config_dict.placeholder(int)
+  tx.embed_dim = 0                  # precomputed: E (T5-XXL / UMT5-XXL: 4096)
+  # Given frames (diffusion/conditioning.py): video extension, image-to-video.
+  m.context_frames_max = 0          # train with the first k in [1, this] frames given; 0 = off
+  m.context_none_prob = 0.1         # p(k = 0) per clip, so the model also generates from nothing
 
   c.diffusion = d = ml_collections.ConfigDict()
   d.objective = 'eps'               # eps | v | flow
@@ -52,9 +79,14 @@ def base_config() -> ml_collections.ConfigDict:
   dd.num_workers = 0
   dd.time_stride = 1.0              # synthetic: base-motion frames per clip frame
   dd.source_seed = 0                # synthetic clips; files: per-index draws of source[idx]
+  dd.colours = ''                   # synthetic: comma list of synthetic.COLOURS ('' = all)
   dd.frame_stride = 1               # files: video frames between clip frames
   dd.clip_start = 'random'          # files: random | center
   dd.crop = 'center'                # files: center | random (after the short-side resize)
+  # Multi-shape training (data/buckets.py): ((T, H, W, global_batch), ...), bucket-pure
+  # batches; each bucket's batch replaces train.batch_size; samples take bucket 0's shape.
+  dd.buckets = ()                   # () = one shape: num_frames x height x width
+  dd.bucket_weights = ()            # synthetic: one weight per bucket (() = equal)
 
   c.train = t = ml_collections.ConfigDict()
   t.num_steps = 1000
@@ -68,6 +100,11 @@ def base_config() -> ml_collections.ConfigDict:
   t.grad_clip = 1.0
   t.ema_decay = 0.999
   t.log_every = 25
+  t.tensorboard = True              # WORKDIR/tensorboard event files (process 0)
+  t.grad_accum_steps = 1            # micro-batches per step (scanned; one optimizer update)
+  # Persistent XLA compilation cache ('' = off), shared by every run of this user on this
+  # host: a restart, a resume or a second run of the same shapes loads the compiled step.
+  t.compilation_cache_dir = '~/.cache/vdit_jax/jax_compilation_cache'
 
   c.checkpoint = ck = ml_collections.ConfigDict()
   ck.every_steps = 500
@@ -86,6 +123,16 @@ def base_config() -> ml_collections.ConfigDict:
   s.fps = 8
   s.formats = 'mp4,gif'
   s.seed = 1
+  s.prompts = ''                    # text: ';'-separated captions ('' = synthetic captions)
+  s.overlap = 0                     # --mode=extend: given frames per window (0 = context_frames_max)
+
+  # LoRA fine-tuning (model/lora.py, train/lora.py): rank > 0 freezes the base model read
+  # from base_checkpoint and trains only rank-r adapters W + (alpha / rank) * A @ B.
+  c.lora = lo = ml_collections.ConfigDict()
+  lo.rank = 0                       # 0 = off
+  lo.alpha = 8.0
+  lo.targets = 'attn'               # comma list: attn (q, k, v, out), mlp (fc1, fc2), or kernels
+  lo.base_checkpoint = ''           # workdir (newest checkpoint's EMA params) or export dir
 
   c.mesh = mesh = ml_collections.ConfigDict()
   mesh.data = -1                    # -1: whatever the other axes leave

@@ -1,11 +1,21 @@
 """Config validation: every rule a run depends on, checked before anything compiles."""
 
+from typing import Optional
+
+import jax
+
+from vdit_jax.data import buckets
 from vdit_jax.data import pipeline
+from vdit_jax.data import synthetic
 from vdit_jax.diffusion import objectives, samplers
+from vdit_jax.model import attention
+from vdit_jax.model import attention_patterns
 from vdit_jax.model import axes
 from vdit_jax.model import dit
+from vdit_jax.model import lora
 from vdit_jax.model import patching
 from vdit_jax.parallel import mesh as mesh_lib
+from vdit_jax.train import generate
 
 OBJECTIVE_SAMPLERS = {'eps': ('ddpm', 'ddim'), 'v': ('ddpm', 'ddim'), 'flow': ('euler',)}
 
@@ -28,8 +38,13 @@ def _non_negative(config, *paths):
       raise ValueError(f'config.{path}={value} must be >= 0.')
 
 
-def validate_config(config, num_devices: int, process_count: int = 1) -> None:
-  """Raises ValueError naming the first value that breaks a rule."""
+def validate_config(config, num_devices: int, process_count: int = 1,
+                    platform: Optional[str] = None) -> None:
+  """Raises ValueError naming the first value that breaks a rule.
+
+  `platform` is the devices' jax platform ('cpu', 'gpu', 'tpu'; default: the
+  default backend's), for the rules of platform-specific kernels.
+  """
   _positive(config, 'data.num_frames', 'data.height', 'data.width', 'data.channels',
             'data.num_examples', 'train.num_steps', 'train.batch_size', 'train.log_every',
             'train.learning_rate', 'checkpoint.every_steps', 'checkpoint.keep',
@@ -40,6 +55,7 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
   # Data fields and names; the files on disk are checked when the source is built
   # (pipeline.num_classes in loop.build, still before anything compiles).
   pipeline.check_data_config(config.data)
+  _check_colours(config.data)
   for path in ('train.ema_decay', 'model.label_dropout'):
     section, key = path.split('.')
     value = config[section][key]
@@ -47,11 +63,23 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
       raise ValueError(f'config.{path}={value} must be in [0, 1).')
 
   _check_checkpoint(config.checkpoint)
+  tensorboard = config.train.get('tensorboard', False)
+  if not isinstance(tensorboard, bool):
+    raise ValueError(f'config.train.tensorboard={tensorboard!r} must be True or False '
+                     '(write WORKDIR/tensorboard event files or not).')
 
   spec = dit.resolve_spec(config.model)
   dit.check_spec(spec)
+  generate.check_config(config)  # captions, prompts, given frames
+  if platform is None and spec.attention_impl in ('cudnn', 'splash'):
+    platform = jax.default_backend()  # only those two kernels are platform-specific
+  attention.check_impl(dit.attention_impl(spec), dtype=spec.dtype,
+                       head_dim=spec.width // spec.num_heads, platform=platform)
+  lora.check_config(config.get('lora'), spec.width, spec.mlp_dim)
   patching.check_patch((config.data.num_frames, config.data.height, config.data.width),
                        spec.patch_size)
+  attention_patterns.check_grid(spec.pattern, patching.token_grid(
+      (config.data.num_frames, config.data.height, config.data.width), spec.patch_size))
 
   objective = config.diffusion.objective
   if objective not in objectives.OBJECTIVES:
@@ -80,6 +108,9 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
     raise ValueError(f'train.batch_size={batch} is not divisible by the process count '
                      f'{process_count}.')
   rules = _check_rules(config.logical_axis_rules)
+  # data.buckets: each bucket's shape and batch against the patch, mesh and processes.
+  buckets.check_config(config, spec, process_count, _ways(rules, axes.ACT_BATCH, sizes),
+                       _ways(rules, axes.ACT_LENGTH, sizes))
   pt, ph, pw = spec.patch_size
   tokens = (config.data.num_frames // pt) * (config.data.height // ph) * (
       config.data.width // pw)
@@ -97,6 +128,7 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
        pt * ph * pw * config.data.channels, axes.PATCH),
       (f'tokens per clip {tokens} (T/pt * H/ph * W/pw)', tokens, axes.ACT_LENGTH),
   ]
+  dims += generate.sharded_dims(config)  # the text encoder's widths and heads
   seq_ways = _ways(rules, axes.ACT_LENGTH, sizes)[1]
   if spec.sequence_parallel != 'none' and seq_ways > 1:
     # Sequence-parallel attention runs in shard_map, which needs even blocks of the
@@ -117,6 +149,40 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
           f"model.sequence_parallel='ulysses' swaps heads for tokens, so the heads per "
           f'device, num_heads={spec.num_heads} / {head_ways} = {spec.num_heads // head_ways}, '
           f'must be divisible by the sequence-sharding mesh size {seq_ways}.')
+  _check_train_speed(config.train, rules, sizes)
+
+
+def _check_train_speed(train, rules, sizes) -> None:
+  """train.grad_accum_steps splits each device's clips evenly; the cache dir is a str."""
+  k = train.get('grad_accum_steps', 1)
+  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    raise ValueError(f'config.train.grad_accum_steps={k!r} must be a positive integer.')
+  mesh_axes, ways = _ways(rules, axes.ACT_BATCH, sizes)
+  per_device = train.batch_size // ways
+  if per_device % k:
+    raise ValueError(
+        f'config.train.batch_size={train.batch_size} gives {per_device} clips per batch shard '
+        f'(split {ways} ways over mesh axes {mesh_axes}), which is not divisible by '
+        f'train.grad_accum_steps={k}: each micro-batch must take the same number of clips '
+        f'from every shard; use a batch_size that is a multiple of {ways * k}.')
+  cache_dir = train.get('compilation_cache_dir', '')
+  if not isinstance(cache_dir, str):
+    raise ValueError(f'config.train.compilation_cache_dir={cache_dir!r} must be a path or '
+                     "'' (no persistent compilation cache).")
+
+
+def _check_colours(data) -> None:
+  """data.colours: '' or a comma list of synthetic.COLOURS, for the synthetic source only."""
+  colours = data.get('colours', '')
+  if data.source != 'synthetic':
+    if colours:
+      raise ValueError(f'config.data.colours={colours!r} only applies to '
+                       f"data.source='synthetic', not {data.source!r}.")
+    return
+  try:
+    synthetic.colour_subset(colours)
+  except ValueError as e:
+    raise ValueError(f'config.data.{e}') from None
 
 
 def _check_checkpoint(ck) -> None:

@@ -35,10 +35,15 @@ Data config fields:
                 (0.5 = double frame rate)
   source_seed   optional, default 0: which clips the synthetic source holds, and the
                 draws of `files` source[idx]; the `seed` argument only orders them
+  colours       'synthetic', optional: comma list of synthetic.COLOURS to paint the
+                clips with ('' = all, the default)
   path          'files': folder or glob of videos; 'shards': the folder holding index.json
   frame_stride  'files': source frames between consecutive clip frames (default 1)
   clip_start    'files': 'random' (default) or 'center' start of the clip in the video
   crop          'files': 'center' (default) or 'random' crop after the short-side resize
+  buckets, bucket_weights
+                optional: several clip shapes, bucket-pure batches; built by
+                `buckets.make_dataset`, not here (see data/buckets.py)
 The optional fields take their defaults when absent, so a data config written before they
 existed still works for 'synthetic'. A 'files' clip shorter than (T - 1) * frame_stride + 1
 frames is padded with its last frame; unreadable files are skipped and logged (see
@@ -53,6 +58,7 @@ deterministically, and a restored iterator continues with the same draws.
 
 from __future__ import annotations
 
+import functools
 import numbers
 
 from absl import flags
@@ -71,7 +77,7 @@ _REQUIRED_FIELDS = ('source', 'num_frames', 'height', 'width', 'channels', 'num_
                     'num_workers', 'time_stride')
 # Optional fields and their defaults (absent in data configs older than the file sources).
 _OPTIONAL_FIELDS = {'path': '', 'frame_stride': 1, 'clip_start': 'random', 'crop': 'center',
-                    'source_seed': 0}
+                    'source_seed': 0, 'colours': ''}
 _RGB_SOURCES = ('synthetic', 'files')
 
 
@@ -130,7 +136,8 @@ def _validate(data_config) -> None:
     index = shards.read_index(data_config.path)
     want = [data_config.num_frames, data_config.height, data_config.width,
             data_config.channels]
-    if list(index['clip_shape']) != want:
+    # With data.buckets (data/buckets.py) clips are cut to each bucket's shape instead.
+    if list(index['clip_shape']) != want and not data_config.get('buckets', ()):
       raise ValueError(
           f'data.path={data_config.path!r} holds clips of shape [T, H, W, C] = '
           f'{index["clip_shape"]}, but the data config asks for {want} (data.num_frames, '
@@ -151,17 +158,21 @@ def num_classes(data_config) -> int:
   return synthetic.NUM_CLASSES
 
 
-def _to_model_inputs(example: dict) -> dict:
-  """Keeps what the model trains on: video as float32 (uint8 -> [-1, 1]), label as int32."""
+def _to_model_inputs(example: dict, captions=None) -> dict:
+  """Keeps what the model trains on: video as float32 (uint8 -> [-1, 1]), label as int32,
+  and with `captions` (data/captions.py) the caption's tokens or embedding and mask."""
   video = example['video']  # [T, H, W, C]
   if video.dtype == np.uint8:
     video = video.astype(np.float32) * np.float32(1.0 / 127.5) - np.float32(1.0)
   else:  # latents: already the model's scale
     video = video.astype(np.float32)  # [T, H, W, C]
-  return {'video': video, 'label': np.int32(example['label'])}
+  inputs = {'video': video, 'label': np.int32(example['label'])}
+  if captions is not None:
+    inputs.update(captions(example))
+  return inputs
 
 
-def _make_source(data_config):
+def _make_source(data_config, captions: bool = False):
   """The configured source: `__len__` and `__getitem__(idx)` -> {'video', 'label', ...}."""
   if data_config.source == 'files':
     spec = video_files.ClipSpec(
@@ -179,6 +190,8 @@ def _make_source(data_config):
       num_examples=data_config.num_examples,
       seed=_field(data_config, 'source_seed'),
       time_stride=data_config.time_stride,
+      colours=_field(data_config, 'colours'),
+      captions=captions,
   )
 
 
@@ -188,7 +201,8 @@ def _random_map_seed(seed: int) -> int:
 
 
 def make_dataset(data_config, batch_size: int, *, seed: int,
-                 process_index: int | None = None, process_count: int | None = None):
+                 process_index: int | None = None, process_count: int | None = None,
+                 captions=None):
   """Builds this process's endless, shuffled, batched, checkpointable data iterator.
 
   Args:
@@ -197,11 +211,17 @@ def make_dataset(data_config, batch_size: int, *, seed: int,
     seed: shuffle seed, an integer in [0, 2**32); each epoch is reshuffled from it.
     process_index: this process's index; defaults to `jax.process_index()`.
     process_count: number of processes; defaults to `jax.process_count()`.
+    captions: optional `captions.CaptionInputs`: each batch also holds 'tokens' int32
+      [b, L] (or 'text_embed' float32 [b, L, E]) and 'text_mask' bool [b, L].
 
   Returns:
     A grain `DatasetIterator` yielding {'video': np.float32 [b, T, H, W, C] in [-1, 1],
     'label': np.int32 [b]} forever, with `get_state()` / `set_state()`.
   """
+  if data_config.get('buckets', ()):
+    raise ValueError(f'data.buckets={tuple(data_config.buckets)!r} is set: build the bucketed '
+                     'iterator with vdit_jax.data.buckets.make_dataset (one batch size per '
+                     'bucket), or set data.buckets=() for one clip shape.')
   _validate(data_config)
   batch_size = _check_int('batch_size', batch_size, 1)
   seed = _check_int('seed', seed, 0)
@@ -217,7 +237,7 @@ def make_dataset(data_config, batch_size: int, *, seed: int,
     raise ValueError(f'process_index must be in [0, process_count={process_count}), got '
                      f'{process_index}.')
 
-  source = _make_source(data_config)
+  source = _make_source(data_config, captions=captions is not None)
   if len(source) < process_count:
     what = (f'data.num_examples={len(source)} is' if data_config.source == 'synthetic'
             else f'data.path={data_config.path!r} holds {len(source)} clip(s),')
@@ -235,7 +255,7 @@ def make_dataset(data_config, batch_size: int, *, seed: int,
     ds = grain.MapDataset.source(source)
     ds = ds.shuffle(seed=seed)  # reshuffled per epoch (grain seeds each epoch from `seed`)
     ds = ds.repeat(None)
-  ds = ds.map(_to_model_inputs)
+  ds = ds.map(functools.partial(_to_model_inputs, captions=captions))
   ds = ds.batch(batch_size, drop_remainder=True)
   # This process's rows of each global batch: blocks i, i + P, ... (lazy: only these
   # blocks are ever read, so each process decodes 1/P of the data).

@@ -76,6 +76,12 @@ class SyntheticShapes:
     time_stride: frames are sampled every `time_stride` frames of the base motion, so a
       clip rendered with time_stride=0.5 is the same motion at double the frame rate
       (frame 2k of it equals frame k of the time_stride=1 clip).
+    colours: the colours clips are drawn from: None or '' for all of COLOURS, else names
+      of COLOURS as a comma-separated string or a sequence ('red,blue'). With all
+      colours, clip `idx` is the same as before this option existed; a subset keeps each
+      clip's shape, direction, size and motion and repaints it from the subset.
+    captions: also return each clip's caption, e.g. 'a red square moving left' (see
+      `caption`): what the text-conditioned model trains on.
 
   `source[idx]` returns a dict of numpy values:
     video      uint8 [T, H, W, 3]
@@ -83,10 +89,12 @@ class SyntheticShapes:
     shape      int32 []   index into SHAPES
     colour     int32 []   index into COLOURS
     direction  int32 []   index into DIRECTIONS
+    caption    str        only with captions=True: 'a {colour} {shape} moving {direction}'
   """
 
   def __init__(self, num_frames: int, height: int, width: int,
-               num_examples: int = 100_000, seed: int = 0, time_stride: float = 1.0):
+               num_examples: int = 100_000, seed: int = 0, time_stride: float = 1.0,
+               colours=None, captions: bool = False):
     self.num_frames = _check_positive_int('num_frames', num_frames)
     self.height = _check_positive_int('height', height)
     self.width = _check_positive_int('width', width)
@@ -102,6 +110,8 @@ class SyntheticShapes:
         or not math.isfinite(time_stride) or time_stride <= 0):
       raise ValueError(f'time_stride must be a finite number > 0, got {time_stride!r}.')
     self.time_stride = float(time_stride)
+    self.colour_ids = colour_subset(colours)  # indices into COLOURS
+    self.captions = bool(captions)
 
     # Pixel-centre coordinates, shared by every clip.
     self._xs = (np.arange(self.width, dtype=np.float32) + 0.5)[None, None, :]  # [1, 1, W]
@@ -115,7 +125,12 @@ class SyntheticShapes:
   def __repr__(self) -> str:
     return (f'SyntheticShapes(num_frames={self.num_frames}, height={self.height}, '
             f'width={self.width}, num_examples={self.num_examples}, seed={self.seed}, '
-            f'time_stride={self.time_stride})')
+            f'time_stride={self.time_stride}{self._colours_repr()})')
+
+  def _colours_repr(self) -> str:
+    if len(self.colour_ids) == len(COLOURS):
+      return ''
+    return f", colours='{','.join(list(COLOURS)[i] for i in self.colour_ids)}'"
 
   def __getitem__(self, idx) -> dict[str, np.ndarray]:
     if isinstance(idx, bool) or not isinstance(idx, numbers.Integral):
@@ -131,7 +146,8 @@ class SyntheticShapes:
     u = np.random.default_rng([self.seed, idx]).random(8)  # [8] in [0, 1)
     shape = min(int(u[0] * len(SHAPES)), len(SHAPES) - 1)
     direction = min(int(u[1] * len(DIRECTIONS)), len(DIRECTIONS) - 1)
-    colour = min(int(u[2] * len(COLOURS)), len(COLOURS) - 1)
+    num_colours = len(self.colour_ids)
+    colour = self.colour_ids[min(int(u[2] * num_colours), num_colours - 1)]
     background = float(int(_BACKGROUND_RANGE[0]
                            + u[3] * (_BACKGROUND_RANGE[1] - _BACKGROUND_RANGE[0] + 1)))
     side = (_SIZE_RANGE[0] + u[4] * (_SIZE_RANGE[1] - _SIZE_RANGE[0])) * min(
@@ -191,13 +207,29 @@ class SyntheticShapes:
     lut = background + ramp * (_PALETTE[colour] - np.float32(background))  # [256, 3]
     lut = np.rint(lut).astype(np.uint8)  # [256, 3]
     video = np.take(lut, level, axis=0)  # [T, H, W, 3]
-    return {
+    example = {
         'video': video,
         'label': np.int32(shape * len(DIRECTIONS) + direction),
         'shape': np.int32(shape),
         'colour': np.int32(colour),
         'direction': np.int32(direction),
     }
+    if self.captions:
+      example['caption'] = caption(shape, colour, direction)
+    return example
+
+
+def colour_subset(colours) -> tuple[int, ...]:
+  """None / '' -> every index of COLOURS; 'red,blue' or ('red', 'blue') -> their indices."""
+  if colours is None or (isinstance(colours, str) and not colours.strip()):
+    return tuple(range(len(COLOURS)))
+  names = colours.split(',') if isinstance(colours, str) else list(colours)
+  names = [n.strip() if isinstance(n, str) else n for n in names]
+  unknown = [n for n in names if n not in COLOURS]
+  if unknown or not names:
+    raise ValueError(f'colours={colours!r} must name colours of {tuple(COLOURS)} '
+                     f'(comma-separated); unknown: {unknown}.')
+  return tuple(sorted({list(COLOURS).index(n) for n in names}))
 
 
 def _lookup(kind: str, names, value) -> str:

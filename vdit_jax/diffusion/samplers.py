@@ -45,8 +45,12 @@ def _validate(diffusion, sampler, num_steps, shape, labels, eta, cfg_scale, null
         f'{diffusion.num_timesteps}.')
   if len(shape) < 1 or shape[0] < 1:
     raise ValueError(f'shape={tuple(shape)} must start with a positive batch size.')
-  if labels is not None and tuple(labels.shape) != (shape[0],):
+  if labels is not None and hasattr(labels, 'shape') and tuple(labels.shape) != (shape[0],):
     raise ValueError(f'labels shape {tuple(labels.shape)} must be [B]=({shape[0]},).')
+  if labels is not None and not hasattr(labels, 'shape'):  # a pytree of conditions [B, ...]
+    bad = [tuple(x.shape) for x in jax.tree.leaves(labels) if tuple(x.shape[:1]) != shape[:1]]
+    if bad:
+      raise ValueError(f'condition arrays of shapes {bad} must all start with B={shape[0]}.')
   if not float(eta) >= 0:
     raise ValueError(f'eta={eta!r} must be >= 0.')
   if sampler != 'ddim' and eta != 0:
@@ -62,6 +66,9 @@ def _validate(diffusion, sampler, num_steps, shape, labels, eta, cfg_scale, null
 def guided_prediction(model_fn, z, t_model, labels, cfg_scale=1.0, null_label=None):
   """Classifier-free guidance. z [B, ...], t_model [B], labels int32 [B] or None.
 
+  `labels` may also be a pytree of [B, ...] conditions (diffusion/conditioning.py) with
+  `null_label` a function from it to its unconditional version.
+
   cfg_scale == 1: one call model_fn(z, t_model, labels). Otherwise one call on the doubled batch
   [cond; null] and uncond + cfg_scale * (cond - uncond).
   """
@@ -75,8 +82,12 @@ def guided_prediction(model_fn, z, t_model, labels, cfg_scale=1.0, null_label=No
   b = z.shape[0]
   z2 = jnp.concatenate([z, z], axis=0)  # [2B, ...]
   t2 = jnp.concatenate([t_model, t_model], axis=0)  # [2B]
-  null = jnp.full_like(labels, null_label)  # [B]
-  labels2 = jnp.concatenate([labels, null], axis=0)  # [2B]
+  if callable(null_label):  # a condition pytree and the function that nulls it
+    labels2 = jax.tree.map(lambda c, n: jnp.concatenate([c, n], axis=0), labels,
+                           null_label(labels))  # [2B, ...] leaves
+  else:
+    null = jnp.full_like(labels, null_label)  # [B]
+    labels2 = jnp.concatenate([labels, null], axis=0)  # [2B]
   out = model_fn(z2, t2, labels2)  # [2B, ...]
   cond, uncond = out[:b], out[b:]  # [B, ...] each
   return uncond + cfg_scale * (cond - uncond)

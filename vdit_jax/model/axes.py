@@ -15,6 +15,7 @@ PATCH = 'patch'          # flattened tubelet pt*ph*pw*C
 MODULATION = 'modulation'  # adaLN shift/scale/gate outputs (k * D)
 CLASSES = 'classes'      # label-embedding rows
 FREQ = 'freq'            # sinusoidal timestep features
+LORA_RANK = 'lora_rank'  # rank r of LoRA adapter factors (model/lora.py)
 
 # Activations.
 ACT_BATCH = 'activation_batch'
@@ -43,4 +44,5 @@ DEFAULT_RULES = (
     (MODULATION, None),
     (CLASSES, None),
     (FREQ, None),
+    (LORA_RANK, None),
 )

@@ -1,14 +1,26 @@
 """DiT blocks with adaLN-Zero modulation, and the zero-initialised final layer."""
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
+from vdit_jax.model import attention_patterns
 from vdit_jax.model import axes
+from vdit_jax.model import text as text_lib
 from vdit_jax.model.attention import Attention
 
 TOKENS = (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED)
+
+# Activations tagged with `checkpoint_name` in each block, for model.remat_policy='save_named'
+# (model.remat_names picks which ones the backward pass keeps instead of recomputing):
+#   attn_in    [B, N, D]  modulated LN(x), the input of the q/k/v projections
+#   attn_out   [B, N, D]  attention after the output projection, before the gate
+#   mlp_in     [B, N, D]  modulated LN(x), the input of fc1
+#   mlp_hidden [B, N, F]  fc1 output before the GELU (the largest activation of a block)
+#   mlp_out    [B, N, D]  fc2 output, before the gate
+CHECKPOINT_NAMES = ('attn_in', 'attn_out', 'mlp_in', 'mlp_hidden', 'mlp_out')
 
 
 def modulate(x, shift, scale):
@@ -53,6 +65,7 @@ class Mlp(nn.Module):
     width = x.shape[-1]
     h = _dense(self.hidden, axes.EMBED, axes.MLP, self.dtype, self.param_dtype, 'fc1')(x)
     h = nn.with_logical_constraint(h, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_MLP))
+    h = checkpoint_name(h, 'mlp_hidden')  # [B, N, F]
     h = nn.gelu(h, approximate=True)  # [B, N, F]
     return _dense(width, axes.MLP, axes.EMBED, self.dtype, self.param_dtype, 'fc2')(h)
 
@@ -63,6 +76,18 @@ class DiTBlock(nn.Module):
   The (shift, scale, gate) pairs come from the conditioning vector through a
   zero-initialised projection, so a fresh block is the identity (adaLN-Zero).
   Returns (x, None) so that the same module works under `nn.scan`.
+
+  `pattern` (attention_patterns.PatternSpec) with the token grid `grid`
+  (T', H', W') and the block index `layer` (only layer % pattern.period is
+  read) picks the attention sub-layers. Factorised 'within_block' adds a
+  temporal sub-layer after the spatial one, x += g_t * attn_temporal(mod_t(LN(x))),
+  with its own zero-initialised (shift, scale, gate) projection `adaln_temporal`,
+  so the block stays the identity at init.
+
+  `text` (context [B, L, D], mask bool [B, L]; model.conditioning='text') adds a
+  cross-attention sub-layer after the self-attention, before the MLP:
+  x += cross_attn(LN(x), context), its output projection zero-initialised (identity at
+  init; see model/text.py). Without it the block and its params are unchanged.
   """
   num_heads: int
   mlp_dim: int
@@ -71,22 +96,58 @@ class DiTBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   sequence_parallel: str = 'none'
+  pattern: attention_patterns.PatternSpec = attention_patterns.PatternSpec()
+  grid: Optional[Tuple[int, int, int]] = None
+  layer: int = 0
 
   @nn.compact
-  def __call__(self, x, c, rope: Optional[Tuple[jnp.ndarray, jnp.ndarray]] = None):
+  def __call__(self, x, c, rope: Optional[Tuple[jnp.ndarray, jnp.ndarray]] = None,
+               text: Optional[Tuple[jnp.ndarray, jnp.ndarray]] = None):
     # x [B, N, D], c [B, D]
     x = nn.with_logical_constraint(x, TOKENS)
     width = x.shape[-1]
+    first, *extra = attention_patterns.block_groupings(self.pattern, self.layer)
     shift1, scale1, gate1, shift2, scale2, gate2 = AdaLN(
         width, 6, self.dtype, self.param_dtype, name='adaln')(c)  # 6 x [B, D]
-    h = modulate(_norm(self.dtype)(x), shift1, scale1)
+    h = checkpoint_name(modulate(_norm(self.dtype)(x), shift1, scale1), 'attn_in')
     h = Attention(self.num_heads, self.qk_norm, self.attention_impl, self.dtype,
-                  self.param_dtype, self.sequence_parallel, name='attn')(h, rope)  # [B, N, D]
-    x = x + gate1[:, None, :] * h
-    h = modulate(_norm(self.dtype)(x), shift2, scale2)
+                  self.param_dtype, self.sequence_parallel, first,
+                  name='attn')(h, rope, self.grid)  # [B, N, D]
+    x = x + gate1[:, None, :] * checkpoint_name(h, 'attn_out')
+    for grouping in extra:  # factorised within_block: the temporal sub-layer
+      shift_t, scale_t, gate_t = AdaLN(
+          width, 3, self.dtype, self.param_dtype, name=f'adaln_{grouping.kind}')(c)  # 3 x [B, D]
+      h = checkpoint_name(modulate(_norm(self.dtype)(x), shift_t, scale_t), 'attn_in')
+      h = Attention(self.num_heads, self.qk_norm, self.attention_impl, self.dtype,
+                    self.param_dtype, self.sequence_parallel, grouping,
+                    name=f'attn_{grouping.kind}')(h, rope, self.grid)  # [B, N, D]
+      x = x + gate_t[:, None, :] * checkpoint_name(h, 'attn_out')
+    if text is not None:  # cross-attention to the caption tokens
+      x = x + text_lib.CrossAttention(self.num_heads, self.qk_norm, self.dtype, self.param_dtype,
+                                      name='cross_attn')(x, *text)  # [B, N, D]
+    h = checkpoint_name(modulate(_norm(self.dtype)(x), shift2, scale2), 'mlp_in')
     h = Mlp(self.mlp_dim, self.dtype, self.param_dtype, name='mlp')(h)
-    x = x + gate2[:, None, :] * h
+    x = x + gate2[:, None, :] * checkpoint_name(h, 'mlp_out')
     return nn.with_logical_constraint(x, TOKENS), None
+
+
+class BlockCycle(nn.Module):
+  """`period` consecutive blocks, block_0 .. block_{period-1}, as one unit for `nn.scan`.
+
+  Blocks that differ by layer parity (alternating spatial / temporal attention,
+  shifted windows) scan as depth / period cycles, each block built with its
+  static index r = layer % period, so the scanned loop has no conditional.
+  Returns (x, None) like DiTBlock.
+  """
+  make_block: Callable[..., nn.Module]  # DiTBlock (or its nn.remat) with all but `layer` set
+  period: int
+
+  @nn.compact
+  def __call__(self, x, c, rope: Optional[Tuple[jnp.ndarray, jnp.ndarray]] = None,
+               text: Optional[Tuple[jnp.ndarray, jnp.ndarray]] = None):
+    for r in range(self.period):
+      x, _ = self.make_block(layer=r, name=f'block_{r}')(x, c, rope, text)  # [B, N, D]
+    return x, None
 
 
 class FinalLayer(nn.Module):

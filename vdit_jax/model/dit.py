@@ -1,6 +1,7 @@
 """The video diffusion transformer: tubelets -> DiT blocks -> tubelets."""
 
 import dataclasses
+import functools
 import re
 from typing import Any, Optional, Tuple
 
@@ -10,10 +11,12 @@ import jax
 import jax.numpy as jnp
 
 from vdit_jax.model import attention
+from vdit_jax.model import attention_patterns
 from vdit_jax.model import axes
 from vdit_jax.model import embeddings
 from vdit_jax.model import patching
-from vdit_jax.model.blocks import DiTBlock, FinalLayer
+from vdit_jax.model import text as text_lib
+from vdit_jax.model.blocks import BlockCycle, CHECKPOINT_NAMES, DiTBlock, FinalLayer
 
 # name -> (width, depth, heads); MLP is 4 x width. DiT's table plus two small ones.
 VARIANTS = {
@@ -34,7 +37,12 @@ REMAT_POLICIES = {
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     'everything_saveable': jax.checkpoint_policies.everything_saveable,
 }
+# Keeps only the block activations named in model.remat_names (blocks.CHECKPOINT_NAMES)
+# and recomputes the rest in the backward pass.
+SAVE_NAMED = 'save_named'
+REMAT_POLICY_NAMES = tuple(REMAT_POLICIES) + (SAVE_NAMED,)
 POS_EMBEDS = ('sincos', 'rope')
+CONDITIONINGS = ('class', 'text')  # model.conditioning
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
@@ -69,6 +77,35 @@ class ModelSpec:
   dtype: str
   param_dtype: str
   sequence_parallel: str = 'none'
+  remat_names: Tuple[str, ...] = ()  # for remat_policy='save_named'
+  pattern: attention_patterns.PatternSpec = attention_patterns.PatternSpec()
+  conditioning: str = 'class'   # 'text': cross-attention to captions (model/text.py)
+  text: Optional[text_lib.TextSpec] = None  # conditioning='text'
+  context_frames: int = 0       # model.context_frames_max; > 0: a given-frames mask channel
+  attention_block_q: Optional[int] = None   # blockwise / splash tiles; None: kernel default
+  attention_block_kv: Optional[int] = None
+
+
+def parse_remat_names(names) -> Tuple[str, ...]:
+  """'attn_out, mlp_hidden' (or a sequence of names) -> ('attn_out', 'mlp_hidden')."""
+  if names is None:
+    return ()
+  if isinstance(names, str):
+    names = names.split(',')
+  return tuple(n.strip() for n in names if n.strip())
+
+
+def remat_policy(spec: 'ModelSpec'):
+  """The jax.checkpoint policy of spec.remat_policy (None for 'none')."""
+  if spec.remat_policy == SAVE_NAMED:
+    return jax.checkpoint_policies.save_only_these_names(*spec.remat_names)
+  return REMAT_POLICIES[spec.remat_policy]
+
+
+def attention_impl(spec: 'ModelSpec') -> attention.AttentionImpl:
+  """model.attention_impl with its tile sizes (attention_block_q / attention_block_kv)."""
+  return attention.AttentionImpl(spec.attention_impl, spec.attention_block_q,
+                                 spec.attention_block_kv)
 
 
 def resolve_spec(model_cfg) -> ModelSpec:
@@ -88,11 +125,19 @@ def resolve_spec(model_cfg) -> ModelSpec:
       pos_embed=model_cfg.get('pos_embed', 'sincos'),
       qk_norm=bool(model_cfg.get('qk_norm', True)),
       attention_impl=model_cfg.get('attention_impl', 'xla'),
+      attention_block_q=model_cfg.get('attention_block_q'),
+      attention_block_kv=model_cfg.get('attention_block_kv'),
       scan_layers=bool(model_cfg.get('scan_layers', True)),
       remat_policy=model_cfg.get('remat_policy', 'none'),
       dtype=model_cfg.get('dtype', 'float32'),
       param_dtype=model_cfg.get('param_dtype', 'float32'),
-      sequence_parallel=model_cfg.get('sequence_parallel', 'none'))
+      sequence_parallel=model_cfg.get('sequence_parallel', 'none'),
+      remat_names=parse_remat_names(model_cfg.get('remat_names', '')),
+      pattern=attention_patterns.spec_from_config(model_cfg),
+      conditioning=model_cfg.get('conditioning', 'class'),
+      text=(text_lib.resolve_spec(model_cfg.get('text') or {})
+            if model_cfg.get('conditioning', 'class') == 'text' else None),
+      context_frames=model_cfg.get('context_frames_max', 0))
 
 
 def check_spec(spec: ModelSpec) -> None:
@@ -112,18 +157,37 @@ def check_spec(spec: ModelSpec) -> None:
     raise ValueError(f'model.width={spec.width} must be even and >= 6 for sincos positions.')
   if spec.pos_embed == 'rope' and (head_dim % 2 or head_dim < 6):
     raise ValueError(f'head dim {head_dim} (width/num_heads) must be even and >= 6 for 3-D RoPE.')
-  if spec.attention_impl not in attention.ATTENTION_IMPLS:
-    raise ValueError(f'model.attention_impl={spec.attention_impl!r} is not one of '
-                     f'{attention.ATTENTION_IMPLS}.')
+  attention.check_impl(attention_impl(spec), dtype=spec.dtype, head_dim=head_dim)
   if spec.sequence_parallel not in attention.SEQUENCE_PARALLEL:
     raise ValueError(f'model.sequence_parallel={spec.sequence_parallel!r} is not one of '
                      f'{attention.SEQUENCE_PARALLEL}.')
-  if spec.remat_policy not in REMAT_POLICIES:
+  if spec.remat_policy not in REMAT_POLICY_NAMES:
     raise ValueError(f'model.remat_policy={spec.remat_policy!r} is not one of '
-                     f'{sorted(REMAT_POLICIES)}.')
+                     f'{sorted(REMAT_POLICY_NAMES)}.')
+  unknown = [n for n in spec.remat_names if n not in CHECKPOINT_NAMES]
+  if unknown:
+    raise ValueError(f'model.remat_names={",".join(spec.remat_names)!r} names {unknown}, '
+                     f'which are not block activations; known names: {CHECKPOINT_NAMES}.')
+  if spec.remat_policy == SAVE_NAMED and not spec.remat_names:
+    raise ValueError(f"model.remat_policy='{SAVE_NAMED}' needs model.remat_names, a comma "
+                     f'list of the activations to keep, from {CHECKPOINT_NAMES}.')
+  if spec.remat_policy != SAVE_NAMED and spec.remat_names:
+    raise ValueError(f'model.remat_names={",".join(spec.remat_names)!r} is only read by '
+                     f"model.remat_policy='{SAVE_NAMED}', not {spec.remat_policy!r}.")
   for key in ('dtype', 'param_dtype'):
     if getattr(spec, key) not in DTYPES:
       raise ValueError(f'model.{key}={getattr(spec, key)!r} is not one of {sorted(DTYPES)}.')
+  attention_patterns.check_spec(
+      spec.pattern, num_heads=spec.num_heads, depth=spec.depth, scan_layers=spec.scan_layers,
+      attention_impl=spec.attention_impl, sequence_parallel=spec.sequence_parallel)
+  if spec.conditioning not in CONDITIONINGS:
+    raise ValueError(f'model.conditioning={spec.conditioning!r} is not one of {CONDITIONINGS}.')
+  if spec.conditioning == 'text':
+    text_lib.check_spec(spec.text)
+  if (isinstance(spec.context_frames, bool) or not isinstance(spec.context_frames, int)
+      or spec.context_frames < 0):
+    raise ValueError(f'model.context_frames_max={spec.context_frames!r} must be an integer '
+                     '>= 0 (0: no given frames).')
 
 
 class VideoDiT(nn.Module):
@@ -132,16 +196,36 @@ class VideoDiT(nn.Module):
   __call__(video [B, T, H, W, C], t [B] float timesteps (0..1000 scale),
   labels [B] int in [0, num_classes], num_classes being the null label)
   -> prediction [B, T, H, W, C].
+
+  spec.conditioning='text': `text` ({'tokens' | 'embed', 'mask'}, see model/text.py;
+  None = no caption) feeds a cross-attention sub-layer in every block, and labels are
+  ignored. spec.context_frames > 0: `frame_mask` bool [B, T] (None = none given) marks
+  the given frames, which `video` holds clean; it enters as one more input channel
+  (C + 1), the output keeps C (diffusion/conditioning.py).
+
+  Block parameters: 'blocks' stacked over depth (scan_layers) or 'blocks_{i}'.
+  Attention patterns whose even and odd blocks differ (spec.pattern.period 2:
+  alternating factorised, shifted windows) scan as 'blocks/block_0' and
+  'blocks/block_1', each stacked over depth / 2 (model/attention_patterns.py).
   """
   spec: ModelSpec
   channels: int
   num_classes: int
 
   @nn.compact
-  def __call__(self, video, t, labels=None):
+  def __call__(self, video, t, labels=None, text=None, frame_mask=None):
     spec = self.spec
     dtype, param_dtype = DTYPES[spec.dtype], DTYPES[spec.param_dtype]
+    if spec.context_frames > 0:  # given frames: one more channel, 1 on the given frames
+      if frame_mask is None:
+        frame_mask = jnp.zeros(video.shape[:2], bool)
+      if frame_mask.shape != video.shape[:2]:
+        raise ValueError(f'frame_mask {frame_mask.shape} must be [B, T]={video.shape[:2]}.')
+      mask = jnp.broadcast_to(frame_mask[:, :, None, None, None].astype(video.dtype),
+                              video.shape[:4] + (1,))  # [B, T, H, W, 1]
+      video = jnp.concatenate([video, mask], axis=-1)  # [B, T, H, W, C + 1]
     grid = patching.token_grid(video.shape[1:4], spec.patch_size)  # (T', H', W')
+    attention_patterns.check_grid(spec.pattern, grid)
     x = patching.PatchEmbed(spec.width, spec.patch_size, dtype, param_dtype,
                             name='patch_embed')(video.astype(dtype))  # [B, N, D]
     rope = None
@@ -153,28 +237,37 @@ class VideoDiT(nn.Module):
 
     c = embeddings.TimestepEmbedder(spec.width, dtype=dtype, param_dtype=param_dtype,
                                     name='t_embed')(t)  # [B, D]
-    if self.num_classes > 0:
+    context = None
+    if spec.conditioning == 'text':  # (context [B, L, D], mask [B, L]) for cross-attention
+      context = text_lib.TextConditioner(spec.text, spec.width, dtype, param_dtype,
+                                         name='text')(text, video.shape[0])
+    elif self.num_classes > 0:
       if labels is None:
         labels = jnp.full((video.shape[0],), self.num_classes, jnp.int32)
       c = c + embeddings.LabelEmbedder(self.num_classes, spec.width, dtype, param_dtype,
                                        name='y_embed')(labels)  # [B, D]
 
     block = DiTBlock
-    policy = REMAT_POLICIES[spec.remat_policy]
     if spec.remat_policy != 'none':
-      block = nn.remat(DiTBlock, policy=policy, prevent_cse=not spec.scan_layers)
+      block = nn.remat(DiTBlock, policy=remat_policy(spec), prevent_cse=not spec.scan_layers)
     kwargs = dict(num_heads=spec.num_heads, mlp_dim=spec.mlp_dim, qk_norm=spec.qk_norm,
-                  attention_impl=spec.attention_impl, dtype=dtype, param_dtype=param_dtype,
-                  sequence_parallel=spec.sequence_parallel)
+                  attention_impl=attention_impl(spec).key(), dtype=dtype,
+                  param_dtype=param_dtype, sequence_parallel=spec.sequence_parallel,
+                  pattern=spec.pattern, grid=grid)
     if spec.scan_layers:
+      period = spec.pattern.period  # 2: even and odd blocks differ; scan pairs of blocks
+      body, body_kwargs = block, kwargs
+      if period > 1:
+        body = BlockCycle
+        body_kwargs = dict(make_block=functools.partial(block, **kwargs), period=period)
       blocks = nn.scan(
-          block, variable_axes={'params': 0}, split_rngs={'params': True},
-          in_axes=(nn.broadcast, nn.broadcast), length=spec.depth,
-          metadata_params={nn.PARTITION_NAME: axes.LAYERS})(**kwargs, name='blocks')
-      x, _ = blocks(x, c, rope)
+          body, variable_axes={'params': 0}, split_rngs={'params': True},
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=spec.depth // period,
+          metadata_params={nn.PARTITION_NAME: axes.LAYERS})(**body_kwargs, name='blocks')
+      x, _ = blocks(x, c, rope, context)
     else:
       for i in range(spec.depth):
-        x, _ = block(**kwargs, name=f'blocks_{i}')(x, c, rope)
+        x, _ = block(**kwargs, layer=i, name=f'blocks_{i}')(x, c, rope, context)
 
     x = FinalLayer(spec.patch_size[0] * spec.patch_size[1] * spec.patch_size[2] * self.channels,
                    dtype, param_dtype, name='final')(x, c)  # [B, N, P]

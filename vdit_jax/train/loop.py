@@ -10,18 +10,25 @@ import jax
 import numpy as np
 
 from vdit_jax import validate
+from vdit_jax.data import buckets as buckets_lib
+from vdit_jax.data import captions as captions_lib
 from vdit_jax.data import pipeline
 from vdit_jax.diffusion import objectives
 from vdit_jax.model import dit
 from vdit_jax.model import patching
 from vdit_jax.parallel import mesh as mesh_lib
 from vdit_jax.train import checkpoint as ckpt_lib
+from vdit_jax.train import compile_cache
 from vdit_jax.train import export as export_lib
+from vdit_jax.train import generate
+from vdit_jax.train import lora as lora_lib
 from vdit_jax.train import metrics as metrics_lib
+from vdit_jax.train import mfu as mfu_lib
 from vdit_jax.train import preemption
 from vdit_jax.train import sampling
 from vdit_jax.train import state as state_lib
 from vdit_jax.train import step as step_lib
+from vdit_jax.train import tensorboard
 
 
 @dataclasses.dataclass
@@ -39,6 +46,8 @@ class Setup:
   abstract_state: Any
   state_shardings: Any
   checkpointer: Optional[ckpt_lib.Checkpointer]  # None when built without a workdir
+  # config.lora.rank > 0: the state holds the adapters only; the frozen base is here.
+  lora: Optional[lora_lib.LoraSetup] = None
 
 
 def build(config, workdir: Optional[str], *, devices: Optional[Sequence[Any]] = None,
@@ -53,7 +62,8 @@ def build(config, workdir: Optional[str], *, devices: Optional[Sequence[Any]] = 
   devices = list(jax.devices() if devices is None else devices)
   if process_count is None:
     process_count = jax.process_count()
-  validate.validate_config(config, len(devices), process_count)
+  validate.validate_config(config, len(devices), process_count,
+                           platform=devices[0].platform)
   mesh = mesh_lib.make_mesh(config.mesh, devices=devices)
   rules = tuple(tuple(r) for r in config.logical_axis_rules)
   if num_classes is None:
@@ -63,6 +73,10 @@ def build(config, workdir: Optional[str], *, devices: Optional[Sequence[Any]] = 
   schedule = state_lib.learning_rate_schedule(config.train)
   tx = state_lib.make_optimizer(config.train)
   init_fn = state_lib.make_init_fn(model, tx, config.data)
+  lora = None
+  if lora_lib.enabled(config):  # the state becomes the adapters'
+    lora = lora_lib.make_setup(model, tx, config, mesh, rules)
+    init_fn = lora.init_fn
   abstract, shardings = state_lib.state_shardings(init_fn, mesh, rules)
   checkpointer = None
   if workdir is not None:
@@ -71,13 +85,16 @@ def build(config, workdir: Optional[str], *, devices: Optional[Sequence[Any]] = 
         every_steps=config.checkpoint.every_steps, async_save=config.checkpoint.async_save,
         keep_period=config.checkpoint.keep_period)
   return Setup(config, mesh, rules, model, diffusion, tx, schedule, num_classes, init_fn,
-               abstract, shardings, checkpointer)
+               abstract, shardings, checkpointer, lora)
 
 
-def batch_shardings(mesh, rules):
+def batch_shardings(mesh, rules, extra_ndims=None):
   """Shardings of the train step's batch {'video': [B, T, H, W, C], 'label': [B]}."""
-  return {'video': mesh_lib.batch_sharding(mesh, rules, 5),
-          'label': mesh_lib.batch_sharding(mesh, rules, 1)}
+  shardings = {'video': mesh_lib.batch_sharding(mesh, rules, 5),
+               'label': mesh_lib.batch_sharding(mesh, rules, 1)}
+  for key, ndim in (extra_ndims or {}).items():  # captions: generate.batch_ndims
+    shardings[key] = mesh_lib.batch_sharding(mesh, rules, ndim)
+  return shardings
 
 
 def jit_train_step(s: Setup):
@@ -87,12 +104,22 @@ def jit_train_step(s: Setup):
   the trainer and `tools.plan` both compile this one function.
   """
   replicated = mesh_lib.replicated(s.mesh)
+
+  def make_step(param_transform=None):
+    return step_lib.make_train_step(s.model, s.diffusion, s.tx, s.schedule,
+                                    num_classes=s.num_classes,
+                                    label_dropout=s.config.model.label_dropout,
+                                    ema=s.config.train.ema_decay,
+                                    grad_accum_steps=s.config.train.get('grad_accum_steps', 1),
+                                    conditioning=generate.conditioning(s.config),
+                                    param_transform=param_transform)
+
+  batch = batch_shardings(s.mesh, s.rules, generate.batch_ndims(s.config))
+  if s.lora is not None:  # trains the adapters; the frozen base is the step's 2nd input
+    return s.lora.jit_train_step(make_step, s.state_shardings, batch)
   return jax.jit(
-      step_lib.make_train_step(s.model, s.diffusion, s.tx, s.schedule,
-                               num_classes=s.num_classes,
-                               label_dropout=s.config.model.label_dropout,
-                               ema=s.config.train.ema_decay),
-      in_shardings=(s.state_shardings, batch_shardings(s.mesh, s.rules), replicated),
+      make_step(),
+      in_shardings=(s.state_shardings, batch, replicated),
       out_shardings=(s.state_shardings, replicated),
       donate_argnums=0)
 
@@ -109,17 +136,47 @@ def global_batch(local_batch, mesh, rules):
       mesh_lib.batch_sharding(mesh, rules, v.ndim), v) for k, v in local_batch.items()}
 
 
+def _rate_meter(config, spec) -> metrics_lib.RateMeter:
+  """Times the logged steps: tokens/s, model TFLOP/s per device and MFU."""
+  peak = mfu_lib.device_peak()
+  metrics_lib.log_line(
+      f'MFU against {peak.source}' if peak is not None else
+      f'no peak FLOP/s known for device kind {jax.devices()[0].device_kind!r}: '
+      'logging model TFLOP/s per device without MFU')
+  return metrics_lib.RateMeter(
+      config.train.batch_size * tokens_per_clip(config, spec),
+      flops_per_step=mfu_lib.model_flops_per_step(config, spec),
+      num_devices=jax.device_count(), peak=peak)
+
+
+def _compile_step(train_step, state, batch, rng) -> None:
+  """Compiles the jitted step for these inputs ahead of time; its calls reuse it."""
+  t0 = time.perf_counter()
+  with compile_cache.count_cache_events() as events:
+    train_step.lower(state, batch, rng).compile()
+  metrics_lib.log_line(f'compiled the train step in {time.perf_counter() - t0:.1f}s '
+                       f'({events.describe()})')
+
+
 def _save_config(config, workdir):
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
 
 
-def _sample_and_write(s: Setup, params, step: int, workdir: str, name: Optional[str] = None):
-  cfg = s.config
-  sample_fn = sampling.make_sample_fn(s.model, s.diffusion, cfg.sample, cfg.data, s.num_classes,
-                                      cfg.sample.num_samples)
-  labels = sampling.sample_labels(cfg.sample.num_samples, s.num_classes)
+def _sample_and_write(s: Setup, params, step: int, workdir: str, name: Optional[str] = None,
+                      prompts: Optional[str] = None):
+  cfg = buckets_lib.sample_config(s.config)  # data.buckets: the first bucket's shape
+  if s.lora is not None:  # params are the adapters
+    params = s.lora.merged(params)
+  if generate.needs_conditions(cfg):  # captions (prompts) and / or given frames
+    sample_fn = generate.make_sample_fn(s.model, s.diffusion, cfg, s.num_classes,
+                                        generate.sample_shape(cfg, cfg.sample.num_samples))
+    labels = generate.sample_condition(cfg, s.num_classes, cfg.sample.num_samples, prompts)
+  else:
+    sample_fn = sampling.make_sample_fn(s.model, s.diffusion, cfg.sample, cfg.data,
+                                        s.num_classes, cfg.sample.num_samples)
+    labels = sampling.sample_labels(cfg.sample.num_samples, s.num_classes)
   rng = jax.random.key(cfg.sample.seed)
   t0 = time.perf_counter()
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
@@ -160,10 +217,17 @@ def train_and_evaluate(config, workdir: str, *, stop_at: Optional[int] = None):
   the final sample.
   """
   os.makedirs(workdir, exist_ok=True)
+  compile_cache.configure(config.train.get('compilation_cache_dir', ''))  # before any compile
   s = build(config, workdir)
   spec = s.model.spec
-  local_batch = config.train.batch_size // jax.process_count()
-  data_iter = pipeline.make_dataset(config.data, local_batch, seed=config.seed)
+  plan = None  # data.buckets: bucket-pure batches of several shapes (data/buckets.py)
+  if buckets_lib.enabled(config.data):
+    data_iter, plan = buckets_lib.make_dataset(config.data, seed=config.seed,
+                                               captions=captions_lib.from_config(config))
+  else:
+    local_batch = config.train.batch_size // jax.process_count()
+    data_iter = pipeline.make_dataset(config.data, local_batch, seed=config.seed,
+                                      captions=captions_lib.from_config(config))
 
   state, latest = restore_or_init(s, data_iter)
   if latest is not None:
@@ -178,7 +242,13 @@ def train_and_evaluate(config, workdir: str, *, stop_at: Optional[int] = None):
   train_step = jit_train_step(s)
 
   writer = metrics_lib.MetricsWriter(workdir)
-  meter = metrics_lib.RateMeter(config.train.batch_size * tokens_per_clip(config, spec))
+  board = tensorboard.TrainBoard(workdir, config.train.get('tensorboard', False))
+  board.start(config, int(jax.device_get(state.step)), resumed=latest is not None)
+  meter = _rate_meter(config, spec)
+  if plan is not None:  # rates from the schedule's average step
+    metrics_lib.log_line(plan.describe())
+    meter.tokens_per_step, meter.flops_per_step = plan.mean_step_cost(spec, config.data.channels)
+  compiled_shapes = set()
   rng = jax.random.key(config.seed + 1)
   step = int(jax.device_get(state.step))
   num_steps = config.train.num_steps
@@ -189,13 +259,28 @@ def train_and_evaluate(config, workdir: str, *, stop_at: Optional[int] = None):
     last = num_steps if stop_at is None else min(stop_at, num_steps)
     while step < last:
       batch = global_batch(next(data_iter), s.mesh, s.rules)
+      new_shape_at = None
+      if batch['video'].shape not in compiled_shapes:  # once per (bucket) shape
+        if meter.started:  # a later bucket: its compile and first step stay out of the rates
+          jax.block_until_ready(state)
+          new_shape_at = time.perf_counter()
+        _compile_step(train_step, state, batch, rng)  # compile outside the timed steps
+        compiled_shapes.add(batch['video'].shape)
+        if not meter.started:
+          meter.start(step)
       state, metrics = train_step(state, batch, rng)
+      if new_shape_at is not None:
+        jax.block_until_ready(metrics)
+        meter.skip(1, time.perf_counter() - new_shape_at)
       step += 1
       if step == 1 or step % config.train.log_every == 0 or step == num_steps:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         values.update(meter.rates(step))
+        if plan is not None:
+          values.update(plan.batch_counts(step))
         values['wall_s'] = time.perf_counter() - t_start
         writer.write(step, values)
+        board.scalars(step, values)
         metrics_lib.log_line(metrics_lib.format_line(step, num_steps, values))
       preempted = watcher.should_stop(step)
       if s.checkpointer.should_save(step) or step == last or preempted:
@@ -203,19 +288,21 @@ def train_and_evaluate(config, workdir: str, *, stop_at: Optional[int] = None):
       if preempted:
         break
       if config.sample.every_steps and step % config.sample.every_steps == 0:
-        _sample_and_write(s, _sample_params(state, config), step, workdir)
+        board.samples(step, _sample_and_write(s, _sample_params(state, config), step, workdir)[0])
     # Inside the watcher: a SIGTERM while the last save finishes is not fatal, and
     # one after the last step still skips the final sample.
     s.checkpointer.wait()
     preempted = preempted or watcher.received_at is not None
   if preempted:
     s.checkpointer.close()
+    board.close()
     metrics_lib.log_line(f'SIGTERM: saved the checkpoint of step {step} in '
                          f'{s.checkpointer.step_dir(step)}; stopping (run again to resume).')
     return state
   if not (config.sample.every_steps and step % config.sample.every_steps == 0):
-    _sample_and_write(s, _sample_params(state, config), step, workdir)
+    board.samples(step, _sample_and_write(s, _sample_params(state, config), step, workdir)[0])
   s.checkpointer.close()
+  board.close()
   return state
 
 
@@ -251,20 +338,43 @@ def _params_to_sample(s: Setup, workdir: str, checkpoint: Optional[str]):
   return params, info['step'], f'sample_export_step_{info["step"]:07d}'
 
 
-def sample(config, workdir: str, checkpoint: Optional[str] = None):
+def sample(config, workdir: str, checkpoint: Optional[str] = None,
+           prompt: Optional[str] = None):
   """Writes a sample video to WORKDIR/samples from the params of a checkpoint or export.
 
   `checkpoint` is an export directory (WORKDIR/export/<step>, from `export`); no
   optimizer state is read then. Without it: the newest train checkpoint in
   WORKDIR/checkpoints, else the newest export in WORKDIR/export (so a workdir that
-  holds only an export samples too).
+  holds only an export samples too). `prompt` (text models): the caption of every
+  sample ('a; b' cycles through several), instead of sample.prompts.
   """
+  generate.check_prompt_flag(config, prompt)
+  compile_cache.configure(config.train.get('compilation_cache_dir', ''))
   s = build(config, workdir)
   try:
     params, step, name = _params_to_sample(s, workdir, checkpoint)
   finally:
     s.checkpointer.close()
-  return _sample_and_write(s, params, step, workdir, name=name)
+  return _sample_and_write(s, params, step, workdir, name=name, prompts=prompt)
+
+
+def extend(config, workdir: str, input_path: str, num_frames: int,
+           checkpoint: Optional[str] = None, prompt: Optional[str] = None):
+  """--mode=extend: continues the clip (or image) at `input_path` to `num_frames` frames
+  with the params `sample` would use; writes WORKDIR/samples/extend_*.{mp4,gif}."""
+  generate.check_prompt_flag(config, prompt)
+  s = build(config, workdir)
+  try:
+    params, step, _ = _params_to_sample(s, workdir, checkpoint)
+  finally:
+    s.checkpointer.close()
+  if s.lora is not None:  # params are the adapters
+    params = s.lora.merged(params)
+  with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
+    clip, _, paths = generate.extend_and_write(s, params, input_path, num_frames, workdir,
+                                               f'extend_step_{step:07d}', prompt)
+  metrics_lib.log_line(f'extended {input_path} to {num_frames} frames: {paths}')
+  return clip, paths
 
 
 def export(config, workdir: str) -> str:

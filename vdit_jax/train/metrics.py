@@ -8,6 +8,8 @@ from typing import Dict, Optional
 import jax
 import numpy as np
 
+from vdit_jax.train import mfu as mfu_lib
+
 
 class MetricsWriter:
   """Appends one JSON object per logged step; only process 0 writes."""
@@ -36,15 +38,35 @@ def read_metrics(path: str):
 
 
 class RateMeter:
-  """Steps/s and tokens/s between consecutive logs, excluding the first (compile) step."""
+  """Steps/s, tokens/s and (given the model FLOPs of a step) model TFLOP/s per device and
+  MFU between consecutive logs.
 
-  def __init__(self, tokens_per_step: int):
+  Call `start(step)` when timing may begin (after the step is compiled); until then
+  the first `rates` call only starts the clock and returns {}.
+  """
+
+  def __init__(self, tokens_per_step: int, *, flops_per_step: Optional[float] = None,
+               num_devices: int = 1, peak: Optional[mfu_lib.Peak] = None):
     self.tokens_per_step = tokens_per_step
+    self.flops_per_step = flops_per_step
+    self.num_devices = num_devices
+    self.peak = peak
     self._time: Optional[float] = None
     self._step: Optional[int] = None
 
+  @property
+  def started(self) -> bool:
+    return self._time is not None
+
   def start(self, step: int) -> None:
     self._time, self._step = time.perf_counter(), step
+
+  def skip(self, steps: int, seconds: float) -> None:
+    """Leaves `steps` steps that took `seconds` out of the current window (the first,
+    compiling step of a data bucket's new shape)."""
+    if self._time is not None:
+      self._time += seconds
+      self._step += steps
 
   def rates(self, step: int) -> Dict[str, float]:
     now = time.perf_counter()
@@ -53,7 +75,11 @@ class RateMeter:
       return {}
     steps_per_s = (step - self._step) / (now - self._time)
     self.start(step)
-    return {'steps_per_s': steps_per_s, 'tokens_per_s': steps_per_s * self.tokens_per_step}
+    out = {'steps_per_s': steps_per_s, 'tokens_per_s': steps_per_s * self.tokens_per_step}
+    if self.flops_per_step is not None:
+      out.update(mfu_lib.utilization(self.flops_per_step, steps_per_s, self.num_devices,
+                                     self.peak))
+    return out
 
 
 def format_line(step: int, num_steps: int, metrics: Dict[str, float]) -> str:
@@ -61,6 +87,14 @@ def format_line(step: int, num_steps: int, metrics: Dict[str, float]) -> str:
   for key in ('loss', 'grad_norm', 'learning_rate', 'steps_per_s', 'tokens_per_s'):
     if key in metrics:
       parts.append(f'{key} {metrics[key]:.4g}')
+  if 'model_tflops_per_device' in metrics:
+    parts.append(f'TFLOP/s/device {metrics["model_tflops_per_device"]:.4g}')
+  if 'mfu' in metrics:
+    parts.append(f'MFU {100 * metrics["mfu"]:.2f}%')
+  buckets = [int(v) for k, v in metrics.items()  # data.buckets: batches per bucket so far
+             if k.startswith('bucket') and k.endswith('_batches')]
+  if buckets:
+    parts.append(f'batches/bucket {",".join(map(str, buckets))}')
   if metrics.get('steps_per_s'):
     eta = (num_steps - step) / metrics['steps_per_s']
     parts.append(f'eta {int(eta // 60)}m{int(eta % 60):02d}s')

@@ -1,10 +1,20 @@
-"""The pure train step: (state, batch, rng) -> (state, metrics)."""
+"""The pure train step: (state, batch, rng) -> (state, metrics).
+
+Gradient accumulation: with `grad_accum_steps=k` the step splits its batch into k
+micro-batches, runs forward + backward on each inside one `lax.scan` (activations of
+one micro-batch live at a time), sums the gradients in float32 and applies one
+optimizer update with their mean. The random draws (label dropout, t, noise) are made
+for the whole batch before the split, so a step with k micro-batches computes the
+same loss and gradients as one with k=1 on the same batch (up to summation order).
+"""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
+from vdit_jax.diffusion import objectives
+from vdit_jax.model import axes
 from vdit_jax.train.state import TrainState
 
 
@@ -22,26 +32,110 @@ def ema_decay(step, decay: float):
   return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
+def draw_noise(diffusion, rng, x0):
+  """(t [B], noise like x0 [B, ...]), drawn from `rng` exactly as `Diffusion.loss` does."""
+  t_rng, noise_rng = jax.random.split(rng)
+  t = diffusion.sample_t(t_rng, x0.shape[0])  # [B]
+  noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)  # [B, T, H, W, C]
+  return t, noise
+
+
+def denoising_loss(diffusion, pred_fn, x0, t, noise):
+  """`Diffusion.loss` for given draws: MSE of pred_fn(z_t, model_t(t)) to the target."""
+  z_t = diffusion.corrupt(x0, noise, t)  # [B, T, H, W, C]
+  pred = pred_fn(z_t, diffusion.model_t(t))  # [B, T, H, W, C]
+  return objectives.mse(diffusion.target(x0, noise, t), pred)
+
+
+def check_grad_accum(grad_accum_steps, batch_size=None) -> None:
+  """k is a positive int and divides the batch (when given)."""
+  if isinstance(grad_accum_steps, bool) or not isinstance(grad_accum_steps, int) \
+      or grad_accum_steps < 1:
+    raise ValueError(f'train.grad_accum_steps={grad_accum_steps!r} must be a positive integer.')
+  if batch_size is not None and batch_size % grad_accum_steps:
+    raise ValueError(f'the batch of {batch_size} clips is not divisible by '
+                     f'train.grad_accum_steps={grad_accum_steps} micro-batches.')
+
+
+def split_micro_batches(tree, k: int):
+  """Leaves [B, ...] -> [k, B/k, ...]; micro-batch j holds rows j, j + k, j + 2k, ...
+
+  Strided rather than contiguous: a batch sharded in contiguous blocks over the
+  devices stays on its devices (each device's rows split k ways locally), provided
+  each device's share divides by k (validate.py checks it).
+  """
+  def split(x):
+    x = x.reshape((x.shape[0] // k, k) + x.shape[1:])  # [B/k, k, ...]
+    x = jnp.swapaxes(x, 0, 1)  # [k, B/k, ...]
+    return nn.with_logical_constraint(x, (None, axes.ACT_BATCH) + (None,) * (x.ndim - 2))
+  return jax.tree.map(split, tree)
+
+
+def accumulate_grads(loss_and_grad, params, inputs, k: int):
+  """Mean loss and gradients of `loss_and_grad(params, micro_batch)` over k micro-batches.
+
+  `inputs` leaves are [B, ...]; k=1 is one plain call. Sums run in float32; the mean
+  gradients come back in the parameters' dtypes.
+  """
+  if k == 1:
+    return loss_and_grad(params, inputs)
+
+  def body(carry, micro):
+    loss_sum, grad_sum = carry
+    loss, grads = loss_and_grad(params, micro)
+    grad_sum = jax.tree.map(lambda s, g: s + g.astype(jnp.float32), grad_sum, grads)
+    return (loss_sum + loss.astype(jnp.float32), grad_sum), None
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  (loss_sum, grad_sum), _ = jax.lax.scan(
+      body, (jnp.zeros((), jnp.float32), zeros), split_micro_batches(inputs, k))
+  grads = jax.tree.map(lambda g, p: (g / k).astype(p.dtype), grad_sum, params)
+  return loss_sum / k, grads
+
+
 def make_train_step(model: nn.Module, diffusion, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, num_classes: int, label_dropout: float,
-                    ema: float):
+                    ema: float, grad_accum_steps: int = 1, param_transform=None,
+                    conditioning=None):
   """Builds train_step(state, batch, rng); jit it with shardings and donate_argnums=0.
 
-  batch: {'video': [B, T, H, W, C] float in [-1, 1], 'label': [B] int32}.
+  `param_transform` (optional) maps the trained params (state.params) to the model's
+  params inside the loss, so only state.params are differentiated and updated: LoRA
+  passes `lambda adapters: merge(frozen_base, adapters, ...)` (train/lora.py).
+
+  batch: {'video': [B, T, H, W, C] float in [-1, 1], 'label': [B] int32}; B must
+  divide by `grad_accum_steps`.
+
+  `conditioning` (diffusion/conditioning.Conditioning, optional): captions (batch keys
+  'tokens' or 'text_embed', and 'text_mask') with caption dropout, and/or given first
+  frames drawn per clip, with the loss on the other frames only.
   """
+  check_grad_accum(grad_accum_steps)
+
+  def loss_fn(params, inputs):
+    model_params = params if param_transform is None else param_transform(params)
+
+    def pred_fn(z, t):
+      return model.apply({'params': model_params}, z, t, inputs['label'])
+    if conditioning is not None:
+      return conditioning.loss(diffusion, lambda z, t, **kw: model.apply(
+          {'params': model_params}, z, t, inputs['label'], **kw), inputs)
+    return denoising_loss(diffusion, pred_fn, inputs['video'], inputs['t'], inputs['noise'])
+
+  loss_and_grad = jax.value_and_grad(loss_fn)
 
   def train_step(state: TrainState, batch, rng):
+    check_grad_accum(grad_accum_steps, batch['video'].shape[0])
     rng = jax.random.fold_in(rng, state.step)
     drop_rng, loss_rng = jax.random.split(rng)
-    labels = drop_labels(drop_rng, batch['label'], num_classes, label_dropout)
+    # Every draw covers the whole batch, before any micro-batch split.
+    labels = drop_labels(drop_rng, batch['label'], num_classes, label_dropout)  # [B]
+    t, noise = draw_noise(diffusion, loss_rng, batch['video'])
+    inputs = {'video': batch['video'], 'label': labels, 't': t, 'noise': noise}
+    if conditioning is not None:  # captions (with dropout), given frames
+      inputs.update(conditioning.draw(jax.random.fold_in(rng, 1), batch))
+    loss, grads = accumulate_grads(loss_and_grad, state.params, inputs, grad_accum_steps)
 
-    def loss_fn(params):
-      def pred_fn(z, t):
-        return model.apply({'params': params}, z, t, labels)
-      loss, _ = diffusion.loss(pred_fn, batch['video'], loss_rng)
-      return loss
-
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     d = ema_decay(state.step, ema)

@@ -238,6 +238,11 @@ def extend_clip(model, diffusion, config, params, frames, num_frames: int, *, rn
   if frames.ndim != 5 or frames.shape[2:] != (d.height, d.width, d.channels):
     raise ValueError(f'frames to extend must be [B, F, {d.height}, {d.width}, {d.channels}] '
                      f'(data.height, width, channels), got {frames.shape}.')
+  if isinstance(num_frames, bool) or not isinstance(num_frames, int) or (
+      num_frames <= frames.shape[1]):
+    raise ValueError(f'--num_frames={num_frames!r} must be an integer larger than the '
+                     f'{frames.shape[1]} frame(s) of the input: the result holds the input '
+                     'and its continuation.')
   overlap = int(config.sample.get('overlap', 0) or 0) or k_max
   batch = frames.shape[0]
   cond = {}
@@ -251,8 +256,7 @@ def extend_clip(model, diffusion, config, params, frames, num_frames: int, *, rn
       cond['text'] = text_lib.null_text(spec, batch)
   elif prompt:
     raise ValueError(f"--prompt={prompt!r} needs model.conditioning='text'.")
-  elif num_classes > 0:
-    cond['label'] = jnp.full((batch,), num_classes, jnp.int32)  # the null label
+  # A class model gets no label: the null label, and no guidance (nothing to guide to).
   sample_fn = jax.jit(make_sample_fn(model, diffusion, config, num_classes,
                                      (batch, d.num_frames, d.height, d.width, d.channels)))
 
@@ -261,6 +265,12 @@ def extend_clip(model, diffusion, config, params, frames, num_frames: int, *, rn
                      {**cond, 'context': context, 'frame_mask': mask})
 
   return cond_lib.extend(window_fn, frames, num_frames, d.num_frames, overlap)
+
+
+def extend_name(input_path: str, step: int) -> str:
+  """File name (no extension) of an extended clip: extend_<input stem>_step_<step>."""
+  stem = os.path.splitext(os.path.basename(input_path))[0]
+  return f'extend_{stem}_step_{step:07d}'
 
 
 def extend_and_write(s, params, input_path: str, num_frames: int, workdir: str, name: str,

@@ -372,7 +372,7 @@ def extend(config, workdir: str, input_path: str, num_frames: int,
     params = s.lora.merged(params)
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
     clip, _, paths = generate.extend_and_write(s, params, input_path, num_frames, workdir,
-                                               f'extend_step_{step:07d}', prompt)
+                                               generate.extend_name(input_path, step), prompt)
   metrics_lib.log_line(f'extended {input_path} to {num_frames} frames: {paths}')
   return clip, paths
 

@@ -14,9 +14,16 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+# XLA:CPU aborts the process when one fake device reaches a collective 40 s after
+# the others (the default); on a 2-core machine under load that is a scheduling
+# delay, not a hang, so the checks give it 10 minutes.
+CPU_COLLECTIVE_TIMEOUT_FLAGS = ('--xla_cpu_collective_call_terminate_timeout_seconds=600 '
+                                '--xla_cpu_collective_call_warn_stuck_timeout_seconds=120')
+
+
 def run_checks(script: str, num_devices: int = 8, timeout: int = 900) -> dict:
   env = dict(os.environ)
-  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
+  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' + CPU_COLLECTIVE_TIMEOUT_FLAGS +
                       f' --xla_force_host_platform_device_count={num_devices}').strip()
   env['JAX_PLATFORMS'] = 'cpu'
   env['PYTHONPATH'] = os.pathsep.join(

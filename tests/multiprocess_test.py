@@ -17,6 +17,8 @@ import sys
 
 import numpy as np
 
+from tests import multidevice
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, 'launch', 'local_multiprocess.sh')
 TIMEOUT_S = 300
@@ -49,7 +51,7 @@ def _launch(num_processes, devices_per_process, workdir, cache_dir, *args):
              JAX_COMPILATION_CACHE_DIR=str(cache_dir),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1')
-  env.pop('XLA_FLAGS', None)
+  env['XLA_FLAGS'] = multidevice.CPU_COLLECTIVE_TIMEOUT_FLAGS
   cmd = [LAUNCH, str(num_processes), f'--config={os.path.abspath(__file__)}',
          f'--workdir={workdir}', *args]
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,

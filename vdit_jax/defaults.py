@@ -58,6 +58,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Given frames (diffusion/conditioning.py): video extension, image-to-video.
   m.context_frames_max = 0          # train with the first k in [1, this] frames given; 0 = off
   m.context_none_prob = 0.1         # p(k = 0) per clip, so the model also generates from nothing
+  # Which frames are given: prefix (the first k, extension) | keyframes (frames 0, s, ...,
+  # T-1, interpolation; context_frames_max = their number). Stride s: 0 = first and last.
+  m.given_frames = 'prefix'
+  m.keyframe_stride = 0
 
   c.diffusion = d = ml_collections.ConfigDict()
   d.objective = 'eps'               # eps | v | flow
@@ -87,6 +91,11 @@ def base_config() -> ml_collections.ConfigDict:
   # batches; each bucket's batch replaces train.batch_size; samples take bucket 0's shape.
   dd.buckets = ()                   # () = one shape: num_frames x height x width
   dd.bucket_weights = ()            # synthetic: one weight per bucket (() = equal)
+  # Latent diffusion (vae/latents.py): the shards hold VAE latents (tools.encode_latents;
+  # num_frames/height/width/channels are the latents' T', H', W', z) and samples are
+  # un-normalised with the index's statistics and decoded through the VAE to frames.
+  dd.latents = False
+  dd.vae = ''                       # latents: VAE folder ('' = the one index.json records)
 
   c.train = t = ml_collections.ConfigDict()
   t.num_steps = 1000
@@ -125,6 +134,8 @@ def base_config() -> ml_collections.ConfigDict:
   s.seed = 1
   s.prompts = ''                    # text: ';'-separated captions ('' = synthetic captions)
   s.overlap = 0                     # --mode=extend: given frames per window (0 = context_frames_max)
+  s.vae_latents_per_chunk = 1       # data.latents: latent frames per VAE decode call
+  s.vae_tile = ()                   # data.latents: (SIZE, STRIDE) pixels: decode in tiles
 
   # LoRA fine-tuning (model/lora.py, train/lora.py): rank > 0 freezes the base model read
   # from base_checkpoint and trains only rank-r adapters W + (alpha / rank) * A @ B.

@@ -11,6 +11,10 @@ text model (configs/tiny_text.py). extend: continues --input=clip.mp4 (or an ima
 image-to-video) to --num_frames frames, for a model trained with given frames
 (configs/tiny_extend.py).
 
+Latent DiT (configs/tiny_latent.py, --config.data.latents=True on tools.encode_latents
+shards): train and sample as above; samples are un-normalised and decoded through the
+VAE the shards record (or --config.data.vae=DIR) before the mp4/gif is written.
+
 LoRA (configs/lora_finetune.py, --config.lora.base_checkpoint=BASE_WORKDIR_OR_EXPORT):
 train freezes the base and trains rank-r adapters only (WORKDIR/checkpoints holds
 them); export writes the adapters alone; sample and extend merge them into the base.

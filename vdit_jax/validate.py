@@ -16,6 +16,7 @@ from vdit_jax.model import lora
 from vdit_jax.model import patching
 from vdit_jax.parallel import mesh as mesh_lib
 from vdit_jax.train import generate
+from vdit_jax.vae import latents as vae_latents
 
 OBJECTIVE_SAMPLERS = {'eps': ('ddpm', 'ddim'), 'v': ('ddpm', 'ddim'), 'flow': ('euler',)}
 
@@ -56,6 +57,7 @@ def validate_config(config, num_devices: int, process_count: int = 1,
   # (pipeline.num_classes in loop.build, still before anything compiles).
   pipeline.check_data_config(config.data)
   _check_colours(config.data)
+  vae_latents.check_config(config)  # data.latents: shards of latents and the VAE to decode
   for path in ('train.ema_decay', 'model.label_dropout'):
     section, key = path.split('.')
     value = config[section][key]

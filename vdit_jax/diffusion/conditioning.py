@@ -15,6 +15,12 @@ sampler's state can hold them as they are, and the patch embedding grows by one 
   * `extend` grows a clip window by window: the last `overlap` frames of what exists are
     the given frames of the next window, so every window continues the motion it sees.
     Image-to-video is k = 1: one given frame.
+  * model.given_frames='keyframes' (interpolation): the given frames are the keyframes
+    at positions 0, s, 2s, ..., T-1 of every clip (s = model.keyframe_stride; 0: T-1,
+    the first and last frame only), the loss covers the frames between them; the
+    sampler takes them from `given_at` (any set of positions, same mask channel). The
+    multi-stage pipeline (train/multistage.py) fills the gaps of a low-rate keyframe
+    clip this way.
 
 Text. Captions arrive as {'tokens' | 'embed', 'mask'} (model/text.py); training clears
 the mask of a clip with probability model.caption_dropout (the learned null caption), and
@@ -37,6 +43,7 @@ import numpy as np
 from vdit_jax.diffusion import objectives
 from vdit_jax.diffusion import samplers
 
+GIVEN_FRAMES = ('prefix', 'keyframes')  # model.given_frames: which frames are given
 TEXT_KEYS = {'builtin': 'tokens', 'precomputed': 'embed'}  # model.text.encoder -> text key
 # Batch keys of captions, from the pipeline (data/captions.py), by model.text.encoder.
 BATCH_TEXT_KEYS = {'builtin': ('tokens', 'text_mask'), 'precomputed': ('text_embed', 'text_mask')}
@@ -50,6 +57,45 @@ def check_num_given(k, num_frames: int) -> int:
     raise ValueError(f'k={k} given frames leave nothing to generate in a clip of '
                      f'{num_frames} (latent) frames; k must be < {num_frames}.')
   return int(k)
+
+
+def keyframe_positions(num_frames: int, stride: int = 0) -> Tuple[int, ...]:
+  """Keyframe positions 0, s, 2s, ..., T-1 of a clip of T = num_frames frames, s = stride
+  (0: T - 1, the first and last frame only). s must divide T - 1, so the last frame is a
+  keyframe, and be >= 2, so there is a frame between two keyframes to generate."""
+  for name, value, low in (('num_frames', num_frames, 3), ('keyframe_stride', stride, 0)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+      raise ValueError(f'{name}={value!r} must be an integer >= {low} for keyframes '
+                       '(two keyframes and a frame between them).')
+  s = int(stride) or int(num_frames) - 1
+  if s < 2 or (num_frames - 1) % s:
+    raise ValueError(f'keyframe_stride={stride} must be >= 2 and divide num_frames - 1 = '
+                     f'{num_frames - 1} (keyframes at 0, s, ..., {num_frames - 1}, a frame '
+                     'to generate between each two); e.g. num_frames = s * n + 1.')
+  return tuple(range(0, int(num_frames), s))
+
+
+def check_positions(positions, num_frames: int) -> Tuple[int, ...]:
+  """Given-frame positions: distinct integers in [0, num_frames), at least one left out."""
+  out = []
+  for p in positions:
+    if isinstance(p, bool) or not isinstance(p, numbers.Integral) or not 0 <= p < num_frames:
+      raise ValueError(f'given frame position {p!r} must be an integer in [0, {num_frames}) '
+                       f'(frames per clip), in positions {tuple(positions)}.')
+    out.append(int(p))
+  if len(set(out)) != len(out):
+    raise ValueError(f'given frame positions {tuple(out)} repeat a frame.')
+  if len(out) >= num_frames:
+    raise ValueError(f'given frame positions {tuple(out)} cover all {num_frames} frames; '
+                     'leave at least one to generate.')
+  return tuple(out)
+
+
+def positions_mask(positions, num_frames: int) -> np.ndarray:
+  """bool [T]: True at the given frame positions (checked by `check_positions`)."""
+  mask = np.zeros((num_frames,), bool)
+  mask[list(check_positions(positions, num_frames))] = True
+  return mask
 
 
 def frame_mask(num_given, num_frames: int):
@@ -110,7 +156,9 @@ class Conditioning:
   text_encoder: Optional[str] = None   # 'builtin' | 'precomputed' | None (no text)
   caption_dropout: float = 0.0
   context_frames_max: int = 0
-  context_none_prob: float = 0.0
+  context_none_prob: float = 0.0        # prefix only
+  given_frames: str = 'prefix'          # 'prefix' (first k) | 'keyframes' (interpolation)
+  keyframe_stride: int = 0              # keyframes: 0, s, ..., T-1 (0: first and last)
 
   @classmethod
   def from_config(cls, config) -> Optional['Conditioning']:
@@ -119,10 +167,14 @@ class Conditioning:
     k_max = int(m.get('context_frames_max', 0) or 0)
     if not text and k_max == 0:
       return None
+    keyframes = m.get('given_frames', 'prefix') == 'keyframes'
     return cls(text_encoder=m.text.get('encoder', 'builtin') if text else None,
                caption_dropout=float(m.get('caption_dropout', 0.0)) if text else 0.0,
                context_frames_max=k_max,
-               context_none_prob=float(m.get('context_none_prob', 0.0)) if k_max else 0.0)
+               context_none_prob=(float(m.get('context_none_prob', 0.0))
+                                  if k_max and not keyframes else 0.0),
+               given_frames='keyframes' if keyframes else 'prefix',
+               keyframe_stride=int(m.get('keyframe_stride', 0) or 0))
 
   def batch_keys(self) -> Tuple[str, ...]:
     """Keys the batch must hold besides 'video' and 'label'."""
@@ -144,7 +196,10 @@ class Conditioning:
         drop = jax.random.bernoulli(text_rng, self.caption_dropout, (b,))  # [B]
         text = {**text, 'mask': jnp.logical_and(text['mask'], jnp.logical_not(drop)[:, None])}
       out['text'] = text
-    if self.context_frames_max > 0:
+    if self.context_frames_max > 0 and self.given_frames == 'keyframes':
+      keys = positions_mask(keyframe_positions(t, self.keyframe_stride), t)  # [T]
+      out['frame_mask'] = jnp.broadcast_to(jnp.asarray(keys), (b, t))  # [B, T]
+    elif self.context_frames_max > 0:
       k = draw_num_given(frames_rng, b, self.context_frames_max, self.context_none_prob)
       out['frame_mask'] = frame_mask(k, t)  # [B, T]
     return out
@@ -219,6 +274,46 @@ def given_condition(frames, num_frames: int):
   context = context.at[:, :k].set(jnp.asarray(frames, jnp.float32))
   mask = jnp.broadcast_to(frame_mask(k, num_frames), (frames.shape[0], num_frames))
   return context, mask
+
+
+def given_at(frames, positions, num_frames: int):
+  """Given frames [B, K, H, W, C] at `positions` (K of them, any order) -> ('context'
+  [B, T, H, W, C], zeros elsewhere, 'frame_mask' bool [B, T]) for a clip of num_frames
+  frames: `given_condition` for any set of frames, e.g. the keyframes to interpolate."""
+  positions = check_positions(positions, num_frames)
+  if frames.ndim != 5 or frames.shape[1] != len(positions):
+    raise ValueError(f'given frames must be [B, K, H, W, C] with K = {len(positions)} '
+                     f'(positions {positions}), got shape {frames.shape}.')
+  context = jnp.zeros(frames.shape[:1] + (num_frames,) + frames.shape[2:], jnp.float32)
+  context = context.at[:, np.asarray(positions, np.int32)].set(
+      jnp.asarray(frames, jnp.float32))  # [B, T, H, W, C]
+  mask = jnp.broadcast_to(jnp.asarray(positions_mask(positions, num_frames)),
+                          (frames.shape[0], num_frames))  # [B, T]
+  return context, mask
+
+
+def check_given_frames(mode, stride, num_frames: int, k_max: int) -> None:
+  """Rules of model.given_frames / keyframe_stride against data.num_frames and
+  model.context_frames_max (the switch of the model's given-frame channel)."""
+  if mode not in GIVEN_FRAMES:
+    raise ValueError(f'config.model.given_frames={mode!r} is not one of {GIVEN_FRAMES} '
+                     "('prefix': the first k frames, video extension; 'keyframes': frames "
+                     '0, s, ..., T-1, interpolation).')
+  if mode == 'prefix':
+    if stride:
+      raise ValueError(f'config.model.keyframe_stride={stride!r} is only read with '
+                       "model.given_frames='keyframes', not 'prefix'.")
+    return
+  try:
+    positions = keyframe_positions(num_frames, stride)
+  except ValueError as e:
+    raise ValueError(f"model.given_frames='keyframes' with data.num_frames={num_frames}, "
+                     f'model.keyframe_stride={stride!r}: {e}') from None
+  if k_max != len(positions):
+    raise ValueError(f"model.given_frames='keyframes' gives {len(positions)} frames "
+                     f'{positions} of data.num_frames={num_frames}; set '
+                     f'model.context_frames_max={len(positions)} (it is {k_max!r}; it turns '
+                     "on the model's given-frame channel and counts the given frames).")
 
 
 def extend(window_fn: Callable, frames, total_frames: int, window: int, overlap: int

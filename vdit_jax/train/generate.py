@@ -88,6 +88,13 @@ def check_config(config) -> None:
   none_prob = m.get('context_none_prob', 0.0)
   if not 0.0 <= none_prob <= 1.0:
     raise ValueError(f'config.model.context_none_prob={none_prob} must be in [0, 1].')
+  given, stride = m.get('given_frames', 'prefix'), m.get('keyframe_stride', 0)
+  cond_lib.check_given_frames(given, stride, data.num_frames, k_max)  # keyframes: interpolation
+  for bucket in (data.get('buckets', ()) or ()) if given == 'keyframes' else ():
+    try:
+      cond_lib.keyframe_positions(int(bucket[0]), stride)
+    except ValueError as e:
+      raise ValueError(f'data.buckets entry {tuple(bucket)}: {e}') from None
   overlap = config.sample.get('overlap', 0)
   if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
     raise ValueError(f'config.sample.overlap={overlap!r} must be an integer >= 0 '
@@ -176,8 +183,14 @@ def sample_condition(config, num_classes: int, num_samples: int,
                      prompts: Optional[Sequence[str]] = None) -> dict:
   """The condition dict of a sample grid: captions (prompts cycled over the samples; no
   prompts: sample.prompts, else synthetic captions), or labels cycling through the
-  classes; with given frames enabled, none given (k = 0)."""
+  classes; with given frames enabled, none given (k = 0). An interpolation model
+  (model.given_frames='keyframes') on synthetic data is given the keyframes of held-out
+  synthetic clips, with their captions (no prompts) or labels."""
   cond = {}
+  clips = None
+  if is_keyframes(config) and config.data.source == 'synthetic':
+    clips, captions, labels = synthetic_clips(config, num_samples)
+    prompts = prompts or config.sample.get('prompts', '') or captions
   if is_text(config):
     spec = text_lib.resolve_spec(config.model.text)
     if spec.encoder == 'builtin':
@@ -192,12 +205,38 @@ def sample_condition(config, num_classes: int, num_samples: int,
         check_prompts(config, prompts)  # raises: precomputed models take no words
       cond['text'] = text_lib.null_text(spec, num_samples)  # unconditional
   elif num_classes > 0:
-    cond['label'] = sampling.sample_labels(num_samples, num_classes)
+    cond['label'] = (sampling.sample_labels(num_samples, num_classes) if clips is None
+                     else jnp.asarray(labels))
   if int(config.model.get('context_frames_max', 0) or 0) > 0:
     shape = sample_shape(config, num_samples)
     cond['context'] = jnp.zeros(shape, jnp.float32)
     cond['frame_mask'] = jnp.zeros(shape[:2], bool)
+    if clips is not None:
+      positions = cond_lib.keyframe_positions(shape[1], config.model.get('keyframe_stride', 0))
+      cond['context'], cond['frame_mask'] = cond_lib.given_at(
+          clips[:, list(positions)], positions, shape[1])
   return cond
+
+
+def is_keyframes(config) -> bool:
+  """An interpolation model: trained with the keyframes given (model.given_frames)."""
+  return (int(config.model.get('context_frames_max', 0) or 0) > 0
+          and config.model.get('given_frames', 'prefix') == 'keyframes')
+
+
+def synthetic_clips(config, num: int, seed: Optional[int] = None):
+  """`num` synthetic clips of the config's data (seed: sample.seed + 1, apart from the
+  training clips' data.source_seed by default) -> (float32 [num, T, H, W, 3] in [-1, 1],
+  captions, labels int32 [num])."""
+  d = config.data
+  source = synthetic.SyntheticShapes(
+      d.num_frames, d.height, d.width, num_examples=num, captions=True,
+      seed=int(config.sample.seed) + 1 if seed is None else seed,
+      time_stride=d.time_stride, colours=d.get('colours', '') or None)
+  examples = [source[i] for i in range(num)]
+  video = np.stack([e['video'] for e in examples]).astype(np.float32) / 127.5 - 1.0
+  return (video, [e['caption'] for e in examples],
+          np.array([e['label'] for e in examples], np.int32))
 
 
 def read_input(path: str, height: int, width: int) -> np.ndarray:
@@ -233,6 +272,11 @@ def extend_clip(model, diffusion, config, params, frames, num_frames: int, *, rn
   if k_max < 1:
     raise ValueError('extending a clip needs a model trained with given frames: '
                      'model.context_frames_max > 0 (see configs/tiny_extend.py).')
+  if config.model.get('given_frames', 'prefix') != 'prefix':
+    raise ValueError(f"extending a clip needs a model trained with model.given_frames="
+                     f"'prefix' (the first frames given), not "
+                     f"{config.model.given_frames!r}; an interpolation model fills the "
+                     'frames between keyframes (train/multistage.py).')
   frames = np.asarray(frames, np.float32)
   d = config.data
   if frames.ndim != 5 or frames.shape[2:] != (d.height, d.width, d.channels):

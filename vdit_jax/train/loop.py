@@ -48,6 +48,8 @@ class Setup:
   checkpointer: Optional[ckpt_lib.Checkpointer]  # None when built without a workdir
   # config.lora.rank > 0: the state holds the adapters only; the frozen base is here.
   lora: Optional[lora_lib.LoraSetup] = None
+  # config.data.latents: the VAE that decodes samples (loaded once, with a workdir).
+  decoder: Optional[Any] = None
 
 
 def build(config, workdir: Optional[str], *, devices: Optional[Sequence[Any]] = None,
@@ -79,13 +81,15 @@ def build(config, workdir: Optional[str], *, devices: Optional[Sequence[Any]] = 
     init_fn = lora.init_fn
   abstract, shardings = state_lib.state_shardings(init_fn, mesh, rules)
   checkpointer = None
+  decoder = None
   if workdir is not None:
+    decoder = sampling.latent_decoder(config)  # None unless data.latents
     checkpointer = ckpt_lib.Checkpointer(
         os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep,
         every_steps=config.checkpoint.every_steps, async_save=config.checkpoint.async_save,
         keep_period=config.checkpoint.keep_period)
   return Setup(config, mesh, rules, model, diffusion, tx, schedule, num_classes, init_fn,
-               abstract, shardings, checkpointer, lora)
+               abstract, shardings, checkpointer, lora, decoder)
 
 
 def batch_shardings(mesh, rules, extra_ndims=None):
@@ -182,11 +186,14 @@ def _sample_and_write(s: Setup, params, step: int, workdir: str, name: Optional[
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
     videos = jax.jit(sample_fn, out_shardings=mesh_lib.replicated(s.mesh))(params, rng, labels)
     videos = jax.block_until_ready(videos)
+  latents = None
+  if s.decoder is not None:  # data.latents: VAE latents -> frames (every process)
+    latents, videos = videos, sampling.to_frames(videos, s.decoder)
   paths = []
   if jax.process_index() == 0:
     directory = os.path.join(workdir, 'samples')
     paths = sampling.write_samples(videos, directory, name or f'step_{step:07d}',
-                                   cfg.sample.formats, cfg.sample.fps)
+                                   cfg.sample.formats, cfg.sample.fps, latents=latents)
     metrics_lib.log_line(f'wrote samples {paths} ({cfg.sample.sampler}, {cfg.sample.num_steps} '
                          f'steps, cfg {cfg.sample.cfg_scale}) in {time.perf_counter() - t0:.1f}s')
   return videos, paths

@@ -1,8 +1,13 @@
-"""Compiled sampling from a model's params, and writing the clips as video files."""
+"""Compiled sampling from a model's params, and writing the clips as video files.
+
+A DiT trained on VAE latents (config.data.latents=True) samples latents; `to_frames`
+decodes them through the VAE (vae/latents.py) before they are written, and
+`write_samples` also keeps the latents as <name>_latents.npy.
+"""
 
 import math
 import os
-from typing import List
+from typing import List, Optional
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +15,8 @@ import numpy as np
 
 from vdit_jax.data import video_io
 from vdit_jax.diffusion import samplers
+from vdit_jax.train import metrics as metrics_lib
+from vdit_jax.vae import latents as latents_lib
 
 
 def sample_labels(num_samples: int, num_classes: int) -> jnp.ndarray:
@@ -35,14 +42,44 @@ def make_sample_fn(model, diffusion, sample_cfg, data_cfg, num_classes: int, num
   return sample_fn
 
 
-def write_samples(videos, directory: str, name: str, formats: str, fps: int) -> List[str]:
-  """Writes [n, T, H, W, C] clips in [-1, 1] as one grid video per format."""
+def latent_decoder(config) -> Optional[latents_lib.LatentDecoder]:
+  """The VAE that decodes samples of a latent DiT (params loaded now), else None."""
+  if not latents_lib.enabled(config.data):
+    return None
+  decoder = latents_lib.LatentDecoder.load(config)
+  cfg = decoder.cfg
+  metrics_lib.log_line(
+      f'samples decode through the VAE in {decoder.space.vae_path} (z_dim {cfg.z_dim}, '
+      f'{cfg.temporal_factor}x time, {cfg.spatial_factor}x space), un-normalised with the '
+      f'statistics of {decoder.space.stats_from}')
+  return decoder
+
+
+def to_frames(videos, decoder: Optional[latents_lib.LatentDecoder]):
+  """Sampled clips -> frames in [-1, 1]: latents [n, T', H', W', z] are un-normalised and
+  decoded to [n, T, H, W, 3]; without a decoder the clips are frames already."""
+  if decoder is None:
+    return videos
+  return decoder(jax.device_get(videos))
+
+
+def write_samples(videos, directory: str, name: str, formats: str, fps: int,
+                  latents=None) -> List[str]:
+  """Writes [n, T, H, W, C] clips in [-1, 1] as one grid video per format; `latents`
+  (the DiT's output before decoding) also go to <name>_latents.npy (listed last)."""
   videos = np.asarray(jax.device_get(videos))
-  n, _, h, _, _ = videos.shape
+  n, _, h, _, c = videos.shape
+  if c not in (1, 3):
+    raise ValueError(f'samples have {c} channels, not frames (1 or 3): a DiT trained on VAE '
+                     'latents needs config.data.latents=True to decode them before writing.')
   ncols = math.ceil(math.sqrt(n))
   scale = max(1, 128 // h)
   grid = video_io.make_grid(video_io.to_uint8(videos), ncols=ncols, pad=1, scale=scale)
   paths = []
   for fmt in [f.strip() for f in formats.split(',') if f.strip()]:
     paths.append(video_io.write_video(os.path.join(directory, f'{name}.{fmt}'), grid, fps=fps))
+  if latents is not None:
+    path = os.path.join(directory, f'{name}_latents.npy')
+    np.save(path, np.asarray(jax.device_get(latents), np.float32))
+    paths.append(path)
   return paths

@@ -1,0 +1,29 @@
+r"""Stage 2 of multi-stage generation: a tiny DiT that fills the frames between two keyframes.
+
+python -m vdit_jax.main --config=configs/tiny_interpolate.py --workdir=/tmp/vdit_tiny_interpolate
+
+Windows of 5 full-rate synthetic frames (8 fps) whose first and last frames are given clean
+(model.given_frames='keyframes', the model's given-frame mask channel on them) and whose 3
+middle frames are generated; the loss covers those 3 only (diffusion/conditioning.py).
+configs/tiny_keyframes.py makes keyframes 4 frames apart at 2 fps; the pipeline
+(train/multistage.py, tools/generate_video.py) runs this model once per consecutive pair.
+Text-conditioned like the keyframe model (cheap: 8 caption tokens), without guidance at
+sampling time: the keyframes carry the colour and shape. Tubelets of 1x4x4, since 5 frames
+do not split into pairs (320 tokens per clip). --mode=sample interpolates the keyframes of
+held-out synthetic clips.
+"""
+
+from configs import tiny_text
+
+
+def get_config(arg=None):
+  config = tiny_text.get_config(arg)
+  config.model.variant = 'Mu/1x4x4'
+  config.model.given_frames = 'keyframes'
+  config.model.keyframe_stride = 0      # 0: the first and last frame of each window
+  config.model.context_frames_max = 2   # the two keyframes
+  config.data.num_frames = 5            # keyframe spacing 4 (tiny_keyframes' time_stride)
+  config.data.time_stride = 1.0
+  config.sample.fps = 8
+  config.sample.cfg_scale = 1.0
+  return config

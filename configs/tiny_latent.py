@@ -1,0 +1,42 @@
+r"""Tiny latent video DiT: trains on the latents of configs/vae_tiny.py; samples decode to mp4.
+
+python -m vdit_jax.main --config=configs/tiny_latent.py:runs/tiny_latents \
+    --workdir=runs/tiny_latent_dit [--mode=sample]
+
+The whole chain on a CPU (bench/latent_e2e.py runs it and prints the numbers):
+  python -m vdit_jax.vae.train --config=configs/vae_tiny.py --workdir=runs/vae_tiny
+  python -m vdit_jax.tools.encode_latents --videos=synthetic --num_examples=512 \
+      --num_frames=9 --height=32 --width=32 --vae=runs/vae_tiny/vae --out=runs/tiny_latents
+  python -m vdit_jax.main --config=configs/tiny_latent.py:runs/tiny_latents \
+      --workdir=runs/tiny_latent_dit
+  python -m vdit_jax.main --config=configs/tiny_latent.py:runs/tiny_latents \
+      --workdir=runs/tiny_latent_dit --mode=sample   # samples/*.mp4 (9 frames of 32x32)
+
+The argument is the encode_latents folder (default runs/tiny_latents). Clips of 9x32x32 RGB
+are latents [T', H', W', z] = [3, 4, 4, 16] (normalised per channel); tubelets of 1x1x1
+give 48 tokens per clip of 16 values each, at configs/tiny.py's width 128, depth 4, with
+v-prediction on the cosine schedule. data.latents=True: samples are un-normalised with the
+statistics in the folder's index.json and decoded by the VAE it records (data.vae
+overrides it) before the mp4/gif is written; the latents are kept as *_latents.npy.
+"""
+
+from configs import tiny
+
+LATENTS = 'runs/tiny_latents'
+
+
+def get_config(arg=None):
+  config = tiny.get_config()
+  config.model.variant = 'Mu/1x1x1'
+  config.data.source = 'shards'
+  config.data.path = arg or LATENTS
+  config.data.latents = True
+  config.data.num_frames = 3      # latent frames: 1 + (9 - 1) / 4
+  config.data.height = 4          # 32 / 8
+  config.data.width = 4
+  config.data.channels = 16       # the VAE's z_dim
+  config.train.num_steps = 1000
+  config.train.batch_size = 16
+  config.train.warmup_steps = 50
+  config.checkpoint.every_steps = 250
+  return config

@@ -1,0 +1,344 @@
+"""Multi-stage generation: a keyframe model samples a clip at a low frame rate, then an
+interpolation model fills the frames between each run of consecutive keyframes.
+
+    keyframe stage   prompt -> keyframes [B, Tk, H, W, C] at keyframe fps (sample.fps)
+    interpolation    window w: keyframes w(K-1) .. w(K-1)+K-1 given at positions 0, r, ..., T-1
+                     of a T-frame window (model.given_frames='keyframes', r = spacing);
+                     the W*B windows are independent: sampled window_batch at a time
+    stitch           window 0 whole, then each next window without its first frame (the
+                     keyframe it shares with the previous one) -> full rate, r x keyframe fps
+    subsample        every m-th full-rate frame, for fps = full rate / m (m divides r)
+
+`generate(prompt, duration_s, fps, keyframe, interp, rng=...)` returns exactly
+round(duration_s * fps) frames, or raises naming the values when that is not reachable
+(`make_plan`). Rates come from the configs: each stage's sample.fps is the rate its
+training clips stand for, and the interpolation model's keyframe spacing r must equal
+their ratio (for synthetic data also the ratio of data.time_stride).
+"""
+
+import dataclasses
+import math
+import numbers
+from typing import Any, List, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vdit_jax.diffusion import conditioning as cond_lib
+from vdit_jax.model import text as text_lib
+from vdit_jax.train import generate as generate_lib
+
+_RATE_TOLERANCE = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One trained model, ready to sample: its config, model, diffusion and params."""
+  config: Any
+  model: Any
+  diffusion: Any
+  params: Any
+  num_classes: int = 0
+  mesh: Any = None   # None: sample outside any mesh (one device)
+  rules: Tuple = ()
+  # Jitted samplers by sample shape: every call of a shape after the first reuses its program.
+  samplers: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+
+def load_stage(config, workdir: str, checkpoint: Optional[str] = None) -> Stage:
+  """The params `--mode=sample` would use (the export `checkpoint`, else the newest
+  checkpoint's EMA params, else the newest export in `workdir`), LoRA adapters merged."""
+  from vdit_jax.train import loop  # pylint: disable=g-import-not-at-top (loop imports a lot)
+  s = loop.build(config, workdir)
+  try:
+    # pylint: disable-next=protected-access
+    params, _, _ = loop._params_to_sample(s, workdir, checkpoint)
+  finally:
+    s.checkpointer.close()
+  if s.lora is not None:  # params are the adapters
+    params = s.lora.merged(params)
+  return Stage(config, s.model, s.diffusion, params, s.num_classes, s.mesh, s.rules)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """How `generate` makes `num_frames` frames at `fps` from the two stages."""
+  num_frames: int              # N, frames returned: round(duration_s * fps)
+  fps: float
+  keyframe_fps: float
+  full_fps: float              # keyframe_fps * ratio
+  ratio: int                   # r: full-rate frames per keyframe interval
+  subsample: int               # m: full-rate frames per returned frame (m divides r)
+  window: int                  # T: frames of an interpolation window
+  positions: Tuple[int, ...]   # keyframe positions in a window: 0, r, ..., T-1
+  num_windows: int             # W
+  num_keyframes: int           # M = W (K-1) + 1 keyframes used, of the keyframe clip
+
+  @property
+  def full_frames(self) -> int:
+    """Full-rate frames the windows make: W (T-1) + 1 (the first (N-1) m + 1 are kept)."""
+    return self.num_windows * (self.window - 1) + 1
+
+  def keyframe_indices(self) -> Tuple[int, ...]:
+    """Indices of the returned frames that are keyframes (keyframe j is full-rate frame
+    j r, returned frame j r / m)."""
+    step = self.ratio // self.subsample
+    return tuple(range(0, self.num_frames, step))
+
+
+def _positive_number(name: str, value) -> float:
+  if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+      or not math.isfinite(value) or value <= 0):
+    raise ValueError(f'{name}={value!r} must be a finite number > 0.')
+  return float(value)
+
+
+def _integer_ratio(a: float, b: float) -> Optional[int]:
+  """a / b when it is a whole number (to a relative 1e-6), else None."""
+  q = a / b
+  return int(round(q)) if abs(q - round(q)) <= _RATE_TOLERANCE * max(1.0, q) else None
+
+
+def make_plan(duration_s, fps, *, keyframe_frames: int, keyframe_fps, window: int,
+              positions, full_fps) -> Plan:
+  """Checks that round(duration_s * fps) frames at `fps` are reachable and says how.
+
+  keyframe_frames: frames of the keyframe model's clip, at keyframe_fps; window and
+  positions: the interpolation model's window and its keyframe positions (0, r, ..., T-1),
+  at full_fps = r * keyframe_fps. Raises ValueError naming the values that do not fit.
+  """
+  duration_s = _positive_number('duration_s', duration_s)
+  fps = _positive_number('fps', fps)
+  keyframe_fps = _positive_number('keyframe fps (keyframe config sample.fps)', keyframe_fps)
+  full_fps = _positive_number('full fps (interpolation config sample.fps)', full_fps)
+  positions = cond_lib.check_positions(positions, window)
+  k = len(positions)
+  ratio = positions[1] - positions[0] if k > 1 else 0
+  if k < 2 or positions != tuple(range(0, window, ratio)) or positions[-1] != window - 1:
+    raise ValueError(f'interpolation keyframe positions {positions} must be 0, r, 2r, ..., '
+                     f'{window - 1} (evenly spaced, first and last frame of the '
+                     f'{window}-frame window).')
+  if _integer_ratio(full_fps, keyframe_fps) != ratio:
+    raise ValueError(f'the interpolation model fills {ratio - 1} frames between keyframes, '
+                     f'so its rate (sample.fps={full_fps:g}) must be {ratio} x the keyframe '
+                     f"model's (sample.fps={keyframe_fps:g}), i.e. {ratio * keyframe_fps:g}.")
+  reachable = [full_fps / m for m in range(1, ratio + 1) if ratio % m == 0]
+  subsample = _integer_ratio(full_fps, fps)
+  if subsample is None or ratio % subsample:
+    raise ValueError(f'fps={fps:g} is not reachable: the interpolation model makes '
+                     f'{full_fps:g} fps from keyframes at {keyframe_fps:g} fps, so fps must be '
+                     f'{full_fps:g} / m for m dividing {ratio}: one of '
+                     f'{[float(f"{r:g}") for r in reachable]}.')
+  num_frames = int(round(duration_s * fps))
+  if num_frames < 2:
+    raise ValueError(f'duration_s={duration_s:g} at fps={fps:g} is round({duration_s * fps:g})'
+                     f' = {num_frames} frame(s); a clip needs at least 2 '
+                     f'(duration_s >= {1.5 / fps:g}).')
+  span = window - 1                                       # full-rate frames per window step
+  full_needed = (num_frames - 1) * subsample + 1
+  num_windows = -(-(full_needed - 1) // span)             # ceil
+  num_keyframes = num_windows * (k - 1) + 1
+  if num_keyframes > keyframe_frames:
+    max_windows = (keyframe_frames - 1) // (k - 1)
+    max_frames = (max_windows * span) // subsample + 1
+    raise ValueError(
+        f'duration_s={duration_s:g} at fps={fps:g} is {num_frames} frames, which need '
+        f'{num_keyframes} keyframes ({num_windows} interpolation windows of {window} frames); '
+        f'the keyframe model makes {keyframe_frames} (its data.num_frames) at '
+        f'{keyframe_fps:g} fps, enough for at most {max_frames} frames at fps={fps:g}: '
+        f'duration_s <= {max_frames / fps:g}.')
+  return Plan(num_frames=num_frames, fps=fps, keyframe_fps=keyframe_fps, full_fps=full_fps,
+              ratio=ratio, subsample=subsample, window=window, positions=positions,
+              num_windows=num_windows, num_keyframes=num_keyframes)
+
+
+def check_stages(keyframe_config, interp_config) -> Tuple[int, ...]:
+  """The two configs fit together; returns the interpolation window's keyframe positions."""
+  if not generate_lib.is_keyframes(interp_config):
+    raise ValueError("the interpolation stage needs a model trained with "
+                     "model.given_frames='keyframes' and model.context_frames_max > 0 "
+                     '(configs/tiny_interpolate.py); its config has given_frames='
+                     f"{interp_config.model.get('given_frames', 'prefix')!r}, "
+                     f"context_frames_max={interp_config.model.get('context_frames_max', 0)}.")
+  if generate_lib.is_keyframes(keyframe_config):
+    raise ValueError("the keyframe stage generates from a prompt; its config has "
+                     "model.given_frames='keyframes' (an interpolation model).")
+  kd, idata = keyframe_config.data, interp_config.data
+  for key in ('height', 'width', 'channels'):
+    if kd[key] != idata[key]:
+      raise ValueError(f'keyframe data.{key}={kd[key]} != interpolation data.{key}='
+                       f'{idata[key]}: the interpolation model must take the keyframes as '
+                       'they are.')
+  window = int(idata.num_frames)
+  positions = cond_lib.keyframe_positions(window, interp_config.model.get('keyframe_stride', 0))
+  ratio = positions[1] - positions[0]
+  if kd.source == 'synthetic' and idata.source == 'synthetic':
+    if _integer_ratio(float(kd.time_stride), float(idata.time_stride)) != ratio:
+      raise ValueError(f'keyframe data.time_stride={kd.time_stride:g} must be {ratio} x the '
+                       f'interpolation data.time_stride={idata.time_stride:g} (the '
+                       f'interpolation model fills {ratio - 1} frames between keyframes), or '
+                       'the two models learnt different motion per keyframe interval.')
+  return positions
+
+
+def plan_for(keyframe_config, interp_config, duration_s, fps) -> Plan:
+  """`make_plan` with the frame counts and rates of the two stages' configs."""
+  positions = check_stages(keyframe_config, interp_config)
+  return make_plan(duration_s, fps, keyframe_frames=int(keyframe_config.data.num_frames),
+                   keyframe_fps=keyframe_config.sample.fps,
+                   window=int(interp_config.data.num_frames), positions=positions,
+                   full_fps=interp_config.sample.fps)
+
+
+def stitch(keyframes, window_fn, positions, window: int):
+  """Fills the frames between keyframes [B, M, H, W, C], every window in one call.
+
+  Window w is given keyframes w (K-1) .. w (K-1) + K - 1 at `positions` (K of them) of a
+  `window`-frame clip; M - 1 must be a multiple of K - 1. window_fn(context [W*B, T, H, W,
+  C], frame_mask bool [W*B, T]) -> [W*B, T, H, W, C] samples them (window-major rows:
+  row w B + b is window w of clip b). Returns (full [B, W (T-1) + 1, H, W, C], windows [W, B, T, ...]).
+  """
+  keyframes = np.asarray(keyframes, np.float32)
+  b, m = keyframes.shape[:2]
+  k = len(positions)
+  if keyframes.ndim != 5 or m < k or (m - 1) % (k - 1):
+    raise ValueError(f'keyframes {keyframes.shape} must be [B, M, H, W, C] with M - 1 a '
+                     f'multiple of {k - 1} (windows of {k} keyframes sharing one).')
+  num_windows = (m - 1) // (k - 1)
+  starts = np.arange(num_windows)[:, None] * (k - 1) + np.arange(k)[None]  # [W, K]
+  given = keyframes[:, starts]                                 # [B, W, K, H, W, C]
+  given = np.swapaxes(given, 0, 1).reshape((num_windows * b, k) + keyframes.shape[2:])
+  context, mask = cond_lib.given_at(given, positions, window)  # [W*B, T, ...], [W*B, T]
+  out = np.asarray(jax.device_get(window_fn(context, mask)), np.float32)
+  if out.shape != context.shape:
+    raise ValueError(f'window_fn returned {out.shape}, expected {context.shape}.')
+  windows = out.reshape((num_windows, b) + out.shape[1:])      # [W, B, T, H, W, C]
+  parts = [windows[0]] + [w[:, 1:] for w in windows[1:]]
+  return np.concatenate(parts, axis=1), windows                # [B, W (T-1) + 1, ...]
+
+
+def stage_condition(stage: Stage, prompt, batch: int) -> dict:
+  """The condition of `batch` samples of a stage: a text model's prompt (a string, or a
+  sequence of `batch` strings, one per sample; None: the null caption); a class model
+  takes no prompt and samples with the null label."""
+  cond = {}
+  if not isinstance(prompt, (str, type(None))):
+    prompt = list(prompt)
+    if len(prompt) != batch:
+      raise ValueError(f'{len(prompt)} prompts for {batch} samples: give one prompt, or '
+                       'one per sample.')
+  if generate_lib.is_text(stage.config):
+    spec = text_lib.resolve_spec(stage.config.model.text)
+    if prompt:
+      prompts = [prompt] * batch if isinstance(prompt, str) else prompt
+      generate_lib.check_prompts(stage.config, sorted(set(prompts)))
+      ids, mask = text_lib.Tokenizer(spec.max_length).encode_batch(prompts)
+      cond['text'] = {'tokens': jnp.asarray(ids), 'mask': jnp.asarray(mask)}
+    else:
+      cond['text'] = text_lib.null_text(spec, batch)
+  elif prompt and not generate_lib.is_keyframes(stage.config):
+    raise ValueError(f"prompt={prompt!r} needs a keyframe model with model.conditioning="
+                     "'text' (configs/tiny_keyframes.py).")
+  return cond
+
+
+def sample_stage(stage: Stage, shape, cond, rng):
+  """Samples [*shape] from a stage, inside its mesh when it has one."""
+  shape = tuple(int(d) for d in shape)
+  if shape not in stage.samplers:
+    stage.samplers[shape] = jax.jit(generate_lib.make_sample_fn(
+        stage.model, stage.diffusion, stage.config, stage.num_classes, shape))
+  fn = stage.samplers[shape]
+  if stage.mesh is None:
+    return fn(stage.params, rng, cond)
+  with jax.set_mesh(stage.mesh), nn.logical_axis_rules(stage.rules):
+    return jax.block_until_ready(fn(stage.params, rng, cond))
+
+
+def _check_count(name: str, value) -> int:
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    raise ValueError(f'{name}={value!r} must be a positive integer.')
+  return int(value)
+
+
+@dataclasses.dataclass
+class Result:
+  video: np.ndarray        # [B, N, H, W, C] float32 in [-1, 1], N = plan.num_frames
+  keyframes: np.ndarray    # [B, M, H, W, C] the keyframes the windows were given
+  plan: Plan
+
+
+def generate(prompt: Optional[str], duration_s, fps, keyframe: Stage, interp: Stage, *,
+             rng, num_samples: int = 1, window_batch: Optional[int] = None) -> Result:
+  """prompt -> `num_samples` clips of exactly round(duration_s * fps) frames at `fps`.
+
+  The keyframe model samples its whole clip (data.num_frames keyframes) toward the prompt;
+  the first plan.num_keyframes are interpolated, `window_batch` windows per sampler call
+  (default: the interpolation config's sample.num_samples; the last call padded, so
+  every duration runs the same compiled sampler); every m-th full-rate frame is kept.
+  The keyframes come back unchanged at plan.keyframe_indices() (the sampler re-imposes
+  given frames exactly).
+  """
+  plan = plan_for(keyframe.config, interp.config, duration_s, fps)
+  _check_count('num_samples', num_samples)
+  key_rng, interp_rng = jax.random.split(rng)
+  kcfg = keyframe.config
+  key_shape = generate_lib.sample_shape(kcfg, num_samples)
+  cond = stage_condition(keyframe, prompt, num_samples)
+  if int(kcfg.model.get('context_frames_max', 0) or 0) > 0:  # an extension model: none given
+    cond['context'] = jnp.zeros(key_shape, jnp.float32)
+    cond['frame_mask'] = jnp.zeros(key_shape[:2], bool)
+  keyframes = np.asarray(jax.device_get(sample_stage(keyframe, key_shape, cond, key_rng)),
+                         np.float32)[:, :plan.num_keyframes]  # [B, M, H, W, C]
+
+  full, _ = interpolate(interp, keyframes, rng=interp_rng, prompt=prompt,
+                        window_batch=window_batch)
+  video = full[:, :(plan.num_frames - 1) * plan.subsample + 1:plan.subsample]  # [B, N, ...]
+  return Result(video=video, keyframes=keyframes, plan=plan)
+
+
+def interpolate(interp: Stage, keyframes, *, rng, prompt=None,
+                window_batch: Optional[int] = None):
+  """Keyframes [B, M, H, W, C] at the keyframe rate -> (full-rate clips [B, (M-1) r + 1,
+  H, W, C], windows [W, B, T, H, W, C]) with the interpolation stage, `window_batch`
+  windows per sampler call (default sample.num_samples; the last call padded by
+  repeating its last window). prompt: one for all clips, or one per clip (text models)."""
+  positions = cond_lib.keyframe_positions(int(interp.config.data.num_frames),
+                                          interp.config.model.get('keyframe_stride', 0))
+  keyframes = np.asarray(keyframes, np.float32)
+  b = keyframes.shape[0]
+  batch = _check_count('window_batch', window_batch or int(interp.config.sample.num_samples))
+  num_windows = max(1, (keyframes.shape[1] - 1) // max(1, len(positions) - 1))
+  rows = num_windows * b                                        # window-major: w * B + b
+  if not isinstance(prompt, (str, type(None))):
+    prompt = list(prompt)
+    if len(prompt) != b:
+      raise ValueError(f'{len(prompt)} prompts for {b} clips of keyframes: give one prompt, '
+                       'or one per clip.')
+  per_row = prompt if isinstance(prompt, (str, type(None))) else prompt * num_windows
+  cond_all = stage_condition(interp, per_row, rows) if rows else {}
+  shape = generate_lib.sample_shape(interp.config, batch)
+
+  def window_fn(context, mask):  # [R, T, H, W, C], [R, T]: R windows, `batch` at a time
+    out = []
+    for i, start in enumerate(range(0, context.shape[0], batch)):
+      take = np.minimum(np.arange(start, start + batch), context.shape[0] - 1)
+      cond = {**jax.tree.map(lambda x: x[take], cond_all),
+              'context': context[take], 'frame_mask': mask[take]}
+      windows = sample_stage(interp, shape, cond, jax.random.fold_in(rng, i))
+      out.append(np.asarray(jax.device_get(windows))[:context.shape[0] - start])
+    return np.concatenate(out)  # [R, T, H, W, C]
+
+  return stitch(keyframes, window_fn, positions, int(interp.config.data.num_frames))
+
+
+def describe(plan: Plan) -> List[str]:
+  """Human-readable lines of a plan, for logs."""
+  return [f'{plan.num_frames} frames at {plan.fps:g} fps ({plan.num_frames / plan.fps:g} s)',
+          f'{plan.num_keyframes} keyframes at {plan.keyframe_fps:g} fps -> '
+          f'{plan.num_windows} interpolation windows of {plan.window} frames '
+          f'(keyframes at {plan.positions}) -> {plan.full_frames} frames at '
+          f'{plan.full_fps:g} fps' + (f', every {plan.subsample}th kept'
+                                      if plan.subsample > 1 else '')]

@@ -1,5 +1,7 @@
 """Embeddings, QK-norm attention, adaLN-Zero blocks and the full VideoDiT."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -25,8 +27,10 @@ def inputs(b=2, t=4, h=8, w=8, c=3, seed=0):
   return video, np.array([3.0, 700.0][:b], np.float32), np.array([1, 5][:b], np.int32)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def randomise(params, seed=1, scale=0.1):
-  """Non-zero values everywhere (zero-init layers would hide bugs)."""
+  """Non-zero values everywhere (zero-init layers would hide bugs); one compiled program,
+  as the jax.jit(...init/apply) calls below: eager Flax code compiles every op on its own."""
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(seed), len(leaves))
   return jax.tree.unflatten(tree, [x + scale * jax.random.normal(k, x.shape, x.dtype)
@@ -67,27 +71,27 @@ def test_qk_norm_gives_unit_rms_per_head_before_scale():
   np.testing.assert_allclose(rms, np.ones_like(rms), rtol=1e-5)
   # The module applies a learnable per-feature scale after normalising.
   mod = attention.RMSNorm()
-  variables = mod.init(jax.random.key(0), x)
+  variables = jax.jit(mod.init)(jax.random.key(0), x)
   variables = jax.tree.map(lambda s: s * 3.0, variables)
-  np.testing.assert_allclose(mod.apply(variables, x), 3.0 * normed, rtol=1e-5)
+  np.testing.assert_allclose(jax.jit(mod.apply)(variables, x), 3.0 * normed, rtol=1e-5)
 
 
 def test_attention_uses_normalised_q_and_k():
   # With QK-norm, scaling the input's q/k projections does not change the output.
   x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 6, 16)), jnp.float32)
   mod = attention.Attention(num_heads=2, qk_norm=True)
-  params = nn.unbox(mod.init(jax.random.key(0), x)['params'])
-  out = mod.apply({'params': params}, x)
+  params = nn.unbox(jax.jit(mod.init)(jax.random.key(0), x)['params'])
+  out = jax.jit(mod.apply)({'params': params}, x)
   scaled = dict(params)
   for name in ('query_kernel', 'query_bias', 'key_kernel', 'key_bias'):
     scaled[name] = params[name] * 10.0
-  np.testing.assert_allclose(mod.apply({'params': scaled}, x), out, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(jax.jit(mod.apply)({'params': scaled}, x), out, rtol=1e-4, atol=1e-5)
   plain = attention.Attention(num_heads=2, qk_norm=False)
-  p2 = nn.unbox(plain.init(jax.random.key(0), x)['params'])
+  p2 = nn.unbox(jax.jit(plain.init)(jax.random.key(0), x)['params'])
   s2 = dict(p2)
   for name in ('query_kernel', 'query_bias', 'key_kernel', 'key_bias'):
     s2[name] = p2[name] * 10.0
-  assert not np.allclose(plain.apply({'params': s2}, x), plain.apply({'params': p2}, x),
+  assert not np.allclose(jax.jit(plain.apply)({'params': s2}, x), jax.jit(plain.apply)({'params': p2}, x),
                          atol=1e-3)
 
 
@@ -95,20 +99,20 @@ def test_zero_initialised_block_is_identity():
   block = blocks.DiTBlock(num_heads=4, mlp_dim=64)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 10, 32)), jnp.float32)
   c = jnp.asarray(np.random.default_rng(1).normal(size=(2, 32)), jnp.float32)
-  variables = block.init(jax.random.key(0), x, c)
-  out, _ = block.apply(variables, x, c)
+  variables = jax.jit(block.init)(jax.random.key(0), x, c)
+  out, _ = jax.jit(block.apply)(variables, x, c)
   np.testing.assert_array_equal(np.asarray(out), np.asarray(x))
   # Once the gates are non-zero, the block is no longer the identity.
   params = randomise(nn.unbox(variables['params']))
-  out2, _ = block.apply({'params': params}, x, c)
+  out2, _ = jax.jit(block.apply)({'params': params}, x, c)
   assert np.abs(np.asarray(out2) - np.asarray(x)).max() > 1e-3
 
 
 def test_final_layer_is_zero_initialised():
   model = dit.build_model(model_cfg(), channels=3, num_classes=10)
   video, t, y = inputs()
-  variables = model.init(jax.random.key(0), video, t, y)
-  out = model.apply(variables, video, t, y)
+  variables = jax.jit(model.init)(jax.random.key(0), video, t, y)
+  out = jax.jit(model.apply)(variables, video, t, y)
   assert out.shape == video.shape
   np.testing.assert_array_equal(np.asarray(out), 0.0)
 
@@ -119,8 +123,8 @@ def test_output_shape_for_patch_sizes(patch, pos_embed):
   model = dit.build_model(model_cfg(patch_size=patch, pos_embed=pos_embed, depth=1),
                           channels=3, num_classes=10)
   video, t, y = inputs()
-  params = randomise(nn.unbox(model.init(jax.random.key(0), video, t, y)['params']))
-  out = model.apply({'params': params}, video, t, y)
+  params = randomise(nn.unbox(jax.jit(model.init)(jax.random.key(0), video, t, y)['params']))
+  out = jax.jit(model.apply)({'params': params}, video, t, y)
   assert out.shape == video.shape and out.dtype == jnp.float32
   assert np.isfinite(np.asarray(out)).all()
 
@@ -135,9 +139,9 @@ def test_param_count_independent_of_frames_and_resolution():
   assert counts[0] == counts[1] == counts[2]
   # And the same weights run on another resolution/duration.
   video, t, y = inputs()
-  params = model.init(jax.random.key(0), video, t, y)
+  params = jax.jit(model.init)(jax.random.key(0), video, t, y)
   bigger = np.zeros((2, 8, 16, 8, 3), np.float32)
-  assert model.apply(params, bigger, t, y).shape == bigger.shape
+  assert jax.jit(model.apply)(params, bigger, t, y).shape == bigger.shape
 
 
 def _unstack_scanned(scanned, depth):
@@ -153,10 +157,10 @@ def test_scanned_equals_unrolled(pos_embed):
   video, t, y = inputs()
   scanned = dit.build_model(model_cfg(pos_embed=pos_embed), 3, 10)
   unrolled = dit.build_model(model_cfg(pos_embed=pos_embed, scan_layers=False), 3, 10)
-  params = randomise(nn.unbox(scanned.init(jax.random.key(0), video, t, y)['params']))
+  params = randomise(nn.unbox(jax.jit(scanned.init)(jax.random.key(0), video, t, y)['params']))
   assert params['blocks']['mlp']['fc1']['kernel'].shape == (3, 48, 96)
-  out_scan = scanned.apply({'params': params}, video, t, y)
-  out_unrolled = unrolled.apply({'params': _unstack_scanned(params, 3)}, video, t, y)
+  out_scan = jax.jit(scanned.apply)({'params': params}, video, t, y)
+  out_unrolled = jax.jit(unrolled.apply)({'params': _unstack_scanned(params, 3)}, video, t, y)
   np.testing.assert_allclose(out_scan, out_unrolled, rtol=1e-5, atol=1e-5)
 
 
@@ -165,10 +169,10 @@ def test_remat_policies_keep_values_and_gradients(policy):
   video, t, y = inputs()
   base = dit.build_model(model_cfg(), 3, 10)
   remat = dit.build_model(model_cfg(remat_policy=policy), 3, 10)
-  params = randomise(nn.unbox(base.init(jax.random.key(0), video, t, y)['params']))
+  params = randomise(nn.unbox(jax.jit(base.init)(jax.random.key(0), video, t, y)['params']))
 
   def loss(model, p):
-    return jnp.mean(model.apply({'params': p}, video, t, y) ** 2)
+    return jnp.mean(jax.jit(model.apply)({'params': p}, video, t, y) ** 2)
 
   g1 = jax.grad(lambda p: loss(base, p))(params)
   g2 = jax.grad(lambda p: loss(remat, p))(params)
@@ -178,10 +182,10 @@ def test_remat_policies_keep_values_and_gradients(policy):
 def test_labels_change_output_and_null_label_exists():
   model = dit.build_model(model_cfg(), 3, 10)
   video, t, _ = inputs()
-  params = randomise(nn.unbox(model.init(jax.random.key(0), video, t, None)['params']))
+  params = randomise(nn.unbox(jax.jit(model.init)(jax.random.key(0), video, t, None)['params']))
   assert params['y_embed']['table']['embedding'].shape == (11, 48)
-  a = model.apply({'params': params}, video, t, jnp.array([0, 0]))
-  b = model.apply({'params': params}, video, t, jnp.array([10, 10]))  # null label
+  a = jax.jit(model.apply)({'params': params}, video, t, jnp.array([0, 0]))
+  b = jax.jit(model.apply)({'params': params}, video, t, jnp.array([10, 10]))  # null label
   assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-4
 
 
@@ -212,8 +216,8 @@ def test_variant_table(variant, expect):
 def test_bf16_compute_with_f32_params():
   model = dit.build_model(model_cfg(dtype='bfloat16'), 3, 10)
   video, t, y = inputs()
-  variables = model.init(jax.random.key(0), video, t, y)
+  variables = jax.jit(model.init)(jax.random.key(0), video, t, y)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nn.unbox(variables)))
   params = randomise(nn.unbox(variables['params']))
-  out = model.apply({'params': params}, video, t, y)
+  out = jax.jit(model.apply)({'params': params}, video, t, y)
   assert out.dtype == jnp.float32 and np.isfinite(np.asarray(out)).all()

@@ -33,21 +33,16 @@ from absl import flags
 from absl import logging
 import jax
 import numpy as np
-from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vdit_jax.data import synthetic  # pylint: disable=g-import-not-at-top
 from vdit_jax.tools import detect
+from vdit_jax.tools import generate_video
 from vdit_jax.train import multistage
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('keyframe_config', 'configs/tiny_keyframes.py',
-                                'Config the keyframe model was trained with.')
-config_flags.DEFINE_config_file('interp_config', 'configs/tiny_interpolate.py',
-                                'Config the interpolation model was trained with.')
-flags.DEFINE_string('keyframe_workdir', None, 'Workdir of the trained keyframe model.')
-flags.DEFINE_string('interp_workdir', None, 'Workdir of the trained interpolation model.')
+generate_video.define_stage_flags()  # --keyframe_config/--interp_config, the workdirs
 flags.DEFINE_float('duration_s', 3.0, 'Clip length, seconds.')
 flags.DEFINE_float('fps', None, "Frame rate (default: the interpolation model's).")
 flags.DEFINE_integer('num_prompts', 21, 'pipeline: prompts (one clip each).')

@@ -32,15 +32,21 @@ from vdit_jax.train import multistage
 FLAGS = flags.FLAGS
 
 
-def _define_flags() -> None:
-  """The command line's flags, defined only when run as a program: importing this
-  module beside other tools (make_shards defines --out too) then clashes with nothing."""
+def define_stage_flags() -> None:
+  """--keyframe_config/--interp_config and the two workdirs (also used by
+  bench/multistage_eval.py)."""
   config_flags.DEFINE_config_file('keyframe_config', 'configs/tiny_keyframes.py',
                                   'Config the keyframe model was trained with.')
   config_flags.DEFINE_config_file('interp_config', 'configs/tiny_interpolate.py',
                                   'Config the interpolation model was trained with.')
   flags.DEFINE_string('keyframe_workdir', None, 'Workdir of the trained keyframe model.')
   flags.DEFINE_string('interp_workdir', None, 'Workdir of the trained interpolation model.')
+
+
+def _define_flags() -> None:
+  """The command line's flags, defined only when run as a program: importing this
+  module beside other tools (make_shards defines --out too) then clashes with nothing."""
+  define_stage_flags()
   flags.DEFINE_string('prompt', None, "Caption, e.g. 'a red square moving left' (text models).")
   flags.DEFINE_float('duration_s', None, 'Length of the clip in seconds.')
   flags.DEFINE_float('fps', None, 'Frame rate of the clip (default: the interpolation '

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from configs import tiny_text
 from vdit_jax.model import dit
 from vdit_jax.model import flops as flops_lib
+from vdit_jax.model import text as text_lib
 from vdit_jax.tools import plan as plan_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,6 +126,42 @@ def test_flops_count_every_matmul_weight_of_the_model():
                 if 'kernel' in jax.tree_util.keystr(path))
   f = flops_lib.train_step_flops(model.spec, (16, 32, 32, 3), batch_size=1)
   assert f.token_matmul_params + f.clip_matmul_params == kernels
+
+
+@pytest.mark.parametrize('encoder', ['builtin', 'precomputed'])
+def test_flops_count_text_and_given_frame_weights(encoder):
+  """Oracle, text + given frames: token + clip + caption-token matmul params are exactly
+  the model's kernels (cross-attention, context projection, text encoder, mask channel)."""
+  config = tiny_text.get_config()
+  config.model.context_frames_max = 2
+  config.model.text.encoder = encoder
+  if encoder == 'precomputed':
+    config.model.text.embed_dim = 24
+  model = dit.build_model(config.model, config.data.channels, num_classes=0)
+  spec, d = model.spec, config.data
+  video = jax.ShapeDtypeStruct((1, d.num_frames, d.height, d.width, d.channels), np.float32)
+  t = jax.ShapeDtypeStruct((1,), np.float32)
+  text = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                      text_lib.null_text(spec.text, 1))
+  mask = jax.ShapeDtypeStruct((1, d.num_frames), bool)
+  params = jax.eval_shape(lambda v, t, x, m: model.init(jax.random.key(0), v, t, text=x,
+                                                        frame_mask=m),
+                          video, t, text, mask)['params']
+  kernels = sum(math.prod(leaf.shape) for path, leaf in
+                jax.tree_util.tree_leaves_with_path(params)
+                if 'kernel' in jax.tree_util.keystr(path))
+  f = flops_lib.train_step_flops(spec, (d.num_frames, d.height, d.width, d.channels), 1)
+  assert f.token_matmul_params + f.clip_matmul_params + f.context_matmul_params == kernels
+  assert f.caption_tokens == spec.text.max_length
+  base = flops_lib.train_step_flops(dataclasses.replace(spec, conditioning='class', text=None,
+                                                        context_frames=0),
+                                    (d.num_frames, d.height, d.width, d.channels), 1)
+  # Cross-attention scores over L caption slots, 12 L D per video token per block.
+  extra = 12 * spec.depth * f.caption_tokens * spec.width * f.tokens_per_clip
+  if encoder == 'builtin':
+    dt, length = spec.text.width, spec.text.max_length
+    extra += 12 * spec.text.depth * length * dt * length
+  assert f.attention - base.attention == extra
 
 
 @pytest.mark.parametrize('shape, batch, message', [

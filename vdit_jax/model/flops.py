@@ -12,6 +12,13 @@ Counted the way MFU is usually counted (PaLM appendix B; MaxText's
     patterns replace N by the keys each query attends to (H'W' spatial, T' temporal, the
     window size, the mean over head groups for hierarchical; shifted windows count whole
     windows, masked scores included), summed over the attention sub-layers;
+  * text conditioning (model.conditioning='text'): each block's cross-attention has its
+    query and output projections once per video token and its key and value projections
+    once per caption token; the context projection and the built-in text encoder's
+    layers run once per caption token; cross-attention scores cost 12 x L x D per video
+    token per layer over the L caption slots (padding included: it is computed), the
+    encoder's self-attention 12 x L x Dt per caption token per layer;
+  * given frames (model.context_frames_max > 0) add the mask channel to the patch embedding;
   * rematerialisation recompute is not counted (it is work, not model FLOPs), nor are
     element-wise ops, norms, softmax, the label-embedding gather or the optimizer.
 """
@@ -35,9 +42,12 @@ class FlopCount:
   tokens_per_clip: int
   token_matmul_params: int   # weights applied once per token
   clip_matmul_params: int    # weights applied once per clip (conditioning path)
-  matmul: int                # 6 x (token params x tokens + clip params x clips)
-  attention: int             # 12 x L x N x D per token (full attention)
+  matmul: int                # 6 x (token params x tokens + clip params x clips
+                             #      + context params x caption tokens)
+  attention: int             # 12 x L x N x D per token (full attention), + text attention
   total: int
+  context_matmul_params: int = 0  # text: weights applied once per caption token
+  caption_tokens: int = 0         # text: L caption slots per clip
 
 
 def _check_shape(data_shape: Sequence[int], batch_size: int) -> None:
@@ -57,21 +67,39 @@ def train_step_flops(spec, data_shape: Sequence[int], batch_size: int) -> FlopCo
   patching.check_patch((t, h, w), spec.patch_size)
   d, f, depth = spec.width, spec.mlp_dim, spec.depth
   patch_dim = int(np.prod(spec.patch_size)) * c
+  in_channels = c + (1 if spec.context_frames else 0)  # + the given-frames mask channel
+  patch_dim_in = int(np.prod(spec.patch_size)) * in_channels
   grid = patching.token_grid((t, h, w), spec.patch_size)
   tokens = int(np.prod(grid))
   sublayers = attention_patterns.attention_sublayers(spec.pattern)  # 2: within_block
 
   per_block_token = 4 * d * d * sublayers + 2 * d * f  # q, k, v, out per sub-layer; fc1, fc2
-  token_params = patch_dim * d + depth * per_block_token + d * patch_dim  # embed, blocks, final
+  token_params = patch_dim_in * d + depth * per_block_token + d * patch_dim  # embed, blocks, final
   clip_params = (TIMESTEP_FREQ_DIM * d + d * d   # timestep MLP
                  + depth * d * 6 * d             # adaLN (shift, scale, gate) x 2 per block
                  + depth * d * 3 * d * (sublayers - 1)  # adaLN of extra attention sub-layers
                  + d * 2 * d)                    # final adaLN (shift, scale)
 
   clips = int(batch_size)
-  matmul = TRAIN_FLOPS_PER_MAC * (token_params * tokens * clips + clip_params * clips)
-  attention = 12 * attention_patterns.score_macs_per_token(
-      spec.pattern, grid, depth, d) * tokens * clips
+  context_params, caption_len, text_attention = 0, 0, 0
+  text = spec.text if spec.conditioning == 'text' else None
+  if text is not None:
+    caption_len = int(text.max_length)
+    token_params += depth * 2 * d * d        # cross-attention query and output projections
+    context_params = depth * 2 * d * d       # cross-attention key and value projections
+    if text.encoder == 'builtin':
+      dt = int(text.width)
+      context_params += dt * d + int(text.depth) * (4 * dt * dt + 2 * dt * int(text.mlp_dim))
+      text_attention = 12 * int(text.depth) * caption_len * dt * caption_len  # per clip
+    else:
+      context_params += int(text.embed_dim) * d  # precomputed embeddings -> width
+    text_attention += 12 * depth * caption_len * d * tokens  # cross-attention, per clip
+
+  matmul = TRAIN_FLOPS_PER_MAC * (token_params * tokens * clips + clip_params * clips
+                                  + context_params * caption_len * clips)
+  attention = (12 * attention_patterns.score_macs_per_token(spec.pattern, grid, depth, d)
+               * tokens * clips + text_attention * clips)
   return FlopCount(tokens_per_clip=tokens, token_matmul_params=token_params,
                    clip_matmul_params=clip_params, matmul=matmul, attention=attention,
-                   total=matmul + attention)
+                   total=matmul + attention, context_matmul_params=context_params,
+                   caption_tokens=caption_len)

@@ -9,7 +9,8 @@
 # Output lines are prefixed with [i]; if one process fails the rest are stopped and the
 # script exits with its status. The logic is in vdit_jax/tools/launch_local.py.
 # Each process sets up its host allocator before importing jax (vdit_jax/runtime.py:
-# jemalloc / tcmalloc if installed, else glibc huge pages; one restart, logged);
+# glibc malloc with huge pages on glibc >= 2.35, else jemalloc / tcmalloc if installed;
+# one restart, logged);
 # VDIT_RUNTIME=0 keeps the environment as it is, VDIT_ALLOCATOR=jemalloc|tcmalloc|system picks.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -213,8 +213,10 @@ def test_video_dit_train_step_lowers_splash_for_tpu(tpu_devices, impl):
     ('gpu', jnp.bfloat16, 65536, 12, 'blockwise'),  # head dim not a multiple of 8
     ('gpu', jnp.float32, 1024, 64, 'xla'),
     ('gpu', jnp.float32, 16384, 64, 'blockwise'),
-    ('cpu', jnp.float32, attention.AUTO_BLOCKWISE_MIN_TOKENS, 64, 'xla'),
-    ('cpu', jnp.float32, attention.AUTO_BLOCKWISE_MIN_TOKENS + 1, 64, 'blockwise'),
+    ('gpu', jnp.float32, attention.AUTO_BLOCKWISE_MIN_TOKENS, 64, 'xla'),
+    ('gpu', jnp.float32, attention.AUTO_BLOCKWISE_MIN_TOKENS + 1, 64, 'blockwise'),
+    ('cpu', jnp.float32, attention.AUTO_CPU_BLOCKWISE_MIN_TOKENS - 1, 64, 'xla'),
+    ('cpu', jnp.float32, attention.AUTO_CPU_BLOCKWISE_MIN_TOKENS, 64, 'blockwise'),
     ('cpu', jnp.bfloat16, 32768, 64, 'blockwise'),
 ])
 def test_auto_choice(platform, dtype, tokens, head_dim, want):
@@ -225,7 +227,7 @@ def test_auto_on_cpu_runs_the_chosen_kernel():
   short = jax.make_jaxpr(lambda q: attention.dot_product_attention(q, q, q, 'auto'))(
       jnp.zeros((1, 64, 2, 8)))
   long_ = jax.make_jaxpr(lambda q: attention.dot_product_attention(q, q, q, 'auto:512x512'))(
-      jnp.zeros((1, attention.AUTO_BLOCKWISE_MIN_TOKENS + 8, 2, 8)))
+      jnp.zeros((1, attention.AUTO_CPU_BLOCKWISE_MIN_TOKENS + 8, 2, 8)))
   assert 'custom_vjp_call' not in str(short) and 'custom_vjp_call' in str(long_)
   assert 'platform_index' in str(long_)  # a TPU lowering would take splash instead
 

@@ -20,6 +20,7 @@ from vdit_jax import runtime
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JEMALLOC = '/opt/lib/libjemalloc.so.2'
 TCMALLOC = '/opt/lib/libtcmalloc_minimal.so.4'
+OLD = (2, 31)  # a glibc without the hugetlb tunable: auto preloads an allocator
 
 
 def finder(*available):
@@ -32,8 +33,24 @@ def finder(*available):
   return find
 
 
+def test_default_on_recent_glibc_is_its_malloc_with_huge_pages():
+  for glibc in ((2, 35), (2, 36), (3, 0)):
+    plan = runtime.compose_env({}, platform='linux', find=finder(TCMALLOC, JEMALLOC),
+                               glibc=glibc)
+    assert plan.changes == {'GLIBC_TUNABLES': runtime.GLIBC_TUNABLES}, glibc
+    assert plan.needs_reexec  # the loader reads GLIBC_TUNABLES at start-up only
+  asked = runtime.compose_env({runtime.ENV_ALLOCATOR: 'jemalloc'}, platform='linux',
+                              find=finder(TCMALLOC, JEMALLOC), glibc=(2, 36))
+  assert asked.changes['LD_PRELOAD'] == JEMALLOC
+
+
+def test_glibc_version_reads_this_machine():
+  version = runtime.glibc_version()
+  assert version is None or (len(version) == 2 and all(isinstance(v, int) for v in version))
+
+
 def test_default_preloads_jemalloc_with_its_settings_and_restarts():
-  plan = runtime.compose_env({}, platform='linux', find=finder(TCMALLOC, JEMALLOC))
+  plan = runtime.compose_env({}, platform='linux', find=finder(TCMALLOC, JEMALLOC), glibc=OLD)
   assert plan.changes['LD_PRELOAD'] == JEMALLOC
   assert plan.changes['MALLOC_CONF'] == dict(runtime.ALLOCATORS['jemalloc'].env)['MALLOC_CONF']
   assert 'GLIBC_TUNABLES' not in plan.changes
@@ -41,7 +58,7 @@ def test_default_preloads_jemalloc_with_its_settings_and_restarts():
 
 
 def test_tcmalloc_when_jemalloc_is_absent_or_asked_for():
-  plan = runtime.compose_env({}, platform='linux', find=finder(TCMALLOC))
+  plan = runtime.compose_env({}, platform='linux', find=finder(TCMALLOC), glibc=OLD)
   assert plan.changes['LD_PRELOAD'] == TCMALLOC
   assert plan.changes['TCMALLOC_RELEASE_RATE'] == '0'
   assert any('jemalloc not found' in n for n in plan.notes)
@@ -55,7 +72,7 @@ def test_tcmalloc_when_jemalloc_is_absent_or_asked_for():
 
 
 def test_no_allocator_installed_falls_back_to_glibc_tunables():
-  plan = runtime.compose_env({}, platform='linux', find=finder())
+  plan = runtime.compose_env({}, platform='linux', find=finder(), glibc=OLD)
   assert 'LD_PRELOAD' not in plan.changes
   assert plan.changes['GLIBC_TUNABLES'] == runtime.GLIBC_TUNABLES
   assert plan.needs_reexec
@@ -81,7 +98,7 @@ def test_user_variables_are_kept():
                                     find=finder(JEMALLOC))
   assert own_preload.changes == {'GLIBC_TUNABLES': runtime.GLIBC_TUNABLES}
   own_conf = runtime.compose_env({'MALLOC_CONF': 'narenas:1'}, platform='linux',
-                                 find=finder(JEMALLOC))
+                                 find=finder(JEMALLOC), glibc=OLD)
   assert own_conf.changes['LD_PRELOAD'] == JEMALLOC
   assert 'MALLOC_CONF' not in own_conf.changes
   kept = runtime.compose_env({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}, platform='linux',

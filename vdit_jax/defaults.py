@@ -24,7 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.patch_size = config_dict.placeholder(tuple)  # (pt, ph, pw)
   m.pos_embed = 'sincos'            # sincos | rope
   m.qk_norm = True
-  m.attention_impl = 'xla'          # auto | xla | cudnn | blockwise | splash (model/attention.py)
+  m.attention_impl = 'auto'         # auto | xla | cudnn | blockwise | splash (model/attention.py)
   # blockwise / splash tiles (splash: multiples of 128); None: the kernel's default,
   # blockwise 256 x 256 (CPU caches), splash 512 x 512 (attention.DEFAULT_BLOCKS).
   m.attention_block_q = config_dict.placeholder(int)

@@ -25,8 +25,9 @@ VDIT_NUM_PROCESSES, VDIT_PROCESS_ID); on SLURM and Cloud TPU slices they are
 detected. launch/ has scripts for a local run, a TPU pod and SLURM.
 
 Host set-up (vdit_jax/runtime.py): before jax is imported, the process restarts itself
-once with a faster malloc (jemalloc or tcmalloc if installed, else glibc huge pages) and
-logs what it set; VDIT_RUNTIME=0 keeps the environment as it is.
+once with malloc settings that stop a CPU step re-faulting its buffers (glibc huge pages
+on glibc >= 2.35, else jemalloc or tcmalloc if installed) and logs what it set;
+VDIT_RUNTIME=0 keeps the environment as it is.
 """
 
 from vdit_jax import runtime

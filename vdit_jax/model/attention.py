@@ -34,9 +34,14 @@ DEFAULT_BLOCKS = {
 CUDNN_DTYPES = ('bfloat16', 'float16')
 CUDNN_MAX_HEAD_DIM = 256  # 128 before Hopper; cuDNN also needs Dh % 8 == 0
 GPU_PLATFORMS = ('gpu', 'cuda')  # jax platform names of NVIDIA GPUs
-# auto off TPU and cuDNN: xla while q_tokens * kv_tokens <= this squared, blockwise above
+# auto on GPU without cuDNN: xla while q_tokens * kv_tokens <= this squared, blockwise above
 # (float32 logits of one batch element and head: 64 MiB at 4096^2, 4 GiB at 32768^2).
 AUTO_BLOCKWISE_MIN_TOKENS = 4096
+# auto on CPU: blockwise from this many tokens squared. Measured (bench/train_step.py, fp32):
+# the tiny config's 512-token step 0.74 s vs xla 0.83 s; the bench config's 2,048-token step
+# 13.3 s vs 16.1 s at half the peak RSS: the [K, N, N] logits and probabilities that xla
+# writes out and reads back cost more than the tiles of the online softmax.
+AUTO_CPU_BLOCKWISE_MIN_TOKENS = 512
 # auto on TPU: splash from this many tokens (shorter sequences fill too little of a tile).
 AUTO_SPLASH_MIN_TOKENS = 256
 
@@ -124,7 +129,8 @@ def choose_impl(platform: str, dtype, q_tokens: int, kv_tokens: int, head_dim: i
     else 'xla'.
   - NVIDIA GPU with bfloat16/float16 inputs and a head dim that is a multiple of 8 and
     <= 128: 'cudnn'.
-  - Otherwise (CPU; GPU in float32): 'xla' while q_tokens * kv_tokens is at most
+  - CPU: 'blockwise' from AUTO_CPU_BLOCKWISE_MIN_TOKENS^2 query x key tokens, else 'xla'.
+  - Otherwise (GPU in float32): 'xla' while q_tokens * kv_tokens is at most
     AUTO_BLOCKWISE_MIN_TOKENS^2, 'blockwise' above, where the logits dominate memory.
   """
   if platform == 'tpu' and q_tokens == kv_tokens >= AUTO_SPLASH_MIN_TOKENS:
@@ -132,6 +138,8 @@ def choose_impl(platform: str, dtype, q_tokens: int, kv_tokens: int, head_dim: i
   if (platform in GPU_PLATFORMS and jnp.dtype(dtype).name in CUDNN_DTYPES
       and head_dim % 8 == 0 and head_dim <= 128):
     return 'cudnn'
+  if platform == 'cpu' and q_tokens * kv_tokens >= AUTO_CPU_BLOCKWISE_MIN_TOKENS**2:
+    return 'blockwise'
   if platform != 'tpu' and q_tokens * kv_tokens > AUTO_BLOCKWISE_MIN_TOKENS**2:
     return 'blockwise'
   return 'xla'

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 from vdit_jax import runtime
@@ -260,3 +261,30 @@ def test_sample_bench_json(bench_outputs):
   assert loop['num_steps'] == 3 and r['python_over_compiled'] > 0
   # The Python loop of single steps computes the same clips as the compiled sampler.
   assert loop['max_abs_difference'] < 1e-4
+
+
+def test_denoise_error_diagnostic_writes_its_grid_and_probe(tmp_path):
+  """bench/denoise_error.py on a 2-step model: per-t errors, the PNG grid and the probe."""
+  from PIL import Image
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  common = ['--config=configs/tiny.py', f'--workdir={tmp_path}', *_TINY,
+            '--config.train.batch_size=2', '--config.train.num_steps=2',
+            '--config.checkpoint.every_steps=2', '--config.sample.num_steps=2',
+            '--config.sample.num_samples=2', '--config.sample.formats=gif']
+  train = subprocess.run([sys.executable, '-m', 'vdit_jax.main', *common], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+  assert train.returncode == 0, train.stderr[-3000:]
+  image = tmp_path / 'x0.png'
+  p = subprocess.run([sys.executable, 'bench/denoise_error.py', *common, '--batch=2',
+                      f'--image={image}', '--probe'], cwd=REPO, env=env, capture_output=True,
+                     text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith('{')]
+  per_t = [r for r in rows if 't' in r]
+  assert [r['t'] for r in per_t] == [10, 100, 300, 500, 700, 850, 950, 999]
+  assert all(np.isfinite(r['x0_mse']) and r['x0_mse'] >= 0 for r in per_t)
+  (probe,) = [r for r in rows if 'probe_t' in r]
+  assert probe['probe_t'] == 900 and probe['last_tubelet_change'] > 0
+  # 2 clips x frames (0, T/2), 8x8 pixels with 2 of padding, 1 + 2 x 8 rows, scaled 3x.
+  with Image.open(image) as im:
+    assert im.size == (2 * 2 * 10 * 3, 17 * 10 * 3)

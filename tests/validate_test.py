@@ -42,6 +42,9 @@ CASES = [
     (dict(model__pos_embed='learned'), "model.pos_embed='learned' is not one of"),
     (dict(model__dtype='float8'), "model.dtype='float8' is not one of"),
     (dict(diffusion__schedule='sqrt'), 'sqrt'),
+    (dict(diffusion__loss_weighting='snr'), "loss_weighting='snr' is not known"),
+    (dict(diffusion__loss_weighting='x0', diffusion__objective='eps'),
+     "loss_weighting='x0' needs objective 'v' or 'flow'"),
     (dict(sample__formats='avi'), "sample.formats='avi' must list mp4 and/or gif"),
     # sampler / objective mismatch
     (dict(diffusion__objective='flow'), "sample.sampler='ddim' does not sample objective 'flow'"),

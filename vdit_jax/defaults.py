@@ -71,6 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.logit_mean = 0.0
   d.logit_std = 1.0
   d.shift = 1.0
+  d.loss_weighting = 'none'         # none | x0 (v, flow): see diffusion/objectives.py
 
   c.data = dd = ml_collections.ConfigDict()
   dd.source = 'synthetic'           # synthetic | files | shards (see data/pipeline.py)

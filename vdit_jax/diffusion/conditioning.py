@@ -220,7 +220,7 @@ class Conditioning:
       z_t = impose(z_t, x0, mask)  # the given frames enter clean
       kwargs['frame_mask'] = mask
     pred = apply_fn(z_t, diffusion.model_t(t), **kwargs)  # [B, T, H, W, C]
-    target = diffusion.target(x0, noise, t)
+    target, pred = diffusion.weigh(diffusion.target(x0, noise, t), pred, t)
     if mask is None:
       return objectives.mse(target, pred)
     return masked_mse(target, pred, mask)

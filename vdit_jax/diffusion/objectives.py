@@ -21,6 +21,11 @@ from vdit_jax.diffusion import schedules
 OBJECTIVES = ('eps', 'v', 'flow')
 DISCRETE_OBJECTIVES = ('eps', 'v')
 T_SAMPLINGS = ('uniform', 'logit_normal')
+# none: the plain MSE of the objective's target. x0: each clip's error counted as the error of
+# the x0 estimate it implies (v: weight 1 - abar; flow: weight t^2), which moves the gradient
+# from the nearly clean end toward the noisy end, where a sample's layout is decided. eps has
+# no bounded x0 weight (1 / SNR grows without limit as t -> T), so it accepts only none.
+LOSS_WEIGHTINGS = ('none', 'x0')
 # Flow times in [0, 1] are fed to the network multiplied by this, matching discrete t in [0, 1000).
 FLOW_T_SCALE = 1000.0
 
@@ -66,15 +71,22 @@ class Diffusion(flax.struct.PyTreeNode):
   logit_mean: float = flax.struct.field(pytree_node=False, default=0.0)
   logit_std: float = flax.struct.field(pytree_node=False, default=1.0)
   shift: float = flax.struct.field(pytree_node=False, default=1.0)
+  loss_weighting: str = flax.struct.field(pytree_node=False, default='none')
 
   # ---------------------------------------------------------------- construction
 
   @classmethod
   def create(cls, objective, *, schedule='linear', num_timesteps=1000, t_sampling='uniform',
-             logit_mean=0.0, logit_std=1.0, shift=1.0):
+             logit_mean=0.0, logit_std=1.0, shift=1.0, loss_weighting='none'):
     """Validated constructor. Flow ignores `schedule` (stored as None)."""
     if objective not in OBJECTIVES:
       raise ValueError(f'objective={objective!r} is not known; expected one of {OBJECTIVES}.')
+    if loss_weighting not in LOSS_WEIGHTINGS:
+      raise ValueError(f'loss_weighting={loss_weighting!r} is not known; expected one of '
+                       f'{LOSS_WEIGHTINGS}.')
+    if loss_weighting == 'x0' and objective == 'eps':
+      raise ValueError("loss_weighting='x0' needs objective 'v' or 'flow': for eps the x0 "
+                       'weight 1/SNR is unbounded at the noisy end.')
     if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, (int, np.integer)) \
         or num_timesteps < 1:
       raise ValueError(f'num_timesteps={num_timesteps!r} must be a positive integer.')
@@ -98,12 +110,14 @@ class Diffusion(flax.struct.PyTreeNode):
     return cls(betas=betas, alphas_cumprod=abar, sqrt_alphas_cumprod=sqrt_abar,
                sqrt_one_minus_alphas_cumprod=sqrt_1m_abar, objective=objective, schedule=schedule,
                num_timesteps=num_timesteps, t_sampling=t_sampling,
-               logit_mean=float(logit_mean), logit_std=float(logit_std), shift=float(shift))
+               logit_mean=float(logit_mean), logit_std=float(logit_std), shift=float(shift),
+               loss_weighting=loss_weighting)
 
   @classmethod
   def from_config(cls, dcfg):
     """Build from a ConfigDict with `objective` and optional schedule/num_timesteps/
-    t_sampling/logit_mean/logit_std/shift (defaults: linear, 1000, uniform, 0, 1, 1)."""
+    t_sampling/logit_mean/logit_std/shift/loss_weighting (defaults: linear, 1000, uniform, 0,
+    1, 1, none)."""
     if 'objective' not in dcfg:
       raise ValueError(f"diffusion config must set 'objective' (one of {OBJECTIVES}).")
     return cls.create(
@@ -113,7 +127,8 @@ class Diffusion(flax.struct.PyTreeNode):
         t_sampling=dcfg.get('t_sampling', 'uniform'),
         logit_mean=dcfg.get('logit_mean', 0.0),
         logit_std=dcfg.get('logit_std', 1.0),
-        shift=dcfg.get('shift', 1.0))
+        shift=dcfg.get('shift', 1.0),
+        loss_weighting=dcfg.get('loss_weighting', 'none'))
 
   def alphas_cumprod_f64(self):
     """abar as float64 numpy, rebuilt from the static fields (concrete even under jit)."""
@@ -163,6 +178,15 @@ class Diffusion(flax.struct.PyTreeNode):
     a, b = self._coefs(t)
     return (_bcast(a, x0) * noise - _bcast(b, x0) * x0).astype(x0.dtype)
 
+  def weigh(self, target, pred, t):
+    """(target, pred) scaled per clip by sqrt(loss weight at t), so that any (masked) MSE of
+    the pair is the weighted loss; unchanged for loss_weighting='none'."""
+    if self.loss_weighting == 'none':
+      return target, pred
+    _, b = self._coefs(t)  # [B]: sqrt(1 - abar) (v) or t (flow), the x0 error per target error
+    scale = _bcast(b.astype(jnp.float32), target)
+    return target.astype(jnp.float32) * scale, pred.astype(jnp.float32) * scale
+
   def model_t(self, t):
     """Float32 timestep [B] for the network: discrete t as float, flow t * 1000."""
     t = jnp.asarray(t, jnp.float32)
@@ -180,7 +204,7 @@ class Diffusion(flax.struct.PyTreeNode):
     z_t = self.corrupt(x0, noise, t)  # [B, ...]
     t_model = self.model_t(t)  # [B]
     pred = pred_fn(z_t, t_model)  # [B, ...]
-    loss = mse(self.target(x0, noise, t), pred)
+    loss = mse(*self.weigh(self.target(x0, noise, t), pred, t))
     return loss, {'t': t, 'model_t': t_model}
 
   # ---------------------------------------------------------------- sampler conversions

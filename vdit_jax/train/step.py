@@ -44,7 +44,7 @@ def denoising_loss(diffusion, pred_fn, x0, t, noise):
   """`Diffusion.loss` for given draws: MSE of pred_fn(z_t, model_t(t)) to the target."""
   z_t = diffusion.corrupt(x0, noise, t)  # [B, T, H, W, C]
   pred = pred_fn(z_t, diffusion.model_t(t))  # [B, T, H, W, C]
-  return objectives.mse(diffusion.target(x0, noise, t), pred)
+  return objectives.mse(*diffusion.weigh(diffusion.target(x0, noise, t), pred, t))
 
 
 def check_grad_accum(grad_accum_steps, batch_size=None) -> None:

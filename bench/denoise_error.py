@@ -65,21 +65,27 @@ def _grid_image(x0, rows, path):
                                  Image.NEAREST).save(path)
 
 
+def _t_batch(d, t_value, batch):
+  """[batch] copies of one timestep, in the dtype the objective's t has."""
+  return jnp.full((batch,), t_value, jnp.float32 if d.is_flow else jnp.int32)
+
+
 def _probe(apply, params, d, x0, labels, patch):
   """How far changes of the input reach in the prediction (see the module doc)."""
   pt, ph, pw = patch
   t_value = 0.9 if d.is_flow else int(0.9 * d.num_timesteps)
-  t = jnp.full((x0.shape[0],), t_value, jnp.float32 if d.is_flow else jnp.int32)
+  t = _t_batch(d, t_value, x0.shape[0])
+  t_model = d.model_t(t)
   z = d.corrupt(x0, jax.random.normal(jax.random.key(2), x0.shape), t)
-  base = apply(params, z, d.model_t(t), labels)
-  change = jnp.abs(apply(params, z.at[:, -pt:, -ph:, -pw:].add(3.0), d.model_t(t), labels)
+  base = apply(params, z, t_model, labels)
+  change = jnp.abs(apply(params, z.at[:, -pt:, -ph:, -pw:].add(3.0), t_model, labels)
                    - base).mean(axis=(0, 4))  # [T, H, W]
-  b, t_len, h, w = x0.shape[:4]
+  t_len, h, w = x0.shape[1:4]
   per_tubelet = change.reshape(t_len // pt, pt, h // ph, ph, w // pw, pw).mean(axis=(1, 3, 5))
   last = float(per_tubelet[-1, -1, -1])
   others = float((per_tubelet.sum() - last) / (per_tubelet.size - 1))
   shifted = (z + 0.5).at[:, :pt, :ph, :pw].set(z[:, :pt, :ph, :pw])
-  first = jnp.abs(apply(params, shifted, d.model_t(t), labels) - base)[:, :pt, :ph, :pw]
+  first = jnp.abs(apply(params, shifted, t_model, labels) - base)[:, :pt, :ph, :pw]
   print(json.dumps({'probe_t': t_value, 'last_tubelet_change': last,
                     'mean_change_elsewhere': others,
                     'first_tubelet_change': float(per_tubelet[0, 0, 0]),
@@ -103,7 +109,7 @@ def main(_):
   grid = ([0.01, 0.1, 0.3, 0.5, 0.7, 0.85, 0.95, 1.0] if d.is_flow
           else [10, 100, 300, 500, 700, 850, 950, 999])
   for t_value in grid:
-    t = jnp.full((x0.shape[0],), t_value, jnp.float32 if d.is_flow else jnp.int32)
+    t = _t_batch(d, t_value, x0.shape[0])
     z = d.corrupt(x0, noise, t)
     pred = apply(params, z, d.model_t(t), labels)
     x0_hat, _ = d.pred_to_x0_eps(z, pred, t)

@@ -115,7 +115,6 @@ def test_config_errors():
 def test_x0_loss_weighting_is_the_x0_estimate_error(objective):
   """loss_weighting='x0': the loss of a prediction equals the MSE of the x0 it implies; with
   'none' it is the plain target MSE, which differs from that at every t but the clean end."""
-  from vdit_jax.train import step as step_lib
   x0 = _clip_x0()
   noise = jax.random.normal(jax.random.PRNGKey(1), SHAPE)
   pred = jax.random.normal(jax.random.PRNGKey(2), SHAPE)
@@ -125,16 +124,16 @@ def test_x0_loss_weighting_is_the_x0_estimate_error(objective):
   z = weighted.corrupt(x0, noise, t)
   x0_hat, _ = weighted.pred_to_x0_eps(z, pred, t)
   per_clip = [float(jnp.mean((x0_hat[i] - x0[i]) ** 2)) for i in range(2)]
-  got = step_lib.denoising_loss(weighted, lambda z_, t_: pred, x0, t, noise)
+  got = weighted.loss_at(lambda z_, t_: pred, x0, t, noise)
   np.testing.assert_allclose(float(got), np.mean(per_clip), rtol=1e-5)
-  unweighted = step_lib.denoising_loss(plain, lambda z_, t_: pred, x0, t, noise)
+  unweighted = plain.loss_at(lambda z_, t_: pred, x0, t, noise)
   np.testing.assert_allclose(
       float(unweighted), float(jnp.mean((plain.target(x0, noise, t) - pred) ** 2)), rtol=1e-6)
   assert float(unweighted) > 1.05 * float(got)
   # Diffusion.loss applies the same weighting to its own draws.
   rng = jax.random.PRNGKey(3)
   loss, _ = weighted.loss(lambda z_, t_: jnp.zeros_like(z_), x0, rng)
-  t_draw, noise_draw = step_lib.draw_noise(weighted, rng, x0)
+  t_draw, noise_draw = weighted.draw(rng, x0)
   z_draw = weighted.corrupt(x0, noise_draw, t_draw)
   x0_zero, _ = weighted.pred_to_x0_eps(z_draw, jnp.zeros(SHAPE), t_draw)
   np.testing.assert_allclose(float(loss), float(jnp.mean((x0_zero - x0) ** 2)), rtol=1e-5)

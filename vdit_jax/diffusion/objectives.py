@@ -192,20 +192,26 @@ class Diffusion(flax.struct.PyTreeNode):
     t = jnp.asarray(t, jnp.float32)
     return t * FLOW_T_SCALE if self.is_flow else t
 
+  def draw(self, rng, x0):
+    """(t [B], noise like x0 [B, ...]): the training draws `loss` makes from `rng`."""
+    t_rng, noise_rng = jax.random.split(rng)
+    t = self.sample_t(t_rng, x0.shape[0])  # [B]
+    noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)  # [B, ...]
+    return t, noise
+
+  def loss_at(self, pred_fn, x0, t, noise):
+    """The (weighted) MSE of pred_fn(z_t, model_t(t)) against the target, for given draws."""
+    pred = pred_fn(self.corrupt(x0, noise, t), self.model_t(t))  # [B, ...]
+    return mse(*self.weigh(self.target(x0, noise, t), pred, t))
+
   def loss(self, pred_fn, x0, rng):
-    """Mean squared error of pred_fn(z_t, model_t(t)) against the target.
+    """`loss_at` for the draws `draw(rng, x0)`.
 
     pred_fn: (z_t [B, ...], t_model [B] float32) -> prediction [B, ...] (close over labels).
     Returns (scalar float32 loss, aux dict with 't', 'model_t').
     """
-    t_rng, noise_rng = jax.random.split(rng)
-    t = self.sample_t(t_rng, x0.shape[0])  # [B]
-    noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)  # [B, ...]
-    z_t = self.corrupt(x0, noise, t)  # [B, ...]
-    t_model = self.model_t(t)  # [B]
-    pred = pred_fn(z_t, t_model)  # [B, ...]
-    loss = mse(*self.weigh(self.target(x0, noise, t), pred, t))
-    return loss, {'t': t, 'model_t': t_model}
+    t, noise = self.draw(rng, x0)
+    return self.loss_at(pred_fn, x0, t, noise), {'t': t, 'model_t': self.model_t(t)}
 
   # ---------------------------------------------------------------- sampler conversions
 

@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vdit_jax.diffusion import objectives
 from vdit_jax.model import axes
 from vdit_jax.train.state import TrainState
 
@@ -30,21 +29,6 @@ def ema_decay(step, decay: float):
   """EMA decay warmed up as min(decay, (1 + step) / (10 + step))."""
   step = step.astype(jnp.float32)
   return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
-
-
-def draw_noise(diffusion, rng, x0):
-  """(t [B], noise like x0 [B, ...]), drawn from `rng` exactly as `Diffusion.loss` does."""
-  t_rng, noise_rng = jax.random.split(rng)
-  t = diffusion.sample_t(t_rng, x0.shape[0])  # [B]
-  noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)  # [B, T, H, W, C]
-  return t, noise
-
-
-def denoising_loss(diffusion, pred_fn, x0, t, noise):
-  """`Diffusion.loss` for given draws: MSE of pred_fn(z_t, model_t(t)) to the target."""
-  z_t = diffusion.corrupt(x0, noise, t)  # [B, T, H, W, C]
-  pred = pred_fn(z_t, diffusion.model_t(t))  # [B, T, H, W, C]
-  return objectives.mse(*diffusion.weigh(diffusion.target(x0, noise, t), pred, t))
 
 
 def check_grad_accum(grad_accum_steps, batch_size=None) -> None:
@@ -120,7 +104,7 @@ def make_train_step(model: nn.Module, diffusion, tx: optax.GradientTransformatio
     if conditioning is not None:
       return conditioning.loss(diffusion, lambda z, t, **kw: model.apply(
           {'params': model_params}, z, t, inputs['label'], **kw), inputs)
-    return denoising_loss(diffusion, pred_fn, inputs['video'], inputs['t'], inputs['noise'])
+    return diffusion.loss_at(pred_fn, inputs['video'], inputs['t'], inputs['noise'])
 
   loss_and_grad = jax.value_and_grad(loss_fn)
 
@@ -130,7 +114,7 @@ def make_train_step(model: nn.Module, diffusion, tx: optax.GradientTransformatio
     drop_rng, loss_rng = jax.random.split(rng)
     # Every draw covers the whole batch, before any micro-batch split.
     labels = drop_labels(drop_rng, batch['label'], num_classes, label_dropout)  # [B]
-    t, noise = draw_noise(diffusion, loss_rng, batch['video'])
+    t, noise = diffusion.draw(loss_rng, batch['video'])
     inputs = {'video': batch['video'], 'label': labels, 't': t, 'noise': noise}
     if conditioning is not None:  # captions (with dropout), given frames
       inputs.update(conditioning.draw(jax.random.fold_in(rng, 1), batch))

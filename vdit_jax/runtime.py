@@ -15,9 +15,10 @@ bench shape it cut minor faults 164x and the step time by 36%, as fast as jemall
 half jemalloc's peak RSS (BUILD_NOTES.md "Host side of a CPU step"). With an older glibc it
 preloads the first allocator library found (jemalloc, then tcmalloc; Debian/Ubuntu packages
 libjemalloc2 and libtcmalloc-minimal4) with its settings, else sets the tunables anyway. The
-dynamic loader and the allocators read these variables only when a process starts, so if any changes `setup()` re-executes the process once (`os.execv`: same pid,
-same arguments, same signals) with them, and the marker VDIT_RUNTIME_APPLIED stops a
-second re-exec. It logs one line to stderr saying what it set.
+dynamic loader and the allocators read these variables only when a process starts, so if any
+changes `setup()` re-executes the process once (`os.execv`: same pid, same arguments, same
+signals) with them, and the marker VDIT_RUNTIME_APPLIED stops a second re-exec. It logs one
+line to stderr saying what it set.
 
 What the user decides:
   VDIT_RUNTIME=0 (or off / false / no)        change nothing at all.

@@ -210,20 +210,18 @@ class Conditioning:
     apply_fn(z [B, T, H, W, C], t_model [B], **kwargs) -> prediction, kwargs being
     text= and/or frame_mask=; `inputs` holds 'video', 't', 'noise' and `draw`'s output.
     """
-    x0, t, noise = inputs['video'], inputs['t'], inputs['noise']
-    z_t = diffusion.corrupt(x0, noise, t)  # [B, T, H, W, C]
+    x0 = inputs['video']
     kwargs = {}
     if 'text' in inputs:
       kwargs['text'] = inputs['text']
     mask = inputs.get('frame_mask')
-    if mask is not None:
-      z_t = impose(z_t, x0, mask)  # the given frames enter clean
-      kwargs['frame_mask'] = mask
-    pred = apply_fn(z_t, diffusion.model_t(t), **kwargs)  # [B, T, H, W, C]
-    target, pred = diffusion.weigh(diffusion.target(x0, noise, t), pred, t)
     if mask is None:
-      return objectives.mse(target, pred)
-    return masked_mse(target, pred, mask)
+      pred_fn, reduce = functools.partial(apply_fn, **kwargs), objectives.mse
+    else:
+      def pred_fn(z_t, t_model):  # the given frames enter clean
+        return apply_fn(impose(z_t, x0, mask), t_model, frame_mask=mask, **kwargs)
+      reduce = functools.partial(masked_mse, mask=mask)
+    return diffusion.loss_at(pred_fn, x0, inputs['t'], inputs['noise'], reduce=reduce)
 
 
 def model_fn_with_context(apply_fn: Callable) -> Callable:

@@ -199,10 +199,14 @@ class Diffusion(flax.struct.PyTreeNode):
     noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)  # [B, ...]
     return t, noise
 
-  def loss_at(self, pred_fn, x0, t, noise):
-    """The (weighted) MSE of pred_fn(z_t, model_t(t)) against the target, for given draws."""
+  def loss_at(self, pred_fn, x0, t, noise, reduce=mse):
+    """The (weighted) error of pred_fn(z_t, model_t(t)) against the target, for given draws.
+
+    reduce(target, pred) -> scalar: `mse` by default; a masked MSE where only some frames
+    count (diffusion/conditioning.py).
+    """
     pred = pred_fn(self.corrupt(x0, noise, t), self.model_t(t))  # [B, ...]
-    return mse(*self.weigh(self.target(x0, noise, t), pred, t))
+    return reduce(*self.weigh(self.target(x0, noise, t), pred, t))
 
   def loss(self, pred_fn, x0, rng):
     """`loss_at` for the draws `draw(rng, x0)`.

@@ -38,3 +38,34 @@ def test_blank_and_bad_clips():
   assert d.colour == d.shape == d.direction == 'unknown' and not d.found.any()
   with pytest.raises(ValueError, match=r'must be \[T, H, W, 3\]'):
     detect.detect(np.zeros((16, 16, 3), np.uint8))
+
+
+def test_components_of_a_known_mask():
+  mask = np.zeros((8, 8), bool)
+  mask[1:3, 1:3] = True        # a 2x2 block
+  mask[3, 3] = True            # touches it diagonally: same 8-connected component
+  mask[6, 0:4] = True          # a separate bar
+  labels = detect.components(mask)
+  assert labels.max() == 2
+  assert (labels[1:3, 1:3] == 1).all() and labels[3, 3] == 1
+  assert (labels[6, 0:4] == 2).all() and (labels[~mask] == 0).all()
+  with pytest.raises(ValueError, match=r'must be \[H, W\]'):
+    detect.components(np.zeros((2, 8, 8), bool))
+
+
+def test_coherence_tells_one_object_from_fragments():
+  source = synthetic.SyntheticShapes(8, 32, 32, num_examples=20, seed=5)
+  for i in range(len(source)):
+    c = detect.coherence(source[i]['video'])
+    assert c['components'] == 1.0 and c['one_object'] == 1.0 and c['largest_share'] == 1.0
+    assert c['empty'] == 0.0 and 0.2 < c['iou'] < 1.0
+  # Fragments: four separate 4x4 red blocks per frame, moving about from frame to frame.
+  video = np.full((6, 32, 32, 3), 15, np.uint8)
+  for t in range(6):
+    for y, x in ((2, 3), (20, 5), (9, 18), (20, 24)):
+      video[t, y + t:y + t + 4, x:x + 4] = (230, 40, 40)
+  broken = detect.coherence(video)
+  assert broken['components'] == 4.0 and broken['one_object'] == 0.0
+  assert broken['largest_share'] == 0.25
+  blank = detect.coherence(np.zeros((3, 16, 16, 3), np.uint8))
+  assert blank['components'] == 0.0 and blank['empty'] == 1.0 and blank['one_object'] == 0.0

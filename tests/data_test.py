@@ -436,3 +436,46 @@ def test_write_video_errors(tmp_path):
   with pytest.raises(ValueError, match='fps'):
     video_io.write_video(tmp_path / 'clip.gif', video, fps=0)
   assert not list(tmp_path.iterdir())
+
+
+def _square_sides(source, n):
+  """Side (pixels) of the lit box of every square clip among the first n, frame 0."""
+  sides = []
+  for idx in range(n):
+    ex = source[idx]
+    if synthetic.SHAPES[ex['shape']] == 'square':
+      lit = _lit(ex['video'])[0] > 127  # pixels more than half covered
+      rows, cols = np.flatnonzero(lit.any(axis=1)), np.flatnonzero(lit.any(axis=0))
+      sides.append(max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1)
+  return np.array(sides)
+
+
+def test_shape_size_sets_the_box_side():
+  default = _square_sides(_source(), 60)
+  big = _square_sides(_source(shape_size=(0.5, 0.6)), 60)
+  # Same clips (same draws), bigger boxes: 0.20-0.35 of 32 px against 0.5-0.6.
+  assert default.min() >= 6 and default.max() <= 12
+  assert big.min() >= 16 and big.max() <= 20
+  fixed = _square_sides(_source(shape_size=(0.5, 0.5)), 60)
+  assert set(fixed.tolist()) == {16}
+  assert 'shape_size=(0.5, 0.6)' in repr(_source(shape_size=(0.5, 0.6)))
+  for bad in ((0.0, 0.3), (0.4, 0.3), (0.2, 0.8), (0.2,), 'big', (0.2, float('nan'))):
+    with pytest.raises(ValueError, match=r'shape_size=.* must be \(min, max\) fractions'):
+      _source(shape_size=bad)
+
+
+def test_shape_size_in_the_config():
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from vdit_jax import validate  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.data.shape_size = (0.5, 0.6)
+  validate.validate_config(config, num_devices=1)
+  assert pipeline._make_source(config.data).shape_size == (0.5, 0.6)  # pylint: disable=protected-access
+  config.data.shape_size = (0.5, 0.9)
+  with pytest.raises(ValueError, match=r'config.data.shape_size=\(0.5, 0.9\) must be'):
+    validate.validate_config(config, num_devices=1)
+  config.data.shape_size = (0.5, 0.6)
+  config.data.source = 'shards'
+  with pytest.raises(ValueError, match=r"config.data.shape_size=.* only applies to "
+                                       r"data.source='synthetic'"):
+    validate.validate_config(config, num_devices=1)

@@ -85,6 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
   dd.time_stride = 1.0              # synthetic: base-motion frames per clip frame
   dd.source_seed = 0                # synthetic clips; files: per-index draws of source[idx]
   dd.colours = ''                   # synthetic: comma list of synthetic.COLOURS ('' = all)
+  dd.shape_size = (0.20, 0.35)      # synthetic: (min, max) shape side / shorter frame side
   dd.frame_stride = 1               # files: video frames between clip frames
   dd.clip_start = 'random'          # files: random | center
   dd.crop = 'center'                # files: center | random (after the short-side resize)

@@ -55,8 +55,8 @@ def validate_config(config, num_devices: int, process_count: int = 1,
                 'train.weight_decay', 'train.grad_clip', 'sample.eta')
   # Data fields and names; the files on disk are checked when the source is built
   # (pipeline.num_classes in loop.build, still before anything compiles).
+  _check_colours(config.data)  # synthetic-only options first: a clearer error than the path
   pipeline.check_data_config(config.data)
-  _check_colours(config.data)
   vae_latents.check_config(config)  # data.latents: shards of latents and the VAE to decode
   for path in ('train.ema_decay', 'model.label_dropout'):
     section, key = path.split('.')
@@ -174,15 +174,21 @@ def _check_train_speed(train, rules, sizes) -> None:
 
 
 def _check_colours(data) -> None:
-  """data.colours: '' or a comma list of synthetic.COLOURS, for the synthetic source only."""
+  """data.colours ('' or a comma list of synthetic.COLOURS) and data.shape_size, for the
+  synthetic source only."""
   colours = data.get('colours', '')
   if data.source != 'synthetic':
     if colours:
       raise ValueError(f'config.data.colours={colours!r} only applies to '
                        f"data.source='synthetic', not {data.source!r}.")
+    size = data.get('shape_size', synthetic.SHAPE_SIZE)
+    if tuple(size) != synthetic.SHAPE_SIZE:
+      raise ValueError(f'config.data.shape_size={size!r} only applies to '
+                       f"data.source='synthetic', not {data.source!r}.")
     return
   try:
     synthetic.colour_subset(colours)
+    synthetic.check_shape_size(data.get('shape_size', synthetic.SHAPE_SIZE))
   except ValueError as e:
     raise ValueError(f'config.data.{e}') from None
 

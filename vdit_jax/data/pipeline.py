@@ -77,7 +77,7 @@ _REQUIRED_FIELDS = ('source', 'num_frames', 'height', 'width', 'channels', 'num_
                     'num_workers', 'time_stride')
 # Optional fields and their defaults (absent in data configs older than the file sources).
 _OPTIONAL_FIELDS = {'path': '', 'frame_stride': 1, 'clip_start': 'random', 'crop': 'center',
-                    'source_seed': 0, 'colours': ''}
+                    'source_seed': 0, 'colours': '', 'shape_size': synthetic.SHAPE_SIZE}
 _RGB_SOURCES = ('synthetic', 'files')
 
 
@@ -192,6 +192,7 @@ def _make_source(data_config, captions: bool = False):
       time_stride=data_config.time_stride,
       colours=_field(data_config, 'colours'),
       captions=captions,
+      shape_size=_field(data_config, 'shape_size'),
   )
 
 

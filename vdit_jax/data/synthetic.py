@@ -43,7 +43,8 @@ _DIRECTION_STEPS = np.array([(1.0, 0.0), (-1.0, 0.0), (0.0, 1.0), (0.0, -1.0)])
 _PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)  # [K, 3]
 
 _MIN_SIDE = 8  # smallest frame side that fits a shape plus its margin
-_SIZE_RANGE = (0.20, 0.35)  # shape box side, as a fraction of min(H, W)
+SHAPE_SIZE = (0.20, 0.35)  # default (min, max) shape box side, as a fraction of min(H, W)
+_MAX_SHAPE_SIZE = 0.75  # larger boxes leave no room to move (and none for the margin at 8 px)
 _SPEED_RANGE = (1.0, 2.5)  # pixels per frame at 32x32 and time_stride 1
 _BACKGROUND_RANGE = (0, 30)  # grey level of the background, per clip
 _MARGIN = 1.0  # pixels kept between the shape edge and the border (room for anti-aliasing)
@@ -82,6 +83,9 @@ class SyntheticShapes:
       clip's shape, direction, size and motion and repaints it from the subset.
     captions: also return each clip's caption, e.g. 'a red square moving left' (see
       `caption`): what the text-conditioned model trains on.
+    shape_size: (min, max) side of a shape's box as fractions of min(H, W), drawn
+      uniformly per clip; 0 < min <= max <= 0.75. Bigger shapes are easier for a small
+      model to generate whole (BUILD_NOTES.md, "Fragments in numbers").
 
   `source[idx]` returns a dict of numpy values:
     video      uint8 [T, H, W, 3]
@@ -94,7 +98,7 @@ class SyntheticShapes:
 
   def __init__(self, num_frames: int, height: int, width: int,
                num_examples: int = 100_000, seed: int = 0, time_stride: float = 1.0,
-               colours=None, captions: bool = False):
+               colours=None, captions: bool = False, shape_size=SHAPE_SIZE):
     self.num_frames = _check_positive_int('num_frames', num_frames)
     self.height = _check_positive_int('height', height)
     self.width = _check_positive_int('width', width)
@@ -112,6 +116,7 @@ class SyntheticShapes:
     self.time_stride = float(time_stride)
     self.colour_ids = colour_subset(colours)  # indices into COLOURS
     self.captions = bool(captions)
+    self.shape_size = check_shape_size(shape_size)
 
     # Pixel-centre coordinates, shared by every clip.
     self._xs = (np.arange(self.width, dtype=np.float32) + 0.5)[None, None, :]  # [1, 1, W]
@@ -125,7 +130,10 @@ class SyntheticShapes:
   def __repr__(self) -> str:
     return (f'SyntheticShapes(num_frames={self.num_frames}, height={self.height}, '
             f'width={self.width}, num_examples={self.num_examples}, seed={self.seed}, '
-            f'time_stride={self.time_stride}{self._colours_repr()})')
+            f'time_stride={self.time_stride}{self._colours_repr()}{self._size_repr()})')
+
+  def _size_repr(self) -> str:
+    return '' if self.shape_size == SHAPE_SIZE else f', shape_size={self.shape_size}'
 
   def _colours_repr(self) -> str:
     if len(self.colour_ids) == len(COLOURS):
@@ -150,7 +158,8 @@ class SyntheticShapes:
     colour = self.colour_ids[min(int(u[2] * num_colours), num_colours - 1)]
     background = float(int(_BACKGROUND_RANGE[0]
                            + u[3] * (_BACKGROUND_RANGE[1] - _BACKGROUND_RANGE[0] + 1)))
-    side = (_SIZE_RANGE[0] + u[4] * (_SIZE_RANGE[1] - _SIZE_RANGE[0])) * min(
+    lo_size, hi_size = self.shape_size
+    side = (lo_size + u[4] * (hi_size - lo_size)) * min(
         self.height, self.width)
     speed = (_SPEED_RANGE[0] + u[5] * (_SPEED_RANGE[1] - _SPEED_RANGE[0])) * self._pixel_scale
     start_u, start_v = u[6], u[7]
@@ -217,6 +226,19 @@ class SyntheticShapes:
     if self.captions:
       example['caption'] = caption(shape, colour, direction)
     return example
+
+
+def check_shape_size(shape_size) -> tuple[float, float]:
+  """(min, max) shape box side as fractions of min(H, W): 0 < min <= max <= 0.75."""
+  try:
+    lo, hi = (float(v) for v in shape_size)
+    ok = all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in shape_size)
+  except (TypeError, ValueError):
+    ok = False
+  if not ok or not (math.isfinite(lo) and math.isfinite(hi)) or not 0 < lo <= hi <= _MAX_SHAPE_SIZE:
+    raise ValueError(f'shape_size={shape_size!r} must be (min, max) fractions of the shorter '
+                     f'frame side with 0 < min <= max <= {_MAX_SHAPE_SIZE}.')
+  return lo, hi
 
 
 def colour_subset(colours) -> tuple[int, ...]:

@@ -470,7 +470,8 @@ def test_shape_size_in_the_config():
   config = tiny.get_config()
   config.data.shape_size = (0.5, 0.6)
   validate.validate_config(config, num_devices=1)
-  assert pipeline._make_source(config.data).shape_size == (0.5, 0.6)  # pylint: disable=protected-access
+  source = pipeline._make_source(config.data)  # pylint: disable=protected-access
+  assert source.shape_size == (0.5, 0.6)
   config.data.shape_size = (0.5, 0.9)
   with pytest.raises(ValueError, match=r'config.data.shape_size=\(0.5, 0.9\) must be'):
     validate.validate_config(config, num_devices=1)

@@ -101,6 +101,8 @@ def test_config_errors():
     _make(objective='flow', t_sampling='beta')
   with pytest.raises(ValueError, match='shift=0.0'):
     _make(objective='flow', shift=0.0)
+  with pytest.raises(ValueError, match='shift=-2.0 must be a finite number > 0'):
+    _make(objective='v', schedule='cosine', shift=-2.0)
   with pytest.raises(ValueError, match='logit_std=-1.0'):
     _make(objective='flow', t_sampling='logit_normal', logit_std=-1.0)
   with pytest.raises(ValueError, match="schedule='nope'"):
@@ -181,6 +183,7 @@ def test_loss_oracle_and_zero_prediction(objective, schedule):
     by_hand = n_np - x0_np
   else:
     abar = vd.alphas_cumprod(vd.make_betas(schedule, 1000))[np.asarray(t)].reshape(-1, 1, 1, 1, 1)
+    abar = abar / (abar + 4.0 * (1.0 - abar))  # shift 2 divides the SNR by 4
     by_hand = n_np if objective == 'eps' else np.sqrt(abar) * n_np - np.sqrt(1 - abar) * x0_np
   loss0, _ = diff.loss(lambda z, tm: jnp.zeros_like(z), x0, rng)
   np.testing.assert_allclose(float(loss0), np.mean(by_hand ** 2), rtol=1e-5)
@@ -332,6 +335,44 @@ def test_ddim_and_euler_by_hand():
   grid = 2 * np.linspace(1, 0, 5) / (1 + np.linspace(1, 0, 5))
   z0 = np.asarray(jax.random.normal(jax.random.split(rng)[0], SHAPE), np.float64)
   np.testing.assert_allclose(out, z0 * np.prod(1 - np.diff(grid)), rtol=1e-5)
+
+
+@pytest.mark.parametrize('name', ['linear', 'cosine'])
+@pytest.mark.parametrize('shift', [2.0, 3.5])
+def test_shifted_discrete_schedule_divides_the_snr(name, shift):
+  plain = vd.alphas_cumprod(vd.make_betas(name, 1000))  # [T] float64
+  diff = _make(objective='v', schedule=name, shift=shift)
+  snr = lambda a: a / (1.0 - a)
+  shifted = diff.alphas_cumprod_f64()
+  np.testing.assert_allclose(snr(shifted) / snr(plain), np.full(1000, shift ** -2), rtol=1e-9)
+  # The float32 leaves are the same schedule: abar, its square roots, and the betas.
+  np.testing.assert_allclose(diff.alphas_cumprod, shifted, rtol=2e-6, atol=1e-12)
+  np.testing.assert_allclose(diff.sqrt_one_minus_alphas_cumprod, np.sqrt(1 - shifted), rtol=1e-6)
+  np.testing.assert_allclose(np.cumprod(1.0 - np.asarray(diff.betas, np.float64)), shifted,
+                             rtol=1e-4, atol=1e-12)
+  x0, noise, t = _clip_x0(3), jax.random.normal(_key(4), SHAPE), jnp.array([250, 700])
+  a = shifted[np.asarray(t)].reshape(-1, 1, 1, 1, 1)
+  np.testing.assert_allclose(diff.corrupt(x0, noise, t),
+                             np.sqrt(a) * x0 + np.sqrt(1 - a) * noise, rtol=1e-5, atol=1e-6)
+  assert _make(objective='v', schedule=name, shift=1.0).alphas_cumprod_f64().tolist() == (
+      plain.tolist())
+
+
+def test_ddim_by_hand_on_a_shifted_schedule():
+  rng = _key(5)
+  z = np.asarray(jax.random.normal(jax.random.split(rng)[0], SHAPE), np.float64)
+  diff = _make(objective='v', schedule='cosine', shift=2.0)
+  out = _run(diff, lambda z, t, labels: 0.3 * z, rng, sampler='ddim', num_steps=3,
+             clip_x0=False)
+  plain = vd.alphas_cumprod(vd.make_betas('cosine', 1000))
+  abar = plain / (plain + 4.0 * (1.0 - plain))  # SNR / 2^2
+  ts = [999, 500, 0]
+  for i, t in enumerate(ts):
+    a, a_p = abar[t], (abar[ts[i + 1]] if i + 1 < len(ts) else 1.0)
+    x0_hat = np.sqrt(a) * z - np.sqrt(1 - a) * 0.3 * z
+    eps_hat = np.sqrt(1 - a) * z + np.sqrt(a) * 0.3 * z
+    z = np.sqrt(a_p) * x0_hat + np.sqrt(1 - a_p) * eps_hat
+  np.testing.assert_allclose(out, z, rtol=1e-4, atol=1e-5)
 
 
 def _scaled_model(z, t, labels):

@@ -91,9 +91,12 @@ class Diffusion(flax.struct.PyTreeNode):
         or num_timesteps < 1:
       raise ValueError(f'num_timesteps={num_timesteps!r} must be a positive integer.')
     num_timesteps = int(num_timesteps)
+    if isinstance(shift, bool) or not isinstance(shift, (int, float, np.number)) \
+        or not (np.isfinite(shift) and shift > 0):
+      raise ValueError(f'shift={shift!r} must be a finite number > 0 (1.0 means no shift).')
     if objective in DISCRETE_OBJECTIVES:
-      betas64 = schedules.make_betas(schedule, num_timesteps)  # [T]
-      abar64 = schedules.alphas_cumprod(betas64)  # [T]
+      abar64 = schedules.make_alphas_cumprod(schedule, num_timesteps, shift)  # [T]
+      betas64 = schedules.betas_from_alphas_cumprod(abar64)  # [T]
       betas = jnp.asarray(betas64, dtype=jnp.float32)
       abar = jnp.asarray(abar64, dtype=jnp.float32)
       sqrt_abar = jnp.asarray(np.sqrt(abar64), dtype=jnp.float32)
@@ -105,8 +108,6 @@ class Diffusion(flax.struct.PyTreeNode):
             f't_sampling={t_sampling!r} is not known; expected one of {T_SAMPLINGS}.')
       if not float(logit_std) > 0:
         raise ValueError(f'logit_std={logit_std!r} must be > 0.')
-      if not float(shift) > 0:
-        raise ValueError(f'shift={shift!r} must be > 0 (1.0 means no shift).')
     return cls(betas=betas, alphas_cumprod=abar, sqrt_alphas_cumprod=sqrt_abar,
                sqrt_one_minus_alphas_cumprod=sqrt_1m_abar, objective=objective, schedule=schedule,
                num_timesteps=num_timesteps, t_sampling=t_sampling,
@@ -134,7 +135,7 @@ class Diffusion(flax.struct.PyTreeNode):
     """abar as float64 numpy, rebuilt from the static fields (concrete even under jit)."""
     if self.is_flow:
       raise ValueError("objective='flow' has no discrete schedule (alphas_cumprod).")
-    return schedules.alphas_cumprod(schedules.make_betas(self.schedule, self.num_timesteps))
+    return schedules.make_alphas_cumprod(self.schedule, self.num_timesteps, self.shift)
 
   @property
   def is_flow(self):

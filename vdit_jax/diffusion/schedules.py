@@ -64,6 +64,35 @@ def make_betas(name, num_timesteps):
   raise ValueError(f'schedule={name!r} is not a known noise schedule; expected one of {SCHEDULES}.')
 
 
+def shift_alphas_cumprod(abar, shift):
+  """abar of the schedule whose signal-to-noise ratio is SNR / shift^2 at every step.
+
+  SNR = abar / (1 - abar), so abar' = abar / (abar + shift^2 (1 - abar)). shift > 1 makes
+  every step noisier: the steps where a clip's layout is still undecided, few on an
+  unshifted schedule for a large or redundant signal (many frames of one object), spread
+  over more of the t range, for training draws and sampler steps alike (Hoogeboom et al.
+  2023, "simple diffusion"; the same map as the flow time shift). shift = 1: unchanged.
+  """
+  abar = np.asarray(abar, dtype=np.float64)
+  shift = float(shift)
+  if not (math.isfinite(shift) and shift > 0):
+    raise ValueError(f'shift={shift!r} must be a finite number > 0 (1.0 means no shift).')
+  if shift == 1.0:
+    return abar
+  return abar / (abar + shift * shift * (1.0 - abar))
+
+
+def betas_from_alphas_cumprod(abar):
+  """beta_i = 1 - abar_i / abar_{i-1} (abar_{-1} = 1): the inverse of `alphas_cumprod`."""
+  abar = np.asarray(abar, dtype=np.float64)
+  return 1.0 - abar / np.concatenate([[1.0], abar[:-1]])
+
+
+def make_alphas_cumprod(name, num_timesteps, shift=1.0):
+  """abar [num_timesteps] (float64) of schedule `name`, SNR-shifted by `shift`."""
+  return shift_alphas_cumprod(alphas_cumprod(make_betas(name, num_timesteps)), shift)
+
+
 def alphas_cumprod(betas):
   """abar_t = prod_{s <= t} (1 - beta_s): float64 numpy array of the same length as `betas`."""
   betas = np.asarray(betas, dtype=np.float64)

@@ -221,3 +221,60 @@ def test_bf16_compute_with_f32_params():
   params = randomise(nn.unbox(variables['params']))
   out = jax.jit(model.apply)({'params': params}, video, t, y)
   assert out.dtype == jnp.float32 and np.isfinite(np.asarray(out)).all()
+
+
+def _depthwise_reference(x, kernel, grid):
+  """lax's grouped 3-D convolution, 'SAME' zero padding: [B, N, D] -> [B, N, D]."""
+  b, n, d = x.shape
+  out = jax.lax.conv_general_dilated(
+      x.reshape((b,) + tuple(grid) + (d,)), kernel[:, :, :, None, :], (1, 1, 1), 'SAME',
+      dimension_numbers=('NTHWC', 'THWIO', 'NTHWC'), feature_group_count=d)
+  return out.reshape(b, n, d)
+
+
+@pytest.mark.parametrize('kernel_size, grid', [
+    ((3, 3, 3), (2, 3, 4)), ((1, 3, 3), (4, 4, 4)), ((3, 5, 1), (3, 4, 2)), ((5, 5, 5), (2, 2, 2))])
+def test_token_conv_is_a_depthwise_convolution_over_the_grid(kernel_size, grid):
+  conv = blocks.TokenConv(kernel_size, grid)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, int(np.prod(grid)), 5)), jnp.float32)
+  params = nn.unbox(conv.init(jax.random.key(0), x)['params'])
+  assert params['kernel'].shape == kernel_size + (5,)
+  np.testing.assert_array_equal(conv.apply({'params': params}, x), x)  # identity at init
+  kernel = jnp.asarray(rng.normal(size=kernel_size + (5,)), jnp.float32)
+  np.testing.assert_allclose(conv.apply({'params': {'kernel': kernel}}, x),
+                             _depthwise_reference(x, kernel, grid), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match=r'token grid \(1, 2, 3\) holds 6 tokens, but x has N='):
+    blocks.TokenConv(kernel_size, (1, 2, 3)).init(jax.random.key(0), x)
+
+
+def test_mlp_conv_starts_as_the_plain_model():
+  video, t, y = inputs()
+  plain = dit.build_model(model_cfg(), 3, 10)
+  conv = dit.build_model(model_cfg(mlp_conv=(3, 3, 3)), 3, 10)
+  params = randomise(nn.unbox(jax.jit(plain.init)(jax.random.key(0), video, t, y)['params']))
+  fresh = nn.unbox(jax.jit(conv.init)(jax.random.key(0), video, t, y)['params'])
+  kernel = fresh['blocks']['mlp']['conv']['kernel']  # the only new param: depth x taps x D
+  assert kernel.shape == (3, 3, 3, 3, 48)
+  assert (sum(x.size for x in jax.tree.leaves(fresh))
+          == sum(x.size for x in jax.tree.leaves(params)) + kernel.size)
+
+  def with_kernel(k):
+    mlp = dict(params['blocks']['mlp'], conv={'kernel': k})
+    return {**params, 'blocks': dict(params['blocks'], mlp=mlp)}
+
+  expected = jax.jit(plain.apply)({'params': params}, video, t, y)
+  np.testing.assert_allclose(jax.jit(conv.apply)({'params': with_kernel(kernel)}, video, t, y),
+                             expected, rtol=1e-6, atol=1e-6)
+  trained = jax.jit(conv.apply)({'params': with_kernel(randomise(kernel))}, video, t, y)
+  assert np.abs(np.asarray(trained) - np.asarray(expected)).max() > 1e-4
+
+
+def test_scanned_equals_unrolled_with_mlp_conv():
+  video, t, y = inputs()
+  scanned = dit.build_model(model_cfg(mlp_conv=(3, 3, 3)), 3, 10)
+  unrolled = dit.build_model(model_cfg(mlp_conv=(3, 3, 3), scan_layers=False), 3, 10)
+  params = randomise(nn.unbox(jax.jit(scanned.init)(jax.random.key(0), video, t, y)['params']))
+  out_scan = jax.jit(scanned.apply)({'params': params}, video, t, y)
+  out_unrolled = jax.jit(unrolled.apply)({'params': _unstack_scanned(params, 3)}, video, t, y)
+  np.testing.assert_allclose(out_scan, out_unrolled, rtol=1e-5, atol=1e-5)

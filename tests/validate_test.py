@@ -62,6 +62,12 @@ CASES = [
     (dict(sample__num_steps=0), 'config.sample.num_steps=0 must be positive'),
     (dict(train__ema_decay=1.0), r'config.train.ema_decay=1.0 must be in \[0, 1\)'),
     (dict(sample__num_steps=2000), 'sample.num_steps=2000 exceeds diffusion.num_timesteps=1000'),
+    (dict(diffusion__shift=0.0), 'shift=0.0 must be a finite number > 0'),
+    (dict(diffusion__shift=float('inf')), 'shift=inf must be a finite number > 0'),
+    (dict(model__mlp_conv=(2, 3, 3)), 'model.mlp_conv=(2, 3, 3) must be () (no convolution) or '
+     'three odd positive ints'),
+    (dict(model__mlp_conv=(3, 3)), 'model.mlp_conv=(3, 3) must be ()'),
+    (dict(model__mlp_conv=(3, -1, 3)), 'model.mlp_conv=(3, -1, 3) must be ()'),
 ]
 
 

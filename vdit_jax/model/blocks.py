@@ -55,14 +55,64 @@ class AdaLN(nn.Module):
     return jnp.split(mod, self.num, axis=-1)
 
 
-class Mlp(nn.Module):
-  hidden: int
+def _identity_taps(key, shape, dtype=jnp.float32):
+  """Depthwise kernel [kt, kh, kw, D] that passes its input through: centre tap 1."""
+  del key
+  kt, kh, kw = shape[:3]
+  return jnp.zeros(shape, dtype).at[kt // 2, kh // 2, kw // 2].set(1)
+
+
+class TokenConv(nn.Module):
+  """Depthwise 3-D convolution over the token grid, 'same' size (zeros beyond the grid).
+
+  x [B, N, D] with N = T' H' W' tokens in (t, h, w) order; each channel d gets
+  y[t, h, w, d] = sum_{a, b, c} k[a, b, c, d] x[t + a - kt//2, h + b - kh//2, w + c - kw//2, d].
+  The kernel [kt, kh, kw, D] (odd sizes) starts as the identity, so a fresh conv changes
+  nothing. It is computed as a sum of shifted slices of the zero-padded grid: XLA:CPU runs
+  `lax.conv_general_dilated` with feature_group_count=D ~25x slower (bench/token_conv.py),
+  and the slices fuse into one loop on every backend.
+  """
+  kernel_size: Tuple[int, int, int]
+  grid: Tuple[int, int, int]
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):  # [B, N, D]
+    b, n, d = x.shape
+    kt, kh, kw = self.kernel_size
+    tt, hh, ww = self.grid
+    if tt * hh * ww != n:
+      raise ValueError(f'token grid {self.grid} holds {tt * hh * ww} tokens, but x has N={n}.')
+    kernel = self.param(
+        'kernel', nn.with_logical_partitioning(_identity_taps, (None, None, None, axes.EMBED)),
+        (kt, kh, kw, d), self.param_dtype).astype(self.dtype)  # [kt, kh, kw, D]
+    grid = x.reshape(b, tt, hh, ww, d)  # [B, T', H', W', D]
+    padded = jnp.pad(grid, ((0, 0), (kt // 2,) * 2, (kh // 2,) * 2, (kw // 2,) * 2,
+                            (0, 0)))  # [B, T'+kt-1, H'+kh-1, W'+kw-1, D]
+    out = jnp.zeros_like(grid)
+    for a in range(kt):
+      for r in range(kh):
+        for q in range(kw):
+          out = out + padded[:, a:a + tt, r:r + hh, q:q + ww, :] * kernel[a, r, q]
+    return out.reshape(b, n, d)  # [B, N, D]
+
+
+class Mlp(nn.Module):
+  """fc1 -> GELU -> fc2; with `conv_kernel`, a depthwise TokenConv over the token `grid`
+  first mixes each token with its spacetime neighbours (Mix-FFN-like: SegFormer, Sana)."""
+  hidden: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  conv_kernel: Tuple[int, ...] = ()
+  grid: Optional[Tuple[int, int, int]] = None
+
+  @nn.compact
+  def __call__(self, x):  # [B, N, D]
     width = x.shape[-1]
+    if self.conv_kernel:
+      x = TokenConv(tuple(self.conv_kernel), self.grid, self.dtype, self.param_dtype,
+                    name='conv')(x)  # [B, N, D]
     h = _dense(self.hidden, axes.EMBED, axes.MLP, self.dtype, self.param_dtype, 'fc1')(x)
     h = nn.with_logical_constraint(h, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_MLP))
     h = checkpoint_name(h, 'mlp_hidden')  # [B, N, F]
@@ -84,6 +134,9 @@ class DiTBlock(nn.Module):
   with its own zero-initialised (shift, scale, gate) projection `adaln_temporal`,
   so the block stays the identity at init.
 
+  `mlp_conv` (kt, kh, kw) puts a depthwise convolution over the token grid at the MLP
+  input (TokenConv, identity at init), so that neighbouring tokens decide together.
+
   `text` (context [B, L, D], mask bool [B, L]; model.conditioning='text') adds a
   cross-attention sub-layer after the self-attention, before the MLP:
   x += cross_attn(LN(x), context), its output projection zero-initialised (identity at
@@ -99,6 +152,7 @@ class DiTBlock(nn.Module):
   pattern: attention_patterns.PatternSpec = attention_patterns.PatternSpec()
   grid: Optional[Tuple[int, int, int]] = None
   layer: int = 0
+  mlp_conv: Tuple[int, ...] = ()  # depthwise TokenConv kernel at the MLP input; () = none
 
   @nn.compact
   def __call__(self, x, c, rope: Optional[Tuple[jnp.ndarray, jnp.ndarray]] = None,
@@ -126,7 +180,8 @@ class DiTBlock(nn.Module):
       x = x + text_lib.CrossAttention(self.num_heads, self.qk_norm, self.dtype, self.param_dtype,
                                       name='cross_attn')(x, *text)  # [B, N, D]
     h = checkpoint_name(modulate(_norm(self.dtype)(x), shift2, scale2), 'mlp_in')
-    h = Mlp(self.mlp_dim, self.dtype, self.param_dtype, name='mlp')(h)
+    h = Mlp(self.mlp_dim, self.dtype, self.param_dtype, self.mlp_conv, self.grid,
+            name='mlp')(h)
     x = x + gate2[:, None, :] * checkpoint_name(h, 'mlp_out')
     return nn.with_logical_constraint(x, TOKENS), None
 

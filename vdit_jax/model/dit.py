@@ -84,6 +84,7 @@ class ModelSpec:
   context_frames: int = 0       # model.context_frames_max; > 0: a given-frames mask channel
   attention_block_q: Optional[int] = None   # blockwise / splash tiles; None: kernel default
   attention_block_kv: Optional[int] = None
+  mlp_conv: Tuple[int, ...] = ()  # depthwise conv kernel (kt, kh, kw) at each MLP input
 
 
 def parse_remat_names(names) -> Tuple[str, ...]:
@@ -106,6 +107,10 @@ def attention_impl(spec: 'ModelSpec') -> attention.AttentionImpl:
   """model.attention_impl with its tile sizes (attention_block_q / attention_block_kv)."""
   return attention.AttentionImpl(spec.attention_impl, spec.attention_block_q,
                                  spec.attention_block_kv)
+
+
+def _as_tuple(value):
+  return tuple(value) if isinstance(value, (tuple, list)) else value
 
 
 def resolve_spec(model_cfg) -> ModelSpec:
@@ -137,7 +142,8 @@ def resolve_spec(model_cfg) -> ModelSpec:
       conditioning=model_cfg.get('conditioning', 'class'),
       text=(text_lib.resolve_spec(model_cfg.get('text') or {})
             if model_cfg.get('conditioning', 'class') == 'text' else None),
-      context_frames=model_cfg.get('context_frames_max', 0))
+      context_frames=model_cfg.get('context_frames_max', 0),
+      mlp_conv=_as_tuple(model_cfg.get('mlp_conv') or ()))
 
 
 def check_spec(spec: ModelSpec) -> None:
@@ -150,6 +156,13 @@ def check_spec(spec: ModelSpec) -> None:
   if spec.width % spec.num_heads:
     raise ValueError(f'model.width={spec.width} is not divisible by '
                      f'model.num_heads={spec.num_heads}.')
+  if spec.mlp_conv != () and not (
+      isinstance(spec.mlp_conv, tuple) and len(spec.mlp_conv) == 3
+      and all(isinstance(k, int) and not isinstance(k, bool) and k > 0 and k % 2
+              for k in spec.mlp_conv)):
+    raise ValueError(f'model.mlp_conv={spec.mlp_conv!r} must be () (no convolution) or three '
+                     'odd positive ints (kt, kh, kw): the depthwise kernel over the token grid, '
+                     "odd so that its 'same' padding is symmetric, e.g. (3, 3, 3).")
   if spec.pos_embed not in POS_EMBEDS:
     raise ValueError(f'model.pos_embed={spec.pos_embed!r} is not one of {POS_EMBEDS}.')
   head_dim = spec.width // spec.num_heads
@@ -253,7 +266,7 @@ class VideoDiT(nn.Module):
     kwargs = dict(num_heads=spec.num_heads, mlp_dim=spec.mlp_dim, qk_norm=spec.qk_norm,
                   attention_impl=attention_impl(spec).key(), dtype=dtype,
                   param_dtype=param_dtype, sequence_parallel=spec.sequence_parallel,
-                  pattern=spec.pattern, grid=grid)
+                  pattern=spec.pattern, grid=grid, mlp_conv=spec.mlp_conv)
     if spec.scan_layers:
       period = spec.pattern.period  # 2: even and odd blocks differ; scan pairs of blocks
       body, body_kwargs = block, kwargs

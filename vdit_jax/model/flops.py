@@ -19,6 +19,8 @@ Counted the way MFU is usually counted (PaLM appendix B; MaxText's
     token per layer over the L caption slots (padding included: it is computed), the
     encoder's self-attention 12 x L x Dt per caption token per layer;
   * given frames (model.context_frames_max > 0) add the mask channel to the patch embedding;
+  * the depthwise token convolution (model.mlp_conv) uses each of its kt kh kw D taps once
+    per token, like a token-wise weight;
   * rematerialisation recompute is not counted (it is work, not model FLOPs), nor are
     element-wise ops, norms, softmax, the label-embedding gather or the optimizer.
 """
@@ -74,6 +76,7 @@ def train_step_flops(spec, data_shape: Sequence[int], batch_size: int) -> FlopCo
   sublayers = attention_patterns.attention_sublayers(spec.pattern)  # 2: within_block
 
   per_block_token = 4 * d * d * sublayers + 2 * d * f  # q, k, v, out per sub-layer; fc1, fc2
+  per_block_token += int(np.prod(spec.mlp_conv)) * d if spec.mlp_conv else 0  # depthwise taps
   token_params = patch_dim_in * d + depth * per_block_token + d * patch_dim  # embed, blocks, final
   clip_params = (TIMESTEP_FREQ_DIM * d + d * d   # timestep MLP
                  + depth * d * 6 * d             # adaLN (shift, scale, gate) x 2 per block

@@ -8,9 +8,11 @@ config's sampler, exactly as `--mode=sample` would (it also writes them to
 WORKDIR/samples/), and scores each with `vdit_jax.tools.detect.coherence`: foreground
 components per frame, the share of the foreground in the largest one, the share of frames
 that hold exactly one object, empty frames, and the IoU of the object between consecutive
-frames. The same scores of as many real clips of the config's data come first, as the
-reference (one object in every frame). A measurement, not a test: it never fails on a
-number. Ends with one JSON line.
+frames; for class-conditioned models also the share of samples whose detected shape and
+direction (tools/detect.py) are their label's (chance 1/3 and 1/4). The same scores of as
+many real clips of the config's data come first, as the reference (one object in every
+frame; the detector's accuracy on them is the ceiling of the sample accuracies). A
+measurement, not a test: it never fails on a number. Ends with one JSON line.
 """
 
 import json
@@ -26,6 +28,7 @@ from ml_collections import config_flags
 from vdit_jax.data import synthetic
 from vdit_jax.tools import detect
 from vdit_jax.train import loop
+from vdit_jax.train import sampling
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'The config the model was trained with.')
@@ -39,6 +42,17 @@ def _mean_scores(clips) -> dict:
   return {k: round(float(np.mean([s[k] for s in scores])), 4) for k in scores[0]}
 
 
+def _label_accuracy(videos, labels) -> dict:
+  """Share of clips whose detected shape / direction is their class label's."""
+  found = [detect.detect(v, FLAGS.threshold) for v in videos]
+  shape = np.mean([d.shape == synthetic.SHAPES[l // len(synthetic.DIRECTIONS)]
+                   for d, l in zip(found, labels)])
+  direction = np.mean([d.direction == synthetic.DIRECTIONS[l % len(synthetic.DIRECTIONS)]
+                       for d, l in zip(found, labels)])
+  return {'shape_accuracy': round(float(shape), 4),
+          'direction_accuracy': round(float(direction), 4)}
+
+
 def main(_):
   if FLAGS.num_samples < 1:
     raise SystemExit(f'--num_samples={FLAGS.num_samples} must be at least 1.')
@@ -48,13 +62,23 @@ def main(_):
                      f'of one shape on a dark background: train on the synthetic data.')
   source = synthetic.SyntheticShapes(config.data.num_frames, config.data.height,
                                      config.data.width, num_examples=FLAGS.num_samples,
-                                     seed=10_000 + config.seed)
-  data = _mean_scores([source[i]['video'] for i in range(FLAGS.num_samples)])
+                                     seed=10_000 + config.seed,
+                                     time_stride=config.data.time_stride,
+                                     colours=config.data.colours,
+                                     shape_size=config.data.shape_size)
+  clips = [source[i] for i in range(FLAGS.num_samples)]
+  data = _mean_scores([c['video'] for c in clips])
+  data.update(_label_accuracy([c['video'] for c in clips], [c['label'] for c in clips]))
   print(json.dumps({'clips': 'data', **data}))
   with config.unlocked():
     config.sample.num_samples = FLAGS.num_samples
   videos, paths = loop.sample(config, FLAGS.workdir)
-  samples = _mean_scores(np.asarray(videos, np.float32)[..., :3])
+  videos = np.asarray(videos, np.float32)[..., :3]
+  samples = _mean_scores(videos)
+  if config.model.get('conditioning', 'class') == 'class':
+    # --mode=sample cycles the labels through the classes (sampling.sample_labels).
+    labels = np.asarray(sampling.sample_labels(len(videos), synthetic.NUM_CLASSES))
+    samples.update(_label_accuracy(videos, labels))
   print(json.dumps({'clips': 'samples', **samples, 'written': paths}))
   print(json.dumps({'num_samples': FLAGS.num_samples, 'data': data, 'samples': samples}))
 

@@ -36,6 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.window_size = (2, 4, 4)         # windowed: (wt, wh, ww), each dividing the token grid
   m.window_shift = True             # windowed: Swin half-window shift on odd blocks (masked)
   m.hierarchical_windows = ((-1, -1, -1), (2, 4, 4))  # coarse -> fine, one head group each
+  # Depthwise 3-D convolution over the token grid at every MLP input, (kt, kh, kw) odd;
+  # () = none. Lets neighbouring tubelets decide together (BUILD_NOTES, "Local mixing").
+  m.mlp_conv = ()
   m.scan_layers = True
   m.remat_policy = 'none'           # none | full | nothing_saveable | dots_saveable |
                                     # dots_with_no_batch_dims_saveable | save_named | ...
@@ -70,7 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.t_sampling = 'uniform'          # uniform | logit_normal (flow)
   d.logit_mean = 0.0
   d.logit_std = 1.0
-  d.shift = 1.0
+  d.shift = 1.0                     # SNR / shift^2: flow time shift; eps, v: shifted schedule
   d.loss_weighting = 'none'         # none | x0 (v, flow): see diffusion/objectives.py
 
   c.data = dd = ml_collections.ConfigDict()

@@ -174,20 +174,16 @@ def _check_train_speed(train, rules, sizes) -> None:
 
 
 def _check_colours(data) -> None:
-  """data.colours ('' or a comma list of synthetic.COLOURS) and data.shape_size, for the
-  synthetic source only."""
+  """data.colours ('' or a comma list of synthetic.COLOURS; synthetic source only) and
+  data.shape_size (any source: like time_stride, it describes the synthetic clips, which
+  configs/tiny.py sets, and the files and shards sources leave it unread)."""
   colours = data.get('colours', '')
-  if data.source != 'synthetic':
-    if colours:
-      raise ValueError(f'config.data.colours={colours!r} only applies to '
-                       f"data.source='synthetic', not {data.source!r}.")
-    size = data.get('shape_size', synthetic.SHAPE_SIZE)
-    if tuple(size) != synthetic.SHAPE_SIZE:
-      raise ValueError(f'config.data.shape_size={size!r} only applies to '
-                       f"data.source='synthetic', not {data.source!r}.")
-    return
+  if data.source != 'synthetic' and colours:
+    raise ValueError(f'config.data.colours={colours!r} only applies to '
+                     f"data.source='synthetic', not {data.source!r}.")
   try:
-    synthetic.colour_subset(colours)
+    if data.source == 'synthetic':
+      synthetic.colour_subset(colours)
     synthetic.check_shape_size(data.get('shape_size', synthetic.SHAPE_SIZE))
   except ValueError as e:
     raise ValueError(f'config.data.{e}') from None

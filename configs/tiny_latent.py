@@ -27,6 +27,7 @@ LATENTS = 'runs/tiny_latents'
 
 def get_config(arg=None):
   config = tiny.get_config()
+  tiny.previous_recipe(config)  # the recipe its BUILD_NOTES figures were measured with
   config.model.variant = 'Mu/1x1x1'
   config.data.source = 'shards'
   config.data.path = arg or LATENTS

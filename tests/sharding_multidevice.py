@@ -58,6 +58,7 @@ EXPECTED_PARAM_SPECS = {
     'blocks/attn/k_norm/scale': P(None, None),
     'blocks/attn/out_kernel': P(None, HEADS, None, EMBED),
     'blocks/attn/out_bias': P(None, EMBED),
+    'blocks/mlp/conv/kernel': P(None, None, None, None, EMBED),  # model.mlp_conv taps
     'blocks/mlp/fc1/kernel': P(None, EMBED, MLP),
     'blocks/mlp/fc1/bias': P(None, MLP),
     'blocks/mlp/fc2/kernel': P(None, MLP, EMBED),

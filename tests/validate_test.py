@@ -29,7 +29,7 @@ def test_pod_config_shapes_are_valid_for_its_mesh():
 
 CASES = [
     # patch not dividing T/H/W
-    (dict(model__patch_size=(3, 4, 4)), 'T=16 is not a positive multiple of its patch size 3'),
+    (dict(model__patch_size=(3, 4, 4)), 'T=8 is not a positive multiple of its patch size 3'),
     (dict(data__height=30), 'H=30 is not a positive multiple'),
     (dict(data__width=36, model__patch_size=(2, 4, 8)), 'W=36 is not a positive multiple'),
     # width not divisible by heads
@@ -98,7 +98,7 @@ def test_bad_mesh_is_rejected():
     validate.validate_config(cfg(mesh__data=2, mesh__tensor=2), num_devices=1)
 
 
-# tiny: width 128, 4 heads, MLP 512, depth 4, 16x32x32 clips in 2x4x4 tubelets -> 512 tokens.
+# tiny: width 128, 4 heads, MLP 512, depth 4, 8x32x32 clips in 2x4x4 tubelets -> 256 tokens.
 MESH_CASES = [
     (dict(mesh__data=2, mesh__fsdp=4, train__batch_size=12), 8,
      "train.batch_size=12 is not divisible by 8, the size of mesh axes ('data', 'fsdp') "
@@ -115,7 +115,7 @@ MESH_CASES = [
           model__mlp_dim=256, train__batch_size=3), 3,
      "model mlp_dim=256 is not divisible by 3, the size of mesh axes ('tensor',) (tensor=3)"),
     (dict(mesh__data=1, mesh__sequence=3, train__batch_size=3), 3,
-     "tokens per clip 512 (T/pt * H/ph * W/pw) is not divisible by 3, the size of mesh axes "
+     "tokens per clip 256 (T/pt * H/ph * W/pw) is not divisible by 3, the size of mesh axes "
      "('sequence',) (sequence=3)"),
     (dict(mesh__data=2, mesh__sequence=4, model__sequence_parallel='ring',
           sample__num_samples=3), 8,

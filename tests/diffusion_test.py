@@ -314,6 +314,16 @@ def test_ddpm_two_steps_by_hand():
   np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
 
+def _ddim_v_by_hand(z, abar, ts, slope=0.3):
+  """DDIM (eta 0) in float64 for the v-model v = slope * z, over timesteps ts of abar."""
+  for i, t in enumerate(ts):
+    a, a_p = abar[t], (abar[ts[i + 1]] if i + 1 < len(ts) else 1.0)
+    x0_hat = np.sqrt(a) * z - np.sqrt(1 - a) * slope * z
+    eps_hat = np.sqrt(1 - a) * z + np.sqrt(a) * slope * z
+    z = np.sqrt(a_p) * x0_hat + np.sqrt(1 - a_p) * eps_hat
+  return z
+
+
 def test_ddim_and_euler_by_hand():
   rng = _key(2)
   z = np.asarray(jax.random.normal(jax.random.split(rng)[0], SHAPE), np.float64)
@@ -323,12 +333,7 @@ def test_ddim_and_euler_by_hand():
   abar = vd.alphas_cumprod(vd.make_betas('cosine', 1000))
   ts = [999, 500, 0]
   np.testing.assert_array_equal(vd.respaced_timesteps(1000, 3), ts)
-  for i, t in enumerate(ts):
-    a, a_p = abar[t], (abar[ts[i + 1]] if i + 1 < len(ts) else 1.0)
-    x0_hat = np.sqrt(a) * z - np.sqrt(1 - a) * 0.3 * z
-    eps_hat = np.sqrt(1 - a) * z + np.sqrt(a) * 0.3 * z
-    z = np.sqrt(a_p) * x0_hat + np.sqrt(1 - a_p) * eps_hat
-  np.testing.assert_allclose(out, z, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(out, _ddim_v_by_hand(z, abar, ts), rtol=1e-4, atol=1e-5)
 
   flow = _make(objective='flow', shift=2.0)
   out = _run(flow, lambda z, t, labels: -z, rng, sampler='euler', num_steps=4, clip_x0=False)
@@ -367,12 +372,7 @@ def test_ddim_by_hand_on_a_shifted_schedule():
   plain = vd.alphas_cumprod(vd.make_betas('cosine', 1000))
   abar = plain / (plain + 4.0 * (1.0 - plain))  # SNR / 2^2
   ts = [999, 500, 0]
-  for i, t in enumerate(ts):
-    a, a_p = abar[t], (abar[ts[i + 1]] if i + 1 < len(ts) else 1.0)
-    x0_hat = np.sqrt(a) * z - np.sqrt(1 - a) * 0.3 * z
-    eps_hat = np.sqrt(1 - a) * z + np.sqrt(a) * 0.3 * z
-    z = np.sqrt(a_p) * x0_hat + np.sqrt(1 - a_p) * eps_hat
-  np.testing.assert_allclose(out, z, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(out, _ddim_v_by_hand(z, abar, ts), rtol=1e-4, atol=1e-5)
 
 
 def _scaled_model(z, t, labels):

@@ -15,8 +15,8 @@ With eps-prediction the first DDIM steps from t=999 amplify the model's eps erro
 v-prediction gives a well-conditioned x0 at every t.
 
 `previous_recipe` sets the recipe this file had before (16 frames of smaller shapes, no
-convolution, no shift, 600 steps): the text, extension, multi-stage and bucket configs
-build on it, since their figures in BUILD_NOTES.md were measured with it.
+convolution, no shift, 600 steps): the extension, keyframe, interpolation, bucket and
+latent configs build on it, since their figures in BUILD_NOTES.md were measured with it.
 """
 
 from vdit_jax.defaults import base_config

@@ -5,13 +5,15 @@ python -m vdit_jax.tools.generate_video --keyframe_workdir=/tmp/vdit_tiny_keyfra
     --interp_workdir=/tmp/vdit_tiny_interpolate --prompt='a red square moving left' \
     --duration_s=4 --fps=8 --out=/tmp/red_square.mp4
 
-configs/tiny_text.py with every clip the same synthetic motion sampled every 4th frame
+configs/tiny_text.py on tiny's previous recipe (tiny.previous_recipe: 16 frames, no token
+convolution, 600 steps) with every clip the same synthetic motion sampled every 4th frame
 (data.time_stride=4: frame k of a clip is base frame 4k): 16 keyframes at 2 fps span
 what configs/tiny_interpolate.py renders at 8 fps in 61 frames. sample.fps is the rate
 the clips stand for; the pipeline (train/multistage.py) checks that it times
 tiny_interpolate's keyframe spacing gives that model's rate.
 """
 
+from configs import tiny
 from configs import tiny_text
 
 RATE_RATIO = 4   # full-rate frames per keyframe interval (tiny_interpolate's spacing)
@@ -19,6 +21,7 @@ RATE_RATIO = 4   # full-rate frames per keyframe interval (tiny_interpolate's sp
 
 def get_config(arg=None):
   config = tiny_text.get_config(arg)
+  tiny.previous_recipe(config)  # the recipe its BUILD_NOTES figures were measured with
   config.data.time_stride = float(RATE_RATIO)  # base-motion frames between keyframes
   config.sample.fps = 2                        # = tiny_interpolate's 8 fps / 4
   return config

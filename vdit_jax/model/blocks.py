@@ -69,8 +69,7 @@ class TokenConv(nn.Module):
   y[t, h, w, d] = sum_{a, b, c} k[a, b, c, d] x[t + a - kt//2, h + b - kh//2, w + c - kw//2, d].
   The kernel [kt, kh, kw, D] (odd sizes) starts as the identity, so a fresh conv changes
   nothing. It is computed as a sum of shifted slices of the zero-padded grid: XLA:CPU runs
-  `lax.conv_general_dilated` with feature_group_count=D ~25x slower (bench/token_conv.py),
-  and the slices fuse into one loop on every backend.
+  `lax.conv_general_dilated` with feature_group_count=D 20-40x slower (bench/token_conv.py).
   """
   kernel_size: Tuple[int, int, int]
   grid: Tuple[int, int, int]

@@ -91,9 +91,7 @@ class Diffusion(flax.struct.PyTreeNode):
         or num_timesteps < 1:
       raise ValueError(f'num_timesteps={num_timesteps!r} must be a positive integer.')
     num_timesteps = int(num_timesteps)
-    if isinstance(shift, bool) or not isinstance(shift, (int, float, np.number)) \
-        or not (np.isfinite(shift) and shift > 0):
-      raise ValueError(f'shift={shift!r} must be a finite number > 0 (1.0 means no shift).')
+    shift = schedules.check_shift(shift)
     if objective in DISCRETE_OBJECTIVES:
       abar64 = schedules.make_alphas_cumprod(schedule, num_timesteps, shift)  # [T]
       betas64 = schedules.betas_from_alphas_cumprod(abar64)  # [T]

@@ -64,6 +64,14 @@ def make_betas(name, num_timesteps):
   raise ValueError(f'schedule={name!r} is not a known noise schedule; expected one of {SCHEDULES}.')
 
 
+def check_shift(shift) -> float:
+  """`shift` as a float; ValueError unless it is a finite real number > 0 (bools refused)."""
+  if isinstance(shift, bool) or not isinstance(shift, (int, float, np.number)) \
+      or not (math.isfinite(shift) and shift > 0):
+    raise ValueError(f'shift={shift!r} must be a finite number > 0 (1.0 means no shift).')
+  return float(shift)
+
+
 def shift_alphas_cumprod(abar, shift):
   """abar of the schedule whose signal-to-noise ratio is SNR / shift^2 at every step.
 
@@ -74,9 +82,7 @@ def shift_alphas_cumprod(abar, shift):
   2023, "simple diffusion"; the same map as the flow time shift). shift = 1: unchanged.
   """
   abar = np.asarray(abar, dtype=np.float64)
-  shift = float(shift)
-  if not (math.isfinite(shift) and shift > 0):
-    raise ValueError(f'shift={shift!r} must be a finite number > 0 (1.0 means no shift).')
+  shift = check_shift(shift)
   if shift == 1.0:
     return abar
   return abar / (abar + shift * shift * (1.0 - abar))

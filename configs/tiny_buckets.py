@@ -4,8 +4,8 @@ python -m vdit_jax.main --config=configs/tiny_buckets.py --workdir=/tmp/vdit_tin
 
 configs/tiny.py's previous recipe (tiny.previous_recipe) with bucket-pure batches of 16
 frames at 32x32 (8 clips, 512 tokens each with 2x4x4 tubelets) and 8 frames at 32x64 (8
-clips, also 512 tokens each), half the synthetic clips each; the train step compiles once per shape. Samples take the first
-bucket's shape, 16x32x32.
+clips, also 512 tokens each), half the synthetic clips each; the train step compiles once
+per shape. Samples take the first bucket's shape, 16x32x32.
 """
 
 from configs import tiny

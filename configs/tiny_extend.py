@@ -8,8 +8,8 @@ configs/tiny.py's previous recipe (tiny.previous_recipe: 16 frames) with the fir
 frames of each training clip given clean, k uniform in [1, 4] (0 for 10% of the clips, so
 it still samples from nothing): the model input has C + 1 channels (the clip with the given
 frames clean, and a given-frame mask) and the loss covers the other frames only
-(diffusion/conditioning.py). --mode=extend grows the input
-16-frame window by window, each window given the last 4 frames of the clip so far.
+(diffusion/conditioning.py). --mode=extend grows the input 16-frame window by window, each
+window given the last 4 frames of the clip so far.
 """
 
 from configs import tiny

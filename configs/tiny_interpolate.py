@@ -8,8 +8,8 @@ middle frames are generated; the loss covers those 3 only (diffusion/conditionin
 configs/tiny_keyframes.py makes keyframes 4 frames apart at 2 fps; the pipeline
 (train/multistage.py, tools/generate_video.py) runs this model once per consecutive pair.
 Text-conditioned like the keyframe model and, like it, on tiny.previous_recipe (no token
-convolution, 600 steps; cheap: 8 caption tokens), without guidance at
-sampling time: the keyframes carry the colour and shape. Tubelets of 1x4x4, since 5 frames
+convolution, 600 steps; cheap: 8 caption tokens), without guidance at sampling time: the
+keyframes carry the colour and shape. Tubelets of 1x4x4, since 5 frames
 do not split into pairs (320 tokens per clip). --mode=sample interpolates the keyframes of
 held-out synthetic clips.
 """

@@ -84,9 +84,8 @@ def caption_losses(s, params, tok):
   reads the text, whether or not its samples are clean yet."""
   cfg = s.config
   n = FLAGS.num_prompts - FLAGS.num_prompts % FLAGS.batch or FLAGS.batch
-  source = synthetic.SyntheticShapes(cfg.data.num_frames, cfg.data.height, cfg.data.width,
-                                     num_examples=n, seed=FLAGS.seed, captions=True,
-                                     time_stride=cfg.data.time_stride)
+  source = synthetic.from_data_config(cfg.data, num_examples=n, seed=FLAGS.seed,
+                                      captions=True)
   video = np.stack([source[i]['video'] for i in range(n)]).astype(np.float32) / 127.5 - 1.0
   captions = [source[i]['caption'] for i in range(n)]
   shuffled = captions[1:] + captions[:1]
@@ -181,9 +180,8 @@ def eval_extend(s, params):
   cfg = s.config
   k = int(cfg.sample.overlap or cfg.model.context_frames_max)
   total = FLAGS.total_frames
-  source = synthetic.SyntheticShapes(total, cfg.data.height, cfg.data.width,
-                                     num_examples=FLAGS.num_clips, seed=FLAGS.seed,
-                                     time_stride=cfg.data.time_stride)
+  source = synthetic.from_data_config(cfg.data, num_frames=total,
+                                      num_examples=FLAGS.num_clips, seed=FLAGS.seed)
   truth = np.stack([source[i]['video'] for i in range(FLAGS.num_clips)])  # [N, F, H, W, 3]
   colours = [list(synthetic.COLOURS)[source[i]['colour']] for i in range(FLAGS.num_clips)]
   given = truth[:, :k].astype(np.float32) / 127.5 - 1.0

@@ -113,9 +113,9 @@ def eval_pipeline(keyframe, interp, fps):
   # The same geometry on true clips of the interpolation model's rate.
   cfg = interp.config
   step = plan.ratio // plan.subsample
-  source = synthetic.SyntheticShapes(plan.num_frames, cfg.data.height, cfg.data.width,
-                                     num_examples=FLAGS.num_prompts, seed=FLAGS.seed,
-                                     time_stride=cfg.data.time_stride * plan.subsample)
+  source = synthetic.from_data_config(cfg.data, num_frames=plan.num_frames,
+                                      num_examples=FLAGS.num_prompts, seed=FLAGS.seed,
+                                      time_stride=cfg.data.time_stride * plan.subsample)
   true_dist, true_inside = [], []
   for i in range(FLAGS.num_prompts):
     d = detect.detect(source[i]['video'])
@@ -150,9 +150,9 @@ def eval_truth(keyframe, interp):
   r = multistage.check_stages(keyframe.config, interp.config)[1]
   m = int(keyframe.config.data.num_frames)
   total = (m - 1) * r + 1
-  source = synthetic.SyntheticShapes(total, cfg.data.height, cfg.data.width,
-                                     num_examples=FLAGS.num_clips, seed=FLAGS.seed + 1,
-                                     time_stride=cfg.data.time_stride, captions=True)
+  source = synthetic.from_data_config(cfg.data, num_frames=total,
+                                      num_examples=FLAGS.num_clips, seed=FLAGS.seed + 1,
+                                      captions=True)
   examples = [source[i] for i in range(FLAGS.num_clips)]
   truth = np.stack([e['video'] for e in examples]).astype(np.float32) / 127.5 - 1.0
   t0 = time.perf_counter()

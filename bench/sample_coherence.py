@@ -60,12 +60,8 @@ def main(_):
   if config.data.source != 'synthetic' or config.data.get('latents', False):
     raise SystemExit(f'data.source={config.data.source!r}: the coherence score reads clips '
                      f'of one shape on a dark background: train on the synthetic data.')
-  source = synthetic.SyntheticShapes(config.data.num_frames, config.data.height,
-                                     config.data.width, num_examples=FLAGS.num_samples,
-                                     seed=10_000 + config.seed,
-                                     time_stride=config.data.time_stride,
-                                     colours=config.data.colours,
-                                     shape_size=config.data.shape_size)
+  source = synthetic.from_data_config(config.data, num_examples=FLAGS.num_samples,
+                                      seed=10_000 + config.seed)
   clips = [source[i] for i in range(FLAGS.num_samples)]
   data = _mean_scores([c['video'] for c in clips])
   data.update(_label_accuracy([c['video'] for c in clips], [c['label'] for c in clips]))

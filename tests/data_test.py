@@ -483,3 +483,69 @@ def test_shape_size_in_the_config():
     validate.validate_config(config, num_devices=1)
   config.data.shape_size = (0.5, 0.6)
   validate.validate_config(config, num_devices=1)
+
+
+def _steps_along(example):
+  """Centroid steps [T-1] along the labelled direction, and the largest step across it."""
+  unit = np.array({0: (1, 0), 1: (-1, 0), 2: (0, 1), 3: (0, -1)}[int(example['direction'])])
+  moves = np.diff(_centroids(example['video']), axis=0)  # [T-1, 2]
+  return moves @ unit, np.abs(moves @ unit[::-1]).max()
+
+
+def test_bounce_false_keeps_every_path_inside_and_in_the_labelled_direction():
+  bouncing = _source(num_frames=16, shape_size=(0.4, 0.55))
+  straight = _source(num_frames=16, shape_size=(0.4, 0.55), bounce=False)
+  reversed_clips = 0
+  for idx in range(60):
+    along, across = _steps_along(bouncing[idx])
+    reversed_clips += bool((along < -0.5).any())
+    example = straight[idx]
+    along, across = _steps_along(example)
+    # Every step goes the labelled way, at one speed (rasterisation noise only).
+    assert along.min() > 0.05, (idx, along)
+    assert along.max() - along.min() < 0.15, (idx, along)
+    assert across < 0.15, (idx, across)
+    video = example['video']
+    for ring in (video[:, 0], video[:, -1], video[:, :, 0], video[:, :, -1]):
+      assert np.all(ring == video[0, 0, 0]), idx  # never reaches the border
+    # The same draws otherwise: shape, colour and direction (hence label) of the clip.
+    for key in ('label', 'shape', 'colour', 'direction'):
+      assert example[key] == bouncing[idx][key]
+  assert reversed_clips > 20  # with bounces, most 16-frame clips of big shapes turn back
+  # Short clips keep the drawn speed (1..2.5 px per frame): the cap only binds when the
+  # path would not fit.
+  speeds = [_steps_along(_source(bounce=False)[idx])[0].mean() for idx in range(40)]
+  assert min(speeds) > 0.8 and max(speeds) > 2.0, speeds
+  assert 'bounce=False' in repr(straight) and 'bounce' not in repr(bouncing)
+  with pytest.raises(ValueError, match="bounce must be True or False, got 'no'"):
+    _source(bounce='no')
+
+
+def test_bounce_in_the_config_and_the_held_out_clips():
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from vdit_jax import validate  # pylint: disable=g-import-not-at-top
+  from vdit_jax.train import generate  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.data.bounce = False
+  validate.validate_config(config, num_devices=1)
+  assert pipeline._make_source(config.data).bounce is False  # pylint: disable=protected-access
+  # Held-out clips (sampling, benches) are drawn with every option of config.data.
+  held_out = synthetic.from_data_config(config.data, num_examples=4, seed=7, captions=True)
+  direct = synthetic.SyntheticShapes(8, 32, 32, num_examples=4, seed=7, captions=True,
+                                     shape_size=(0.4, 0.55), bounce=False)
+  for idx in range(4):
+    np.testing.assert_array_equal(held_out[idx]['video'], direct[idx]['video'])
+  video, captions, _ = generate.synthetic_clips(config, 4, seed=7)
+  np.testing.assert_array_equal(
+      video, np.stack([direct[i]['video'] for i in range(4)]) / np.float32(127.5) - 1.0)
+  assert captions == [direct[i]['caption'] for i in range(4)]
+  # ConfigDict refuses a str for the bool field; a config built with one reaches validate.
+  bad = config.to_dict()
+  bad['data']['bounce'] = 'no'
+  with pytest.raises(ValueError, match="config.data.bounce='no' must be True or False"):
+    validate.validate_config(ml_collections.ConfigDict(bad), num_devices=1)
+  config.data.bounce = False
+  config.data.source = 'shards'
+  config.data.path = '/some/shards'
+  with pytest.raises(ValueError, match="config.data.bounce=False only applies to data.source"):
+    validate.validate_config(config, num_devices=1)

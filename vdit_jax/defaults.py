@@ -89,6 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
   dd.source_seed = 0                # synthetic clips; files: per-index draws of source[idx]
   dd.colours = ''                   # synthetic: comma list of synthetic.COLOURS ('' = all)
   dd.shape_size = (0.20, 0.35)      # synthetic: (min, max) shape side / shorter frame side
+  dd.bounce = True                  # synthetic: reflect off borders (False: paths fit inside)
   dd.frame_stride = 1               # files: video frames between clip frames
   dd.clip_start = 'random'          # files: random | center
   dd.crop = 'center'                # files: center | random (after the short-side resize)

@@ -174,9 +174,10 @@ def _check_train_speed(train, rules, sizes) -> None:
 
 
 def _check_colours(data) -> None:
-  """data.colours ('' or a comma list of synthetic.COLOURS; synthetic source only) and
+  """data.colours ('' or a comma list of synthetic.COLOURS; synthetic source only),
   data.shape_size (any source: like time_stride, it describes the synthetic clips, which
-  configs/tiny.py sets, and the files and shards sources leave it unread)."""
+  configs/tiny.py sets, and the files and shards sources leave it unread) and data.bounce
+  (a bool; False only for the synthetic source)."""
   colours = data.get('colours', '')
   if data.source != 'synthetic' and colours:
     raise ValueError(f'config.data.colours={colours!r} only applies to '
@@ -187,6 +188,12 @@ def _check_colours(data) -> None:
     synthetic.check_shape_size(data.get('shape_size', synthetic.SHAPE_SIZE))
   except ValueError as e:
     raise ValueError(f'config.data.{e}') from None
+  bounce = data.get('bounce', True)
+  if not isinstance(bounce, bool):
+    raise ValueError(f'config.data.bounce={bounce!r} must be True or False.')
+  if data.source != 'synthetic' and not bounce:
+    raise ValueError(f"config.data.bounce=False only applies to data.source='synthetic', "
+                     f'not {data.source!r}.')
 
 
 def _check_checkpoint(ck) -> None:

@@ -77,7 +77,8 @@ _REQUIRED_FIELDS = ('source', 'num_frames', 'height', 'width', 'channels', 'num_
                     'num_workers', 'time_stride')
 # Optional fields and their defaults (absent in data configs older than the file sources).
 _OPTIONAL_FIELDS = {'path': '', 'frame_stride': 1, 'clip_start': 'random', 'crop': 'center',
-                    'source_seed': 0, 'colours': '', 'shape_size': synthetic.SHAPE_SIZE}
+                    'source_seed': 0, 'colours': '', 'shape_size': synthetic.SHAPE_SIZE,
+                    'bounce': True}
 _RGB_SOURCES = ('synthetic', 'files')
 
 
@@ -193,6 +194,7 @@ def _make_source(data_config, captions: bool = False):
       colours=_field(data_config, 'colours'),
       captions=captions,
       shape_size=_field(data_config, 'shape_size'),
+      bounce=_field(data_config, 'bounce'),
   )
 
 

@@ -3,13 +3,16 @@
 The default training data, so a newcomer needs no download. Each clip shows ONE shape
 (square, circle or triangle) of a random colour and size on a dark background, starting at a
 random position and moving at constant speed in one of four directions, reflecting off the
-borders so it always stays fully inside the frame. The class label encodes what a model can
+borders so it always stays fully inside the frame (or, with bounce=False, starting where its
+whole path fits inside, so it never reaches a border). The class label encodes what a model can
 learn to generate on demand:
 
     label = shape_index * len(DIRECTIONS) + direction_index        # in [0, NUM_CLASSES)
 
 `direction` is the direction of motion at frame 0; the start position is drawn so the
-shape travels at least one frame in that direction before its first bounce.
+shape travels at least one frame in that direction before its first bounce. With
+bounce=False it is the direction of motion in every frame, so a label or caption describes
+the whole clip.
 
 `SyntheticShapes` is a grain random-access source (`__len__`, `__getitem__`): clip `idx` is
 a pure function of `(seed, idx)` and the constructor arguments, so any worker can render any
@@ -86,6 +89,14 @@ class SyntheticShapes:
     shape_size: (min, max) side of a shape's box as fractions of min(H, W), drawn
       uniformly per clip; 0 < min <= max <= 0.75. Bigger shapes are easier for a small
       model to generate whole (BUILD_NOTES.md, "Fragments in numbers").
+    bounce: True (the default): the shape reflects off the borders. False: no clip
+      reaches a border: the speed is capped at what the clip's duration
+      (num_frames - 1) * time_stride leaves room for, and the start is drawn so the
+      whole path lies inside. Then the motion is constant, and its direction is the
+      label's in every frame: what a model learns the label's direction from (the mean
+      position of a bouncing shape hardly depends on its direction). The cap depends on
+      the duration, so two clips of one idx match across time_stride only when their
+      durations are equal.
 
   `source[idx]` returns a dict of numpy values:
     video      uint8 [T, H, W, 3]
@@ -98,7 +109,8 @@ class SyntheticShapes:
 
   def __init__(self, num_frames: int, height: int, width: int,
                num_examples: int = 100_000, seed: int = 0, time_stride: float = 1.0,
-               colours=None, captions: bool = False, shape_size=SHAPE_SIZE):
+               colours=None, captions: bool = False, shape_size=SHAPE_SIZE,
+               bounce: bool = True):
     self.num_frames = _check_positive_int('num_frames', num_frames)
     self.height = _check_positive_int('height', height)
     self.width = _check_positive_int('width', width)
@@ -117,6 +129,9 @@ class SyntheticShapes:
     self.colour_ids = colour_subset(colours)  # indices into COLOURS
     self.captions = bool(captions)
     self.shape_size = check_shape_size(shape_size)
+    if not isinstance(bounce, (bool, np.bool_)):
+      raise ValueError(f'bounce must be True or False, got {bounce!r}.')
+    self.bounce = bool(bounce)
 
     # Pixel-centre coordinates, shared by every clip.
     self._xs = (np.arange(self.width, dtype=np.float32) + 0.5)[None, None, :]  # [1, 1, W]
@@ -130,7 +145,8 @@ class SyntheticShapes:
   def __repr__(self) -> str:
     return (f'SyntheticShapes(num_frames={self.num_frames}, height={self.height}, '
             f'width={self.width}, num_examples={self.num_examples}, seed={self.seed}, '
-            f'time_stride={self.time_stride}{self._colours_repr()}{self._size_repr()})')
+            f'time_stride={self.time_stride}{self._colours_repr()}{self._size_repr()}'
+            f'{"" if self.bounce else ", bounce=False"})')
 
   def _size_repr(self) -> str:
     return '' if self.shape_size == SHAPE_SIZE else f', shape_size={self.shape_size}'
@@ -170,10 +186,17 @@ class SyntheticShapes:
     hi_x = self.width - half - _MARGIN
     hi_y = self.height - half - _MARGIN
     step_x, step_y = _DIRECTION_STEPS[direction]
+    duration = float(self._times[-1])  # base frames from the first frame to the last
+    if not self.bounce and duration > 0:
+      # The fastest speed whose path still fits between the limits of the moving axis.
+      speed = min(speed, max((hi_x if step_x else hi_y) - lo, 0.0) / duration)
 
     def start(v, hi, step):
       if step == 0:
         return lo + v * (hi - lo)
+      if not self.bounce:  # the whole path inside [lo, hi]
+        room = max(hi - lo - speed * duration, 0.0)
+        return lo + v * room if step > 0 else hi - v * room
       # Leave one base frame of travel before the first bounce, so frame 0 -> 1 moves
       # in the labelled direction.
       room = max(hi - lo - speed, 0.0)
@@ -226,6 +249,20 @@ class SyntheticShapes:
     if self.captions:
       example['caption'] = caption(shape, colour, direction)
     return example
+
+
+def from_data_config(data, *, num_examples: int, seed: int, num_frames=None,
+                     time_stride=None, captions: bool = False) -> SyntheticShapes:
+  """The clips `config.data` describes (size, colours, shape sizes, bounce), with
+  `num_examples` clips from `seed`: held-out clips for evaluation and sampling.
+  `num_frames` and `time_stride` default to the config's."""
+  return SyntheticShapes(
+      data.num_frames if num_frames is None else num_frames, data.height, data.width,
+      num_examples=num_examples, seed=seed, captions=captions,
+      time_stride=data.time_stride if time_stride is None else time_stride,
+      colours=data.get('colours', '') or None,
+      shape_size=data.get('shape_size', None) or SHAPE_SIZE,
+      bounce=data.get('bounce', True))
 
 
 def check_shape_size(shape_size) -> tuple[float, float]:

@@ -229,11 +229,9 @@ def synthetic_clips(config, num: int, seed: Optional[int] = None):
   training clips' data.source_seed by default) -> (float32 [num, T, H, W, 3] in [-1, 1],
   captions, labels int32 [num])."""
   d = config.data
-  source = synthetic.SyntheticShapes(
-      d.num_frames, d.height, d.width, num_examples=num, captions=True,
-      seed=int(config.sample.seed) + 1 if seed is None else seed,
-      time_stride=d.time_stride, colours=d.get('colours', '') or None,
-      shape_size=d.get('shape_size', None) or synthetic.SHAPE_SIZE)
+  source = synthetic.from_data_config(
+      config.data, num_examples=num, captions=True,
+      seed=int(config.sample.seed) + 1 if seed is None else seed)
   examples = [source[i] for i in range(num)]
   video = np.stack([e['video'] for e in examples]).astype(np.float32) / 127.5 - 1.0
   return (video, [e['caption'] for e in examples],

@@ -10,8 +10,14 @@ text: samples one clip per prompt 'a {colour} {shape} moving {direction}' (the p
 cycle through all colours x shapes x directions), detects each clip's colour, shape and
 direction and prints the accuracies against the prompt, next to chance (1/7, 1/3, 1/4)
 and to the same model sampled with no caption (the null caption) in the same run.
-First, the denoising loss of held-out clips with their own caption, none, and another
-clip's caption (same t and noise): whether the model reads the text at all.
+First, the denoising loss of held-out clips with their own caption, none, another clip's
+caption, and their own caption with the direction word reversed (same t and noise):
+whether the model reads the text at all, and its direction word in particular. Then, per
+direction, the mean of the model's x0 estimate at the noisiest step (pure noise in, one
+draw per prompt of that direction) against the mean of held-out clips of that direction:
+how far the mean's centroid travels along the direction from the first frame to the last.
+The data's mean travels (a clip's layout is picked at the noisiest steps, so a model
+that follows the word must shift its mean there); a model that ignores the word gives ~0.
 
 extend: renders --num_clips held-out synthetic clips of --total_frames frames (the
 ground truth), gives the model their first k = sample.overlap frames, extends them to
@@ -89,6 +95,8 @@ def caption_losses(s, params, tok):
   video = np.stack([source[i]['video'] for i in range(n)]).astype(np.float32) / 127.5 - 1.0
   captions = [source[i]['caption'] for i in range(n)]
   shuffled = captions[1:] + captions[:1]
+  reverse = {'right': 'left', 'left': 'right', 'down': 'up', 'up': 'down'}
+  reversed_direction = [' '.join(c.split()[:-1] + [reverse[c.split()[-1]]]) for c in captions]
   t_rng, noise_rng = jax.random.split(jax.random.key(FLAGS.seed))
   t = s.diffusion.sample_t(t_rng, n)
   noise = jax.random.normal(noise_rng, video.shape)
@@ -101,7 +109,7 @@ def caption_losses(s, params, tok):
 
   out = {}
   for name, texts in (('own_caption', captions), ('no_caption', None),
-                      ('other_caption', shuffled)):
+                      ('other_caption', shuffled), ('direction_reversed', reversed_direction)):
     losses = []
     for b in range(0, n, FLAGS.batch):
       sl = slice(b, b + FLAGS.batch)
@@ -114,7 +122,54 @@ def caption_losses(s, params, tok):
     out[name] = float(np.mean(np.concatenate(losses)))
   print(f'denoising loss on {n} held-out clips: own caption {out["own_caption"]:.4f}, '
         f'no caption {out["no_caption"]:.4f}, another clip\'s caption '
-        f'{out["other_caption"]:.4f}')
+        f'{out["other_caption"]:.4f}, own with the direction reversed '
+        f'{out["direction_reversed"]:.4f}')
+  return out
+
+
+def _mean_travel(frames, direction):
+  """Centroid travel (px) along `direction` from the first frame to the last of the mean
+  brightness of clips frames [N, T, H, W, 3] in [-1, 1]."""
+  weight = np.mean(frames, axis=(0, -1)) + 1.0  # [T, H, W] >= 0: dark background ~0.1
+  _, h, w = weight.shape
+  ys, xs = np.mgrid[0:h, 0:w] + 0.5
+  total = weight.sum(axis=(1, 2))
+  path = np.stack([(weight * xs).sum(axis=(1, 2)) / total,
+                   (weight * ys).sum(axis=(1, 2)) / total], axis=-1)  # [T, 2]
+  unit = np.array({'right': (1, 0), 'left': (-1, 0), 'down': (0, 1), 'up': (0, -1)}[direction])
+  return float((path[-1] - path[0]) @ unit)
+
+
+def noisiest_mean_travel(s, params, tok):
+  """Per direction: the centroid travel of the mean x0 estimate at the noisiest step (one
+  pure-noise draw per prompt of that direction) and of the mean held-out clip."""
+  cfg = s.config
+  d = s.diffusion
+  t_max = 1.0 if d.is_flow else d.num_timesteps - 1
+  grid = prompt_grid(len(synthetic.COLOURS) * len(synthetic.SHAPES) * len(synthetic.DIRECTIONS))
+  source = synthetic.from_data_config(cfg.data, num_examples=400, seed=FLAGS.seed + 1)
+  clips = [source[i] for i in range(len(source))]
+
+  @jax.jit
+  def x0_at_noise(z, ids, mask):
+    t = jnp.full((z.shape[0],), t_max, jnp.float32 if d.is_flow else jnp.int32)
+    pred = s.model.apply({'params': params}, z, d.model_t(t), None,
+                         text={'tokens': ids, 'mask': mask})
+    return d.pred_to_x0_eps(z, pred, t)[0]
+
+  out = {}
+  for i, direction in enumerate(synthetic.DIRECTIONS):
+    prompts = [g[0] for g in grid if g[3] == direction]
+    ids, mask = tok.encode_batch(prompts)
+    shape = (len(prompts), cfg.data.num_frames, cfg.data.height, cfg.data.width, 3)
+    z = jax.random.normal(jax.random.fold_in(jax.random.key(FLAGS.seed), i), shape)
+    model = _mean_travel(np.asarray(x0_at_noise(z, ids, mask)), direction)
+    data = np.stack([c['video'] for c in clips if c['direction'] == i])
+    out[direction] = {'model': model,
+                      'data': _mean_travel(data.astype(np.float32) / 127.5 - 1.0, direction)}
+  print('mean x0 at the noisiest step, centroid travel along the prompted direction, first '
+        'to last frame (px): ' + ', '.join(
+            f'{k} {v["model"]:.2f} (data {v["data"]:.2f})' for k, v in out.items()))
   return out
 
 
@@ -122,7 +177,8 @@ def eval_text(s, params):
   cfg = s.config
   spec = text_lib.resolve_spec(cfg.model.text)
   tok = text_lib.Tokenizer(spec.max_length)
-  results = {'loss': caption_losses(s, params, tok)}
+  results = {'loss': caption_losses(s, params, tok),
+             'noisiest_mean_travel': noisiest_mean_travel(s, params, tok)}
   grid = prompt_grid(FLAGS.num_prompts)
   grid += grid[:(-len(grid)) % FLAGS.batch]  # whole batches
   for name, use_caption in (('prompted', True), ('no_caption', False)):

@@ -48,8 +48,9 @@ def get_config(arg=None):
 
 def previous_recipe(config):
   """configs/tiny.py as it was until 2026-12-02, in place: 16 frames of shapes 20-35% of
-  the frame side, no token convolution, the unshifted schedule, 600 steps."""
+  the frame side that bounce, no token convolution, the unshifted schedule, 600 steps."""
   config.model.mlp_conv = ()
+  config.data.bounce = True
   config.data.num_frames = 16
   config.data.shape_size = (0.2, 0.35)
   config.diffusion.shift = 1.0

@@ -8,9 +8,10 @@ configs/tiny.py (8 frames, the token convolution, diffusion.shift 2, 2400 steps)
 captions instead of class labels: the built-in word tokeniser (model/text.py) and a
 2-layer text encoder of width 64 trained with the model; every block cross-attends to the
 caption tokens. 10% of the captions are dropped to the learned null caption, for
-classifier-free guidance at sampling time. About 15 minutes on 2 CPU cores; the samples
-take the prompted colour, not yet its shape or direction (BUILD_NOTES.md, "Text
-conditioning and video extension").
+classifier-free guidance at sampling time. The clips do not bounce (data.bounce=False),
+so 'moving left' is true of every frame. About 15 minutes on 2 CPU cores; the samples
+take the prompted colour, not yet its shape or direction (BUILD_NOTES.md, "Finding: the
+tiny models do not learn motion that depends on the words or the given frames").
 """
 
 from configs import tiny
@@ -18,6 +19,7 @@ from configs import tiny
 
 def get_config(arg=None):
   config = tiny.get_config(arg)
+  config.data.bounce = False              # the caption's direction holds in every frame
   config.model.conditioning = 'text'
   config.model.caption_dropout = 0.1
   config.model.text.encoder = 'builtin'

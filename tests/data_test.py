@@ -544,8 +544,9 @@ def test_bounce_in_the_config_and_the_held_out_clips():
   bad['data']['bounce'] = 'no'
   with pytest.raises(ValueError, match="config.data.bounce='no' must be True or False"):
     validate.validate_config(ml_collections.ConfigDict(bad), num_devices=1)
+  # Like shape_size, other sources leave it unread (configs/tiny_text.py sets it and may
+  # train on shards of precomputed caption embeddings), so it is no error there.
   config.data.bounce = False
   config.data.source = 'shards'
-  config.data.path = '/some/shards'
-  with pytest.raises(ValueError, match="config.data.bounce=False only applies to data.source"):
-    validate.validate_config(config, num_devices=1)
+  config.data.path = '/some/shards'  # not read: validate_config does not touch the disk
+  validate.validate_config(config, num_devices=1)

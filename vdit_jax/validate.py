@@ -177,7 +177,7 @@ def _check_colours(data) -> None:
   """data.colours ('' or a comma list of synthetic.COLOURS; synthetic source only),
   data.shape_size (any source: like time_stride, it describes the synthetic clips, which
   configs/tiny.py sets, and the files and shards sources leave it unread) and data.bounce
-  (a bool; False only for the synthetic source)."""
+  (a bool; the same: configs/tiny_text.py sets it, other sources leave it unread)."""
   colours = data.get('colours', '')
   if data.source != 'synthetic' and colours:
     raise ValueError(f'config.data.colours={colours!r} only applies to '
@@ -191,9 +191,6 @@ def _check_colours(data) -> None:
   bounce = data.get('bounce', True)
   if not isinstance(bounce, bool):
     raise ValueError(f'config.data.bounce={bounce!r} must be True or False.')
-  if data.source != 'synthetic' and not bounce:
-    raise ValueError(f"config.data.bounce=False only applies to data.source='synthetic', "
-                     f'not {data.source!r}.')
 
 
 def _check_checkpoint(ck) -> None:

@@ -92,11 +92,11 @@ class SyntheticShapes:
     bounce: True (the default): the shape reflects off the borders. False: no clip
       reaches a border: the speed is capped at what the clip's duration
       (num_frames - 1) * time_stride leaves room for, and the start is drawn so the
-      whole path lies inside. Then the motion is constant, and its direction is the
-      label's in every frame: what a model learns the label's direction from (the mean
-      position of a bouncing shape hardly depends on its direction). The cap depends on
+      whole path lies inside. Then the motion is constant and its direction is the
+      label's in every frame (with bounces, most 8-frame clips of big shapes turn back,
+      so a caption's direction holds for their first frames only). The cap depends on
       the duration, so two clips of one idx match across time_stride only when their
-      durations are equal.
+      durations are equal. Files and shards sources leave it unread.
 
   `source[idx]` returns a dict of numpy values:
     video      uint8 [T, H, W, 3]

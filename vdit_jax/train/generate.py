@@ -228,7 +228,6 @@ def synthetic_clips(config, num: int, seed: Optional[int] = None):
   """`num` synthetic clips of the config's data (seed: sample.seed + 1, apart from the
   training clips' data.source_seed by default) -> (float32 [num, T, H, W, 3] in [-1, 1],
   captions, labels int32 [num])."""
-  d = config.data
   source = synthetic.from_data_config(
       config.data, num_examples=num, captions=True,
       seed=int(config.sample.seed) + 1 if seed is None else seed)

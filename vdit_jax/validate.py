@@ -55,7 +55,8 @@ def validate_config(config, num_devices: int, process_count: int = 1,
                 'train.weight_decay', 'train.grad_clip', 'sample.eta')
   # Data fields and names; the files on disk are checked when the source is built
   # (pipeline.num_classes in loop.build, still before anything compiles).
-  _check_colours(config.data)  # synthetic-only options first: a clearer error than the path
+  # Synthetic-only options first: a clearer error than the path.
+  _check_synthetic_options(config.data)
   pipeline.check_data_config(config.data)
   vae_latents.check_config(config)  # data.latents: shards of latents and the VAE to decode
   for path in ('train.ema_decay', 'model.label_dropout'):
@@ -173,7 +174,7 @@ def _check_train_speed(train, rules, sizes) -> None:
                      "'' (no persistent compilation cache).")
 
 
-def _check_colours(data) -> None:
+def _check_synthetic_options(data) -> None:
   """data.colours ('' or a comma list of synthetic.COLOURS; synthetic source only),
   data.shape_size (any source: like time_stride, it describes the synthetic clips, which
   configs/tiny.py sets, and the files and shards sources leave it unread) and data.bounce

@@ -77,8 +77,7 @@ _REQUIRED_FIELDS = ('source', 'num_frames', 'height', 'width', 'channels', 'num_
                     'num_workers', 'time_stride')
 # Optional fields and their defaults (absent in data configs older than the file sources).
 _OPTIONAL_FIELDS = {'path': '', 'frame_stride': 1, 'clip_start': 'random', 'crop': 'center',
-                    'source_seed': 0, 'colours': '', 'shape_size': synthetic.SHAPE_SIZE,
-                    'bounce': True}
+                    'source_seed': 0}
 _RGB_SOURCES = ('synthetic', 'files')
 
 
@@ -184,18 +183,9 @@ def _make_source(data_config, captions: bool = False):
                                   seed=_field(data_config, 'source_seed'))
   if data_config.source == 'shards':
     return shards.ShardSource(data_config.path)
-  return synthetic.SyntheticShapes(
-      num_frames=data_config.num_frames,
-      height=data_config.height,
-      width=data_config.width,
-      num_examples=data_config.num_examples,
-      seed=_field(data_config, 'source_seed'),
-      time_stride=data_config.time_stride,
-      colours=_field(data_config, 'colours'),
-      captions=captions,
-      shape_size=_field(data_config, 'shape_size'),
-      bounce=_field(data_config, 'bounce'),
-  )
+  return synthetic.from_data_config(data_config, num_examples=data_config.num_examples,
+                                    seed=_field(data_config, 'source_seed'),
+                                    captions=captions)
 
 
 def _random_map_seed(seed: int) -> int:

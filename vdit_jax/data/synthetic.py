@@ -254,14 +254,16 @@ class SyntheticShapes:
 def from_data_config(data, *, num_examples: int, seed: int, num_frames=None,
                      time_stride=None, captions: bool = False) -> SyntheticShapes:
   """The clips `config.data` describes (size, colours, shape sizes, bounce), with
-  `num_examples` clips from `seed`: held-out clips for evaluation and sampling.
-  `num_frames` and `time_stride` default to the config's."""
+  `num_examples` clips from `seed`: the training source (data/pipeline.py) and the
+  held-out clips of sampling and the benches, so both read every option the same way.
+  `num_frames` and `time_stride` default to the config's; options a config lacks take
+  the constructor's defaults."""
   return SyntheticShapes(
       data.num_frames if num_frames is None else num_frames, data.height, data.width,
       num_examples=num_examples, seed=seed, captions=captions,
       time_stride=data.time_stride if time_stride is None else time_stride,
-      colours=data.get('colours', '') or None,
-      shape_size=data.get('shape_size', None) or SHAPE_SIZE,
+      colours=data.get('colours', ''),
+      shape_size=data.get('shape_size', SHAPE_SIZE),
       bounce=data.get('bounce', True))
 
 

@@ -77,15 +77,16 @@ def _probe(apply, params, d, x0, labels, patch):
   t = _t_batch(d, t_value, x0.shape[0])
   t_model = d.model_t(t)
   z = d.corrupt(x0, jax.random.normal(jax.random.key(2), x0.shape), t)
-  base = apply(params, z, t_model, labels)
-  change = jnp.abs(apply(params, z.at[:, -pt:, -ph:, -pw:].add(3.0), t_model, labels)
-                   - base).mean(axis=(0, 4))  # [T, H, W]
+  base = apply(params, d.model_input(z, t), t_model, labels)
+  change = jnp.abs(apply(params, d.model_input(z.at[:, -pt:, -ph:, -pw:].add(3.0), t),
+                         t_model, labels) - base).mean(axis=(0, 4))  # [T, H, W]
   t_len, h, w = x0.shape[1:4]
   per_tubelet = change.reshape(t_len // pt, pt, h // ph, ph, w // pw, pw).mean(axis=(1, 3, 5))
   last = float(per_tubelet[-1, -1, -1])
   others = float((per_tubelet.sum() - last) / (per_tubelet.size - 1))
   shifted = (z + 0.5).at[:, :pt, :ph, :pw].set(z[:, :pt, :ph, :pw])
-  first = jnp.abs(apply(params, shifted, t_model, labels) - base)[:, :pt, :ph, :pw]
+  first = jnp.abs(apply(params, d.model_input(shifted, t), t_model, labels)
+                  - base)[:, :pt, :ph, :pw]
   print(json.dumps({'probe_t': t_value, 'last_tubelet_change': last,
                     'mean_change_elsewhere': others,
                     'first_tubelet_change': float(per_tubelet[0, 0, 0]),
@@ -111,7 +112,7 @@ def main(_):
   for t_value in grid:
     t = _t_batch(d, t_value, x0.shape[0])
     z = d.corrupt(x0, noise, t)
-    pred = apply(params, z, d.model_t(t), labels)
+    pred = apply(params, d.model_input(z, t), d.model_t(t), labels)
     x0_hat, _ = d.pred_to_x0_eps(z, pred, t)
     row = {'t': t_value,
            'pred_mse': float(jnp.mean((pred - d.target(x0, noise, t)) ** 2)),

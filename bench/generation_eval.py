@@ -103,7 +103,7 @@ def caption_losses(s, params, tok):
 
   @jax.jit
   def per_clip(video, t, noise, text):
-    z = s.diffusion.corrupt(video, noise, t)
+    z = s.diffusion.model_input(s.diffusion.corrupt(video, noise, t), t)
     pred = s.model.apply({'params': params}, z, s.diffusion.model_t(t), None, text=text)
     return jnp.mean(jnp.square(pred - s.diffusion.target(video, noise, t)), axis=(1, 2, 3, 4))
 
@@ -153,7 +153,7 @@ def noisiest_mean_travel(s, params, tok):
   @jax.jit
   def x0_at_noise(z, ids, mask):
     t = jnp.full((z.shape[0],), t_max, jnp.float32 if d.is_flow else jnp.int32)
-    pred = s.model.apply({'params': params}, z, d.model_t(t), None,
+    pred = s.model.apply({'params': params}, d.model_input(z, t), d.model_t(t), None,
                          text={'tokens': ids, 'mask': mask})
     return d.pred_to_x0_eps(z, pred, t)[0]
 
@@ -220,7 +220,8 @@ def given_frame_losses(s, params, clips, k):
   def loss(video, t, noise, mask, free):
     def apply_fn(z, tm, frame_mask=None):
       return s.model.apply({'params': params}, z, tm, None, frame_mask=frame_mask)
-    z = cond_lib.impose(s.diffusion.corrupt(video, noise, t), video, mask)
+    z = cond_lib.impose(s.diffusion.model_input(s.diffusion.corrupt(video, noise, t), t),
+                        video, mask)
     pred = apply_fn(z, s.diffusion.model_t(t), frame_mask=mask)
     return cond_lib.masked_mse(s.diffusion.target(video, noise, t), pred, free)
 

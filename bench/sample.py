@@ -164,7 +164,8 @@ def compiled_vs_python(path: str, config, num_steps: int, reps: int) -> dict:
   @jax.jit
   def one_step(p, z, t, c_x0, c_eps):
     t_vec = jnp.full((n,), t, jnp.int32)  # [B]
-    pred = samplers.guided_prediction(functools.partial(model_fn, p), z,
+    pred = samplers.guided_prediction(functools.partial(model_fn, p),
+                                      diffusion.model_input(z, t_vec),
                                       diffusion.model_t(t_vec), labels, cfg_scale=cfg_scale,
                                       null_label=null_label)  # [B, T, H, W, C]
     x0_hat, _ = diffusion.pred_to_x0_eps(z, pred, t_vec)

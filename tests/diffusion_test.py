@@ -111,6 +111,57 @@ def test_config_errors():
     _make(objective='v', loss_weighting='snr')
   with pytest.raises(ValueError, match="loss_weighting='x0' needs objective 'v' or 'flow'"):
     _make(objective='eps', loss_weighting='x0')
+  with pytest.raises(ValueError, match=r"input_scale='alpha' is not known.*'none', 'signal'"):
+    _make(objective='v', input_scale='alpha')
+
+
+@pytest.mark.parametrize('objective,schedule', [('v', 'cosine'), ('eps', 'linear'),
+                                                ('flow', None)])
+def test_input_scale_signal_gives_the_network_z_times_its_signal_coefficient(objective,
+                                                                              schedule):
+  plain = _make(objective=objective, schedule=schedule or 'linear')
+  scaled = _make(objective=objective, schedule=schedule or 'linear', input_scale='signal')
+  x0, noise = _clip_x0(seed=3), jax.random.normal(_key(4), SHAPE)
+  t_max = 1.0 if plain.is_flow else plain.num_timesteps - 1
+  t = jnp.array([0.3, t_max]) if plain.is_flow else jnp.array([300, t_max])
+  seen = {}
+
+  def pred_fn(z, t_model):
+    seen['z'] = z
+    return jnp.tanh(z)
+
+  plain_loss = plain.loss_at(pred_fn, x0, t, noise)
+  np.testing.assert_array_equal(seen['z'], plain.corrupt(x0, noise, t))
+  scaled_loss = scaled.loss_at(pred_fn, x0, t, noise)
+  a = (1.0 - t) if plain.is_flow else plain.sqrt_alphas_cumprod[t]  # [B]
+  np.testing.assert_allclose(seen['z'], a[:, None, None, None, None]
+                             * plain.corrupt(x0, noise, t), rtol=1e-6)
+  assert np.abs(np.asarray(seen['z'][1])).max() < 0.05  # the noisiest input fades out
+  assert float(scaled_loss) != float(plain_loss)
+
+
+@pytest.mark.parametrize('objective,schedule,sampler', [
+    ('v', 'cosine', 'ddim'), ('eps', 'linear', 'ddpm'), ('flow', None, 'euler')])
+def test_samplers_give_the_network_the_scaled_input(objective, schedule, sampler):
+  # Sampling with input_scale='signal' and a network f is sampling with 'none' and the
+  # network z -> f(a_t z): the scaling is the only change, at every step.
+  plain = _make(objective=objective, schedule=schedule or 'linear', shift=2.0)
+  scaled = _make(objective=objective, schedule=schedule or 'linear', shift=2.0,
+                 input_scale='signal')
+
+  def f(z, t_model, labels):
+    del labels
+    return jnp.tanh(2.0 * z) * (0.5 + t_model[:, None, None, None, None] / 2000.0)
+
+  def f_of_scaled(z, t_model, labels):
+    t = t_model / vd.FLOW_T_SCALE if plain.is_flow else t_model.astype(jnp.int32)
+    return f(scaled.model_input(z, t), t_model, labels)
+
+  a = _run(scaled, f, _key(7), sampler=sampler, num_steps=5)
+  b = _run(plain, f_of_scaled, _key(7), sampler=sampler, num_steps=5)
+  np.testing.assert_allclose(a, b, atol=1e-6)
+  c = _run(plain, f, _key(7), sampler=sampler, num_steps=5)
+  assert np.abs(np.asarray(a - c)).max() > 1e-3
 
 
 @pytest.mark.parametrize('objective', ['v', 'flow'])

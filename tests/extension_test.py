@@ -43,10 +43,11 @@ def random_params(model, *inputs, seed=1):
 
 
 @functools.lru_cache(maxsize=None)
-def built(objective='v'):
+def built(objective='v', input_scale='none'):
   """(config, model, random params, diffusion) of a small model with given frames."""
   config = small_config()
   config.diffusion.objective = objective
+  config.diffusion.input_scale = input_scale
   config.sample.sampler = 'euler' if objective == 'flow' else 'ddim'
   model = dit.build_model(config.model, 3, num_classes=12)
   params = random_params(model, jnp.zeros(SHAPE), jnp.zeros(2))
@@ -89,9 +90,10 @@ def test_draw_num_given_covers_the_range():
   assert np.asarray(cond_lib.draw_num_given(jax.random.key(0), 100, 2, 0.0)).min() == 1
 
 
-@pytest.mark.parametrize('objective', ['v', 'flow'])
-def test_sampler_returns_the_given_frames_exactly(objective):
-  config, model, params, diffusion = built(objective)
+@pytest.mark.parametrize('objective,input_scale', [('v', 'none'), ('flow', 'none'),
+                                                   ('v', 'signal')])
+def test_sampler_returns_the_given_frames_exactly(objective, input_scale):
+  config, model, params, diffusion = built(objective, input_scale)
   given = random_clip(seed=3)[:, :2]
   context, mask = cond_lib.given_condition(given, SHAPE[1])
   mask = mask.at[1, 1].set(False)  # 2 given frames in the first clip, 1 in the second
@@ -138,6 +140,28 @@ def test_loss_ignores_the_given_frames():
   pred = apply_fn(diffusion.corrupt(x0, noise, inputs['t']), None, none['frame_mask'])
   np.testing.assert_allclose(float(conditioning.loss(diffusion, apply_fn, none)),
                              float(objectives.mse(target, pred)), rtol=1e-6)
+
+
+def test_given_frames_enter_clean_when_the_noisy_input_is_scaled():
+  diffusion = objectives.Diffusion.create('v', schedule='cosine', input_scale='signal')
+  x0, noise = random_clip(seed=4), random_clip(seed=5)
+  t = jnp.array([100, 999])
+  inputs = {'video': x0, 'noise': noise, 't': t,
+            'frame_mask': cond_lib.frame_mask(jnp.array([1, 3]), 4)}
+  seen = {}
+
+  def apply_fn(z, t_model, frame_mask=None):
+    seen['z'] = z
+    return jnp.tanh(z)
+
+  cond_lib.Conditioning(context_frames_max=3).loss(diffusion, apply_fn, inputs)
+  np.testing.assert_array_equal(seen['z'][0, :1], x0[0, :1])  # given: clean, unscaled
+  np.testing.assert_array_equal(seen['z'][1, :3], x0[1, :3])
+  a = diffusion.sqrt_alphas_cumprod[t]  # [B]
+  z = diffusion.corrupt(x0, noise, t)
+  np.testing.assert_allclose(seen['z'][0, 1:], a[0] * z[0, 1:], rtol=1e-6)  # generated: a z
+  np.testing.assert_allclose(seen['z'][1, 3:], a[1] * z[1, 3:], rtol=1e-6)
+  assert np.abs(np.asarray(seen['z'][1, 3:])).max() < 0.01  # next to nothing at t = T - 1
 
 
 def test_model_input_has_a_mask_channel_and_the_class_path_is_unchanged():

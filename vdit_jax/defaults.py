@@ -75,6 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.logit_std = 1.0
   d.shift = 1.0                     # SNR / shift^2: flow time shift; eps, v: shifted schedule
   d.loss_weighting = 'none'         # none | x0 (v, flow): see diffusion/objectives.py
+  d.input_scale = 'none'            # none | signal: z_t * sqrt(abar_t) in (objectives.py)
 
   c.data = dd = ml_collections.ConfigDict()
   dd.source = 'synthetic'           # synthetic | files | shards (see data/pipeline.py)

@@ -26,6 +26,12 @@ T_SAMPLINGS = ('uniform', 'logit_normal')
 # from the nearly clean end toward the noisy end, where a sample's layout is decided. eps has
 # no bounded x0 weight (1 / SNR grows without limit as t -> T), so it accepts only none.
 LOSS_WEIGHTINGS = ('none', 'x0')
+# What the network is given for z_t. none: z_t. signal: z_t times its signal coefficient
+# (sqrt(abar_t); flow: 1 - t), so the input fades to zero as t -> T: at the noisy end the
+# network sees its position, time and condition features (and any clean given frames) rather
+# than noise of unit size that carries almost nothing about x0. The targets, the samplers'
+# updates and the given frames (imposed clean after the scaling) are unchanged.
+INPUT_SCALES = ('none', 'signal')
 # Flow times in [0, 1] are fed to the network multiplied by this, matching discrete t in [0, 1000).
 FLOW_T_SCALE = 1000.0
 
@@ -72,18 +78,23 @@ class Diffusion(flax.struct.PyTreeNode):
   logit_std: float = flax.struct.field(pytree_node=False, default=1.0)
   shift: float = flax.struct.field(pytree_node=False, default=1.0)
   loss_weighting: str = flax.struct.field(pytree_node=False, default='none')
+  input_scale: str = flax.struct.field(pytree_node=False, default='none')
 
   # ---------------------------------------------------------------- construction
 
   @classmethod
   def create(cls, objective, *, schedule='linear', num_timesteps=1000, t_sampling='uniform',
-             logit_mean=0.0, logit_std=1.0, shift=1.0, loss_weighting='none'):
+             logit_mean=0.0, logit_std=1.0, shift=1.0, loss_weighting='none',
+             input_scale='none'):
     """Validated constructor. Flow ignores `schedule` (stored as None)."""
     if objective not in OBJECTIVES:
       raise ValueError(f'objective={objective!r} is not known; expected one of {OBJECTIVES}.')
     if loss_weighting not in LOSS_WEIGHTINGS:
       raise ValueError(f'loss_weighting={loss_weighting!r} is not known; expected one of '
                        f'{LOSS_WEIGHTINGS}.')
+    if input_scale not in INPUT_SCALES:
+      raise ValueError(f'input_scale={input_scale!r} is not known; expected one of '
+                       f'{INPUT_SCALES}.')
     if loss_weighting == 'x0' and objective == 'eps':
       raise ValueError("loss_weighting='x0' needs objective 'v' or 'flow': for eps the x0 "
                        'weight 1/SNR is unbounded at the noisy end.')
@@ -110,13 +121,13 @@ class Diffusion(flax.struct.PyTreeNode):
                sqrt_one_minus_alphas_cumprod=sqrt_1m_abar, objective=objective, schedule=schedule,
                num_timesteps=num_timesteps, t_sampling=t_sampling,
                logit_mean=float(logit_mean), logit_std=float(logit_std), shift=float(shift),
-               loss_weighting=loss_weighting)
+               loss_weighting=loss_weighting, input_scale=input_scale)
 
   @classmethod
   def from_config(cls, dcfg):
     """Build from a ConfigDict with `objective` and optional schedule/num_timesteps/
-    t_sampling/logit_mean/logit_std/shift/loss_weighting (defaults: linear, 1000, uniform, 0,
-    1, 1, none)."""
+    t_sampling/logit_mean/logit_std/shift/loss_weighting/input_scale (defaults: linear, 1000,
+    uniform, 0, 1, 1, none, none)."""
     if 'objective' not in dcfg:
       raise ValueError(f"diffusion config must set 'objective' (one of {OBJECTIVES}).")
     return cls.create(
@@ -127,7 +138,8 @@ class Diffusion(flax.struct.PyTreeNode):
         logit_mean=dcfg.get('logit_mean', 0.0),
         logit_std=dcfg.get('logit_std', 1.0),
         shift=dcfg.get('shift', 1.0),
-        loss_weighting=dcfg.get('loss_weighting', 'none'))
+        loss_weighting=dcfg.get('loss_weighting', 'none'),
+        input_scale=dcfg.get('input_scale', 'none'))
 
   def alphas_cumprod_f64(self):
     """abar as float64 numpy, rebuilt from the static fields (concrete even under jit)."""
@@ -186,6 +198,15 @@ class Diffusion(flax.struct.PyTreeNode):
     scale = _bcast(b.astype(jnp.float32), target)
     return target.astype(jnp.float32) * scale, pred.astype(jnp.float32) * scale
 
+  def model_input(self, z_t, t):
+    """What the network is given for z_t [B, ...] at t [B]: z_t itself, or (input_scale=
+    'signal') z_t times its signal coefficient sqrt(abar_t) (1 - t for flow). Every model call
+    on a noisy z goes through this: `loss_at` and the samplers."""
+    if self.input_scale == 'none':
+      return z_t
+    a, _ = self._coefs(t)
+    return (_bcast(a, z_t) * z_t).astype(z_t.dtype)
+
   def model_t(self, t):
     """Float32 timestep [B] for the network: discrete t as float, flow t * 1000."""
     t = jnp.asarray(t, jnp.float32)
@@ -204,7 +225,7 @@ class Diffusion(flax.struct.PyTreeNode):
     reduce(target, pred) -> scalar: `mse` by default; a masked MSE where only some frames
     count (diffusion/conditioning.py).
     """
-    pred = pred_fn(self.corrupt(x0, noise, t), self.model_t(t))  # [B, ...]
+    pred = pred_fn(self.model_input(self.corrupt(x0, noise, t), t), self.model_t(t))  # [B, ...]
     return reduce(*self.weigh(self.target(x0, noise, t), pred, t))
 
   def loss(self, pred_fn, x0, rng):

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdit_jax.diffusion.objectives import FLOW_T_SCALE, shift_t
+from vdit_jax.diffusion.objectives import shift_t
 
 SAMPLERS = ('ddpm', 'ddim', 'euler')
 _SAMPLER_OBJECTIVES = {'ddpm': ('eps', 'v'), 'ddim': ('eps', 'v'), 'euler': ('flow',)}
@@ -133,7 +133,8 @@ def sample(diffusion, model_fn, rng, shape, labels, *, sampler, num_steps, eta=0
   """Draw samples x0 of `shape` ([B, T, H, W, C]) by running `num_steps` model steps.
 
   model_fn(z [B, ...], t_model float32 [B], labels int32 [B] | None) -> prediction [B, ...] in
-  the diffusion's objective (eps, v or velocity). clip_x0 clips x0 estimates to [-1, 1] at each
+  the diffusion's objective (eps, v or velocity); it is given `diffusion.model_input(z, t)` (z
+  itself unless diffusion.input_scale says otherwise). clip_x0 clips x0 estimates to [-1, 1] at each
   DDPM/DDIM step, and the final Euler sample. eta (DDIM only) and cfg_scale are Python floats.
   init_noise [*shape] replaces the initial noise drawn from rng. Returns float32 [*shape].
   """
@@ -156,7 +157,8 @@ def sample(diffusion, model_fn, rng, shape, labels, *, sampler, num_steps, eta=0
 
     def euler_step(i, z):
       t, t_next = grid[i], grid[i + 1]
-      v = predict(z, jnp.full((batch,), t * FLOW_T_SCALE, jnp.float32))  # [B, ...]
+      t_vec = jnp.full((batch,), t, jnp.float32)  # [B]
+      v = predict(diffusion.model_input(z, t_vec), diffusion.model_t(t_vec))  # [B, ...]
       return z + (t_next - t) * v.astype(jnp.float32)
 
     z = jax.lax.fori_loop(0, num_steps, euler_step, z)
@@ -167,7 +169,7 @@ def sample(diffusion, model_fn, rng, shape, labels, *, sampler, num_steps, eta=0
 
   def discrete_step(i, z):
     t_vec = jnp.full((batch,), ts[i], jnp.int32)  # [B]
-    pred = predict(z, diffusion.model_t(t_vec))  # [B, ...]
+    pred = predict(diffusion.model_input(z, t_vec), diffusion.model_t(t_vec))  # [B, ...]
     x0_hat, eps_hat = diffusion.pred_to_x0_eps(z, pred, t_vec)  # [B, ...] each
     x0_hat = maybe_clip(x0_hat)
     if sampler == 'ddpm':

@@ -24,4 +24,5 @@ def get_config(arg=None):
   tiny.previous_recipe(config)  # the recipe its BUILD_NOTES figures were measured with
   config.data.time_stride = float(RATE_RATIO)  # base-motion frames between keyframes
   config.sample.fps = 2                        # = tiny_interpolate's 8 fps / 4
+  config.sample.cfg_scale = 3.0                # its figures' guidance (tiny_text now takes 10)
   return config

@@ -9,7 +9,10 @@ frames of each training clip given clean, k uniform in [1, 4] (0 for 10% of the 
 it still samples from nothing): the model input has C + 1 channels (the clip with the given
 frames clean, and a given-frame mask) and the loss covers the other frames only
 (diffusion/conditioning.py). --mode=extend grows the input 16-frame window by window, each
-window given the last 4 frames of the clip so far.
+window given the last 4 frames of the clip so far. At this budget the generated frames
+do not continue the given motion; the new tiny recipe without bounces and with
+diffusion.input_scale='signal', trained four times as long, does (BUILD_NOTES.md, "Finding:
+the tiny models do not learn motion that depends on the words or the given frames").
 """
 
 from configs import tiny

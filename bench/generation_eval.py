@@ -85,18 +85,21 @@ def sample_batches(s, params, conds, rng):
 
 
 def caption_losses(s, params, tok):
-  """Denoising loss on held-out clips with their own caption, no caption, and another
-  clip's caption, at the same (t, noise) draws: lower with the right caption = the model
-  reads the text, whether or not its samples are clean yet."""
+  """Denoising loss on held-out clips with their own caption, no caption, another clip's
+  caption, and their own with the direction reversed, at the same (t, noise) draws: lower
+  with the right caption = the model reads the text, whether or not its samples are clean
+  yet."""
   cfg = s.config
   n = FLAGS.num_prompts - FLAGS.num_prompts % FLAGS.batch or FLAGS.batch
   source = synthetic.from_data_config(cfg.data, num_examples=n, seed=FLAGS.seed,
                                       captions=True)
-  video = np.stack([source[i]['video'] for i in range(n)]).astype(np.float32) / 127.5 - 1.0
-  captions = [source[i]['caption'] for i in range(n)]
+  clips = [source[i] for i in range(n)]  # each rendered once
+  video = np.stack([c['video'] for c in clips]).astype(np.float32) / 127.5 - 1.0
+  captions = [c['caption'] for c in clips]
   shuffled = captions[1:] + captions[:1]
-  reverse = {'right': 'left', 'left': 'right', 'down': 'up', 'up': 'down'}
-  reversed_direction = [' '.join(c.split()[:-1] + [reverse[c.split()[-1]]]) for c in captions]
+  reversed_direction = [
+      synthetic.caption(c['shape'], c['colour'], synthetic.opposite_direction(c['direction']))
+      for c in clips]
   t_rng, noise_rng = jax.random.split(jax.random.key(FLAGS.seed))
   t = s.diffusion.sample_t(t_rng, n)
   noise = jax.random.normal(noise_rng, video.shape)
@@ -136,8 +139,7 @@ def _mean_travel(frames, direction):
   total = weight.sum(axis=(1, 2))
   path = np.stack([(weight * xs).sum(axis=(1, 2)) / total,
                    (weight * ys).sum(axis=(1, 2)) / total], axis=-1)  # [T, 2]
-  unit = np.array({'right': (1, 0), 'left': (-1, 0), 'down': (0, 1), 'up': (0, -1)}[direction])
-  return float((path[-1] - path[0]) @ unit)
+  return float((path[-1] - path[0]) @ synthetic.direction_step(direction))
 
 
 def noisiest_mean_travel(s, params, tok):

@@ -492,6 +492,17 @@ def _steps_along(example):
   return moves @ unit, np.abs(moves @ unit[::-1]).max()
 
 
+def test_direction_steps_and_opposites():
+  assert [synthetic.direction_step(d).tolist() for d in synthetic.DIRECTIONS] == [
+      [1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]]
+  assert synthetic.direction_step(3).tolist() == [0.0, -1.0]  # an index works too
+  assert [synthetic.opposite_direction(d) for d in synthetic.DIRECTIONS] == [
+      'left', 'right', 'up', 'down']
+  assert synthetic.opposite_direction(np.int32(1)) == 'right'
+  with pytest.raises(ValueError, match="direction 'sideways' is not one of"):
+    synthetic.direction_step('sideways')
+
+
 def test_bounce_false_keeps_every_path_inside_and_in_the_labelled_direction():
   bouncing = _source(num_frames=16, shape_size=(0.4, 0.55))
   straight = _source(num_frames=16, shape_size=(0.4, 0.55), bounce=False)

@@ -306,6 +306,19 @@ def _lookup(kind: str, names, value) -> str:
   return names[int(value)]
 
 
+def direction_step(direction) -> np.ndarray:
+  """Unit step (dx, dy) of a direction (name or index) in image coordinates, y down:
+  direction_step('up') == [0, -1]. The clips move by speed times this per frame."""
+  name = _lookup('direction', DIRECTIONS, direction)
+  return _DIRECTION_STEPS[DIRECTIONS.index(name)].copy()
+
+
+def opposite_direction(direction) -> str:
+  """The name of the direction whose step is minus this one's: 'left' for 'right'."""
+  steps = _DIRECTION_STEPS == -direction_step(direction)  # [4, 2]
+  return DIRECTIONS[int(np.flatnonzero(steps.all(axis=1))[0])]
+
+
 def caption(shape, colour, direction) -> str:
   """Text for a clip, e.g. caption(0, 'red', 1) == 'a red square moving left'.
 

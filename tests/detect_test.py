@@ -33,6 +33,17 @@ def test_velocity_of_a_known_motion():
   assert d.direction == 'right' and d.velocity[0] >= 0.9 and abs(d.velocity[1]) < 0.2
 
 
+def test_direction_of_each_step_and_of_ties():
+  for name in synthetic.DIRECTIONS:
+    step = synthetic.direction_step(name)
+    assert detect.direction_of(1.7 * step) == name
+    assert detect.direction_of(1.7 * step + 0.5 * step[::-1]) == name  # off-axis part
+  assert detect.direction_of((1.0, 1.0)) == 'right'    # a diagonal tie: horizontal
+  assert detect.direction_of((-1.0, -1.0)) == 'left'
+  assert detect.direction_of((0.0, 0.0)) == 'unknown'  # a still object has no direction
+  assert detect.direction_of((np.nan, 1.0)) == 'unknown'
+
+
 def test_blank_and_bad_clips():
   d = detect.detect(np.zeros((4, 16, 16, 3), np.uint8))
   assert d.colour == d.shape == d.direction == 'unknown' and not d.found.any()

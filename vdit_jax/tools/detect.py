@@ -15,6 +15,7 @@ distance). Then
              (the synthetic label is the direction at frame 0; the shape may bounce
              off a wall from the second frame on, so `lead` is short)
   direction  right | left | down | up: the larger component of the velocity, by sign
+             (synthetic.direction_step's table); 'unknown' for a still or unseen object
 
 `coherence` scores whether a clip shows one solid object per frame (connected components
 of the foreground) rather than scattered fragments: what an undertrained model makes.
@@ -85,12 +86,17 @@ def velocity_of(centroids, found, lead: int = 2) -> Tuple[float, float]:
 
 
 def direction_of(velocity) -> str:
-  vx, vy = velocity
-  if not np.isfinite(vx) or not np.isfinite(vy):
+  """The synthetic direction whose unit step is closest to `velocity` (vx, vy): the one
+  with the largest dot product. A diagonal tie goes to the horizontal direction; a
+  non-finite velocity, or a zero one, is 'unknown'."""
+  v = np.asarray(velocity, np.float64)
+  if not np.all(np.isfinite(v)) or not np.any(v):
     return 'unknown'
-  if abs(vx) >= abs(vy):
-    return 'right' if vx > 0 else 'left'
-  return 'down' if vy > 0 else 'up'
+  scores = [float(synthetic.direction_step(d) @ v) for d in synthetic.DIRECTIONS]
+  best = max(scores)
+  ties = [d for d, s in zip(synthetic.DIRECTIONS, scores) if s == best]
+  horizontal = [d for d in ties if synthetic.direction_step(d)[0] != 0]
+  return (horizontal or ties)[0]
 
 
 def detect(frames, threshold: float = 60.0, lead: int = 2) -> Detection:

@@ -29,12 +29,12 @@ from vdit_jax.train import step as step_lib
 L = 8
 
 
-def model_cfg(encoder='builtin', **overrides):
+def model_cfg(encoder='builtin', pooled=False, **overrides):
   cfg = defaults.base_config().model
   cfg.update(dict(variant=None, width=48, depth=1, num_heads=4, mlp_dim=96, patch_size=(2, 4, 4),
                   conditioning='text'))
   cfg.text.update(dict(encoder=encoder, max_length=L, width=32, depth=1, num_heads=4,
-                       embed_dim=24))
+                       embed_dim=24, pooled=pooled))
   cfg.update(overrides)
   return cfg
 
@@ -52,9 +52,9 @@ def random_params(model, *inputs, seed=1):
 
 
 @functools.lru_cache(maxsize=None)
-def built(encoder='builtin'):
+def built(encoder='builtin', pooled=False):
   """(model, random params, jitted apply) of a small text model."""
-  model = dit.build_model(model_cfg(encoder), 3, num_classes=12)
+  model = dit.build_model(model_cfg(encoder, pooled), 3, num_classes=12)
   params = random_params(model, jnp.zeros((2, 4, 8, 8, 3)), jnp.zeros(2))
   apply = jax.jit(lambda p, z, t, text: model.apply({'params': p}, z, t, None, text=text))
   return model, params, apply
@@ -114,8 +114,9 @@ def test_text_changes_the_output():
   np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))  # rows are independent
 
 
-def test_masked_padding_tokens_have_no_effect():
-  _, params, apply = built()
+@pytest.mark.parametrize('pooled', [False, True])
+def test_masked_padding_tokens_have_no_effect(pooled):
+  _, params, apply = built(pooled=pooled)
   z, t = clip_inputs()
   text = tokens('a red square moving left', 'a blue circle')
   out = apply(params, z, t, text)
@@ -128,8 +129,9 @@ def test_masked_padding_tokens_have_no_effect():
   assert np.abs(np.asarray(apply(params, z, t, unmasked) - out)).max() > 1e-5
 
 
-def test_masked_precomputed_embedding_rows_have_no_effect():
-  _, params, apply = built('precomputed')
+@pytest.mark.parametrize('pooled', [False, True])
+def test_masked_precomputed_embedding_rows_have_no_effect(pooled):
+  _, params, apply = built('precomputed', pooled)
   z, t = clip_inputs()
   rng = np.random.default_rng(3)
   embed = jnp.asarray(rng.normal(size=(2, L, 24)), jnp.float32)
@@ -154,6 +156,36 @@ def test_empty_caption_is_the_learned_null_caption():
   assert np.abs(np.asarray(apply(moved, z, t, empty) - apply(params, z, t, empty))).max() > 1e-5
   assert params['text']['null'].shape == (1, 48)
   assert 'y_embed' not in params  # labels are not used by a text model
+
+
+def test_pooled_caption_drives_adaln_and_starts_as_a_no_op():
+  """model.text.pooled: the caption's masked mean, through an MLP, joins the timestep
+  embedding. Its last layer starts at zero, so a model with it computes what the same
+  weights without it compute; once trained it changes the output, and only through
+  the unmasked tokens (test_masked_padding_tokens_have_no_effect[True])."""
+  _, plain_params, plain = built()
+  model, params, apply = built(pooled=True)
+  assert set(params) - set(plain_params) == {'text_pool'}
+  assert params['text_pool']['fc1']['kernel'].shape == (48, 48)
+  z, t = clip_inputs()
+  text = tokens('a red square moving left', 'a blue circle moving up')
+  fresh = nn.unbox(model.init(jax.random.key(0), z, t, None, text=text))['params']['text_pool']
+  assert not np.asarray(fresh['fc2']['kernel']).any() and not np.asarray(fresh['fc2']['bias']).any()
+  zeroed = {**params, 'text_pool': fresh}
+  shared = {k: v for k, v in zeroed.items() if k != 'text_pool'}
+  np.testing.assert_allclose(np.asarray(apply(zeroed, z, t, text)),
+                             np.asarray(plain(shared, z, t, text)), rtol=1e-6, atol=1e-6)
+  assert np.abs(np.asarray(apply(params, z, t, text) - apply(zeroed, z, t, text))).max() > 1e-4
+  # The pooled vector is the mean over the unmasked rows: by hand, through the MLP.
+  ctx = text_lib.TextConditioner(model.spec.text, 48).apply({'params': params['text']}, text, 2)
+  pool = text_lib.PooledText(48)
+  got = pool.apply({'params': params['text_pool']}, *ctx)
+  context, mask = (np.asarray(a) for a in ctx)
+  mean = np.stack([context[i][mask[i]].mean(axis=0) for i in range(2)])
+  p = params['text_pool']
+  h = np.asarray(jax.nn.silu(mean @ p['fc1']['kernel'] + p['fc1']['bias']))
+  np.testing.assert_allclose(np.asarray(got), h @ p['fc2']['kernel'] + p['fc2']['bias'],
+                             rtol=1e-5, atol=1e-6)
 
 
 def test_fresh_block_with_cross_attention_is_the_identity():
@@ -326,6 +358,9 @@ def test_config_errors_are_clear():
     check(sample__prompts='a red square; a purple circle')
   with pytest.raises(ValueError, match=r'model.text.width=30 is not divisible by'):
     check(model__text__width=30)
+  with pytest.raises(ValueError, match=r"model.text.pooled='yes' must be True or False"):
+    # (a ConfigDict already refuses a str in the bool field; a plain dict reaches this check)
+    text_lib.check_spec(text_lib.resolve_spec({'pooled': 'yes'}))
   with pytest.raises(ValueError, match=r'caption_dropout=1.0 must be in \[0, 1\)'):
     check(model__caption_dropout=1.0)
   with pytest.raises(ValueError, match=r"--prompt='a red square' needs a text-conditioned"):

@@ -58,6 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
   tx.num_heads = 4
   tx.mlp_dim = config_dict.placeholder(int)
   tx.embed_dim = 0                  # precomputed: E (T5-XXL / UMT5-XXL: 4096)
+  tx.pooled = False                 # also add the caption's masked mean (an MLP of it) to the
+                                    # timestep embedding that drives adaLN, as SD3 / Flux do
   # Given frames (diffusion/conditioning.py): video extension, image-to-video.
   m.context_frames_max = 0          # train with the first k in [1, this] frames given; 0 = off
   m.context_none_prob = 0.1         # p(k = 0) per clip, so the model also generates from nothing

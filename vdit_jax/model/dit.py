@@ -254,6 +254,8 @@ class VideoDiT(nn.Module):
     if spec.conditioning == 'text':  # (context [B, L, D], mask [B, L]) for cross-attention
       context = text_lib.TextConditioner(spec.text, spec.width, dtype, param_dtype,
                                          name='text')(text, video.shape[0])
+      if spec.text.pooled:  # the caption also drives adaLN, next to the timestep
+        c = c + text_lib.PooledText(spec.width, dtype, param_dtype, name='text_pool')(*context)
     elif self.num_classes > 0:
       if labels is None:
         labels = jnp.full((video.shape[0],), self.num_classes, jnp.int32)

@@ -112,6 +112,7 @@ class TextSpec:
   num_heads: int = 4      # builtin: attention heads
   mlp_dim: int = 512      # builtin: MLP hidden width
   embed_dim: int = 0      # precomputed: E of the embeddings [B, L, E]
+  pooled: bool = False    # also drive adaLN with the caption's masked mean (PooledText)
   vocab_size: int = len(VOCABULARY)
 
 
@@ -123,7 +124,8 @@ def resolve_spec(text_cfg) -> TextSpec:
                   max_length=int(text_cfg.get('max_length', 16)), width=width,
                   depth=int(text_cfg.get('depth', 2)), num_heads=int(text_cfg.get('num_heads', 4)),
                   mlp_dim=int(4 * width if mlp is None else mlp),
-                  embed_dim=int(text_cfg.get('embed_dim', 0) or 0))
+                  embed_dim=int(text_cfg.get('embed_dim', 0) or 0),
+                  pooled=text_cfg.get('pooled', False))
 
 
 def check_spec(spec: TextSpec) -> None:
@@ -132,6 +134,8 @@ def check_spec(spec: TextSpec) -> None:
     raise ValueError(f'model.text.encoder={spec.encoder!r} is not one of {ENCODERS}.')
   if spec.max_length < 1:
     raise ValueError(f'model.text.max_length={spec.max_length} must be positive.')
+  if not isinstance(spec.pooled, (bool, np.bool_)):
+    raise ValueError(f'model.text.pooled={spec.pooled!r} must be True or False.')
   if spec.encoder == 'precomputed':
     if spec.embed_dim < 1:
       raise ValueError(f'model.text.embed_dim={spec.embed_dim} must be the positive width E '
@@ -329,3 +333,27 @@ class TextConditioner(nn.Module):
     mask = jnp.where(empty[:, None], null_mask[None], mask)  # [B, L]
     context = nn.with_logical_constraint(context, (axes.ACT_BATCH, None, axes.ACT_EMBED))
     return context, mask
+
+
+class PooledText(nn.Module):
+  """The caption as one vector for adaLN: the masked mean of the context [B, L, D] over
+  its unmasked rows, through a SiLU MLP, -> [B, D], added to the timestep embedding (as
+  SD3 and Flux add a pooled text vector). Masked rows get weight exactly 0; the null
+  caption pools to its learned row. The last layer starts at zero, so turning this on
+  leaves a fresh model's output as it was."""
+  width: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, context, mask):  # [B, L, D], [B, L] bool
+    weights = mask.astype(jnp.float32)
+    weights = weights / jnp.maximum(weights.sum(axis=1, keepdims=True), 1.0)  # [B, L]
+    pooled = jnp.einsum('bl,bld->bd', weights.astype(self.dtype), context)  # [B, D]
+    h = nn.silu(_dense(self.width, axes.EMBED, axes.MLP, self.dtype, self.param_dtype,
+                       'fc1')(pooled))  # [B, D]
+    return nn.Dense(
+        self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes.MLP, axes.EMBED)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes.EMBED,)),
+        name='fc2')(h)  # [B, D]

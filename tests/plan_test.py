@@ -128,13 +128,16 @@ def test_flops_count_every_matmul_weight_of_the_model():
   assert f.token_matmul_params + f.clip_matmul_params == kernels
 
 
-@pytest.mark.parametrize('encoder', ['builtin', 'precomputed'])
-def test_flops_count_text_and_given_frame_weights(encoder):
+@pytest.mark.parametrize('encoder,pooled', [('builtin', False), ('precomputed', False),
+                                            ('builtin', True)])
+def test_flops_count_text_and_given_frame_weights(encoder, pooled):
   """Oracle, text + given frames: token + clip + caption-token matmul params are exactly
-  the model's kernels (cross-attention, context projection, text encoder, mask channel)."""
+  the model's kernels (cross-attention, context projection, text encoder, mask channel,
+  the pooled caption's MLP)."""
   config = tiny_text.get_config()
   config.model.context_frames_max = 2
   config.model.text.encoder = encoder
+  config.model.text.pooled = pooled
   if encoder == 'precomputed':
     config.model.text.embed_dim = 24
   model = dit.build_model(config.model, config.data.channels, num_classes=0)

@@ -17,7 +17,8 @@ Counted the way MFU is usually counted (PaLM appendix B; MaxText's
     once per caption token; the context projection and the built-in text encoder's
     layers run once per caption token; cross-attention scores cost 12 x L x D per video
     token per layer over the L caption slots (padding included: it is computed), the
-    encoder's self-attention 12 x L x Dt per caption token per layer;
+    encoder's self-attention 12 x L x Dt per caption token per layer; with
+    model.text.pooled, the pooled caption's two-layer MLP once per clip;
   * given frames (model.context_frames_max > 0) add the mask channel to the patch embedding;
   * the depthwise token convolution (model.mlp_conv) uses each of its kt kh kw D taps once
     per token, like a token-wise weight;
@@ -97,6 +98,8 @@ def train_step_flops(spec, data_shape: Sequence[int], batch_size: int) -> FlopCo
     else:
       context_params += int(text.embed_dim) * d  # precomputed embeddings -> width
     text_attention += 12 * depth * caption_len * d * tokens  # cross-attention, per clip
+    if text.pooled:
+      clip_params += 2 * d * d  # the pooled caption's MLP (model.text.pooled), once per clip
 
   matmul = TRAIN_FLOPS_PER_MAC * (token_params * tokens * clips + clip_params * clips
                                   + context_params * caption_len * clips)

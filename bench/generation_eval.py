@@ -146,15 +146,13 @@ def _mean_travel(frames, direction):
   return float((path[-1] - path[0]) @ synthetic.direction_step(direction))
 
 
-def noisiest_mean_travel(s, params, tok):
+def noisiest_mean_travel(s, params, tok, clips):
   """Per direction: the centroid travel of the mean x0 estimate at the noisiest step (one
-  pure-noise draw per prompt of that direction) and of the mean held-out clip."""
+  pure-noise draw per prompt of that direction) and of the mean of held-out `clips`."""
   cfg = s.config
   d = s.diffusion
   t_max = 1.0 if d.is_flow else d.num_timesteps - 1
   grid = prompt_grid(len(synthetic.COLOURS) * len(synthetic.SHAPES) * len(synthetic.DIRECTIONS))
-  source = synthetic.from_data_config(cfg.data, num_examples=400, seed=FLAGS.seed + 1)
-  clips = [source[i] for i in range(len(source))]
 
   @jax.jit
   def x0_at_noise(z, ids, mask):
@@ -206,8 +204,13 @@ def eval_text(s, params):
   cfg = s.config
   spec = text_lib.resolve_spec(cfg.model.text)
   tok = text_lib.Tokenizer(spec.max_length)
+  # Held-out clips of the data, rendered once: the noisiest-step reference and the
+  # detector's own scores below.
+  source = synthetic.from_data_config(cfg.data, num_examples=max(400, FLAGS.num_prompts),
+                                      seed=FLAGS.seed + 1)
+  held_out = [source[i] for i in range(len(source))]
   results = {'loss': caption_losses(s, params, tok),
-             'noisiest_mean_travel': noisiest_mean_travel(s, params, tok)}
+             'noisiest_mean_travel': noisiest_mean_travel(s, params, tok, held_out[:400])}
   grid = prompt_grid(FLAGS.num_prompts)
   grid += grid[:(-len(grid)) % FLAGS.batch]  # whole batches
   for name, use_caption in (('prompted', True), ('no_caption', False)):
@@ -224,9 +227,7 @@ def eval_text(s, params):
     results[name] = acc
     _print_scores(name, acc, f'  ({len(found)} clips, {acc["sample_s"]:.0f}s)')
   # The detector on held-out clips of the data itself: what a perfect model would score.
-  source = synthetic.from_data_config(cfg.data, num_examples=FLAGS.num_prompts,
-                                      seed=FLAGS.seed + 1)
-  clips = [source[i] for i in range(FLAGS.num_prompts)]
+  clips = held_out[:FLAGS.num_prompts]
   results['data'] = _scores(
       [detect.detect(c['video']) for c in clips],
       [(None, list(synthetic.COLOURS)[c['colour']], synthetic.SHAPES[c['shape']],

@@ -176,11 +176,11 @@ def masked_attention(q, k, v, mask):
   return jnp.einsum('bknl,blkh->bnkh', weights.astype(v.dtype), v)  # [B, N, K, Dh]
 
 
-def _dense(features, in_axis, out_axis, dtype, param_dtype, name):
+def _dense(features, in_axis, out_axis, dtype, param_dtype, name, zero=False):
+  kernel = nn.initializers.zeros if zero else nn.initializers.xavier_uniform()
   return nn.Dense(
       features, dtype=dtype, param_dtype=param_dtype,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(),
-                                               (in_axis, out_axis)),
+      kernel_init=nn.with_logical_partitioning(kernel, (in_axis, out_axis)),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (out_axis,)), name=name)
 
 
@@ -352,8 +352,5 @@ class PooledText(nn.Module):
     pooled = jnp.einsum('bl,bld->bd', weights.astype(self.dtype), context)  # [B, D]
     h = nn.silu(_dense(self.width, axes.EMBED, axes.MLP, self.dtype, self.param_dtype,
                        'fc1')(pooled))  # [B, D]
-    return nn.Dense(
-        self.width, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes.MLP, axes.EMBED)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes.EMBED,)),
-        name='fc2')(h)  # [B, D]
+    return _dense(self.width, axes.MLP, axes.EMBED, self.dtype, self.param_dtype, 'fc2',
+                  zero=True)(h)  # [B, D]

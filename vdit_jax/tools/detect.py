@@ -92,11 +92,10 @@ def direction_of(velocity) -> str:
   v = np.asarray(velocity, np.float64)
   if not np.all(np.isfinite(v)) or not np.any(v):
     return 'unknown'
-  scores = [float(synthetic.direction_step(d) @ v) for d in synthetic.DIRECTIONS]
-  best = max(scores)
-  ties = [d for d, s in zip(synthetic.DIRECTIONS, scores) if s == best]
-  horizontal = [d for d in ties if synthetic.direction_step(d)[0] != 0]
-  return (horizontal or ties)[0]
+  def score(direction):  # (dot product, then horizontal first)
+    step = synthetic.direction_step(direction)
+    return float(step @ v), step[0] != 0
+  return max(synthetic.DIRECTIONS, key=score)
 
 
 def detect(frames, threshold: float = 60.0, lead: int = 2) -> Detection:

@@ -5,6 +5,8 @@ python bench/generation_eval.py --task=text --config=configs/tiny_text.py \
     --workdir=runs/tiny_text [--num_prompts=84 --num_steps=25]
 python bench/generation_eval.py --task=extend --config=configs/tiny_extend.py \
     --workdir=runs/tiny_extend [--num_clips=24 --total_frames=28]
+python bench/generation_eval.py --task=image_to_video --config=configs/tiny_text.py \
+    --config.model.context_frames_max=1 --workdir=runs/tiny_text_i2v [--num_clips=24]
 
 text: samples one clip per prompt 'a {colour} {shape} moving {direction}' (the prompts
 cycle through all colours x shapes x directions), detects each clip's colour, shape and
@@ -13,7 +15,8 @@ to the same model sampled with no caption (the null caption) in the same run, an
 detector's own scores on held-out clips of the data. Direction is read two ways: from the
 first two frame steps (right for clips that bounce) and from the whole path, first frame
 to last (what clips with data.bounce=False show), with the path's speed in px/frame and
-its signed part along the prompted direction.
+its signed part along the prompted direction, and where the path starts, from the frame
+centre along the prompted direction (clips that do not bounce start behind the centre).
 First, the denoising loss of held-out clips with their own caption, none, another clip's
 caption, and their own caption with the direction word reversed (same t and noise):
 whether the model reads the text at all, and its direction word in particular. Then, per
@@ -22,6 +25,21 @@ draw per prompt of that direction) against the mean of held-out clips of that di
 how far the mean's centroid travels along the direction from the first frame to the last.
 The data's mean travels (a clip's layout is picked at the noisiest steps, so a model
 that follows the word must shift its mean there); a model that ignores the word gives ~0.
+
+A text model trained with the first frames given (model.context_frames_max >= 1) also
+gets a row 'frame+clip': text to image to video, as Emu Video factorises it. The first
+frame of each prompted sample is kept and the clip generated again from it and the same
+prompt.
+
+image_to_video (such a model): each of --num_clips held-out clips' first frame is given,
+prompted with the clip's colour and shape and each of the four directions in turn. One
+frame does not show which way the shape moves, so the direction of the generated motion
+has to come from the words; it is scored against the prompt, overall and split by how the
+prompted direction relates to the clip's own (own, reversed, perpendicular: where a shape
+starts depends on its direction when clips do not bounce, so the first frame carries a
+prior). A no-caption row, scored against each clip's own direction, shows that prior.
+First, the denoising loss of the frames after the first with the first given, with the
+own caption, none, another clip's and the direction reversed.
 
 extend: renders --num_clips held-out synthetic clips of --total_frames frames (the
 ground truth), gives the model their first k = sample.overlap frames, extends them to
@@ -59,9 +77,9 @@ from vdit_jax.train import loop
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'The config the model was trained with.')
 flags.DEFINE_string('workdir', None, 'Workdir holding the trained checkpoints.')
-flags.DEFINE_enum('task', 'text', ['text', 'extend'], 'What to measure.')
+flags.DEFINE_enum('task', 'text', ['text', 'extend', 'image_to_video'], 'What to measure.')
 flags.DEFINE_integer('num_prompts', 84, 'text: prompts (= clips) to sample.')
-flags.DEFINE_integer('num_clips', 24, 'extend: clips to extend.')
+flags.DEFINE_integer('num_clips', 24, 'extend, image_to_video: held-out clips used.')
 flags.DEFINE_integer('total_frames', 28, 'extend: frames of each extended clip.')
 flags.DEFINE_integer('num_steps', 25, 'Sampler steps.')
 flags.DEFINE_integer('batch', 12, 'Clips sampled per call.')
@@ -81,6 +99,12 @@ def prompt_grid(n):
   return out
 
 
+def whole_batches(rows):
+  """`rows` cycled up to a multiple of --batch (each batch is one sampler call)."""
+  n = -(-len(rows) // FLAGS.batch) * FLAGS.batch
+  return [rows[i % len(rows)] for i in range(n)]
+
+
 def sample_batches(s, params, conds, rng):
   cfg = s.config
   fn = jax.jit(generate.make_sample_fn(s.model, s.diffusion, cfg, s.num_classes,
@@ -88,11 +112,11 @@ def sample_batches(s, params, conds, rng):
   return [np.asarray(fn(params, jax.random.fold_in(rng, i), c)) for i, c in enumerate(conds)]
 
 
-def caption_losses(s, params, tok):
+def caption_losses(s, params, tok, given=0):
   """Denoising loss on held-out clips with their own caption, no caption, another clip's
   caption, and their own with the direction reversed, at the same (t, noise) draws: lower
   with the right caption = the model reads the text, whether or not its samples are clean
-  yet."""
+  yet. given > 0: the first `given` frames enter clean and the loss covers the others."""
   cfg = s.config
   n = FLAGS.num_prompts - FLAGS.num_prompts % FLAGS.batch or FLAGS.batch
   source = synthetic.from_data_config(cfg.data, num_examples=n, seed=FLAGS.seed,
@@ -108,11 +132,19 @@ def caption_losses(s, params, tok):
   t = s.diffusion.sample_t(t_rng, n)
   noise = jax.random.normal(noise_rng, video.shape)
 
+  num_frames = video.shape[1]
+  given_mask = (None if not given
+                else cond_lib.frame_mask(jnp.full((FLAGS.batch,), given), num_frames))
+
   @jax.jit
   def per_clip(video, t, noise, text):
     z = s.diffusion.model_input(s.diffusion.corrupt(video, noise, t), t)
-    pred = s.model.apply({'params': params}, z, s.diffusion.model_t(t), None, text=text)
-    return jnp.mean(jnp.square(pred - s.diffusion.target(video, noise, t)), axis=(1, 2, 3, 4))
+    if given_mask is not None:  # the given frames enter clean, as in training
+      z = cond_lib.impose(z, video, given_mask)
+    pred = s.model.apply({'params': params}, z, s.diffusion.model_t(t), None, text=text,
+                         frame_mask=given_mask)
+    err = jnp.mean(jnp.square(pred - s.diffusion.target(video, noise, t)), axis=(2, 3, 4))
+    return jnp.mean(err[:, given:], axis=1)  # [B]: the frames after the given ones
 
   out = {}
   for name, texts in (('own_caption', captions), ('no_caption', None),
@@ -127,7 +159,8 @@ def caption_losses(s, params, tok):
         text = {'tokens': ids, 'mask': mask}
       losses.append(per_clip(video[sl], t[sl], noise[sl], text))
     out[name] = float(np.mean(np.concatenate(losses)))
-  print(f'denoising loss on {n} held-out clips: own caption {out["own_caption"]:.4f}, '
+  where = f', frames {given}.. with the first {given} given' if given else ''
+  print(f'denoising loss on {n} held-out clips{where}: own caption {out["own_caption"]:.4f}, '
         f'no caption {out["no_caption"]:.4f}, another clip\'s caption '
         f'{out["other_caption"]:.4f}, own with the direction reversed '
         f'{out["direction_reversed"]:.4f}')
@@ -190,6 +223,13 @@ def _scores(found, truth):
   acc['speed'] = float(np.nanmean([np.hypot(*v) for v in paths]))
   acc['speed_along_prompt'] = float(np.nanmean(
       [np.asarray(v) @ synthetic.direction_step(t[3]) for v, t in zip(paths, truth)]))
+  # Where the path starts, from the frame centre, along the prompted direction: a clip of
+  # data.bounce=False starts behind the centre (its whole path has to fit), so a model
+  # that places the shape by the word gives a negative number too.
+  centre = np.array([FLAGS.config.data.width, FLAGS.config.data.height]) / 2.0
+  acc['start_along_prompt'] = float(np.nanmean(
+      [(d.centroids[np.flatnonzero(d.found)[0]] - centre) @ synthetic.direction_step(t[3])
+       for d, t in zip(found, truth) if d.found.any()] or [np.nan]))
   return acc
 
 
@@ -197,7 +237,25 @@ def _print_scores(name, acc, tail=''):
   print(f'{name:>10}: colour {acc["colour"]:.3f}  shape {acc["shape"]:.3f}  direction '
         f'{acc["direction"]:.3f} (first 2 steps) {acc["direction_path"]:.3f} (whole path)  '
         f'speed {acc["speed"]:.2f} px/frame, {acc["speed_along_prompt"]:+.2f} along the '
-        f'prompt{tail}')
+        f'prompt, start {acc["start_along_prompt"]:+.1f} px from the centre along it{tail}')
+
+
+def gives_first_frame(cfg) -> bool:
+  """A text model trained with the first frames given (it can do image-to-video)."""
+  return (generate.is_text(cfg) and int(cfg.model.get('context_frames_max', 0) or 0) >= 1
+          and cfg.model.get('given_frames', 'prefix') == 'prefix')
+
+
+def first_frame_conds(tok, prompts, first, num_frames, use_caption=True):
+  """Condition dicts, one per batch: captions `prompts` and each clip's first frame
+  `first` [N, 1, H, W, C] given (N = len(prompts), whole batches)."""
+  conds = []
+  for b in range(0, len(prompts), FLAGS.batch):
+    ids, mask = tok.encode_batch(prompts[b:b + FLAGS.batch])
+    context, frame_mask = cond_lib.given_at(first[b:b + FLAGS.batch], (0,), num_frames)
+    conds.append({'text': {'tokens': ids, 'mask': mask & use_caption},
+                  'context': context, 'frame_mask': frame_mask})
+  return conds
 
 
 def eval_text(s, params):
@@ -211,8 +269,7 @@ def eval_text(s, params):
   held_out = [source[i] for i in range(len(source))]
   results = {'loss': caption_losses(s, params, tok),
              'noisiest_mean_travel': noisiest_mean_travel(s, params, tok, held_out[:400])}
-  grid = prompt_grid(FLAGS.num_prompts)
-  grid += grid[:(-len(grid)) % FLAGS.batch]  # whole batches
+  grid = whole_batches(prompt_grid(FLAGS.num_prompts))
   for name, use_caption in (('prompted', True), ('no_caption', False)):
     conds = []
     for b in range(0, len(grid), FLAGS.batch):
@@ -226,6 +283,20 @@ def eval_text(s, params):
     acc['sample_s'] = time.perf_counter() - t0
     results[name] = acc
     _print_scores(name, acc, f'  ({len(found)} clips, {acc["sample_s"]:.0f}s)')
+    if use_caption:
+      prompted = clips
+  if gives_first_frame(cfg):
+    # Text to image to video (Emu Video's factorisation): keep the first frame of each
+    # prompted sample, then generate the clip again from it and the same prompt.
+    t0 = time.perf_counter()
+    conds = first_frame_conds(tok, [g[0] for g in grid], prompted[:, :1], cfg.data.num_frames)
+    clips = np.concatenate(sample_batches(s, params, conds, jax.random.key(FLAGS.seed + 1)))
+    acc = _scores([detect.detect(c) for c in clips[:FLAGS.num_prompts]],
+                  grid[:FLAGS.num_prompts])
+    acc['sample_s'] = time.perf_counter() - t0
+    results['first_frame_then_video'] = acc
+    _print_scores('frame+clip', acc, f'  (the first frame of each prompted clip given, '
+                  f'{acc["sample_s"]:.0f}s)')
   # The detector on held-out clips of the data itself: what a perfect model would score.
   clips = held_out[:FLAGS.num_prompts]
   results['data'] = _scores(
@@ -236,6 +307,94 @@ def eval_text(s, params):
   results['chance'] = {'colour': 1 / len(synthetic.COLOURS), 'shape': 1 / len(synthetic.SHAPES),
                        'direction': 1 / len(synthetic.DIRECTIONS)}
   print(f'{"chance":>10}: colour {1 / 7:.3f}  shape {1 / 3:.3f}  direction {1 / 4:.3f}')
+  return results
+
+
+def _relation(true, prompted) -> str:
+  if prompted == true:
+    return 'own'
+  return 'reversed' if prompted == synthetic.opposite_direction(true) else 'perpendicular'
+
+
+def feasible_directions(frame, num_frames):
+  """The directions a shape in `frame` [H, W, 3] could move in for num_frames - 1 frames at
+  the data's slowest speed (1 px per frame at 32 px) without its bounding box reaching the
+  frame border: with data.bounce=False a clip only goes where its whole path fits."""
+  mask = detect.foreground(frame[None])[0]  # [H, W]
+  h, w = mask.shape
+  rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+  if not len(rows):
+    return set()
+  room = {'right': w - 1 - cols[-1], 'left': cols[0], 'down': h - 1 - rows[-1], 'up': rows[0]}
+  need = (num_frames - 1) * min(h, w) / 32.0
+  return {d for d in synthetic.DIRECTIONS if room[d] >= need}
+
+
+# Prompted directions against the clip's own: 'own'; another direction whose path fits
+# from the first frame ('perpendicular', 'reversed', both: 'feasible_other'); one whose
+# path would cross the border ('infeasible'; the data never does that).
+RELATIONS = ('own', 'perpendicular', 'reversed', 'feasible_other', 'infeasible')
+
+
+def eval_image_to_video(s, params):
+  """Image-to-video with a prompt: each held-out clip's first frame is given, prompted with
+  its colour and shape and each of the four directions in turn."""
+  cfg = s.config
+  if not gives_first_frame(cfg):
+    raise ValueError(
+        "--task=image_to_video needs a text model trained with the first frames given "
+        "(model.conditioning='text', model.context_frames_max >= 1, model.given_frames="
+        f"'prefix'); this config has conditioning={cfg.model.get('conditioning')!r}, "
+        f"context_frames_max={cfg.model.get('context_frames_max', 0)!r}, "
+        f"given_frames={cfg.model.get('given_frames', 'prefix')!r}.")
+  tok = text_lib.Tokenizer(text_lib.resolve_spec(cfg.model.text).max_length)
+  results = {'loss': caption_losses(s, params, tok, given=1)}
+  n = FLAGS.num_clips
+  source = synthetic.from_data_config(cfg.data, num_examples=n, seed=FLAGS.seed + 2,
+                                      captions=True)
+  clips = [source[i] for i in range(n)]
+  T = cfg.data.num_frames
+  rows = []  # (prompt, colour, shape, direction, clip, relation to the clip's direction)
+  for i, c in enumerate(clips):
+    colour, shape = list(synthetic.COLOURS)[c['colour']], synthetic.SHAPES[c['shape']]
+    true = synthetic.DIRECTIONS[c['direction']]
+    feasible = feasible_directions(c['video'][0], T) | {true}
+    for d in synthetic.DIRECTIONS:
+      rel = _relation(true, d) + ('' if d in feasible else '_infeasible')
+      rows.append((synthetic.caption(shape, colour, d), colour, shape, d, i, rel))
+  first = np.stack([c['video'][:1] for c in clips]).astype(np.float32) / 127.5 - 1.0
+  for name, use_caption, chosen in (
+      ('prompted', True, rows),
+      ('no_caption', False, [r for r in rows if r[5] == 'own'])):
+    padded = whole_batches(chosen)
+    t0 = time.perf_counter()
+    conds = first_frame_conds(tok, [r[0] for r in padded], first[[r[4] for r in padded]], T,
+                              use_caption)
+    samples = np.concatenate(sample_batches(s, params, conds, jax.random.key(FLAGS.seed)))
+    found = [detect.detect(c) for c in samples[:len(chosen)]]
+    acc = _scores(found, chosen)
+    groups = {'feasible_other': lambda r: r in ('perpendicular', 'reversed'),
+              'infeasible': lambda r: r.endswith('_infeasible')}
+    for rel in RELATIONS if use_caption else ():
+      pick = [j for j, r in enumerate(chosen) if groups.get(rel, rel.__eq__)(r[5])]
+      acc[f'count_{rel}'] = len(pick)
+      if not pick:
+        acc[f'direction_path_{rel}'] = acc[f'speed_along_prompt_{rel}'] = float('nan')
+        continue
+      sub = _scores([found[j] for j in pick], [chosen[j] for j in pick])
+      acc[f'direction_path_{rel}'] = sub['direction_path']
+      acc[f'speed_along_prompt_{rel}'] = sub['speed_along_prompt']
+    acc['sample_s'] = time.perf_counter() - t0
+    results[name] = acc
+    _print_scores(name, acc, f'  ({len(found)} clips, {acc["sample_s"]:.0f}s)')
+    if use_caption:
+      print('  direction (whole path) by the prompted direction against the clip\'s own '
+            '(feasible: the path fits from the first frame):')
+      for rel in RELATIONS:
+        print(f'    {rel:>16}: {acc[f"direction_path_{rel}"]:.3f} of {acc[f"count_{rel}"]:3d}, '
+              f'{acc[f"speed_along_prompt_{rel}"]:+.2f} px/frame along the prompt')
+  print(f'{"chance":>10}: direction {1 / 4:.3f} (the no-caption row is scored against each '
+        "clip's own direction: what the first frame alone implies)")
   return results
 
 
@@ -336,7 +495,8 @@ def main(argv):
   print(f'{FLAGS.task}: step {step} of {FLAGS.workdir}, {FLAGS.num_steps} '
         f'{config.sample.sampler} steps, cfg {config.sample.cfg_scale} '
         '(shared, contended CPU: times are indicative only)')
-  result = eval_text(s, params) if FLAGS.task == 'text' else eval_extend(s, params)
+  result = {'text': eval_text, 'extend': eval_extend,
+            'image_to_video': eval_image_to_video}[FLAGS.task](s, params)
   print(json.dumps({'task': FLAGS.task, 'step': step, **result}))
 
 

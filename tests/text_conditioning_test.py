@@ -330,6 +330,40 @@ def test_train_step_trains_the_text_encoder():
   assert np.abs(np.asarray(after - before)).max() > 0  # gradients reach the text encoder
 
 
+def test_image_to_video_with_a_prompt_keeps_the_frame_and_reads_the_words():
+  """A text model trained with the first frame given (model.context_frames_max=1, as
+  configs/tiny_text.py): the train step draws captions and given frames together, and
+  sampling with a prompt and a first frame returns that frame exactly, guided by the
+  caption (the null caption keeps the frame) and changed by the words."""
+  config = defaults.base_config()
+  config.model = model_cfg(context_frames_max=1, context_none_prob=0.25)
+  config.data.update(dict(num_frames=4, height=8, width=8))
+  config.sample.update(dict(num_steps=3, cfg_scale=3.0))
+  conditioning = generate.conditioning(config)
+  batch = {'video': jnp.zeros((64, 4, 8, 8, 3)), 'tokens': jnp.ones((64, L), jnp.int32),
+           'text_mask': jnp.ones((64, L), bool)}
+  drawn = conditioning.draw(jax.random.key(0), batch)
+  given = np.asarray(drawn['frame_mask']).sum(axis=1)  # k per clip: 0 or 1
+  assert set(given.tolist()) == {0, 1} and 5 < (given == 0).sum() < 30
+  assert drawn['text']['mask'].shape == (64, L)
+
+  shape = (2, 4, 8, 8, 3)
+  model = dit.build_model(config.model, 3, num_classes=12)
+  params = random_params(model, jnp.zeros(shape), jnp.zeros(2))
+  diffusion = objectives.Diffusion.create('v', schedule='cosine')
+  sample_fn = jax.jit(generate.make_sample_fn(model, diffusion, config, 12, shape))
+  first = jnp.asarray(np.random.default_rng(3).uniform(-1, 1, (2, 1, 8, 8, 3)), jnp.float32)
+  context, frame_mask = cond_lib.given_at(first, (0,), 4)
+  cond = {'text': tokens('a red square moving left', 'a blue circle moving up'),
+          'context': context, 'frame_mask': frame_mask}
+  out = np.asarray(sample_fn(params, jax.random.key(0), cond))
+  np.testing.assert_array_equal(out[:, :1], np.asarray(first))
+  other = dict(cond, text=tokens('a red square moving right', 'a blue circle moving down'))
+  moved = np.asarray(sample_fn(params, jax.random.key(0), other))
+  np.testing.assert_array_equal(moved[:, :1], np.asarray(first))
+  assert np.abs(moved[:, 1:] - out[:, 1:]).max() > 1e-4  # the direction word changes it
+
+
 # ---------------------------------------------------------------- config checks
 
 

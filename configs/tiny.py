@@ -48,7 +48,8 @@ def get_config(arg=None):
 
 def previous_recipe(config):
   """configs/tiny.py as it was until 2026-12-02, in place: 16 frames of shapes 20-35% of
-  the frame side that bounce, no token convolution, the unshifted schedule, 600 steps."""
+  the frame side that bounce, no token convolution, the unshifted schedule, the unscaled
+  noisy input, 600 steps."""
   config.model.mlp_conv = ()
   config.data.bounce = True
   config.data.num_frames = 16
@@ -56,4 +57,5 @@ def previous_recipe(config):
   config.diffusion.shift = 1.0
   config.train.num_steps = 600
   config.checkpoint.every_steps = 200
+  config.diffusion.input_scale = 'none'
   return config

@@ -12,7 +12,7 @@ frames clean, and a given-frame mask) and the loss covers the other frames only
 window given the last 4 frames of the clip so far. At this budget the generated frames
 do not continue the given motion; the new tiny recipe without bounces and with
 diffusion.input_scale='signal', trained four times as long, does (BUILD_NOTES.md, "Finding:
-the tiny models do not learn motion that depends on the words or the given frames").
+motion that depends on the words or the given frames").
 """
 
 from configs import tiny

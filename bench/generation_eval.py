@@ -233,6 +233,22 @@ def _scores(found, truth):
   return acc
 
 
+def shape_confusion(found, truth):
+  """Printed and returned: {prompted shape: {detected shape: count}} and the median fill
+  ratio (area / bounding box, what the detector reads shape from) per prompted shape."""
+  names = synthetic.SHAPES + ('unknown',)
+  out = {p: {d: sum(1 for f, t in zip(found, truth) if t[2] == p and f.shape == d)
+             for d in names} for p in synthetic.SHAPES}
+  fill = {p: float(np.nanmedian([f.fill for f, t in zip(found, truth) if t[2] == p] or [np.nan]))
+          for p in synthetic.SHAPES}
+  print('  detected shape by prompted shape: ' + '; '.join(
+      f'{p} -> ' + ', '.join(f'{d} {n}' for d, n in row.items() if n)
+      for p, row in out.items()))
+  print('  median fill ratio (area / box; data: square 1, circle 0.79, triangle 0.5) by '
+        'prompted shape: ' + ', '.join(f'{p} {v:.2f}' for p, v in fill.items()))
+  return {'counts': out, 'median_fill': fill}
+
+
 def _print_scores(name, acc, tail=''):
   print(f'{name:>10}: colour {acc["colour"]:.3f}  shape {acc["shape"]:.3f}  direction '
         f'{acc["direction"]:.3f} (first 2 steps) {acc["direction_path"]:.3f} (whole path)  '
@@ -285,6 +301,7 @@ def eval_text(s, params):
     _print_scores(name, acc, f'  ({len(found)} clips, {acc["sample_s"]:.0f}s)')
     if use_caption:
       prompted = clips
+      results['shape_confusion'] = shape_confusion(found, truth)
   if gives_first_frame(cfg):
     # Text to image to video (Emu Video's factorisation): keep the first frame of each
     # prompted sample, then generate the clip again from it and the same prompt.

@@ -262,15 +262,18 @@ def gives_first_frame(cfg) -> bool:
           and cfg.model.get('given_frames', 'prefix') == 'prefix')
 
 
-def first_frame_conds(tok, prompts, first, num_frames, use_caption=True):
-  """Condition dicts, one per batch: captions `prompts` and each clip's first frame
-  `first` [N, 1, H, W, C] given (N = len(prompts), whole batches)."""
+def caption_conds(tok, prompts, use_caption=True, first=None, num_frames=None):
+  """Condition dicts, one per batch of --batch: the captions `prompts` (the null caption
+  where not use_caption) and, with `first` [N, 1, H, W, C], each clip's first frame given
+  in a clip of num_frames (N = len(prompts), whole batches)."""
   conds = []
   for b in range(0, len(prompts), FLAGS.batch):
     ids, mask = tok.encode_batch(prompts[b:b + FLAGS.batch])
-    context, frame_mask = cond_lib.given_at(first[b:b + FLAGS.batch], (0,), num_frames)
-    conds.append({'text': {'tokens': ids, 'mask': mask & use_caption},
-                  'context': context, 'frame_mask': frame_mask})
+    cond = {'text': {'tokens': ids, 'mask': mask & use_caption}}
+    if first is not None:
+      cond['context'], cond['frame_mask'] = cond_lib.given_at(
+          first[b:b + FLAGS.batch], (0,), num_frames)
+    conds.append(cond)
   return conds
 
 
@@ -287,10 +290,7 @@ def eval_text(s, params):
              'noisiest_mean_travel': noisiest_mean_travel(s, params, tok, held_out[:400])}
   grid = whole_batches(prompt_grid(FLAGS.num_prompts))
   for name, use_caption in (('prompted', True), ('no_caption', False)):
-    conds = []
-    for b in range(0, len(grid), FLAGS.batch):
-      ids, mask = tok.encode_batch([g[0] for g in grid[b:b + FLAGS.batch]])
-      conds.append({'text': {'tokens': ids, 'mask': mask & use_caption}})
+    conds = caption_conds(tok, [g[0] for g in grid], use_caption)
     t0 = time.perf_counter()
     clips = np.concatenate(sample_batches(s, params, conds, jax.random.key(FLAGS.seed)))
     found = [detect.detect(c) for c in clips[:FLAGS.num_prompts]]
@@ -306,7 +306,8 @@ def eval_text(s, params):
     # Text to image to video (Emu Video's factorisation): keep the first frame of each
     # prompted sample, then generate the clip again from it and the same prompt.
     t0 = time.perf_counter()
-    conds = first_frame_conds(tok, [g[0] for g in grid], prompted[:, :1], cfg.data.num_frames)
+    conds = caption_conds(tok, [g[0] for g in grid], first=prompted[:, :1],
+                          num_frames=cfg.data.num_frames)
     clips = np.concatenate(sample_batches(s, params, conds, jax.random.key(FLAGS.seed + 1)))
     acc = _scores([detect.detect(c) for c in clips[:FLAGS.num_prompts]],
                   grid[:FLAGS.num_prompts])
@@ -353,6 +354,16 @@ def feasible_directions(frame, num_frames):
 RELATIONS = ('own', 'perpendicular', 'reversed', 'feasible_other', 'infeasible')
 
 
+def _in_group(group, relation, feasible) -> bool:
+  """Whether a prompt of `relation` to its clip's direction, `feasible` or not, is in a
+  group of RELATIONS."""
+  if group == 'infeasible':
+    return not feasible
+  if group == 'feasible_other':
+    return feasible and relation != 'own'
+  return feasible and relation == group
+
+
 def eval_image_to_video(s, params):
   """Image-to-video with a prompt: each held-out clip's first frame is given, prompted with
   its colour and shape and each of the four directions in turn."""
@@ -371,29 +382,28 @@ def eval_image_to_video(s, params):
                                       captions=True)
   clips = [source[i] for i in range(n)]
   T = cfg.data.num_frames
-  rows = []  # (prompt, colour, shape, direction, clip, relation to the clip's direction)
+  # (prompt, colour, shape, direction, clip, relation to the clip's direction, feasible)
+  rows = []
   for i, c in enumerate(clips):
     colour, shape = list(synthetic.COLOURS)[c['colour']], synthetic.SHAPES[c['shape']]
     true = synthetic.DIRECTIONS[c['direction']]
     feasible = feasible_directions(c['video'][0], T) | {true}
     for d in synthetic.DIRECTIONS:
-      rel = _relation(true, d) + ('' if d in feasible else '_infeasible')
-      rows.append((synthetic.caption(shape, colour, d), colour, shape, d, i, rel))
+      rows.append((synthetic.caption(shape, colour, d), colour, shape, d, i,
+                   _relation(true, d), d in feasible))
   first = np.stack([c['video'][:1] for c in clips]).astype(np.float32) / 127.5 - 1.0
   for name, use_caption, chosen in (
       ('prompted', True, rows),
       ('no_caption', False, [r for r in rows if r[5] == 'own'])):
     padded = whole_batches(chosen)
     t0 = time.perf_counter()
-    conds = first_frame_conds(tok, [r[0] for r in padded], first[[r[4] for r in padded]], T,
-                              use_caption)
+    conds = caption_conds(tok, [r[0] for r in padded], use_caption,
+                          first=first[[r[4] for r in padded]], num_frames=T)
     samples = np.concatenate(sample_batches(s, params, conds, jax.random.key(FLAGS.seed)))
     found = [detect.detect(c) for c in samples[:len(chosen)]]
     acc = _scores(found, chosen)
-    groups = {'feasible_other': lambda r: r in ('perpendicular', 'reversed'),
-              'infeasible': lambda r: r.endswith('_infeasible')}
     for rel in RELATIONS if use_caption else ():
-      pick = [j for j, r in enumerate(chosen) if groups.get(rel, rel.__eq__)(r[5])]
+      pick = [j for j, r in enumerate(chosen) if _in_group(rel, r[5], r[6])]
       acc[f'count_{rel}'] = len(pick)
       if not pick:
         acc[f'direction_path_{rel}'] = acc[f'speed_along_prompt_{rel}'] = float('nan')

@@ -25,7 +25,6 @@ def get_config(arg=None):
   config.model.given_frames = 'keyframes'
   config.model.keyframe_stride = 0      # 0: the first and last frame of each window
   config.model.context_frames_max = 2   # the two keyframes
-  config.model.context_none_prob = 0.1  # unread with keyframes (the default; tiny_text sets 0.25)
   config.data.num_frames = 5            # keyframe spacing 4 (tiny_keyframes' time_stride)
   config.data.time_stride = 1.0
   config.sample.fps = 8

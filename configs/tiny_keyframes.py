@@ -23,7 +23,7 @@ def get_config(arg=None):
   config = tiny_text.get_config(arg)
   tiny.previous_recipe(config)  # the recipe its BUILD_NOTES figures were measured with
   config.model.context_frames_max = 0          # text to video only (tiny_text also trains
-  config.model.context_none_prob = 0.1         # image-to-video; these are the defaults)
+                                               # image-to-video)
   config.data.time_stride = float(RATE_RATIO)  # base-motion frames between keyframes
   config.sample.fps = 2                        # = tiny_interpolate's 8 fps / 4
   config.sample.cfg_scale = 3.0                # its figures' guidance (tiny_text now takes 10)

@@ -210,14 +210,20 @@ def noisiest_mean_travel(s, params, tok, clips):
   return out
 
 
-def _scores(found, truth):
-  """Accuracies of detections against (prompt, colour, shape, direction) tuples. `direction`
+def _scores(found, truth, clips=None):
+  """Accuracies of detections against (prompt, colour, shape, direction) tuples. `shape` is
+  read from the detector's object mask; with the detected `clips` given, `shape_raw` is read
+  from the raw foreground too (the reading before 2026-12-02, which stray pixels break;
+  tools/detect.py). `direction`
   reads the first two frame steps (the detector's default, right for clips that bounce);
   `direction_path` the whole path, first found frame to last (what a clip that does not
   bounce shows); `speed` and `speed_along_prompt` (signed) are of that path, px/frame."""
   acc = {key: float(np.mean([getattr(d, key) == t[i + 1] for d, t in zip(found, truth)]))
          for i, key in enumerate(('colour', 'shape', 'direction'))}
   paths = [detect.velocity_of(d.centroids, d.found, lead=len(d.found) - 1) for d in found]
+  if clips is not None:
+    acc['shape_raw'] = float(np.mean([detect.detect(c, clean=False).shape == t[2]
+                                      for c, t in zip(clips, truth)]))
   acc['direction_path'] = float(np.mean(
       [detect.direction_of(v) == t[3] for v, t in zip(paths, truth)]))
   acc['speed'] = float(np.nanmean([np.hypot(*v) for v in paths]))
@@ -235,7 +241,8 @@ def _scores(found, truth):
 
 def shape_confusion(found, truth):
   """Printed and returned: {prompted shape: {detected shape: count}} and the median fill
-  ratio (area / bounding box, what the detector reads shape from) per prompted shape."""
+  ratio (object mask area / bounding box, what the detector reads shape from) per prompted
+  shape."""
   names = synthetic.SHAPES + ('unknown',)
   out = {p: {d: sum(1 for f, t in zip(found, truth) if t[2] == p and f.shape == d)
              for d in names} for p in synthetic.SHAPES}
@@ -244,13 +251,15 @@ def shape_confusion(found, truth):
   print('  detected shape by prompted shape: ' + '; '.join(
       f'{p} -> ' + ', '.join(f'{d} {n}' for d, n in row.items() if n)
       for p, row in out.items()))
-  print('  median fill ratio (area / box; data: square 1, circle 0.79, triangle 0.5) by '
+  print('  median fill ratio (object mask area / box; data: square 0.98, circle 0.79, '
+        'triangle 0.59) by '
         'prompted shape: ' + ', '.join(f'{p} {v:.2f}' for p, v in fill.items()))
   return {'counts': out, 'median_fill': fill}
 
 
 def _print_scores(name, acc, tail=''):
-  print(f'{name:>10}: colour {acc["colour"]:.3f}  shape {acc["shape"]:.3f}  direction '
+  raw = f' (raw foreground {acc["shape_raw"]:.3f})' if 'shape_raw' in acc else ''
+  print(f'{name:>10}: colour {acc["colour"]:.3f}  shape {acc["shape"]:.3f}{raw}  direction '
         f'{acc["direction"]:.3f} (first 2 steps) {acc["direction_path"]:.3f} (whole path)  '
         f'speed {acc["speed"]:.2f} px/frame, {acc["speed_along_prompt"]:+.2f} along the '
         f'prompt, start {acc["start_along_prompt"]:+.1f} px from the centre along it{tail}')
@@ -295,7 +304,7 @@ def eval_text(s, params):
     clips = np.concatenate(sample_batches(s, params, conds, jax.random.key(FLAGS.seed)))
     found = [detect.detect(c) for c in clips[:FLAGS.num_prompts]]
     truth = grid[:FLAGS.num_prompts]
-    acc = _scores(found, truth)
+    acc = _scores(found, truth, clips[:FLAGS.num_prompts])
     acc['sample_s'] = time.perf_counter() - t0
     results[name] = acc
     _print_scores(name, acc, f'  ({len(found)} clips, {acc["sample_s"]:.0f}s)')
@@ -310,7 +319,7 @@ def eval_text(s, params):
                           num_frames=cfg.data.num_frames)
     clips = np.concatenate(sample_batches(s, params, conds, jax.random.key(FLAGS.seed + 1)))
     acc = _scores([detect.detect(c) for c in clips[:FLAGS.num_prompts]],
-                  grid[:FLAGS.num_prompts])
+                  grid[:FLAGS.num_prompts], clips[:FLAGS.num_prompts])
     acc['sample_s'] = time.perf_counter() - t0
     results['first_frame_then_video'] = acc
     _print_scores('frame+clip', acc, f'  (the first frame of each prompted clip given, '
@@ -320,7 +329,7 @@ def eval_text(s, params):
   results['data'] = _scores(
       [detect.detect(c['video']) for c in clips],
       [(None, list(synthetic.COLOURS)[c['colour']], synthetic.SHAPES[c['shape']],
-        synthetic.DIRECTIONS[c['direction']]) for c in clips])
+        synthetic.DIRECTIONS[c['direction']]) for c in clips], [c['video'] for c in clips])
   _print_scores('data', results['data'])
   results['chance'] = {'colour': 1 / len(synthetic.COLOURS), 'shape': 1 / len(synthetic.SHAPES),
                        'direction': 1 / len(synthetic.DIRECTIONS)}

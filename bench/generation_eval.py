@@ -411,6 +411,10 @@ def eval_image_to_video(s, params):
     samples = np.concatenate(sample_batches(s, params, conds, jax.random.key(FLAGS.seed)))
     found = [detect.detect(c) for c in samples[:len(chosen)]]
     acc = _scores(found, chosen)
+    # The generated frames alone (the first is the given one): does the model keep the
+    # shape it is shown? Rendering, apart from reading the shape word.
+    acc['shape_generated'] = float(np.mean([detect.detect(c[1:]).shape == r[2]
+                                            for c, r in zip(samples, chosen)]))
     for rel in RELATIONS if use_caption else ():
       pick = [j for j, r in enumerate(chosen) if _in_group(rel, r[5], r[6])]
       acc[f'count_{rel}'] = len(pick)
@@ -423,6 +427,8 @@ def eval_image_to_video(s, params):
     acc['sample_s'] = time.perf_counter() - t0
     results[name] = acc
     _print_scores(name, acc, f'  ({len(found)} clips, {acc["sample_s"]:.0f}s)')
+    print(f'  shape of the generated frames 1.. (the given frame shows it): '
+          f'{acc["shape_generated"]:.3f}')
     if use_caption:
       print('  direction (whole path) by the prompted direction against the clip\'s own '
             '(feasible: the path fits from the first frame):')

@@ -55,7 +55,7 @@ class Detection:
   colour: str
   colour_rgb: Tuple[float, float, float]  # median foreground RGB, 0..255
   shape: str
-  fill: float                             # median area / bounding-box area (shape mask)
+  fill: float                             # median area / box of the mask shape is read from
   direction: str
   velocity: Tuple[float, float]           # (vx, vy) px/frame over the first frames
   centroids: np.ndarray                   # [T, 2] (x, y), NaN where nothing was found

@@ -278,3 +278,66 @@ def test_scanned_equals_unrolled_with_mlp_conv():
   out_scan = jax.jit(scanned.apply)({'params': params}, video, t, y)
   out_unrolled = jax.jit(unrolled.apply)({'params': _unstack_scanned(params, 3)}, video, t, y)
   np.testing.assert_allclose(out_scan, out_unrolled, rtol=1e-5, atol=1e-5)
+
+
+def _pixel_head_reference(h, video, params):
+  """The pixel head by hand in numpy: 'same' zero-padded 3-D convolution as a sum over
+  taps, bias, SiLU, then the per-pixel map."""
+  u = np.concatenate([h, video], axis=-1).astype(np.float64)  # [B, T, H, W, F + Cin]
+  kernel = np.asarray(params['conv']['kernel'], np.float64)  # [kt, kh, kw, F + Cin, F]
+  kt, kh, kw = kernel.shape[:3]
+  _, t, hh, ww, _ = u.shape
+  padded = np.pad(u, ((0, 0), (kt // 2,) * 2, (kh // 2,) * 2, (kw // 2,) * 2, (0, 0)))
+  out = np.zeros(u.shape[:4] + (kernel.shape[-1],))
+  for a in range(kt):
+    for r in range(kh):
+      for q in range(kw):
+        out += padded[:, a:a + t, r:r + hh, q:q + ww] @ kernel[a, r, q]
+  out += np.asarray(params['conv']['bias'])
+  out = out / (1 + np.exp(-out))  # SiLU
+  return out @ np.asarray(params['proj']['kernel']) + np.asarray(params['proj']['bias'])
+
+
+@pytest.mark.parametrize('kernel_size', [(1, 3, 3), (3, 3, 3), (3, 1, 5)])
+def test_pixel_head_matches_a_hand_written_convolution(kernel_size):
+  rng = np.random.default_rng(0)
+  h = rng.normal(size=(2, 4, 6, 5, 8)).astype(np.float32)      # F = 8 values per pixel
+  video = rng.normal(size=(2, 4, 6, 5, 4)).astype(np.float32)  # C + 1 input channels
+  head = blocks.PixelHead(kernel_size, channels=3)
+  fresh = nn.unbox(jax.jit(head.init)(jax.random.key(0), h, video)['params'])
+  assert fresh['conv']['kernel'].shape == kernel_size + (12, 8)
+  assert fresh['proj']['kernel'].shape == (8, 3)
+  np.testing.assert_array_equal(head.apply({'params': fresh}, h, video), 0.0)  # zero at init
+  params = randomise(fresh, scale=0.3)
+  np.testing.assert_allclose(jax.jit(head.apply)({'params': params}, h, video),
+                             _pixel_head_reference(h, video, params), rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match=r'pixel head: features \(2, 4, 6, 5, 8\) and input '
+                                       r'\(2, 4, 4, 5, 4\) must share \[B, T, H, W\]'):
+    head.apply({'params': params}, h, video[:, :, :4])
+
+
+def test_out_conv_model_starts_at_zero_and_passes_input_pixels_to_nearby_outputs():
+  """A fresh model with the pixel head outputs zeros (as adaLN-Zero's plain final layer
+  does). With the transformer's final projection zeroed, the output is the head's
+  function of the input pixels alone: one input pixel moves only the outputs within the
+  kernel's reach of it."""
+  video, t, y = inputs(t=4, h=8, w=8)
+  model = dit.build_model(model_cfg(out_conv=(1, 3, 3), out_conv_features=6), 3, 10)
+  fresh = nn.unbox(jax.jit(model.init)(jax.random.key(0), video, t, y)['params'])
+  assert fresh['final']['proj']['kernel'].shape == (48, 2 * 4 * 4 * 6)
+  assert fresh['pixel_head']['conv']['kernel'].shape == (1, 3, 3, 6 + 3, 6)
+  apply = jax.jit(model.apply)
+  np.testing.assert_array_equal(apply({'params': fresh}, video, t, y), 0.0)
+  params = randomise(fresh)
+  assert np.abs(np.asarray(apply({'params': params}, video, t, y))).max() > 1e-3
+  final = {'proj': jax.tree.map(jnp.zeros_like, params['final']['proj']),
+           'adaln': params['final']['adaln']}
+  head_only = {**params, 'final': final}
+  moved = video.copy()
+  moved[:, 1, 3, 5] += 1.0
+  diff = np.abs(np.asarray(apply({'params': head_only}, moved, t, y))
+                - np.asarray(apply({'params': head_only}, video, t, y))).max(axis=(0, 4))
+  reach = np.zeros_like(diff, bool)
+  reach[1, 2:5, 4:7] = True  # kernel (1, 3, 3) around (t, h, w) = (1, 3, 5)
+  assert diff[reach].min() > 1e-6
+  np.testing.assert_array_equal(diff[~reach], 0.0)

@@ -128,35 +128,6 @@ def test_flops_count_every_matmul_weight_of_the_model():
   assert f.token_matmul_params + f.clip_matmul_params == kernels
 
 
-@pytest.mark.parametrize('given', [0, 1])
-def test_flops_count_the_pixel_head(given):
-  """Oracle, model.out_conv: token + clip + per-pixel matmul params are exactly the
-  model's kernels (the wider final projection, the head's convolution over the final
-  layer's values and the input pixels with the mask channel, its per-pixel map)."""
-  config = tiny.get_config()
-  config.model.out_conv = (1, 3, 3)
-  config.model.out_conv_features = 12
-  config.model.context_frames_max = given
-  model = dit.build_model(config.model, config.data.channels, num_classes=12)
-  d = config.data
-  video = jax.ShapeDtypeStruct((1, d.num_frames, d.height, d.width, d.channels), np.float32)
-  t = jax.ShapeDtypeStruct((1,), np.float32)
-  labels = jax.ShapeDtypeStruct((1,), np.int32)
-  params = jax.eval_shape(model.init, jax.random.key(0), video, t, labels)['params']
-  kernels = sum(math.prod(leaf.shape) for path, leaf in
-                jax.tree_util.tree_leaves_with_path(params)
-                if 'kernel' in jax.tree_util.keystr(path))
-  f = flops_lib.train_step_flops(model.spec, (d.num_frames, d.height, d.width, d.channels), 1)
-  assert f.token_matmul_params + f.clip_matmul_params + f.pixel_matmul_params == kernels
-  assert f.pixel_matmul_params == 9 * (12 + 3 + given) * 12 + 12 * 3
-  assert f.pixels_per_clip == d.num_frames * d.height * d.width
-  plain = flops_lib.train_step_flops(
-      dataclasses.replace(model.spec, out_conv=()), (d.num_frames, d.height, d.width, 3), 1)
-  assert f.matmul - plain.matmul == 6 * (
-      f.pixel_matmul_params * f.pixels_per_clip
-      + model.spec.width * 2 * 4 * 4 * (12 - 3) * f.tokens_per_clip)
-
-
 @pytest.mark.parametrize('encoder,pooled', [('builtin', False), ('precomputed', False),
                                             ('builtin', True)])
 def test_flops_count_text_and_given_frame_weights(encoder, pooled):

@@ -68,10 +68,6 @@ CASES = [
      'three odd positive ints'),
     (dict(model__mlp_conv=(3, 3)), 'model.mlp_conv=(3, 3) must be ()'),
     (dict(model__mlp_conv=(3, -1, 3)), 'model.mlp_conv=(3, -1, 3) must be ()'),
-    (dict(model__out_conv=(3, 2, 3)), r'model.out_conv=\(3, 2, 3\) must be \(\) \(no convolution\) '
-     'or three odd positive ints'),
-    (dict(model__out_conv=(1, 3, 3), model__out_conv_features=0),
-     'model.out_conv_features=0 must be a positive integer'),
 ]
 
 

@@ -39,11 +39,6 @@ def base_config() -> ml_collections.ConfigDict:
   # Depthwise 3-D convolution over the token grid at every MLP input, (kt, kh, kw) odd;
   # () = none. Lets neighbouring tubelets decide together (BUILD_NOTES, "Local mixing").
   m.mlp_conv = ()
-  # Pixel-space convolution after the tubelets are put back, (kt, kh, kw) odd; () = none.
-  # The final layer then writes out_conv_features values per pixel; they and the input
-  # pixels go through the conv, SiLU and a per-pixel map to C (blocks.PixelHead).
-  m.out_conv = ()
-  m.out_conv_features = 16
   m.scan_layers = True
   m.remat_policy = 'none'           # none | full | nothing_saveable | dots_saveable |
                                     # dots_with_no_batch_dims_saveable | save_named | ...

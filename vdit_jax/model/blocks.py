@@ -204,42 +204,6 @@ class BlockCycle(nn.Module):
     return x, None
 
 
-class PixelHead(nn.Module):
-  """A convolution in pixel space after the tubelets are put back (model.out_conv).
-
-  The final layer writes `h` [B, T, H, W, F] (F values per pixel instead of C). `h` and
-  the model's own input pixels `video` [B, T, H, W, Cin] (the noisy clip, with the
-  given-frames mask channel where there is one) go through one 'same' convolution of
-  `kernel_size` to F channels, SiLU, and a zero-initialised per-pixel map to the
-  `channels` outputs, so a fresh head outputs zeros as the plain final layer does. The
-  per-tubelet linear map alone decides every tubelet's pixels apart from its neighbours'
-  and from the input pixels; in a small pixel-space model that leaves a texture with the
-  tubelet's period and ragged object edges (U-ViT ends with a 3x3 convolution for the
-  same reason). Its parameters are small and replicated.
-  """
-  kernel_size: Tuple[int, int, int]
-  channels: int
-  dtype: jnp.dtype = jnp.float32
-  param_dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, h, video):  # h [B, T, H, W, F], video [B, T, H, W, Cin]
-    if h.shape[:4] != video.shape[:4]:
-      raise ValueError(f'pixel head: features {h.shape} and input {video.shape} must share '
-                       '[B, T, H, W].')
-    features = h.shape[-1]
-    u = jnp.concatenate([h, video.astype(h.dtype)], axis=-1)  # [B, T, H, W, F + Cin]
-    u = nn.Conv(
-        features, tuple(self.kernel_size), padding='SAME', dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                 (None,) * 5),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
-        name='conv')(u)  # [B, T, H, W, F]
-    return _dense(self.channels, None, None, self.dtype, self.param_dtype, 'proj',
-                  zero=True)(nn.silu(u))  # [B, T, H, W, C]
-
-
 class FinalLayer(nn.Module):
   """LN -> adaLN modulation -> zero-initialised linear map to patch values."""
   patch_dim: int

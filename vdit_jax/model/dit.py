@@ -16,7 +16,7 @@ from vdit_jax.model import axes
 from vdit_jax.model import embeddings
 from vdit_jax.model import patching
 from vdit_jax.model import text as text_lib
-from vdit_jax.model.blocks import BlockCycle, CHECKPOINT_NAMES, DiTBlock, FinalLayer, PixelHead
+from vdit_jax.model.blocks import BlockCycle, CHECKPOINT_NAMES, DiTBlock, FinalLayer
 
 # name -> (width, depth, heads); MLP is 4 x width. DiT's table plus two small ones.
 VARIANTS = {
@@ -85,8 +85,6 @@ class ModelSpec:
   attention_block_q: Optional[int] = None   # blockwise / splash tiles; None: kernel default
   attention_block_kv: Optional[int] = None
   mlp_conv: Tuple[int, ...] = ()  # depthwise conv kernel (kt, kh, kw) at each MLP input
-  out_conv: Tuple[int, ...] = ()  # pixel-space conv kernel (kt, kh, kw) after unpatchify
-  out_conv_features: int = 16     # out_conv: values per pixel the final layer writes
 
 
 def parse_remat_names(names) -> Tuple[str, ...]:
@@ -145,9 +143,7 @@ def resolve_spec(model_cfg) -> ModelSpec:
       text=(text_lib.resolve_spec(model_cfg.get('text') or {})
             if model_cfg.get('conditioning', 'class') == 'text' else None),
       context_frames=model_cfg.get('context_frames_max', 0),
-      mlp_conv=_as_tuple(model_cfg.get('mlp_conv') or ()),
-      out_conv=_as_tuple(model_cfg.get('out_conv') or ()),
-      out_conv_features=model_cfg.get('out_conv_features', 16))
+      mlp_conv=_as_tuple(model_cfg.get('mlp_conv') or ()))
 
 
 def check_spec(spec: ModelSpec) -> None:
@@ -160,20 +156,13 @@ def check_spec(spec: ModelSpec) -> None:
   if spec.width % spec.num_heads:
     raise ValueError(f'model.width={spec.width} is not divisible by '
                      f'model.num_heads={spec.num_heads}.')
-  for key, what in (('mlp_conv', 'the depthwise kernel over the token grid'),
-                    ('out_conv', 'the pixel-space kernel after the tubelets are put back')):
-    kernel = getattr(spec, key)
-    if kernel != () and not (
-        isinstance(kernel, tuple) and len(kernel) == 3
-        and all(isinstance(k, int) and not isinstance(k, bool) and k > 0 and k % 2
-                for k in kernel)):
-      raise ValueError(f'model.{key}={kernel!r} must be () (no convolution) or three '
-                       f'odd positive ints (kt, kh, kw): {what}, '
-                       "odd so that its 'same' padding is symmetric, e.g. (3, 3, 3).")
-  if (isinstance(spec.out_conv_features, bool) or not isinstance(spec.out_conv_features, int)
-      or spec.out_conv_features <= 0):
-    raise ValueError(f'model.out_conv_features={spec.out_conv_features!r} must be a positive '
-                     'integer: the values per pixel the final layer writes for model.out_conv.')
+  if spec.mlp_conv != () and not (
+      isinstance(spec.mlp_conv, tuple) and len(spec.mlp_conv) == 3
+      and all(isinstance(k, int) and not isinstance(k, bool) and k > 0 and k % 2
+              for k in spec.mlp_conv)):
+    raise ValueError(f'model.mlp_conv={spec.mlp_conv!r} must be () (no convolution) or three '
+                     'odd positive ints (kt, kh, kw): the depthwise kernel over the token grid, '
+                     "odd so that its 'same' padding is symmetric, e.g. (3, 3, 3).")
   if spec.pos_embed not in POS_EMBEDS:
     raise ValueError(f'model.pos_embed={spec.pos_embed!r} is not one of {POS_EMBEDS}.')
   head_dim = spec.width // spec.num_heads
@@ -226,10 +215,6 @@ class VideoDiT(nn.Module):
   ignored. spec.context_frames > 0: `frame_mask` bool [B, T] (None = none given) marks
   the given frames, which `video` holds clean; it enters as one more input channel
   (C + 1), the output keeps C (diffusion/conditioning.py).
-
-  spec.out_conv (a kernel (kt, kh, kw)): the final layer writes spec.out_conv_features
-  values per pixel, and 'pixel_head' (blocks.PixelHead) convolves them with the input
-  pixels in pixel space down to C; () keeps the plain per-tubelet final layer.
 
   Block parameters: 'blocks' stacked over depth (scan_layers) or 'blocks_{i}'.
   Attention patterns whose even and odd blocks differ (spec.pattern.period 2:
@@ -299,13 +284,9 @@ class VideoDiT(nn.Module):
       for i in range(spec.depth):
         x, _ = block(**kwargs, layer=i, name=f'blocks_{i}')(x, c, rope, context)
 
-    per_pixel = spec.out_conv_features if spec.out_conv else self.channels
-    x = FinalLayer(spec.patch_size[0] * spec.patch_size[1] * spec.patch_size[2] * per_pixel,
+    x = FinalLayer(spec.patch_size[0] * spec.patch_size[1] * spec.patch_size[2] * self.channels,
                    dtype, param_dtype, name='final')(x, c)  # [B, N, P]
-    out = patching.unpatchify(x, grid, spec.patch_size, per_pixel)  # [B, T, H, W, per_pixel]
-    if spec.out_conv:
-      out = PixelHead(spec.out_conv, self.channels, dtype, param_dtype,
-                      name='pixel_head')(out, video)  # [B, T, H, W, C]
+    out = patching.unpatchify(x, grid, spec.patch_size, self.channels)
     return out.astype(jnp.float32)  # [B, T, H, W, C]
 
 

@@ -22,10 +22,6 @@ Counted the way MFU is usually counted (PaLM appendix B; MaxText's
   * given frames (model.context_frames_max > 0) add the mask channel to the patch embedding;
   * the depthwise token convolution (model.mlp_conv) uses each of its kt kh kw D taps once
     per token, like a token-wise weight;
-  * the pixel head (model.out_conv): the final projection writes out_conv_features values
-    per pixel instead of C; the head's convolution ((F + Cin) x F per tap, Cin the input
-    channels with the given-frames mask) and its per-pixel map F x C are used once per
-    pixel (T H W per clip), counted like token-wise weights over pixels;
   * rematerialisation recompute is not counted (it is work, not model FLOPs), nor are
     element-wise ops, norms, softmax, the label-embedding gather or the optimizer.
 """
@@ -55,8 +51,6 @@ class FlopCount:
   total: int
   context_matmul_params: int = 0  # text: weights applied once per caption token
   caption_tokens: int = 0         # text: L caption slots per clip
-  pixel_matmul_params: int = 0    # model.out_conv: weights applied once per pixel
-  pixels_per_clip: int = 0        # T x H x W
 
 
 def _check_shape(data_shape: Sequence[int], batch_size: int) -> None:
@@ -75,6 +69,7 @@ def train_step_flops(spec, data_shape: Sequence[int], batch_size: int) -> FlopCo
   t, h, w, c = (int(x) for x in data_shape)
   patching.check_patch((t, h, w), spec.patch_size)
   d, f, depth = spec.width, spec.mlp_dim, spec.depth
+  patch_dim = int(np.prod(spec.patch_size)) * c
   in_channels = c + (1 if spec.context_frames else 0)  # + the given-frames mask channel
   patch_dim_in = int(np.prod(spec.patch_size)) * in_channels
   grid = patching.token_grid((t, h, w), spec.patch_size)
@@ -83,12 +78,7 @@ def train_step_flops(spec, data_shape: Sequence[int], batch_size: int) -> FlopCo
 
   per_block_token = 4 * d * d * sublayers + 2 * d * f  # q, k, v, out per sub-layer; fc1, fc2
   per_block_token += int(np.prod(spec.mlp_conv)) * d if spec.mlp_conv else 0  # depthwise taps
-  out_values = int(np.prod(spec.patch_size)) * (spec.out_conv_features if spec.out_conv else c)
-  token_params = patch_dim_in * d + depth * per_block_token + d * out_values  # embed, blocks, final
-  pixel_params = 0
-  if spec.out_conv:  # the pixel head: conv (F + Cin) -> F per tap, then F -> C per pixel
-    feats = int(spec.out_conv_features)
-    pixel_params = int(np.prod(spec.out_conv)) * (feats + in_channels) * feats + feats * c
+  token_params = patch_dim_in * d + depth * per_block_token + d * patch_dim  # embed, blocks, final
   clip_params = (TIMESTEP_FREQ_DIM * d + d * d   # timestep MLP
                  + depth * d * 6 * d             # adaLN (shift, scale, gate) x 2 per block
                  + depth * d * 3 * d * (sublayers - 1)  # adaLN of extra attention sub-layers
@@ -111,14 +101,11 @@ def train_step_flops(spec, data_shape: Sequence[int], batch_size: int) -> FlopCo
     if text.pooled:
       clip_params += 2 * d * d  # the pooled caption's MLP (model.text.pooled), once per clip
 
-  pixels = t * h * w
   matmul = TRAIN_FLOPS_PER_MAC * (token_params * tokens * clips + clip_params * clips
-                                  + context_params * caption_len * clips
-                                  + pixel_params * pixels * clips)
+                                  + context_params * caption_len * clips)
   attention = (12 * attention_patterns.score_macs_per_token(spec.pattern, grid, depth, d)
                * tokens * clips + text_attention * clips)
   return FlopCount(tokens_per_clip=tokens, token_matmul_params=token_params,
                    clip_matmul_params=clip_params, matmul=matmul, attention=attention,
                    total=matmul + attention, context_matmul_params=context_params,
-                   caption_tokens=caption_len, pixel_matmul_params=pixel_params,
-                   pixels_per_clip=pixels)
+                   caption_tokens=caption_len)

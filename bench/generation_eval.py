@@ -25,6 +25,10 @@ draw per prompt of that direction) against the mean of held-out clips of that di
 how far the mean's centroid travels along the direction from the first frame to the last.
 The data's mean travels (a clip's layout is picked at the noisiest steps, so a model
 that follows the word must shift its mean there); a model that ignores the word gives ~0.
+Last, by prompted shape: what the detector reads it as, the median fill ratio it reads
+that from, and the object's size, the median height x width of its mask (and
+height/width) for left/right and for up/down prompts, next to the same on the held-out
+data clips.
 
 A text model trained with the first frames given (model.context_frames_max >= 1) also
 gets a row 'frame+clip': text to image to video, as Emu Video factorises it. The first
@@ -239,10 +243,46 @@ def _scores(found, truth, clips=None):
   return acc
 
 
-def shape_confusion(found, truth):
+MOTION_AXES = {'left/right': ('left', 'right'), 'up/down': ('up', 'down')}
+
+
+def object_box(clip):
+  """(height, width) in px of the detector's object mask, the median over the frames
+  where there is one; nan where there is none."""
+  sizes = []
+  for m in detect.object_mask(detect.foreground(clip)):
+    ys, xs = np.nonzero(m)
+    if ys.size:
+      sizes.append((ys.max() - ys.min() + 1, xs.max() - xs.min() + 1))
+  return tuple(float(v) for v in np.median(sizes, axis=0)) if sizes else (np.nan, np.nan)
+
+
+def box_sizes(boxes, truth):
+  """{shape: {motion axis: [median height, median width, median height/width]}} over
+  clips whose (prompt, colour, shape, direction) `truth` has that shape and direction."""
+  out = {}
+  for shape in synthetic.SHAPES:
+    out[shape] = {}
+    for axis, directions in MOTION_AXES.items():
+      hw = np.array([b for b, t in zip(boxes, truth) if t[2] == shape and t[3] in directions],
+                    float).reshape(-1, 2)
+      out[shape][axis] = [float(np.nanmedian(hw[:, 0])), float(np.nanmedian(hw[:, 1])),
+                          float(np.nanmedian(hw[:, 0] / hw[:, 1]))] if len(hw) else [np.nan] * 3
+  return out
+
+
+def print_box_sizes(name, sizes):
+  print(f'  {name} object box, median height x width px (height/width) by shape and motion '
+        'axis: ' + '; '.join(
+            f'{shape} ' + ', '.join(f'{axis} {h:.1f}x{w:.1f} ({r:.2f})'
+                                    for axis, (h, w, r) in row.items())
+            for shape, row in sizes.items()))
+
+
+def shape_confusion(found, truth, clips=None):
   """Printed and returned: {prompted shape: {detected shape: count}} and the median fill
   ratio (object mask area / bounding box, what the detector reads shape from) per prompted
-  shape."""
+  shape; with the detected `clips`, the object's box size by shape and motion axis."""
   names = synthetic.SHAPES + ('unknown',)
   out = {p: {d: sum(1 for f, t in zip(found, truth) if t[2] == p and f.shape == d)
              for d in names} for p in synthetic.SHAPES}
@@ -254,7 +294,11 @@ def shape_confusion(found, truth):
   print('  median fill ratio (object mask area / box; data: square 0.98, circle 0.79, '
         'triangle 0.59) by '
         'prompted shape: ' + ', '.join(f'{p} {v:.2f}' for p, v in fill.items()))
-  return {'counts': out, 'median_fill': fill}
+  result = {'counts': out, 'median_fill': fill}
+  if clips is not None:
+    result['box'] = box_sizes([object_box(c) for c in clips], truth)
+    print_box_sizes('prompted', result['box'])
+  return result
 
 
 def _print_scores(name, acc, tail=''):
@@ -310,7 +354,7 @@ def eval_text(s, params):
     _print_scores(name, acc, f'  ({len(found)} clips, {acc["sample_s"]:.0f}s)')
     if use_caption:
       prompted = clips
-      results['shape_confusion'] = shape_confusion(found, truth)
+      results['shape_confusion'] = shape_confusion(found, truth, clips[:FLAGS.num_prompts])
   if gives_first_frame(cfg):
     # Text to image to video (Emu Video's factorisation): keep the first frame of each
     # prompted sample, then generate the clip again from it and the same prompt.
@@ -331,6 +375,10 @@ def eval_text(s, params):
       [(None, list(synthetic.COLOURS)[c['colour']], synthetic.SHAPES[c['shape']],
         synthetic.DIRECTIONS[c['direction']]) for c in clips], [c['video'] for c in clips])
   _print_scores('data', results['data'])
+  truth = [(None, None, synthetic.SHAPES[c['shape']], synthetic.DIRECTIONS[c['direction']])
+           for c in held_out]
+  results['data_box'] = box_sizes([object_box(c['video']) for c in held_out], truth)
+  print_box_sizes(f'data ({len(held_out)} clips)', results['data_box'])
   results['chance'] = {'colour': 1 / len(synthetic.COLOURS), 'shape': 1 / len(synthetic.SHAPES),
                        'direction': 1 / len(synthetic.DIRECTIONS)}
   print(f'{"chance":>10}: colour {1 / 7:.3f}  shape {1 / 3:.3f}  direction {1 / 4:.3f}')

@@ -246,20 +246,10 @@ def _scores(found, truth, clips=None):
 MOTION_AXES = {'left/right': ('left', 'right'), 'up/down': ('up', 'down')}
 
 
-def object_box(clip):
-  """(height, width) in px of the detector's object mask, the median over the frames
-  where there is one; nan where there is none."""
-  sizes = []
-  for m in detect.object_mask(detect.foreground(clip)):
-    ys, xs = np.nonzero(m)
-    if ys.size:
-      sizes.append((ys.max() - ys.min() + 1, xs.max() - xs.min() + 1))
-  return tuple(float(v) for v in np.median(sizes, axis=0)) if sizes else (np.nan, np.nan)
-
-
 def box_sizes(boxes, truth):
-  """{shape: {motion axis: [median height, median width, median height/width]}} over
-  clips whose (prompt, colour, shape, direction) `truth` has that shape and direction."""
+  """{shape: {motion axis: [median height, median width, median height/width]}} of the
+  detections' object-mask `boxes` (Detection.box) over clips whose (prompt, colour, shape,
+  direction) `truth` has that shape and direction."""
   out = {}
   for shape in synthetic.SHAPES:
     out[shape] = {}
@@ -279,10 +269,10 @@ def print_box_sizes(name, sizes):
             for shape, row in sizes.items()))
 
 
-def shape_confusion(found, truth, clips=None):
+def shape_confusion(found, truth):
   """Printed and returned: {prompted shape: {detected shape: count}} and the median fill
   ratio (object mask area / bounding box, what the detector reads shape from) per prompted
-  shape; with the detected `clips`, the object's box size by shape and motion axis."""
+  shape, and the object's box size by shape and motion axis."""
   names = synthetic.SHAPES + ('unknown',)
   out = {p: {d: sum(1 for f, t in zip(found, truth) if t[2] == p and f.shape == d)
              for d in names} for p in synthetic.SHAPES}
@@ -294,11 +284,9 @@ def shape_confusion(found, truth, clips=None):
   print('  median fill ratio (object mask area / box; data: square 0.98, circle 0.79, '
         'triangle 0.59) by '
         'prompted shape: ' + ', '.join(f'{p} {v:.2f}' for p, v in fill.items()))
-  result = {'counts': out, 'median_fill': fill}
-  if clips is not None:
-    result['box'] = box_sizes([object_box(c) for c in clips], truth)
-    print_box_sizes('prompted', result['box'])
-  return result
+  box = box_sizes([f.box for f in found], truth)
+  print_box_sizes('prompted', box)
+  return {'counts': out, 'median_fill': fill, 'box': box}
 
 
 def _print_scores(name, acc, tail=''):
@@ -354,7 +342,7 @@ def eval_text(s, params):
     _print_scores(name, acc, f'  ({len(found)} clips, {acc["sample_s"]:.0f}s)')
     if use_caption:
       prompted = clips
-      results['shape_confusion'] = shape_confusion(found, truth, clips[:FLAGS.num_prompts])
+      results['shape_confusion'] = shape_confusion(found, truth)
   if gives_first_frame(cfg):
     # Text to image to video (Emu Video's factorisation): keep the first frame of each
     # prompted sample, then generate the clip again from it and the same prompt.
@@ -369,15 +357,16 @@ def eval_text(s, params):
     _print_scores('frame+clip', acc, f'  (the first frame of each prompted clip given, '
                   f'{acc["sample_s"]:.0f}s)')
   # The detector on held-out clips of the data itself: what a perfect model would score.
+  data_found = [detect.detect(c['video']) for c in held_out]
   clips = held_out[:FLAGS.num_prompts]
   results['data'] = _scores(
-      [detect.detect(c['video']) for c in clips],
+      data_found[:FLAGS.num_prompts],
       [(None, list(synthetic.COLOURS)[c['colour']], synthetic.SHAPES[c['shape']],
         synthetic.DIRECTIONS[c['direction']]) for c in clips], [c['video'] for c in clips])
   _print_scores('data', results['data'])
   truth = [(None, None, synthetic.SHAPES[c['shape']], synthetic.DIRECTIONS[c['direction']])
            for c in held_out]
-  results['data_box'] = box_sizes([object_box(c['video']) for c in held_out], truth)
+  results['data_box'] = box_sizes([d.box for d in data_found], truth)
   print_box_sizes(f'data ({len(held_out)} clips)', results['data_box'])
   results['chance'] = {'colour': 1 / len(synthetic.COLOURS), 'shape': 1 / len(synthetic.SHAPES),
                        'direction': 1 / len(synthetic.DIRECTIONS)}

@@ -56,6 +56,7 @@ class Detection:
   colour_rgb: Tuple[float, float, float]  # median foreground RGB, 0..255
   shape: str
   fill: float                             # median area / box of the mask shape is read from
+  box: Tuple[float, float]                # median (height, width) px of that mask's box
   direction: str
   velocity: Tuple[float, float]           # (vx, vy) px/frame over the first frames
   centroids: np.ndarray                   # [T, 2] (x, y), NaN where nothing was found
@@ -148,13 +149,14 @@ def detect(frames, threshold: float = 60.0, lead: int = 2, clean: bool = True) -
                         (mask * ys).sum(axis=(1, 2)) / safe], axis=-1)  # [T, 2]
   centroids[~found] = np.nan
   shape_mask = object_mask(mask) if clean else mask
-  fills = []
+  fills, boxes = [], []
   for i in np.flatnonzero(found):
     m = shape_mask[i]
     rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
-    box = (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
-    fills.append(m.sum() / box)
+    boxes.append((rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1))
+    fills.append(m.sum() / (boxes[-1][0] * boxes[-1][1]))
   fill = float(np.median(fills)) if fills else float('nan')
+  box = tuple(float(v) for v in np.median(boxes, axis=0)) if boxes else (np.nan, np.nan)
   if not found.any():
     rgb = np.full(3, np.nan, np.float32)
     colour = shape = 'unknown'
@@ -165,7 +167,7 @@ def detect(frames, threshold: float = 60.0, lead: int = 2, clean: bool = True) -
              'circle' if fill >= _CIRCLE_MIN_FILL[clean] else 'triangle')
   velocity = velocity_of(centroids, found, lead)
   return Detection(colour=colour, colour_rgb=tuple(float(c) for c in rgb), shape=shape,
-                   fill=fill, direction=direction_of(velocity), velocity=velocity,
+                   fill=fill, box=box, direction=direction_of(velocity), velocity=velocity,
                    centroids=centroids, found=found)
 
 

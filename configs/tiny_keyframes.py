@@ -22,6 +22,7 @@ RATE_RATIO = 4   # full-rate frames per keyframe interval (tiny_interpolate's sp
 def get_config(arg=None):
   config = tiny_text.get_config(arg)
   tiny.previous_recipe(config)  # the recipe its BUILD_NOTES figures were measured with
+  config.model.width = None     # the variant's 128, like those figures (tiny_text takes 256)
   config.model.context_frames_max = 0          # text to video only (tiny_text also trains
                                                # image-to-video)
   config.data.time_stride = float(RATE_RATIO)  # base-motion frames between keyframes

@@ -7,8 +7,10 @@ python -m vdit_jax.main --config=configs/tiny_text.py --workdir=/tmp/vdit_tiny_t
     --mode=extend --input=frame.png --num_frames=8 --prompt='a blue circle moving up'
 
 configs/tiny.py (8 frames, the token convolution, diffusion.shift 2) at twice its width
-(256: 5.2 M parameters) with captions instead of class labels: the built-in word tokeniser (model/text.py) and a 2-layer text encoder of
-width 64 trained with the model; every block cross-attends to the caption tokens. 10% of
+(256: 5.2 M parameters) with captions instead of class labels: the built-in word
+tokeniser (model/text.py) and a 2-layer text encoder of width 64 trained with the model;
+every block cross-attends to the caption tokens. A workdir trained at the old width 128
+(before 2026-12-03) loads with --config.model.width=128. 10% of
 the captions are dropped to the learned null caption, for classifier-free guidance at
 sampling time (scale 10). The clips do not bounce (data.bounce=False), so 'moving left' is
 true of every frame. In 75% of the training clips the first frame is given clean

@@ -418,6 +418,37 @@ def test_damaged_newest_checkpoint_names_its_path_and_the_previous_step(tmp_path
   assert step == steps[-2]
 
 
+def test_checkpoint_of_another_model_names_the_differences_not_damage(tmp_path, straight):
+  """A workdir trained at one width, resumed or sampled with a config of another (as
+  after configs/tiny_text.py went from width 128 to 256): the error names the field and
+  both values from the workdir's config.json, and does not call the checkpoint damaged
+  (moving it aside would not help: every step has the old shapes)."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(_checkpoints(straight[0]), _checkpoints(workdir))
+  shutil.copy(os.path.join(straight[0], 'config.json'), workdir)
+  config = get_config()
+  config.model.width = 64
+  s = loop.build(config, workdir)
+  with pytest.raises(ckpt_lib.CheckpointRestoreError) as e:
+    loop.restore_or_init(s)
+  s.checkpointer.close()
+  message = str(e.value)
+  assert 'width: saved 48, this config 64' in message, message
+  assert 'differs from this config' in message and 'config.json' in message
+  assert 'damaged' not in message and 'mv ' not in message
+  # Without the saved config there is nothing to compare: the plain error stands.
+  os.remove(os.path.join(workdir, 'config.json'))
+  s = loop.build(config, workdir)
+  with pytest.raises(ckpt_lib.CheckpointRestoreError, match='could not be restored'):
+    loop.restore_or_init(s)
+  s.checkpointer.close()
+  # With the saved width the same workdir restores.
+  s = loop.build(get_config(), workdir)
+  _, step = loop.restore_or_init(s)
+  s.checkpointer.close()
+  assert step == NUM_STEPS
+
+
 # ---------------------------------------------------------------- export
 
 

@@ -9,6 +9,7 @@ import flax.linen as nn
 from absl import logging
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from vdit_jax.model import attention
 from vdit_jax.model import attention_patterns
@@ -144,6 +145,18 @@ def resolve_spec(model_cfg) -> ModelSpec:
             if model_cfg.get('conditioning', 'class') == 'text' else None),
       context_frames=model_cfg.get('context_frames_max', 0),
       mlp_conv=_as_tuple(model_cfg.get('mlp_conv') or ()))
+
+
+def spec_differences(saved_model_cfg, model_cfg, *, label: str = 'saved',
+                     fields: Optional[Tuple[str, ...]] = None) -> list:
+  """'field: <label> X, this config Y' for each ModelSpec field (all, or `fields`) where
+  the model section `saved_model_cfg` (e.g. a run's config.json, as a dict) and the
+  config's `model_cfg` resolve to different values."""
+  saved = resolve_spec(ml_collections.ConfigDict(dict(saved_model_cfg)))
+  spec = resolve_spec(model_cfg)
+  names = fields or tuple(f.name for f in dataclasses.fields(ModelSpec))
+  return [f'{k}: {label} {getattr(saved, k)!r}, this config {getattr(spec, k)!r}'
+          for k in names if getattr(saved, k) != getattr(spec, k)]
 
 
 def check_spec(spec: ModelSpec) -> None:

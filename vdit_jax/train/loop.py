@@ -1,6 +1,7 @@
 """train_and_evaluate(config, workdir), sample(config, workdir) and export(config, workdir)."""
 
 import dataclasses
+import json
 import os
 import time
 from typing import Any, Optional, Sequence
@@ -209,9 +210,40 @@ def restore_or_init(s: Setup, data_iter=None):
   if latest is None:
     state, _ = state_lib.create_state(s.init_fn, jax.random.key(s.config.seed), s.mesh, s.rules)
     return state, None
-  state = s.checkpointer.restore(
-      latest, state_lib.abstract_with_shardings(s.abstract_state, s.state_shardings), data_iter)
-  return state, latest
+  return _restore(s, latest, data_iter), latest
+
+
+def _restore(s: Setup, step: int, data_iter=None):
+  """Checkpoint `step` onto this run's shardings. When it cannot be read and the
+  workdir's config.json (the run that saved it) describes another model, the error says
+  so and names the differences, rather than calling the checkpoint damaged."""
+  try:
+    return s.checkpointer.restore(
+        step, state_lib.abstract_with_shardings(s.abstract_state, s.state_shardings), data_iter)
+  except ckpt_lib.CheckpointRestoreError as e:
+    path = os.path.join(os.path.dirname(s.checkpointer.directory), 'config.json')
+    diffs = _saved_model_differences(path, s.config)
+    if not diffs:
+      raise
+    raise ckpt_lib.CheckpointRestoreError(
+        f'checkpoint step {step} in {s.checkpointer.directory} was saved by a model that '
+        f'differs from this config\'s: {"; ".join(diffs)} ({path} holds the config that '
+        'saved it). Set the model section back to those values (e.g. '
+        '--config.model.FIELD=VALUE flags) to resume or sample from this workdir, or use '
+        f'another --workdir for the new model. Orbax said: {e.__cause__}') from e
+
+
+def _saved_model_differences(path: str, config) -> list:
+  """dit.spec_differences between the model of the config.json at `path` and `config`'s;
+  [] when there is no such file or it cannot be read as a model section."""
+  if not os.path.isfile(path):
+    return []
+  try:
+    with open(path) as f:
+      saved = json.load(f)['model']
+    return dit.spec_differences(saved, config.model)
+  except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    return []  # not a model section this version reads: the plain restore error stands
 
 
 def train_and_evaluate(config, workdir: str, *, stop_at: Optional[int] = None):
@@ -323,8 +355,7 @@ def _restore_latest(s: Setup, workdir: str):
     raise FileNotFoundError(
         f'no checkpoint in {s.checkpointer.directory}: train first '
         f'(--mode=train --workdir={workdir}).')
-  return s.checkpointer.restore(
-      latest, state_lib.abstract_with_shardings(s.abstract_state, s.state_shardings)), latest
+  return _restore(s, latest), latest
 
 
 def _params_to_sample(s: Setup, workdir: str, checkpoint: Optional[str]):

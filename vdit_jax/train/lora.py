@@ -26,7 +26,6 @@ from typing import Any, Callable, Optional, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import orbax.checkpoint as ocp
 
 from vdit_jax.model import dit
@@ -107,10 +106,8 @@ def check_base_config(source: BaseSource, config) -> None:
         f'(lora.rank={base["lora"]["rank"]}), whose checkpoints and exports hold adapters '
         "only; fine-tune from that run's base, "
         f'{base["lora"].get("base_checkpoint")!r}, instead.')
-  base_spec = dit.resolve_spec(ml_collections.ConfigDict(base['model']))
-  spec = dit.resolve_spec(config.model)
-  diffs = [f'{k}: base {getattr(base_spec, k)!r}, this config {getattr(spec, k)!r}'
-           for k in _SHARED_MODEL_FIELDS if getattr(base_spec, k) != getattr(spec, k)]
+  diffs = dit.spec_differences(base['model'], config.model, label='base',
+                               fields=_SHARED_MODEL_FIELDS)
   base_channels = base.get('data', {}).get('channels', config.data.channels)
   if base_channels != config.data.channels:
     diffs.append(f'data.channels: base {base_channels}, this config {config.data.channels}')

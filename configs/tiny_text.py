@@ -7,7 +7,7 @@ python -m vdit_jax.main --config=configs/tiny_text.py --workdir=/tmp/vdit_tiny_t
     --mode=extend --input=frame.png --num_frames=8 --prompt='a blue circle moving up'
 
 configs/tiny.py (8 frames, the token convolution, diffusion.shift 2) at twice its width
-(256: 5.2 M parameters) with captions instead of class labels: the built-in word
+(256, MLP 512: 5.2 M parameters) with captions instead of class labels: the built-in word
 tokeniser (model/text.py) and a 2-layer text encoder of width 64 trained with the model;
 every block cross-attends to the caption tokens. A workdir trained at the old width 128
 (before 2026-12-03) loads with --config.model.width=128. 10% of
@@ -28,7 +28,8 @@ from configs import tiny
 def get_config(arg=None):
   config = tiny.get_config(arg)
   config.data.bounce = False              # the caption's direction holds in every frame
-  config.model.width = 256                # shape 0.62 against 0.48 at the variant's 128
+  config.model.width = 256                # shape 0.62 against 0.48 at the variant's 128;
+                                          # mlp_dim stays the variant's 512
   config.model.conditioning = 'text'
   config.model.caption_dropout = 0.1
   config.model.text.encoder = 'builtin'
@@ -36,7 +37,7 @@ def get_config(arg=None):
   config.model.text.width = 64
   config.model.text.depth = 2
   config.model.text.num_heads = 4
-  config.sample.cfg_scale = 10.0          # BUILD_NOTES.md, "Guidance and the prompted shape"
+  config.sample.cfg_scale = 10.0          # BUILD_NOTES: "Guidance and the prompted shape"
   # Image-to-video training: the first frame is given clean in 75% of the clips, where
   # the caption's direction is the one thing the rest of the clip depends on that the
   # frame does not show; the other 25% learn text-to-video.

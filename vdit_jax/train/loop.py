@@ -225,12 +225,13 @@ def _restore(s: Setup, step: int, data_iter=None):
     diffs = _saved_model_differences(path, s.config)
     if not diffs:
       raise
+    reason = (str(e.__cause__ or '').strip().splitlines() or [''])[0][:400]
     raise ckpt_lib.CheckpointRestoreError(
         f'checkpoint step {step} in {s.checkpointer.directory} was saved by a model that '
         f'differs from this config\'s: {"; ".join(diffs)} ({path} holds the config that '
         'saved it). Set the model section back to those values (e.g. '
         '--config.model.FIELD=VALUE flags) to resume or sample from this workdir, or use '
-        f'another --workdir for the new model. Orbax said: {e.__cause__}') from e
+        f'another --workdir for the new model. Orbax said: {reason}') from e
 
 
 def _saved_model_differences(path: str, config) -> list:

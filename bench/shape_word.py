@@ -103,10 +103,11 @@ def swap_word(captions, shape: str, say: str):
 def reading(clips) -> dict:
   dets = [detect.detect(np.asarray(c)) for c in clips]
   shapes = [d.shape for d in dets]
-  return {'read': {k: shapes.count(k) for k in synthetic.SHAPES},
-          'fill': round(float(np.median([d.fill for d in dets])), 3),
-          'box': [round(float(v), 1) for v in np.median(np.array([d.box for d in dets]),
-                                                         axis=0)]}
+  found = [d for d in dets if d.shape in synthetic.SHAPES]  # 'unknown': no object found
+  return {'read': {k: shapes.count(k) for k in (*synthetic.SHAPES, 'unknown')},
+          'fill': round(float(np.median([d.fill for d in found])), 3) if found else None,
+          'box': [round(float(v), 1) for v in np.median(np.array([d.box for d in found]),
+                                                         axis=0)] if found else None}
 
 
 def main(argv):

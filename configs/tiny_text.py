@@ -42,7 +42,7 @@ def get_config(arg=None):
   # the caption's direction is the one thing the rest of the clip depends on that the
   # frame does not show; the other 25% learn text-to-video.
   config.model.context_frames_max = 1
-  config.model.context_none_prob = 0.25
+  config.model.context_none_prob = 0.25   # 0.5 never learned the direction word (BUILD_NOTES)
   config.diffusion.input_scale = 'signal'  # the noisy input scaled by its signal level
   config.train.num_steps = 4800
   return config

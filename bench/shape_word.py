@@ -4,8 +4,8 @@ python bench/shape_word.py --config=configs/tiny_text.py --workdir=runs/tiny_tex
     [--num_clips=24] [--t_starts=400,600,800,999] [--scales=1,10]
 
 For a model trained on the built-in synthetic shapes with captions (model.conditioning=
-'text', the built-in encoder). Held-out clips (source seed 777, the seed
-bench/generation_eval.py holds out) of each shape, with their own captions:
+'text', the built-in encoder). Held-out clips (synthetic source seed 777, not the training
+source's data.source_seed) of each shape, with their own captions:
 
 1. Word swap: the held-out loss at several t with the caption as it is and with its shape
    word replaced by each other shape word (the rest of the caption kept). Where the model

@@ -165,7 +165,7 @@ def _compile_step(train_step, state, batch, rng) -> None:
 
 def _save_config(config, workdir):
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    with open(os.path.join(workdir, export_lib.CONFIG_FILENAME), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
 
 
@@ -221,7 +221,7 @@ def _restore(s: Setup, step: int, data_iter=None):
     return s.checkpointer.restore(
         step, state_lib.abstract_with_shardings(s.abstract_state, s.state_shardings), data_iter)
   except ckpt_lib.CheckpointRestoreError as e:
-    path = os.path.join(os.path.dirname(s.checkpointer.directory), 'config.json')
+    path = os.path.join(os.path.dirname(s.checkpointer.directory), export_lib.CONFIG_FILENAME)
     diffs = _saved_model_differences(path, s.config)
     if not diffs:
       raise

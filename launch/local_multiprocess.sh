@@ -3,6 +3,8 @@
 #
 #   launch/local_multiprocess.sh 2 --config=configs/tiny.py --workdir=runs/mp
 #   DEVICES_PER_PROCESS=8 launch/local_multiprocess.sh 1 ...   # one process, 8 devices
+#   launch/local_multiprocess.sh --dry_run 2 ...   # (or DRY_RUN=1) print each process's
+#                                                  # command line with its env, run nothing
 #
 # Each process: JAX_PLATFORMS=cpu, $DEVICES_PER_PROCESS (default 4) fake CPU devices,
 # --coordinator_address=127.0.0.1:<free port> --num_processes=N --process_id=i.

@@ -2,14 +2,19 @@ r"""Runs N local processes of `vdit_jax.main` joined on 127.0.0.1: multi-host on
 
 python -m vdit_jax.tools.launch_local N --config=configs/tiny.py --workdir=runs/mp
 (or launch/local_multiprocess.sh N ...)
+python -m vdit_jax.tools.launch_local --dry_run N ...   # or DRY_RUN=1: print, run nothing
 
 Each process gets JAX_PLATFORMS=cpu, XLA_FLAGS=--xla_force_host_platform_device_count=D
 (D = $DEVICES_PER_PROCESS, default 4) and `--coordinator_address=127.0.0.1:PORT
 --num_processes=N --process_id=i` on a free port. Output lines are prefixed with `[i] `.
 When a process fails, the others are stopped and the exit status is the failed one's.
+A dry run prints each process's command line, one per line in process order, prefixed
+with the variables the launcher sets (`JAX_PLATFORMS=cpu XLA_FLAGS=... python -m ...`),
+shell-quoted so that a line can be pasted into a shell to start that one process.
 """
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -19,6 +24,7 @@ from typing import List, Optional, Sequence
 
 MODULE = 'vdit_jax.main'  # what each process runs (`python -m MODULE`)
 DEFAULT_DEVICES_PER_PROCESS = 4
+LAUNCHER_ENV = ('JAX_PLATFORMS', 'XLA_FLAGS', 'PYTHONUNBUFFERED')  # what process_env sets
 _STOP_GRACE_S = 10.0
 
 
@@ -53,6 +59,16 @@ def process_env(devices_per_process: int, base: Optional[dict] = None) -> dict:
       [f'--xla_force_host_platform_device_count={devices_per_process}'])
   env['PYTHONUNBUFFERED'] = '1'
   return env
+
+
+def dry_run_lines(num_processes: int, args: Sequence[str], devices_per_process: int,
+                  port: int, python: str = sys.executable,
+                  base: Optional[dict] = None) -> List[str]:
+  """One shell line per process: the launcher's variables, then the command."""
+  env = process_env(devices_per_process, base)
+  prefix = [f'{k}={env[k]}' for k in LAUNCHER_ENV]
+  return [shlex.join(prefix + cmd)
+          for cmd in process_commands(num_processes, args, port, python)]
 
 
 def _pump(index: int, stream, out, lock: threading.Lock) -> None:
@@ -124,15 +140,24 @@ def run(num_processes: int, args: Sequence[str], devices_per_process: int, out=N
 
 
 def main(argv: Sequence[str]) -> int:
+  argv = list(argv)
+  dry_run = os.environ.get('DRY_RUN', '').strip() == '1'
+  if len(argv) > 1 and argv[1] == '--dry_run':
+    dry_run = True
+    del argv[1]
   if len(argv) < 2 or not argv[1].isdigit():
-    sys.stderr.write(f'usage: {argv[0]} N [vdit_jax.main args...]  (N >= 1 processes; got '
-                     f'{argv[1:2]})\n')
+    sys.stderr.write(f'usage: {argv[0]} [--dry_run] N [vdit_jax.main args...]  (N >= 1 '
+                     f'processes; got {argv[1:2]})\n')
     return 2
   devices = os.environ.get('DEVICES_PER_PROCESS', str(DEFAULT_DEVICES_PER_PROCESS))
   if not devices.isdigit():
     sys.stderr.write(f'DEVICES_PER_PROCESS={devices!r} must be an integer >= 1\n')
     return 2
   try:
+    if dry_run:
+      for line in dry_run_lines(int(argv[1]), argv[2:], int(devices), free_port()):
+        sys.stdout.write(line + '\n')
+      return 0
     return run(int(argv[1]), argv[2:], int(devices))
   except ValueError as e:
     sys.stderr.write(f'{e}\n')

@@ -3,8 +3,9 @@
 Run by attention_impl_test.py in a subprocess; prints one JSON line on stdout,
 {check name: 'ok' | the failure}.
 - splash under a data=2 x tensor=2 mesh runs per device in shard_map (interpreted
-  on CPU) and equals XLA's attention in value and gradients; a batch that the mesh
-  cannot split is a ValueError naming it;
+  on CPU) and equals XLA's attention in value and gradients; so does a batch that
+  the batch axes cannot split (3 on data=2; 1 on data x fsdp, as init traces), and
+  ring and ulysses on a batch of 1;
 - ulysses sequence parallelism runs the chosen kernel (blockwise, splash) on
   each device's share (all_gather shares that path), equal to XLA's attention.
 
@@ -70,15 +71,18 @@ def check_equal(mesh, impl, sequence_parallel, shape, expect_in_jaxpr=()):
     np.testing.assert_allclose(g, r, **TOL)
 
 
-def check_indivisible_batch():
-  q = jnp.zeros((3, 128, 4, 8))
-  with jax.set_mesh(make_mesh(data=2, tensor=2)), nn.logical_axis_rules(RULES):
-    try:
-      jax.eval_shape(lambda q: attention.dot_product_attention(q, q, q, 'splash:128x128'), q)
-    except ValueError as e:
-      assert 'batch B=3' in str(e) and 'not divisible by the 2 devices' in str(e), str(e)
-      return
-  raise AssertionError('no ValueError for batch 3 on data=2')
+def check_indivisible_batch(mesh, impl, sequence_parallel, shape):
+  """A batch the batch axes do not split (init's batch of 1, a sampler's few clips) runs
+  whole over the axes that do not divide it, and equals XLA's attention."""
+  q, k, v, w = arrays(shape, seed=1)
+  (_, want), want_grads = value_and_grads('xla')(q, k, v, w)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+    fn = value_and_grads(impl, sequence_parallel)
+    assert 'shard_map' in str(jax.make_jaxpr(fn)(q, k, v, w))
+    (_, out), grads = fn(q, k, v, w)
+  np.testing.assert_allclose(out, want, **TOL)
+  for g, r in zip(grads, want_grads):
+    np.testing.assert_allclose(g, r, **TOL)
 
 
 def main():
@@ -88,7 +92,15 @@ def main():
       'splash_shard_map/data2_tensor2': lambda: check_equal(
           make_mesh(data=2, tensor=2), 'splash:128x128', 'none', (4, 200, 4, 16),
           ('shard_map', 'pallas_call')),
-      'splash_shard_map/indivisible_batch': check_indivisible_batch,
+      # B=3 over data=2 runs whole; B=1 (what init traces) over data x fsdp = 2 x 2.
+      'splash_shard_map/indivisible_batch': lambda: check_indivisible_batch(
+          make_mesh(data=2, tensor=2), 'splash:128x128', 'none', (3, 128, 4, 8)),
+      'splash_shard_map/batch_of_one': lambda: check_indivisible_batch(
+          make_mesh(data=2, fsdp=2, tensor=2), 'splash:128x128', 'none', (1, 256, 4, 8)),
+      'ring/batch_of_one': lambda: check_indivisible_batch(
+          make_mesh(data=2, sequence=4), 'xla', 'ring', (1, 64, 4, 8)),
+      'ulysses/splash_batch_of_one': lambda: check_indivisible_batch(
+          make_mesh(data=4, sequence=2), 'splash:128x128', 'ulysses', (1, 256, 2, 8)),
       # ulysses on sequence=4: 8 heads -> 2 per device over all N=160 tokens.
       'ulysses/blockwise': lambda: check_equal(
           make_mesh(data=2, sequence=4), 'blockwise:32x64', 'ulysses', (2, 160, 8, 8),

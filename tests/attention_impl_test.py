@@ -304,6 +304,7 @@ def test_cudnn_off_gpu_is_a_value_error_when_called():
 
 MULTIDEVICE_CHECKS = (
     'splash_shard_map/data2_tensor2', 'splash_shard_map/indivisible_batch',
+    'splash_shard_map/batch_of_one', 'ring/batch_of_one', 'ulysses/splash_batch_of_one',
     'ulysses/blockwise', 'ulysses/splash')
 
 

@@ -133,11 +133,9 @@ def validate_config(config, num_devices: int, process_count: int = 1,
   ]
   dims += generate.sharded_dims(config)  # the text encoder's widths and heads
   seq_ways = _ways(rules, axes.ACT_LENGTH, sizes)[1]
-  if spec.sequence_parallel != 'none' and seq_ways > 1:
-    # Sequence-parallel attention runs in shard_map, which needs even blocks of the
-    # sampler's batch too (doubled by classifier-free guidance, so num_samples suffices).
-    dims.append((f'sample.num_samples={config.sample.num_samples}',
-                 config.sample.num_samples, axes.ACT_BATCH))
+  # sample.num_samples need not divide the batch axes: the sampler's batch splits where it
+  # can, and the shard_map'd kernels (splash, sequence-parallel attention) run a batch
+  # that the axes do not divide whole over them (parallel/mesh.py divisible_entry).
   for what, size, logical in dims:
     mesh_axes, ways = _ways(rules, logical, sizes)
     if size % ways:

@@ -8,7 +8,8 @@ q/k/v as [K, N, Dh] on one device and does not scale the logits. This module
   segment ids (0 real, 1 padding) keep real queries off padded keys, and the
   padded query rows are sliced off;
 - under a mesh, runs the kernel inside `shard_map` with batch and heads split as
-  the logical axis rules say and tokens and head dim whole on each device
+  the logical axis rules say (over the axes that divide them) and tokens and head
+  dim whole on each device
   (`splash_attention`); `local_splash_attention` is the per-device body, for
   callers already inside a shard_map (sequence-parallel attention);
 - on TPU lowers the compiled Mosaic kernel, elsewhere the same kernel in Pallas
@@ -25,6 +26,7 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec
 
 from vdit_jax.model import axes
+from vdit_jax.parallel import mesh as mesh_lib
 
 LANES = 128  # block sizes must be multiples of the TPU lane width
 DEFAULT_BLOCK_Q = 512
@@ -108,17 +110,20 @@ def batch_heads_spec(mesh, rules=None) -> PartitionSpec:
 
 
 def splash_attention(q, k, v, *, block_q: int, block_kv: int):
-  """q/k/v [B, N, K, Dh] -> [B, N, K, Dh]; under the mesh in context, per device in shard_map."""
+  """q/k/v [B, N, K, Dh] -> [B, N, K, Dh]; under the mesh in context, per device in shard_map.
+
+  shard_map needs even blocks, but not every batch the model sees is a multiple of the
+  batch-sharding mesh axes (init traces a batch of 1, a sampler may draw fewer clips
+  than there are devices): a batch or head count that an axis does not divide runs
+  whole over that axis (mesh_lib.divisible_entry), each of its devices computing the
+  same rows, as XLA does for any array too small to split.
+  """
   mesh = jax.sharding.get_abstract_mesh()
   body = lambda q, k, v: local_splash_attention(q, k, v, block_q=block_q, block_kv=block_kv)
   if not mesh.axis_names or math.prod(mesh.shape.values()) == 1:
     return body(q, k, v)
-  spec = batch_heads_spec(mesh)
-  for dim, entry, name in ((0, spec[0], 'batch B'), (2, spec[2], 'heads K')):
-    names = () if entry is None else (entry,) if isinstance(entry, str) else entry
-    ways = math.prod(mesh.shape[a] for a in names)
-    if q.shape[dim] % ways:
-      raise ValueError(f'splash attention: {name}={q.shape[dim]} of q {q.shape} is not '
-                       f'divisible by the {ways} devices of mesh axes {names} that shard it.')
+  full = batch_heads_spec(mesh)
+  spec = PartitionSpec(mesh_lib.divisible_entry(q.shape[0], full[0], mesh.shape), None,
+                       mesh_lib.divisible_entry(q.shape[2], full[2], mesh.shape), None)
   return jax.shard_map(body, in_specs=(spec, spec, spec), out_specs=spec,
                        check_vma=False)(q, k, v)

@@ -1,6 +1,8 @@
 """Device meshes with the axes (data, fsdp, tensor, sequence), and shardings from logical names."""
 
-from typing import Dict, Optional, Sequence
+import itertools
+import math
+from typing import Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -52,6 +54,30 @@ def logical_sharding(mesh: Mesh, rules, logical_names) -> NamedSharding:
 def batch_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:
   """Sharding of a batch array: leading dim over the batch axes, the rest replicated."""
   return logical_sharding(mesh, rules, (axes.ACT_BATCH,) + (None,) * (ndim - 1))
+
+
+def spec_axes(entry) -> Tuple[str, ...]:
+  """A PartitionSpec entry (None | name | tuple of names) as a tuple of names."""
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+
+
+def divisible_entry(size: int, entry, mesh_shape) -> Optional[object]:
+  """The part of a PartitionSpec entry whose mesh axes split `size` evenly.
+
+  Of the ordered subsets of `entry`'s axes whose sizes multiply to a divisor of
+  `size`, the one with the largest product (the first of equals): batch 2 over
+  ('data', 'fsdp') = (2, 2) keeps ('data',); batch 1 keeps none (None).
+  """
+  names = spec_axes(entry)
+  best, best_ways = (), 1
+  for r in range(len(names), 0, -1):
+    for subset in itertools.combinations(names, r):
+      ways = math.prod(mesh_shape[a] for a in subset)
+      if size % ways == 0 and ways > best_ways:
+        best, best_ways = subset, ways
+  return None if not best else best[0] if len(best) == 1 else best
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

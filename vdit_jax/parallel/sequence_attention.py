@@ -20,7 +20,7 @@ exactly what moves (P = size of the sequence axis, n = N / P):
 """
 
 import math
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -29,6 +29,7 @@ from jax import lax
 from jax.sharding import PartitionSpec
 
 from vdit_jax.model import axes
+from vdit_jax.parallel import mesh as mesh_lib
 
 SEQUENCE_PARALLEL = ('none', 'all_gather', 'ring', 'ulysses')
 
@@ -39,11 +40,7 @@ def _plain(q, k, v):
   return jax.nn.dot_product_attention(q, k, v, implementation='xla')
 
 
-def _axes_of(entry) -> Tuple[str, ...]:
-  """A PartitionSpec entry (None | name | tuple of names) as a tuple of names."""
-  if entry is None:
-    return ()
-  return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+_axes_of = mesh_lib.spec_axes
 
 
 def token_spec(mesh, axis: str = 'sequence', rules=None) -> PartitionSpec:
@@ -222,6 +219,9 @@ def sequence_parallel_attention(q, k, v, *, strategy: str, mesh=None, axis: str 
     return plain(q, k, v)
 
   spec = token_spec(mesh, axis)
+  # A batch that the batch axes do not split evenly (init's batch of 1, a sampler's few
+  # clips) runs whole over the axes that do not divide it; tokens and heads must divide.
+  spec = PartitionSpec(mesh_lib.divisible_entry(q.shape[0], spec[0], mesh.shape), *spec[1:])
   _check_divisible(q.shape, spec, mesh)
   if strategy == 'ulysses':
     heads_sharding = math.prod(mesh.shape[a] for a in _axes_of(spec[2]))

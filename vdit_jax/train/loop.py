@@ -169,24 +169,32 @@ def _save_config(config, workdir):
       f.write(config.to_json_best_effort(indent=2))
 
 
-def _sample_and_write(s: Setup, params, step: int, workdir: str, name: Optional[str] = None,
-                      prompts: Optional[str] = None):
+def jit_sampler(s: Setup, prompts: Optional[str] = None):
+  """(jitted sample_fn(params, rng, condition) -> clips, the condition): what the trainer's
+  samples run, sample.num_samples clips of the first bucket's shape; the clips come back
+  replicated. Call (and lower) it inside the mesh and rules, as `jit_train_step`."""
   cfg = buckets_lib.sample_config(s.config)  # data.buckets: the first bucket's shape
-  if s.lora is not None:  # params are the adapters
-    params = s.lora.merged(params)
   if generate.needs_conditions(cfg):  # captions (prompts) and / or given frames
     sample_fn = generate.make_sample_fn(s.model, s.diffusion, cfg, s.num_classes,
                                         generate.sample_shape(cfg, cfg.sample.num_samples))
-    labels = generate.sample_condition(cfg, s.num_classes, cfg.sample.num_samples, prompts)
+    condition = generate.sample_condition(cfg, s.num_classes, cfg.sample.num_samples, prompts)
   else:
     sample_fn = sampling.make_sample_fn(s.model, s.diffusion, cfg.sample, cfg.data,
                                         s.num_classes, cfg.sample.num_samples)
-    labels = sampling.sample_labels(cfg.sample.num_samples, s.num_classes)
+    condition = sampling.sample_labels(cfg.sample.num_samples, s.num_classes)
+  return jax.jit(sample_fn, out_shardings=mesh_lib.replicated(s.mesh)), condition
+
+
+def _sample_and_write(s: Setup, params, step: int, workdir: str, name: Optional[str] = None,
+                      prompts: Optional[str] = None):
+  cfg = buckets_lib.sample_config(s.config)
+  if s.lora is not None:  # params are the adapters
+    params = s.lora.merged(params)
   rng = jax.random.key(cfg.sample.seed)
   t0 = time.perf_counter()
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
-    videos = jax.jit(sample_fn, out_shardings=mesh_lib.replicated(s.mesh))(params, rng, labels)
-    videos = jax.block_until_ready(videos)
+    sample_fn, condition = jit_sampler(s, prompts)
+    videos = jax.block_until_ready(sample_fn(params, rng, condition))
   latents = None
   if s.decoder is not None:  # data.latents: VAE latents -> frames (every process)
     latents, videos = videos, sampling.to_frames(videos, s.decoder)

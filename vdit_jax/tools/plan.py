@@ -1,15 +1,25 @@
 r"""Ahead-of-time plan of the train step for a TPU topology (or N fake CPU devices).
 
 python -m vdit_jax.tools.plan --config=configs/dit_xl_video.py --topology=v5p:4x4x8
+python -m vdit_jax.tools.plan --config=configs/dit_xl_video.py --topology=v5p:4x4x4 \
+    --num_slices=2 --config.mesh.dcn_data=2
 python -m vdit_jax.tools.plan --config=configs/tiny.py --num_devices=8 --config.mesh.fsdp=4
 
-Compiles the trainer's own jitted step (`loop.jit_train_step`: the same
-`step.make_train_step`, state and batch shardings, `donate_argnums=0`, under the config's
-mesh and logical axis rules) for abstract inputs, on this machine, without allocating the
-state: `--topology` takes abstract TPU devices from libtpu's compiler
-(`pip install "jax[tpu]"`, no TPU needed); without it the devices are `--num_devices` CPU
-devices. Prints per-device memory from the compiler, the compiler's and the analytic FLOPs,
-and whether the step fits the chip's HBM; the last line is one JSON object.
+Compiles what the trainer compiles, for abstract inputs, on this machine, without
+allocating the state: the sharded init (`state.jit_init`), the jitted step
+(`loop.jit_train_step`: the same `step.make_train_step`, state and batch shardings,
+`donate_argnums=0`) and the sampler of its samples (`loop.jit_sampler`), each under the
+config's mesh and logical axis rules. `--topology` takes abstract TPU devices from
+libtpu's compiler (`pip install "jax[tpu]"`, no TPU needed); without it the devices are
+`--num_devices` CPU devices. Prints per-device memory of the step and the sampler from the compiler, the
+compiler's and the analytic FLOPs, and whether both fit the chip's HBM; the last line is one
+JSON object.
+
+`--num_slices=N` plans N slices of the topology joined by DCN (`mesh.dcn_*` say which
+mesh axes span them). The plan then also prints the bytes each device sends to other
+slices per train step, read from the compiled step's HLO (tools/hlo_collectives.py:
+the cross-slice transfers, times the trip counts of the loops around them), next to
+the analytic figure for a gradient all-reduce where only `data` crosses slices.
 
 Exit status: 0 compiled and fits (or no HBM figure to check against), 1 compiled but does
 not fit, 2 bad input (a ValueError).
@@ -34,6 +44,7 @@ from ml_collections import config_flags
 from vdit_jax.data import synthetic
 from vdit_jax.model import flops as flops_lib
 from vdit_jax.parallel import mesh as mesh_lib
+from vdit_jax.tools import hlo_collectives
 from vdit_jax.train import loop
 from vdit_jax.train import state as state_lib
 
@@ -64,6 +75,9 @@ flags.DEFINE_integer('num_devices', None,
 flags.DEFINE_integer('num_classes', None,
                      f'Class labels of the data source (default {DEFAULT_NUM_CLASSES}, '
                      'the synthetic source).')
+flags.DEFINE_integer('num_slices', 1,
+                     'With --topology: number of slices of that topology, joined by DCN '
+                     '(set mesh.dcn_* to match).')
 flags.DEFINE_float('hbm_gib', None,
                    'Memory per chip in GiB to check against; default from the table of '
                    'known TPU kinds (none for CPU).')
@@ -92,18 +106,41 @@ class Plan:
   compiler_flops_per_device: Optional[float]
   model_flops_per_step: int
   model_flops_per_device: float
+  sampler_num_samples: int
+  sampler_total_bytes: int       # the sampler's program, like total_bytes for the step
   hbm_bytes_per_device: Optional[int]
   hbm_source: str
   fits: Optional[bool]
   compile_s: float
+  num_slices: int = 1
+  mesh_dcn: Optional[dict] = None   # each mesh axis's slice count (its DCN part)
+  # Bytes one device sends to other slices per train step (DCN), from the compiled step's
+  # HLO; the total is over all devices. See tools/hlo_collectives.py for the cost model.
+  dcn_bytes_per_step: int = 0
+  dcn_bytes_per_step_total: int = 0
+  dcn_data_bytes_per_step: int = 0  # the same less the zeros libtpu pads each transfer with
+  dcn_bytes_by_dtype: Optional[dict] = None  # dcn_bytes_per_step by element type
+  dcn_transfers: int = 0            # cross-slice transfers in the program text
+  dcn_loops: str = ''               # how loops around them were counted
+  # 2 (S-1)/S x params x bytes of dcn_analytic_dtype / devices per slice: the gradient
+  # all-reduce over S slices when only `data` crosses slices (None otherwise), in the
+  # element type most DCN bytes have (bf16 compute all-reduces bf16 gradients).
+  dcn_analytic_bytes_per_step: Optional[int] = None
+  dcn_analytic_dtype: str = ''
 
 
 def libtpu_available() -> bool:
   return importlib.util.find_spec('libtpu') is not None
 
 
-def topology_devices(topology: str):
-  """Abstract TPU devices of a topology name such as 'v5p:4x4x8' (no TPU needed)."""
+def topology_devices(topology: str, num_slices: int = 1):
+  """Abstract TPU devices of a topology name such as 'v5p:4x4x8' (no TPU needed).
+
+  With `num_slices` > 1, that many copies of the topology joined by DCN: each device
+  carries its `slice_index`.
+  """
+  if num_slices < 1:
+    raise ValueError(f'--num_slices={num_slices} must be a positive int.')
   if not libtpu_available():
     raise ValueError(
         f'--topology={topology!r} needs libtpu, which is not installed: '
@@ -113,7 +150,8 @@ def topology_devices(topology: str):
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
   try:
-    desc = topologies.get_topology_desc(platform='tpu', topology_name=topology)
+    kwargs = {'num_slices': num_slices} if num_slices > 1 else {}
+    desc = topologies.get_topology_desc(platform='tpu', topology_name=topology, **kwargs)
   except jax.errors.JaxRuntimeError as e:
     if 'INVALID_ARGUMENT' not in str(e):
       raise
@@ -142,9 +180,12 @@ def cpu_devices(num_devices: Optional[int]):
 
 
 def _chips(devices) -> int:
-  """Distinct chips (TPU devices of one chip share coords; v4 has 2 devices a chip)."""
+  """Distinct chips (TPU devices of one chip share coords; v4 has 2 devices a chip).
+
+  Coordinates repeat in every slice, so a chip is (slice, coords).
+  """
   if all(getattr(d, 'coords', None) is not None for d in devices):
-    return len({tuple(d.coords) for d in devices})
+    return len({(getattr(d, 'slice_index', None) or 0, tuple(d.coords)) for d in devices})
   return len(devices)
 
 
@@ -204,16 +245,25 @@ def plan(config, devices: Sequence[Any], *, topology: str = 'cpu',
   s = loop.build(config, None, devices=devices, process_count=hosts, num_classes=num_classes)
   state, batch, rng = abstract_inputs(s, config)
 
+  # The sampler's condition (labels, or captions and given frames) as shapes: made here on
+  # the host's CPU, since the mesh's devices may be abstract.
+  sample_fn, condition = loop.jit_sampler(s)
+  condition = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), condition)
   t0 = time.perf_counter()
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
+    # What a run compiles, in its order: the sharded init, the step, the sampler.
+    state_lib.jit_init(s.init_fn, s.state_shardings).lower(rng).compile()
     compiled = loop.jit_train_step(s).lower(state, batch, rng).compile()
+    sampler = sample_fn.lower(_sample_params(s, state), rng, condition).compile()
   compile_s = time.perf_counter() - t0
 
   mem = compiled.memory_analysis()
-  if mem is None:
+  sampler_mem = sampler.memory_analysis()
+  if mem is None or sampler_mem is None:
     raise RuntimeError(f'the compiler gave no memory analysis for {topology}.')
-  total = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-           - mem.alias_size_in_bytes + mem.generated_code_size_in_bytes)
+  total = _total_bytes(mem)
+  sampler_total = _total_bytes(sampler_mem)
+  dcn = _dcn_fields(s, config, compiled, devices)
   spec = s.model.spec
   d = config.data
   model_flops = flops_lib.train_step_flops(
@@ -231,8 +281,51 @@ def plan(config, devices: Sequence[Any], *, topology: str = 'cpu',
       compiler_flops_per_device=_cost_flops(compiled),
       model_flops_per_step=model_flops.total,
       model_flops_per_device=model_flops.total / len(devices),
+      sampler_num_samples=int(config.sample.num_samples),
+      sampler_total_bytes=sampler_total,
       hbm_bytes_per_device=hbm, hbm_source=hbm_source,
-      fits=None if hbm is None else total <= hbm, compile_s=round(compile_s, 1))
+      fits=None if hbm is None else max(total, sampler_total) <= hbm,
+      compile_s=round(compile_s, 1), **dcn)
+
+
+def _dcn_fields(s, config, compiled, devices) -> dict:
+  """The Plan's DCN fields: the compiled step's cross-slice bytes and the analytic figure."""
+  slices = mesh_lib.count_slices(devices)
+  _, dcn = mesh_lib.hybrid_shape(config.mesh, len(devices), slices)
+  fields = dict(num_slices=slices, mesh_dcn=dict(dcn))
+  if slices == 1:
+    return dict(fields, dcn_loops='one slice: nothing crosses DCN')
+  # Replica-group ids index the program's device assignment: the mesh's devices in order.
+  slice_of = [getattr(d, 'slice_index', None) or 0 for d in s.mesh.devices.flat]
+  traffic = hlo_collectives.dcn_traffic(compiled.as_text(), slice_of)
+  analytic, dtype = None, ''
+  if dcn['data'] == slices and traffic.bytes_by_dtype:
+    # Only data crosses slices: the gradients' one all-reduce over them, each slice's
+    # share split over its devices.
+    dtype = max(traffic.bytes_by_dtype, key=traffic.bytes_by_dtype.get)
+    grad_bytes = state_lib.param_count(s.abstract_state.params) * hlo_collectives.shape_bytes(
+        f'{dtype}[1]')
+    analytic = int(2 * (slices - 1) / slices * grad_bytes / (len(devices) // slices))
+  return dict(fields, dcn_bytes_per_step=traffic.bytes_per_device,
+              dcn_bytes_per_step_total=traffic.bytes_per_device * len(devices),
+              dcn_data_bytes_per_step=traffic.data_bytes_per_device,
+              dcn_bytes_by_dtype=traffic.bytes_by_dtype,
+              dcn_transfers=len(traffic.transfers), dcn_loops=traffic.loop_summary(),
+              dcn_analytic_bytes_per_step=analytic, dcn_analytic_dtype=dtype)
+
+
+def _total_bytes(mem) -> int:
+  """What a compiled program holds per device at its peak: arguments + outputs +
+  temporaries - aliased (donated) + code."""
+  return (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+          - mem.alias_size_in_bytes + mem.generated_code_size_in_bytes)
+
+
+def _sample_params(s, state):
+  """Abstract params the sampler takes: the EMA params, or with LoRA the merged model's."""
+  if s.lora is None:
+    return state.ema_params
+  return state_lib.abstract_with_shardings(s.lora.base_abstract, s.lora.base_shardings)
 
 
 def _gib(n) -> str:
@@ -244,7 +337,9 @@ def report(p: Plan) -> str:
   lines = [
       f'topology        {p.topology}: {p.num_devices} x {p.device_kind!r} devices, '
       f'{p.num_chips} chips, {p.num_hosts} hosts',
-      f'mesh            {p.mesh}',
+      f'mesh            {p.mesh}' + (
+          f' over {p.num_slices} slices joined by DCN; slices per axis {p.mesh_dcn}'
+          if p.num_slices > 1 else ''),
       f'params          {p.param_count:,}',
       f'batch           {p.global_batch} global, {p.batch_per_device:g} per device, '
       f'{p.tokens_per_clip:,} tokens/clip; remat {p.remat_policy}',
@@ -257,6 +352,8 @@ def report(p: Plan) -> str:
       f'  code          {_gib(p.code_bytes)}',
       f'  total         {_gib(p.total_bytes)}  = arguments + outputs + temporaries '
       '- aliased + code',
+      f'sampler         {_gib(p.sampler_total_bytes)} per device ({p.sampler_num_samples} '
+      'clips, the same sum)',
   ]
   if p.compiler_flops_per_device is None:
     lines.append('compiler FLOPs  (no cost analysis)')
@@ -267,17 +364,37 @@ def report(p: Plan) -> str:
   lines.append(f'model FLOPs     {p.model_flops_per_step:.4g} per step, '
                f'{p.model_flops_per_device:.4g} per device (analytic, 6 x matmul params x '
                'tokens + 12 L N D per token attention, no remat)')
+  if p.num_slices > 1:
+    by_dtype = ', '.join(f'{k} {v:,} B' for k, v in sorted(p.dcn_bytes_by_dtype.items()))
+    lines += [
+        f'DCN per step    {_gib(p.dcn_bytes_per_step)} sent per device ({by_dtype}), '
+        f'{_gib(p.dcn_bytes_per_step_total)} by all {p.num_devices} devices; '
+        f'{p.dcn_transfers} cross-slice transfers in the compiled step',
+        f'  data          {_gib(p.dcn_data_bytes_per_step)} per device without the zeros '
+        'the compiler pads transfers with',
+        f'  loops         {p.dcn_loops}',
+    ]
+    if p.dcn_analytic_bytes_per_step is None:
+      lines.append('DCN analytic    (only for meshes where data alone crosses slices)')
+    else:
+      a = max(p.dcn_analytic_bytes_per_step, 1)
+      lines.append(f'DCN analytic    {_gib(p.dcn_analytic_bytes_per_step)} per device = '
+                   f'2 (S-1)/S x params x {p.dcn_analytic_dtype} bytes / devices per slice '
+                   f'(the gradient all-reduce, S={p.num_slices}); compiled / analytic = '
+                   f'{p.dcn_bytes_per_step / a:.2f} sent, {p.dcn_data_bytes_per_step / a:.2f} '
+                   'data')
   if p.hbm_bytes_per_device is None:
     lines.append(f'HBM             {p.hbm_source}')
     lines.append('verdict         compiled; memory not checked')
   else:
     lines.append(f'HBM             {_gib(p.hbm_bytes_per_device)} per device; {p.hbm_source}')
-    used = p.total_bytes / p.hbm_bytes_per_device
+    peak = max(p.total_bytes, p.sampler_total_bytes)
+    used = peak / p.hbm_bytes_per_device
     if p.fits:
       lines.append(f'verdict         FITS: {used:.1%} of HBM per device')
     else:
       lines.append(f'verdict         DOES NOT FIT: needs {used:.1%} of HBM per device, '
-                   f'{(p.total_bytes - p.hbm_bytes_per_device) / GIB:.2f} GiB too much')
+                   f'{(peak - p.hbm_bytes_per_device) / GIB:.2f} GiB too much')
   lines.append(json.dumps(dataclasses.asdict(p), sort_keys=True))
   return '\n'.join(lines)
 
@@ -289,12 +406,15 @@ def main(argv) -> int:
     raise app.UsageError('--config is required.')
   try:
     if FLAGS.topology:
-      devices = topology_devices(FLAGS.topology)
+      devices = topology_devices(FLAGS.topology, FLAGS.num_slices)
       if FLAGS.num_devices is not None and FLAGS.num_devices != len(devices):
         raise ValueError(
             f'--num_devices={FLAGS.num_devices} disagrees with --topology='
             f'{FLAGS.topology!r}, which has {len(devices)} devices; drop --num_devices.')
     else:
+      if FLAGS.num_slices != 1:
+        raise ValueError(f'--num_slices={FLAGS.num_slices} needs --topology: CPU devices '
+                         'form one slice.')
       devices = cpu_devices(FLAGS.num_devices)
     p = plan(FLAGS.config, devices, topology=FLAGS.topology or 'cpu',
              num_classes=FLAGS.num_classes, hbm_gib=FLAGS.hbm_gib)

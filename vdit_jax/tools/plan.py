@@ -11,9 +11,9 @@ allocating the state: the sharded init (`state.jit_init`), the jitted step
 `donate_argnums=0`) and the sampler of its samples (`loop.jit_sampler`), each under the
 config's mesh and logical axis rules. `--topology` takes abstract TPU devices from
 libtpu's compiler (`pip install "jax[tpu]"`, no TPU needed); without it the devices are
-`--num_devices` CPU devices. Prints per-device memory of the step and the sampler from the compiler, the
-compiler's and the analytic FLOPs, and whether both fit the chip's HBM; the last line is one
-JSON object.
+`--num_devices` CPU devices. Prints per-device memory of the step and the sampler from
+the compiler, the compiler's and the analytic FLOPs, and whether both fit the chip's HBM;
+the last line is one JSON object.
 
 `--num_slices=N` plans N slices of the topology joined by DCN (`mesh.dcn_*` say which
 mesh axes span them). The plan then also prints the bytes each device sends to other

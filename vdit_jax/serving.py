@@ -27,6 +27,7 @@ as in vdit_jax.diffusion.samplers.sample.
 """
 
 import argparse
+import io
 import json
 import os
 from typing import Optional, Sequence, Union
@@ -42,26 +43,57 @@ FORMAT_VERSION = 1
 _STORED_AS = {'bfloat16': (np.uint16, jnp.bfloat16), 'float32': (np.float32, jnp.float32)}
 
 
+class _Files:
+  """An export folder, local or in a bucket. Local folders need nothing beyond the
+  standard library; bucket URLs (gs://, s3://) are read through etils.epath, imported
+  only then, so that serving a local export keeps to jax and numpy."""
+
+  def __init__(self, directory: str):
+    directory = os.fspath(directory)
+    self.remote = '://' in directory and not directory.startswith('file://')
+    if directory.startswith('file://'):
+      directory = directory[len('file://'):]
+    self.root = directory.rstrip('/') if self.remote else os.path.abspath(directory)
+
+  def __str__(self) -> str:
+    return self.root
+
+  def join(self, name: str) -> str:
+    return f'{self.root}/{name}' if self.remote else os.path.join(self.root, name)
+
+  def isfile(self, path: str) -> bool:
+    if self.remote:
+      from etils import epath  # pylint: disable=g-import-not-at-top
+      return epath.Path(path).is_file()
+    return os.path.isfile(path)
+
+  def read(self, path: str) -> bytes:
+    if self.remote:
+      from etils import epath  # pylint: disable=g-import-not-at-top
+      return epath.Path(path).read_bytes()
+    with open(path, 'rb') as f:
+      return f.read()
+
+
 class ExportedSampler:
   """A deserialised sampler and its weights (on the default device)."""
 
   def __init__(self, directory: str):
-    self.directory = os.path.abspath(directory)
-    paths = {name: os.path.join(self.directory, name)
+    self.directory = _Files(directory)
+    files = {name: self.directory.join(name)
              for name in (MANIFEST_FILENAME, SAMPLER_FILENAME, WEIGHTS_FILENAME)}
-    missing = [name for name, path in paths.items() if not os.path.isfile(path)]
+    missing = [name for name, path in files.items() if not self.directory.isfile(path)]
     if missing:
       raise FileNotFoundError(
           f'{self.directory} is not an exported sampler: it lacks {missing}. Write one with '
           '`python -m vdit_jax.tools.export --workdir=WORKDIR`.')
-    with open(paths[MANIFEST_FILENAME]) as f:
-      self.manifest = json.load(f)
+    self.manifest = json.loads(self.directory.read(files[MANIFEST_FILENAME]))
     if self.manifest.get('format') != FORMAT_VERSION:
-      raise ValueError(f'{paths[MANIFEST_FILENAME]} has format {self.manifest.get("format")!r}; '
+      raise ValueError(f'{files[MANIFEST_FILENAME]} has format {self.manifest.get("format")!r}; '
                        f'this loader reads format {FORMAT_VERSION}. Export it again.')
-    with open(paths[SAMPLER_FILENAME], 'rb') as f:
-      self.exported = jax.export.deserialize(bytearray(f.read()))
-    self.weights = self._load_weights(paths[WEIGHTS_FILENAME])
+    self.exported = jax.export.deserialize(bytearray(self.directory.read(
+        files[SAMPLER_FILENAME])))
+    self.weights = self._load_weights(files[WEIGHTS_FILENAME])
     self.video_shape = tuple(self.manifest['video_shape'])  # (B, T, H, W, C)
     self.num_classes = int(self.manifest['num_classes'])
     self.label_names = self.manifest.get('label_names')
@@ -70,7 +102,8 @@ class ExportedSampler:
     stored, dtype = _STORED_AS[self.manifest['weights_dtype']]
     want = self.exported.in_avals[:len(self.manifest['weights'])]
     weights = []
-    with np.load(path) as arrays:
+    source = io.BytesIO(self.directory.read(path)) if self.directory.remote else path
+    with np.load(source) as arrays:
       for name, aval in zip(self.manifest['weights'], want):
         array = arrays[name]
         if array.dtype != stored or array.shape != aval.shape:

@@ -53,6 +53,7 @@ from vdit_jax.data import video_files
 from vdit_jax.diffusion import objectives
 from vdit_jax.diffusion import samplers
 from vdit_jax.model import dit
+from vdit_jax.parallel import paths
 from vdit_jax.train import checkpoint as ckpt_lib
 from vdit_jax.train import export as export_lib
 from vdit_jax.train import state as state_lib
@@ -89,21 +90,20 @@ def config_from_json(path: str) -> ml_collections.ConfigDict:
   Keys the saved config lacks keep their defaults; JSON lists become the tuples the
   defaults hold.
   """
-  with open(path) as f:
-    saved = json.load(f)
+  saved = json.loads(paths.read_text(path))
   config = defaults.base_config()
   config.update(saved)
   return config
 
 
 def _workdir_config(workdir: str) -> Optional[ml_collections.ConfigDict]:
-  path = os.path.join(workdir, 'config.json')
-  return config_from_json(path) if os.path.isfile(path) else None
+  path = paths.join(workdir, export_lib.CONFIG_FILENAME)
+  return config_from_json(path) if paths.isfile(path) else None
 
 
 def _newest_checkpoint_step(workdir: str) -> Optional[int]:
-  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-  if not os.path.isdir(directory):
+  directory = paths.join(workdir, 'checkpoints')
+  if not paths.isdir(directory):
     return None
   checkpointer = ckpt_lib.Checkpointer(directory, keep=1, every_steps=1, async_save=False)
   try:
@@ -126,7 +126,7 @@ def newest_export(workdir: str, config) -> str:
     return loop.export(config, workdir)
   if path is None:
     raise FileNotFoundError(
-        f'{os.path.abspath(workdir)} has no checkpoint and no export: train first '
+        f'{paths.normalize(workdir)} has no checkpoint and no export: train first '
         f'(python -m vdit_jax.main --config=... --workdir={workdir}).')
   return path
 
@@ -206,8 +206,8 @@ def restore_params(export_path: str, config, num_classes: int):
 
 
 def _weight_names(params) -> list:
-  paths = jax.tree_util.tree_flatten_with_path(params)[0]
-  return ['/'.join(str(getattr(k, 'key', k)) for k in path) for path, _ in paths]
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  return ['/'.join(str(getattr(k, 'key', k)) for k in path) for path, _ in leaves]
 
 
 def check_supported(config) -> None:
@@ -256,19 +256,19 @@ def export_sampler(export_path: str, out: str, config, *, num_samples: Optional[
            jax.ShapeDtypeStruct((), jnp.uint32))  # seed
   exported = jax.export.export(jax.jit(fn), platforms=tuple(platforms))(*specs)
 
-  os.makedirs(out, exist_ok=True)
-  manifest_path = os.path.join(out, serving.MANIFEST_FILENAME)
-  if os.path.exists(manifest_path):
-    os.remove(manifest_path)  # written last: a half-written export is never loaded
-  with open(os.path.join(out, serving.SAMPLER_FILENAME), 'wb') as f:
-    f.write(exported.serialize())
-  np.savez(os.path.join(out, serving.WEIGHTS_FILENAME),
-           **{name: np.asarray(w).view(np.uint16) for name, w in zip(names, weights)})
+  paths.makedirs(out)
+  manifest_path = paths.join(out, serving.MANIFEST_FILENAME)
+  paths.remove(manifest_path)  # written last: a half-written export is never loaded
+  paths.write_bytes(paths.join(out, serving.SAMPLER_FILENAME), exported.serialize())
+  with paths.local_file_for_write(paths.join(out, serving.WEIGHTS_FILENAME),
+                                  suffix='.npz') as local:
+    np.savez(local, **{name: np.asarray(w).view(np.uint16)
+                       for name, w in zip(names, weights)})
   manifest = {
       'format': serving.FORMAT_VERSION,
       'step': info['step'],
       'params': info['params'],
-      'export_dir': os.path.abspath(export_path),
+      'export_dir': paths.normalize(export_path),
       'jax_version': jax.__version__,
       'platforms': list(exported.platforms),
       'weights_dtype': 'bfloat16',
@@ -285,8 +285,7 @@ def export_sampler(export_path: str, out: str, config, *, num_samples: Optional[
       'inputs': 'weights (list, order of "weights"), noise float32 [B, T, H, W, C], '
                 'labels int32 [B], seed uint32 []',
   }
-  with open(manifest_path, 'w') as f:
-    json.dump(manifest, f, indent=2)
+  paths.write_text(manifest_path, json.dumps(manifest, indent=2))
   return out
 
 
@@ -301,13 +300,12 @@ def main(argv):
     config = _workdir_config(FLAGS.workdir)
   export_path = FLAGS.export_dir or newest_export(FLAGS.workdir, config)
   if config is None:
-    config = config_from_json(os.path.join(export_path, export_lib.CONFIG_FILENAME))
-  out = FLAGS.out or os.path.join(export_path, SAMPLER_DIRNAME)
+    config = config_from_json(paths.join(export_path, export_lib.CONFIG_FILENAME))
+  out = FLAGS.out or paths.join(export_path, SAMPLER_DIRNAME)
   export_sampler(export_path, out, config, num_samples=FLAGS.num_samples,
                  num_classes=FLAGS.num_classes, compute_dtype=FLAGS.compute_dtype,
                  platforms=FLAGS.platforms, attention_impl=FLAGS.attention_impl)
-  with open(os.path.join(out, serving.MANIFEST_FILENAME)) as f:
-    manifest = json.load(f)
+  manifest = json.loads(paths.read_text(paths.join(out, serving.MANIFEST_FILENAME)))
   print(f'exported the sampler of step {manifest["step"]} ({manifest["sampler"]["name"]}, '
         f'{manifest["sampler"]["num_steps"]} steps, batch {manifest["video_shape"][0]}, '
         f'{manifest["compute_dtype"]} compute, platforms {manifest["platforms"]}) to {out} '

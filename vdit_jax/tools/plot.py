@@ -17,6 +17,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from vdit_jax.parallel import paths
+
 METRICS_FILENAME = 'metrics.jsonl'
 # (key, axis label, factor) in the order drawn; keys absent from every record are skipped.
 PANELS = (('loss', 'loss', 1.0), ('tokens_per_s', 'tokens / s', 1.0),
@@ -35,21 +37,20 @@ def define_flags() -> None:
 
 def read_records(path: str) -> List[dict]:
   """The records of a metrics.jsonl, one per step (the last one logged for a step)."""
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     raise FileNotFoundError(f'no metrics file at {path}: train first '
                             '(python -m vdit_jax.main --config=... --workdir=...).')
   by_step: Dict[int, dict] = {}
-  with open(path) as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{path}:{number} is not a JSON object ({e.msg}).') from e
-      if not isinstance(record, dict) or 'step' not in record:
-        raise ValueError(f'{path}:{number} has no "step": {line.strip()[:100]}')
-      by_step[int(record['step'])] = record
+  for number, line in enumerate(paths.read_text(path).splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path}:{number} is not a JSON object ({e.msg}).') from e
+    if not isinstance(record, dict) or 'step' not in record:
+      raise ValueError(f'{path}:{number} has no "step": {line.strip()[:100]}')
+    by_step[int(record['step'])] = record
   if not by_step:
     raise ValueError(f'{path} holds no records yet: it is written every train.log_every '
                      'steps, so plot once a run has logged a step.')
@@ -105,15 +106,15 @@ def plot(records: Sequence[dict], out: str, title: Optional[str] = None) -> str:
   if title:
     fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  fig.savefig(out, dpi=100)
+  with paths.local_file_for_write(out, suffix='.png') as local:
+    fig.savefig(local, dpi=100, format='png')
   plt.close(fig)
-  return out
+  return paths.normalize(out)
 
 
 def plot_metrics(path: str, out: str) -> str:
   """metrics.jsonl at `path` -> PNG at `out`."""
-  return plot(read_records(path), out, title=os.path.dirname(os.path.abspath(path)))
+  return plot(read_records(path), out, title=os.path.dirname(paths.normalize(path)))
 
 
 def main(argv):
@@ -121,8 +122,8 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if (FLAGS.workdir is None) == (FLAGS.metrics is None):
     raise app.UsageError('give exactly one of --workdir and --metrics.')
-  path = FLAGS.metrics or os.path.join(FLAGS.workdir, METRICS_FILENAME)
-  out = FLAGS.out or os.path.join(os.path.dirname(os.path.abspath(path)), 'loss.png')
+  path = paths.normalize(FLAGS.metrics or paths.join(FLAGS.workdir, METRICS_FILENAME))
+  out = FLAGS.out or paths.join(os.path.dirname(path), 'loss.png')
   try:
     plot_metrics(path, out)
   except (FileNotFoundError, ValueError) as e:

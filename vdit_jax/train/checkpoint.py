@@ -1,9 +1,10 @@
 """Orbax checkpoints of the train state and the data iterator, in one manager.
 
-Durability: Orbax writes step N to `N.orbax-checkpoint-tmp` and renames it to `N`
-only when every item is written (on every process), so a process killed during a
-save leaves a temporary directory that is never listed as a step; the next save of
-N replaces it. A finalised step whose files were damaged later (a copy cut short, a
+Durability: on a local disk Orbax writes step N to `N.orbax-checkpoint-tmp` and renames
+it to `N` only when every item is written (on every process); in a bucket (gs://), where
+folders cannot be renamed, it writes into `N/` and marks it complete with a
+`commit_success.txt` object last. Either way a process killed during a save leaves a step
+that is never listed; the next save of N replaces it. A finalised step whose files were damaged later (a copy cut short, a
 full disk, a manual edit) cannot be told apart without reading it: `restore` raises
 `CheckpointRestoreError` naming the step's directory and the previous complete step,
 rather than silently resuming from an older step. Silent fallback could also make
@@ -16,6 +17,8 @@ from typing import Any, Optional
 import grain
 import orbax.checkpoint as ocp
 from absl import logging
+
+from vdit_jax.parallel import paths
 
 
 class CheckpointRestoreError(RuntimeError):
@@ -31,7 +34,8 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int, every_steps: int, async_save: bool = True,
                keep_period: Optional[int] = None):
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.normalize(directory)
+    self.workdir = os.path.dirname(self.directory)  # the run's folder (or bucket prefix)
     self.every_steps = every_steps
     self.manager = ocp.CheckpointManager(
         self.directory,

@@ -19,6 +19,7 @@ from vdit_jax.data import video_io
 from vdit_jax.diffusion import conditioning as cond_lib
 from vdit_jax.model import axes
 from vdit_jax.model import text as text_lib
+from vdit_jax.parallel import paths
 from vdit_jax.train import sampling
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
@@ -241,15 +242,16 @@ def read_input(path: str, height: int, width: int) -> np.ndarray:
   """An image or a video file -> float32 [F, height, width, 3] in [-1, 1] (short-side
   resize, centre crop); an image is one frame (image-to-video)."""
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     raise FileNotFoundError(f'--input={path!r}: no such file.')
   ext = os.path.splitext(path)[1].lower()
   if ext in IMAGE_EXTENSIONS:
     from PIL import Image  # pylint: disable=g-import-not-at-top
-    with Image.open(path) as image:
+    with paths.local_copy(path) as local, Image.open(local) as image:
       frames = np.asarray(image.convert('RGB'))[None]  # [1, h, w, 3]
   elif ext in video_io.READ_EXTENSIONS:
-    frames = video_io.read_frames(path, range(video_io.count_frames(path)))  # [F, h, w, 3]
+    with paths.local_copy(path) as local:  # a bucket's video, downloaded once
+      frames = video_io.read_frames(local, range(video_io.count_frames(local)))  # [F, h, w, 3]
   else:
     raise ValueError(f'--input={path!r}: the extension must be an image '
                      f'{IMAGE_EXTENSIONS} or a video {video_io.READ_EXTENSIONS}.')
@@ -328,8 +330,8 @@ def extend_and_write(s, params, input_path: str, num_frames: int, workdir: str, 
   clip, windows = extend_clip(s.model, s.diffusion, cfg, params, frames, num_frames,
                               rng=jax.random.key(cfg.sample.seed), num_classes=s.num_classes,
                               prompt=prompt)
-  paths = []
+  written = []
   if jax.process_index() == 0:
-    paths = sampling.write_samples(clip, os.path.join(workdir, 'samples'), name,
-                                   cfg.sample.formats, cfg.sample.fps)
-  return clip, windows, paths
+    written = sampling.write_samples(clip, paths.join(workdir, 'samples'), name,
+                                     cfg.sample.formats, cfg.sample.fps)
+  return clip, windows, written

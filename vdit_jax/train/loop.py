@@ -1,8 +1,8 @@
 """train_and_evaluate(config, workdir), sample(config, workdir) and export(config, workdir)."""
 
+import contextlib
 import dataclasses
 import json
-import os
 import time
 from typing import Any, Optional, Sequence
 
@@ -18,6 +18,7 @@ from vdit_jax.diffusion import objectives
 from vdit_jax.model import dit
 from vdit_jax.model import patching
 from vdit_jax.parallel import mesh as mesh_lib
+from vdit_jax.parallel import paths
 from vdit_jax.train import checkpoint as ckpt_lib
 from vdit_jax.train import compile_cache
 from vdit_jax.train import export as export_lib
@@ -30,6 +31,10 @@ from vdit_jax.train import sampling
 from vdit_jax.train import state as state_lib
 from vdit_jax.train import step as step_lib
 from vdit_jax.train import tensorboard
+
+
+CHECKPOINTS_DIRNAME = 'checkpoints'
+SAMPLES_DIRNAME = 'samples'
 
 
 @dataclasses.dataclass
@@ -84,9 +89,13 @@ def build(config, workdir: Optional[str], *, devices: Optional[Sequence[Any]] = 
   checkpointer = None
   decoder = None
   if workdir is not None:
+    # Before anything compiles: a bucket that does not exist or cannot be written (or a
+    # read-only folder) stops the run here, naming it, not at the first checkpoint.
+    workdir = paths.check_writable(workdir, '--workdir',
+                                   probe_name=f'.write_probe.{jax.process_index()}')
     decoder = sampling.latent_decoder(config)  # None unless data.latents
     checkpointer = ckpt_lib.Checkpointer(
-        os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep,
+        paths.join(workdir, CHECKPOINTS_DIRNAME), keep=config.checkpoint.keep,
         every_steps=config.checkpoint.every_steps, async_save=config.checkpoint.async_save,
         keep_period=config.checkpoint.keep_period)
   return Setup(config, mesh, rules, model, diffusion, tx, schedule, num_classes, init_fn,
@@ -165,8 +174,8 @@ def _compile_step(train_step, state, batch, rng) -> None:
 
 def _save_config(config, workdir):
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, export_lib.CONFIG_FILENAME), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    paths.write_text(paths.join(workdir, export_lib.CONFIG_FILENAME),
+                     config.to_json_best_effort(indent=2))
 
 
 def jit_sampler(s: Setup, prompts: Optional[str] = None):
@@ -198,14 +207,15 @@ def _sample_and_write(s: Setup, params, step: int, workdir: str, name: Optional[
   latents = None
   if s.decoder is not None:  # data.latents: VAE latents -> frames (every process)
     latents, videos = videos, sampling.to_frames(videos, s.decoder)
-  paths = []
+  written = []
   if jax.process_index() == 0:
-    directory = os.path.join(workdir, 'samples')
-    paths = sampling.write_samples(videos, directory, name or f'step_{step:07d}',
-                                   cfg.sample.formats, cfg.sample.fps, latents=latents)
-    metrics_lib.log_line(f'wrote samples {paths} ({cfg.sample.sampler}, {cfg.sample.num_steps} '
-                         f'steps, cfg {cfg.sample.cfg_scale}) in {time.perf_counter() - t0:.1f}s')
-  return videos, paths
+    directory = paths.join(workdir, SAMPLES_DIRNAME)
+    written = sampling.write_samples(videos, directory, name or f'step_{step:07d}',
+                                     cfg.sample.formats, cfg.sample.fps, latents=latents)
+    metrics_lib.log_line(f'wrote samples {written} ({cfg.sample.sampler}, '
+                         f'{cfg.sample.num_steps} steps, cfg {cfg.sample.cfg_scale}) in '
+                         f'{time.perf_counter() - t0:.1f}s')
+  return videos, written
 
 
 def restore_or_init(s: Setup, data_iter=None):
@@ -229,7 +239,7 @@ def _restore(s: Setup, step: int, data_iter=None):
     return s.checkpointer.restore(
         step, state_lib.abstract_with_shardings(s.abstract_state, s.state_shardings), data_iter)
   except ckpt_lib.CheckpointRestoreError as e:
-    path = os.path.join(os.path.dirname(s.checkpointer.directory), export_lib.CONFIG_FILENAME)
+    path = paths.join(s.checkpointer.workdir, export_lib.CONFIG_FILENAME)
     diffs = _saved_model_differences(path, s.config)
     if not diffs:
       raise
@@ -245,11 +255,10 @@ def _restore(s: Setup, step: int, data_iter=None):
 def _saved_model_differences(path: str, config) -> list:
   """dit.spec_differences between the model of the config.json at `path` and `config`'s;
   [] when there is no such file or it cannot be read as a model section."""
-  if not os.path.isfile(path):
-    return []
   try:
-    with open(path) as f:
-      saved = json.load(f)['model']
+    if not paths.isfile(path):
+      return []
+    saved = json.loads(paths.read_text(path))['model']
     return dit.spec_differences(saved, config.model)
   except (OSError, ValueError, KeyError, TypeError, AttributeError):
     return []  # not a model section this version reads: the plain restore error stands
@@ -264,7 +273,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at: Optional[int] = None):
   (all processes agree on which, see train/preemption.py) and returns without
   the final sample.
   """
-  os.makedirs(workdir, exist_ok=True)
+  workdir = paths.normalize(workdir)
   compile_cache.configure(config.train.get('compilation_cache_dir', ''))  # before any compile
   s = build(config, workdir)
   spec = s.model.spec
@@ -292,66 +301,68 @@ def train_and_evaluate(config, workdir: str, *, stop_at: Optional[int] = None):
   writer = metrics_lib.MetricsWriter(workdir)
   board = tensorboard.TrainBoard(workdir, config.train.get('tensorboard', False))
   board.start(config, int(jax.device_get(state.step)), resumed=latest is not None)
-  meter = _rate_meter(config, spec)
-  if plan is not None:  # rates from the schedule's average step
-    metrics_lib.log_line(plan.describe())
-    meter.tokens_per_step, meter.flops_per_step = plan.mean_step_cost(spec, config.data.channels)
-  compiled_shapes = set()
-  rng = jax.random.key(config.seed + 1)
-  step = int(jax.device_get(state.step))
-  num_steps = config.train.num_steps
-  t_start = time.perf_counter()
-  preempted = False
-  with (jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules),
-        preemption.PreemptionWatcher() as watcher):
-    last = num_steps if stop_at is None else min(stop_at, num_steps)
-    while step < last:
-      batch = global_batch(next(data_iter), s.mesh, s.rules)
-      new_shape_at = None
-      if batch['video'].shape not in compiled_shapes:  # once per (bucket) shape
-        if meter.started:  # a later bucket: its compile and first step stay out of the rates
-          jax.block_until_ready(state)
-          new_shape_at = time.perf_counter()
-        _compile_step(train_step, state, batch, rng)  # compile outside the timed steps
-        compiled_shapes.add(batch['video'].shape)
-        if not meter.started:
-          meter.start(step)
-      state, metrics = train_step(state, batch, rng)
-      if new_shape_at is not None:
-        jax.block_until_ready(metrics)
-        meter.skip(1, time.perf_counter() - new_shape_at)
-      step += 1
-      if step == 1 or step % config.train.log_every == 0 or step == num_steps:
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        values.update(meter.rates(step))
-        if plan is not None:
-          values.update(plan.batch_counts(step))
-        values['wall_s'] = time.perf_counter() - t_start
-        writer.write(step, values)
-        board.scalars(step, values)
-        metrics_lib.log_line(metrics_lib.format_line(step, num_steps, values))
-      preempted = watcher.should_stop(step)
-      if s.checkpointer.should_save(step) or step == last or preempted:
-        s.checkpointer.save(step, state, data_iter)
-      if preempted:
-        break
-      if config.sample.every_steps and step % config.sample.every_steps == 0:
-        board.samples(step, _sample_and_write(s, _sample_params(state, config), step, workdir)[0])
-    # Inside the watcher: a SIGTERM while the last save finishes is not fatal, and
-    # one after the last step still skips the final sample.
-    s.checkpointer.wait()
-    preempted = preempted or watcher.received_at is not None
-  if preempted:
+  # Closed however the run ends: in a bucket they hold the lines not yet uploaded.
+  with contextlib.closing(writer), contextlib.closing(board):
+    meter = _rate_meter(config, spec)
+    if plan is not None:  # rates from the schedule's average step
+      metrics_lib.log_line(plan.describe())
+      meter.tokens_per_step, meter.flops_per_step = plan.mean_step_cost(
+          spec, config.data.channels)
+    compiled_shapes = set()
+    rng = jax.random.key(config.seed + 1)
+    step = int(jax.device_get(state.step))
+    num_steps = config.train.num_steps
+    t_start = time.perf_counter()
+    preempted = False
+    with (jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules),
+          preemption.PreemptionWatcher() as watcher):
+      last = num_steps if stop_at is None else min(stop_at, num_steps)
+      while step < last:
+        batch = global_batch(next(data_iter), s.mesh, s.rules)
+        new_shape_at = None
+        if batch['video'].shape not in compiled_shapes:  # once per (bucket) shape
+          if meter.started:  # a later bucket: its compile and first step stay out of the rates
+            jax.block_until_ready(state)
+            new_shape_at = time.perf_counter()
+          _compile_step(train_step, state, batch, rng)  # compile outside the timed steps
+          compiled_shapes.add(batch['video'].shape)
+          if not meter.started:
+            meter.start(step)
+        state, metrics = train_step(state, batch, rng)
+        if new_shape_at is not None:
+          jax.block_until_ready(metrics)
+          meter.skip(1, time.perf_counter() - new_shape_at)
+        step += 1
+        if step == 1 or step % config.train.log_every == 0 or step == num_steps:
+          values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          values.update(meter.rates(step))
+          if plan is not None:
+            values.update(plan.batch_counts(step))
+          values['wall_s'] = time.perf_counter() - t_start
+          writer.write(step, values)
+          board.scalars(step, values)
+          metrics_lib.log_line(metrics_lib.format_line(step, num_steps, values))
+        preempted = watcher.should_stop(step)
+        if s.checkpointer.should_save(step) or step == last or preempted:
+          s.checkpointer.save(step, state, data_iter)
+        if preempted:
+          break
+        if config.sample.every_steps and step % config.sample.every_steps == 0:
+          board.samples(step, _sample_and_write(s, _sample_params(state, config), step,
+                                                workdir)[0])
+      # Inside the watcher: a SIGTERM while the last save finishes is not fatal, and
+      # one after the last step still skips the final sample.
+      s.checkpointer.wait()
+      preempted = preempted or watcher.received_at is not None
+    if preempted:
+      s.checkpointer.close()
+      metrics_lib.log_line(f'SIGTERM: saved the checkpoint of step {step} in '
+                           f'{s.checkpointer.step_dir(step)}; stopping (run again to resume).')
+      return state
+    if not (config.sample.every_steps and step % config.sample.every_steps == 0):
+      board.samples(step, _sample_and_write(s, _sample_params(state, config), step, workdir)[0])
     s.checkpointer.close()
-    board.close()
-    metrics_lib.log_line(f'SIGTERM: saved the checkpoint of step {step} in '
-                         f'{s.checkpointer.step_dir(step)}; stopping (run again to resume).')
     return state
-  if not (config.sample.every_steps and step % config.sample.every_steps == 0):
-    board.samples(step, _sample_and_write(s, _sample_params(state, config), step, workdir)[0])
-  s.checkpointer.close()
-  board.close()
-  return state
 
 
 def _sample_params(state, config):
@@ -373,7 +384,7 @@ def _params_to_sample(s: Setup, workdir: str, checkpoint: Optional[str]):
     checkpoint = export_lib.latest(workdir)
     if checkpoint is None:
       raise FileNotFoundError(
-          f'no export in {os.path.join(os.path.abspath(workdir), export_lib.EXPORT_DIRNAME)} '
+          f'no export in {paths.join(workdir, export_lib.EXPORT_DIRNAME)} '
           f'and no checkpoint in {s.checkpointer.directory}: train first '
           f'(--mode=train --workdir={workdir}).')
   if checkpoint is None:
@@ -397,6 +408,7 @@ def sample(config, workdir: str, checkpoint: Optional[str] = None,
   """
   generate.check_prompt_flag(config, prompt)
   compile_cache.configure(config.train.get('compilation_cache_dir', ''))
+  workdir = paths.normalize(workdir)
   s = build(config, workdir)
   try:
     params, step, name = _params_to_sample(s, workdir, checkpoint)
@@ -410,6 +422,7 @@ def extend(config, workdir: str, input_path: str, num_frames: int,
   """--mode=extend: continues the clip (or image) at `input_path` to `num_frames` frames
   with the params `sample` would use; writes WORKDIR/samples/extend_*.{mp4,gif}."""
   generate.check_prompt_flag(config, prompt)
+  workdir = paths.normalize(workdir)
   s = build(config, workdir)
   try:
     params, step, _ = _params_to_sample(s, workdir, checkpoint)
@@ -418,15 +431,16 @@ def extend(config, workdir: str, input_path: str, num_frames: int,
   if s.lora is not None:  # params are the adapters
     params = s.lora.merged(params)
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
-    clip, _, paths = generate.extend_and_write(s, params, input_path, num_frames, workdir,
-                                               generate.extend_name(input_path, step), prompt)
-  metrics_lib.log_line(f'extended {input_path} to {num_frames} frames: {paths}')
-  return clip, paths
+    clip, _, written = generate.extend_and_write(s, params, input_path, num_frames, workdir,
+                                                 generate.extend_name(input_path, step), prompt)
+  metrics_lib.log_line(f'extended {input_path} to {num_frames} frames: {written}')
+  return clip, written
 
 
 def export(config, workdir: str) -> str:
   """Writes the newest checkpoint's sampling params (EMA unless sample.use_ema=False)
   and the config to WORKDIR/export/<step>/; returns that directory."""
+  workdir = paths.normalize(workdir)
   s = build(config, workdir)
   try:
     state, step = _restore_latest(s, workdir)

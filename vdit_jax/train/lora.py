@@ -20,7 +20,6 @@ written again.
 
 import dataclasses
 import json
-import os
 from typing import Any, Callable, Optional, Tuple
 
 import flax.linen as nn
@@ -31,6 +30,7 @@ import orbax.checkpoint as ocp
 from vdit_jax.model import dit
 from vdit_jax.model import lora
 from vdit_jax.parallel import mesh as mesh_lib
+from vdit_jax.parallel import paths
 from vdit_jax.train import export as export_lib
 from vdit_jax.train import metrics as metrics_lib
 from vdit_jax.train import state as state_lib
@@ -54,36 +54,36 @@ class BaseSource:
 
 
 def _latest_checkpoint(workdir: str) -> Optional[Tuple[str, int]]:
-  directory = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(directory):
+  directory = paths.join(workdir, 'checkpoints')
+  if not paths.isdir(directory):
     return None
   steps = ocp.utils.checkpoint_steps(directory)  # finalised steps only
   if not steps:
     return None
-  return os.path.join(directory, str(max(steps))), int(max(steps))
+  return paths.join(directory, str(max(steps))), int(max(steps))
 
 
 def _export_source(directory: str) -> BaseSource:
-  with open(os.path.join(directory, export_lib.INFO_FILENAME)) as f:
-    step = int(json.load(f)['step'])
-  config_path = os.path.join(directory, export_lib.CONFIG_FILENAME)
+  info = json.loads(paths.read_text(paths.join(directory, export_lib.INFO_FILENAME)))
+  step = int(info['step'])
+  config_path = paths.join(directory, export_lib.CONFIG_FILENAME)
   return BaseSource('export', directory, step,
-                    config_path if os.path.isfile(config_path) else None)
+                    config_path if paths.isfile(config_path) else None)
 
 
 def resolve_base(path: str) -> BaseSource:
   """The base params' source for config.lora.base_checkpoint=path (see the module doc)."""
-  path = os.path.abspath(os.path.expanduser(path))
-  if not os.path.isdir(path):
+  path = paths.normalize(path)
+  if not paths.isdir(path):
     raise FileNotFoundError(f'config.lora.base_checkpoint={path!r} is not a directory: give '
                             'the workdir or the export directory of a trained model.')
   if export_lib.is_complete(path):
     return _export_source(path)
   latest = _latest_checkpoint(path)
   if latest is not None:
-    config_path = os.path.join(path, 'config.json')
+    config_path = paths.join(path, export_lib.CONFIG_FILENAME)
     return BaseSource('checkpoint', latest[0], latest[1],
-                      config_path if os.path.isfile(config_path) else None)
+                      config_path if paths.isfile(config_path) else None)
   export = export_lib.latest(path)
   if export is not None:
     return _export_source(export)
@@ -98,8 +98,7 @@ def check_base_config(source: BaseSource, config) -> None:
   run (whose checkpoints and exports hold adapters only)."""
   if source.config_path is None:
     return
-  with open(source.config_path) as f:
-    base = json.load(f)
+  base = json.loads(paths.read_text(source.config_path))
   if (base.get('lora') or {}).get('rank', 0) > 0:
     raise ValueError(
         f'config.lora.base_checkpoint: {source.config_path} is the config of a LoRA run '
@@ -124,7 +123,7 @@ def _restore_ema_params(step_dir: str, abstract):
   checkpointer = ocp.PyTreeCheckpointer()
   try:
     restored = checkpointer.restore(
-        os.path.join(step_dir, 'state'),
+        paths.join(step_dir, 'state'),
         args=ocp.args.PyTreeRestore(
             item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
             partial_restore=True))

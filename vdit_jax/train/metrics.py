@@ -1,30 +1,41 @@
 """Metrics: JSON lines in WORKDIR/metrics.jsonl and a rate line a person can follow."""
 
 import json
-import os
 import time
 from typing import Dict, Optional
 
 import jax
 import numpy as np
 
+from vdit_jax.parallel import paths
 from vdit_jax.train import mfu as mfu_lib
 
 
-class MetricsWriter:
-  """Appends one JSON object per logged step; only process 0 writes."""
+METRICS_FILENAME = 'metrics.jsonl'
 
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+
+class MetricsWriter:
+  """Appends one JSON object per logged step; only process 0 writes.
+
+  In a bucket workdir the file is rewritten whole at most every `min_interval_s`
+  seconds and at `close` (objects cannot be appended to; paths.GrowingFile).
+  """
+
+  def __init__(self, workdir: str, min_interval_s: float = 30.0):
+    self.path = paths.join(workdir, METRICS_FILENAME)
     self.enabled = jax.process_index() == 0
+    self._file = paths.GrowingFile(self.path, min_interval_s) if self.enabled else None
 
   def write(self, step: int, metrics: Dict[str, float]) -> None:
     if not self.enabled:
       return
     record = {'step': int(step)}
     record.update({k: _to_python(v) for k, v in metrics.items()})
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
+    self._file.append(json.dumps(record) + '\n')
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
 
 
 def _to_python(value):
@@ -33,8 +44,8 @@ def _to_python(value):
 
 
 def read_metrics(path: str):
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  """The records of a metrics.jsonl file (local or in a bucket)."""
+  return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
 
 
 class RateMeter:

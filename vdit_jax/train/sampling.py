@@ -6,7 +6,6 @@ decodes them through the VAE (vae/latents.py) before they are written, and
 """
 
 import math
-import os
 from typing import List, Optional
 
 import jax
@@ -15,6 +14,7 @@ import numpy as np
 
 from vdit_jax.data import video_io
 from vdit_jax.diffusion import samplers
+from vdit_jax.parallel import paths
 from vdit_jax.train import metrics as metrics_lib
 from vdit_jax.vae import latents as latents_lib
 
@@ -75,11 +75,13 @@ def write_samples(videos, directory: str, name: str, formats: str, fps: int,
   ncols = math.ceil(math.sqrt(n))
   scale = max(1, 128 // h)
   grid = video_io.make_grid(video_io.to_uint8(videos), ncols=ncols, pad=1, scale=scale)
-  paths = []
+  written = []
   for fmt in [f.strip() for f in formats.split(',') if f.strip()]:
-    paths.append(video_io.write_video(os.path.join(directory, f'{name}.{fmt}'), grid, fps=fps))
+    written.append(video_io.write_video(paths.join(directory, f'{name}.{fmt}'), grid,
+                                        fps=fps))
   if latents is not None:
-    path = os.path.join(directory, f'{name}_latents.npy')
-    np.save(path, np.asarray(jax.device_get(latents), np.float32))
-    paths.append(path)
-  return paths
+    path = paths.join(directory, f'{name}_latents.npy')
+    with paths.local_file_for_write(path, suffix='.npy') as local:
+      np.save(local, np.asarray(jax.device_get(latents), np.float32))
+    written.append(path)
+  return written

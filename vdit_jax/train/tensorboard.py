@@ -21,6 +21,7 @@ so TensorBoard drops the points that the earlier run logged past its last checkp
 """
 
 import os
+import secrets
 import socket
 import struct
 import time
@@ -31,6 +32,7 @@ import jax
 import numpy as np
 
 from vdit_jax.data import video_io
+from vdit_jax.parallel import paths
 
 LOG_DIRNAME = 'tensorboard'
 FILE_VERSION = 'brain.Event:2'
@@ -197,25 +199,45 @@ def frame_grid(videos, *, pad: int = 1, min_tile: int = 64) -> np.ndarray:
 # Writers.
 
 class EventFileWriter:
-  """Appends events to a new events.out.tfevents.* file in `logdir`; flushes after each."""
+  """Appends events to a new events.out.tfevents.* file in `logdir`.
 
-  def __init__(self, logdir: str):
-    os.makedirs(logdir, exist_ok=True)
+  Locally each event reaches the file at once. In a bucket (objects cannot be appended
+  to) the file is rewritten whole at most every `flush_interval_s` seconds and at
+  `close`, and a file past `max_remote_bytes` is closed and a new one started (the
+  reader takes every file of the folder), so no rewrite grows without bound.
+  """
+
+  def __init__(self, logdir: str, flush_interval_s: float = 60.0,
+               max_remote_bytes: int = 16 << 20):
+    self.logdir = paths.normalize(logdir)
+    self.flush_interval_s = flush_interval_s
+    self.max_remote_bytes = max_remote_bytes
+    self._file = None
+    self._open()
+
+  def _open(self) -> None:
     stem = f'events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}'
-    index = 0
-    while True:  # a name no other writer holds (several writers in one second and process)
-      self.path = os.path.join(logdir, f'{stem}.{index}')
-      try:
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        break
-      except FileExistsError:
-        index += 1
-    self._file = os.fdopen(fd, 'wb')
-    self._write(_event(0, file_version=FILE_VERSION))
+    if paths.is_remote(self.logdir):
+      # No exclusive create in a bucket: the random part keeps two writers apart.
+      self.path = paths.join(self.logdir, f'{stem}.{secrets.token_hex(4)}')
+    else:
+      os.makedirs(self.logdir, exist_ok=True)
+      index = 0
+      while True:  # a name no other writer holds (several writers in one second and process)
+        self.path = os.path.join(self.logdir, f'{stem}.{index}')
+        try:
+          os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+          break
+        except FileExistsError:
+          index += 1
+    self._file = paths.GrowingFile(self.path, self.flush_interval_s)
+    self._file.append(tfrecord(_event(0, file_version=FILE_VERSION)))
 
   def _write(self, event: bytes) -> None:
-    self._file.write(tfrecord(event))
-    self._file.flush()
+    if self._file.remote and self._file.size >= self.max_remote_bytes:
+      self._file.close()
+      self._open()
+    self._file.append(tfrecord(event))
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
     """One event holding a simple_value (float32) per tag."""
@@ -236,9 +258,11 @@ class EventFileWriter:
     """SessionLog START: readers drop the points of earlier files at steps >= `step`."""
     self._write(_event(step, session_log=_int_field(1, _SESSION_START)))
 
+  def flush(self) -> None:
+    self._file.flush()
+
   def close(self) -> None:
-    if not self._file.closed:
-      self._file.close()
+    self._file.close()
 
 
 def config_markdown(config) -> str:
@@ -254,7 +278,7 @@ class TrainBoard:
   """The train loop's TensorBoard hooks; they do nothing unless enabled and on process 0."""
 
   def __init__(self, workdir: str, enabled: bool):
-    self.logdir = os.path.join(workdir, LOG_DIRNAME)
+    self.logdir = paths.join(workdir, LOG_DIRNAME)
     self._writer = (EventFileWriter(self.logdir)
                     if enabled and jax.process_index() == 0 else None)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import numbers
-import os
 import time
 from typing import Any, Dict
 
@@ -37,6 +36,7 @@ import optax
 
 from vdit_jax import defaults
 from vdit_jax.data import pipeline
+from vdit_jax.parallel import paths
 from vdit_jax.train import metrics as metrics_lib
 from vdit_jax.train import state as state_lib
 from vdit_jax.vae import checkpoint
@@ -148,7 +148,7 @@ def latent_statistics(cfg: VAEConfig, params, batches) -> Dict[str, np.ndarray]:
 def train_and_evaluate(config, workdir: str) -> str:
   """Trains, writes WORKDIR/metrics.jsonl and the VAE folder WORKDIR/vae; returns its path."""
   cfg = check_config(config)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = paths.check_writable(workdir, '--workdir')
   rng = jax.random.PRNGKey(config.seed)
   init_rng, rng = jax.random.split(rng)
   params = checkpoint.init_params(cfg, init_rng)
@@ -186,7 +186,8 @@ def train_and_evaluate(config, workdir: str) -> str:
   stats = latent_statistics(cfg, params, (next(data)['video'] for _ in range(t.stats_batches)))
   final = VAEConfig.from_dict({**cfg.to_dict(), 'latents_mean': stats['mean'].tolist(),
                                'latents_std': stats['std'].tolist()})
-  out = checkpoint.save(os.path.join(workdir, VAE_DIRNAME), final, params,
+  writer.close()
+  out = checkpoint.save(paths.join(workdir, VAE_DIRNAME), final, params,
                         step=t.num_steps, trained_on=config.data.to_dict(),
                         final_metrics=record)
   print(f'vae.train: wrote {out} (latents std per channel: '

@@ -17,7 +17,7 @@ INSTALL_REQUIRES = [
     # Already installed by flax / grain; named because vdit_jax imports them itself
     # (data/shards.py: the record format and the ArrayRecord files).
     'msgpack>=1.0',
-    'array-record>=0.8',
+    'array-record>=0.8.3',  # reads gs:// shards itself from 0.8.3
     # jax.export's (de)serialisation of the exported sampler (tools/export.py, serving.py).
     'flatbuffers>=24.3',
     # Bucket workdirs and data (gs://): etils.epath, which vdit_jax and Orbax write

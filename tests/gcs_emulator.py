@@ -75,6 +75,8 @@ def client_env(url: str) -> Dict[str, str]:
       'STORAGE_EMULATOR_HOST': url,
       # tensorstore's gcs driver (Orbax's arrays); read once per process.
       'TENSORSTORE_GCS_HTTP_URL': url,
+      # array_record's reader (google-cloud-cpp storage client; ArrayRecord shards on gs://).
+      'CLOUD_STORAGE_EMULATOR_ENDPOINT': url,
       # tensorstore sends this as the bearer token instead of looking for credentials
       # (ADC file, GCE metadata server); the emulator ignores it.
       'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'emulator',

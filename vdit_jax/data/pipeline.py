@@ -37,7 +37,9 @@ Data config fields:
                 draws of `files` source[idx]; the `seed` argument only orders them
   colours       'synthetic', optional: comma list of synthetic.COLOURS to paint the
                 clips with ('' = all, the default)
-  path          'files': folder or glob of videos; 'shards': the folder holding index.json
+  path          'files': folder or glob of videos; 'shards': the folder holding index.json;
+                local (a plain path or file://) or a bucket (gs://bucket/...); one that does
+                not exist is reported naming data.path before anything compiles (`num_classes`)
   frame_stride  'files': source frames between consecutive clip frames (default 1)
   clip_start    'files': 'random' (default) or 'center' start of the clip in the video
   crop          'files': 'center' (default) or 'random' crop after the short-side resize
@@ -134,6 +136,7 @@ def _validate(data_config) -> None:
     video_files.list_videos(data_config.path)  # raises naming the path if it holds none
   elif source == 'shards':
     index = shards.read_index(data_config.path)
+    shards.check_readable(data_config.path)  # a bucket: can array_record read it here?
     want = [data_config.num_frames, data_config.height, data_config.width,
             data_config.channels]
     # With data.buckets (data/buckets.py) clips are cut to each bucket's shape instead.

@@ -26,26 +26,53 @@ Index (`index.json`):
      "num_classes": 2, "class_names": ["a", "b"], ...}
 Record i of the source is record i of the shards concatenated in index order. Shards are
 written with `group_size:1`, so reading one record decodes only that record.
+
+Buckets: a shard folder may be a gs:// URL. array_record (>= 0.8.3) reads gs:// objects
+itself (riegeli's GcsReader, the google-cloud-cpp client: application default
+credentials, or the emulator at CLOUD_STORAGE_EMULATOR_ENDPOINT): one ranged GET per
+record read plus one per shard opened, so each host fetches only the records it reads,
+with nothing staged on its disk. Its writer writes local files only, so `ShardWriter`
+writes each shard to a local temporary file and uploads it whole under its final name
+when it is finished; index.json is written last (`write_index`), so a folder with an index
+is complete, in a bucket as on disk.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import numbers
 import os
+import re
+import tempfile
 
 import msgpack
 import numpy as np
+
+from vdit_jax.parallel import paths
 
 FORMAT = 'vdit_jax.shards.v1'
 INDEX_NAME = 'index.json'
 WRITER_OPTIONS = 'group_size:1'  # one record per chunk: true random access
 CLIP_DTYPES = ('uint8', 'float16', 'float32')
 EMBEDDING_DTYPES = ('float16', 'float32')
+_SHARD_NAME = re.compile(r'shard-\d{5}-of-\d{5}\.array_record')
+_TMP_PREFIX = '.tmp-'      # unfinished files (local shards, paths.write_text's temporaries)
+_GCS_READS_SINCE = (0, 8, 3)  # the first array_record whose reader opens gs:// objects
+_UPLOAD_PIECE = 8 << 20   # bytes per read of a local shard while it is uploaded
 
 
 def shard_name(index: int, count: int) -> str:
   return f'shard-{index:05d}-of-{count:05d}.array_record'
+
+
+def _data_path(directory) -> str:
+  """A folder as a string: a bucket URL normalised (paths.normalize), a local path as
+  given (messages name what the user wrote) without a file:// scheme."""
+  directory = os.fspath(directory) if directory is not None else ''
+  if paths.is_remote(directory):
+    return paths.normalize(directory)
+  return directory[len('file://'):] if directory.startswith('file://') else directory
 
 
 def _array_fields(prefix: str, array: np.ndarray, dtypes) -> dict:
@@ -113,37 +140,31 @@ def decode_record(data: bytes) -> dict:
 
 
 def write_index(directory, index: dict) -> str:
-  """Writes `index.json` atomically (temporary file, then rename); returns its path."""
-  directory = os.fspath(directory)
-  path = os.path.join(directory, INDEX_NAME)
-  tmp = os.path.join(directory, f'.tmp_index_{os.getpid()}.json')
-  try:
-    with open(tmp, 'w') as f:
-      json.dump(index, f, indent=2)
-      f.write('\n')
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  return path
+  """Writes `index.json` whole (a temporary file renamed, or one bucket object); returns
+  its path."""
+  return paths.write_text(paths.join(_data_path(directory), INDEX_NAME),
+                          json.dumps(index, indent=2) + '\n')
 
 
 def read_index(directory) -> dict:
   """Reads and checks a shard folder's index; raises naming the folder if it is not one."""
-  directory = os.fspath(directory) if directory is not None else ''
+  directory = _data_path(directory)
   if not directory:
     raise ValueError('data.path is empty: set it to a folder made by '
                      'python -m vdit_jax.tools.make_shards.')
-  if not os.path.isdir(directory):
+  if not paths.isdir(directory):
+    if paths.is_remote(directory):
+      raise FileNotFoundError(
+          f'data.path={directory!r} does not exist: no object in the bucket has that prefix '
+          "(is the bucket name right, and may this job's credentials list it?); a shard "
+          f'folder holds {INDEX_NAME} and its shards.')
     raise FileNotFoundError(f'data.path={directory!r} is not a folder (a shard folder holds '
                             f'{INDEX_NAME} and its shards).')
-  path = os.path.join(directory, INDEX_NAME)
-  if not os.path.isfile(path):
+  path = paths.join(directory, INDEX_NAME)
+  if not paths.isfile(path):
     raise FileNotFoundError(f'data.path={directory!r} has no {INDEX_NAME}: it is not a shard '
                             'folder, or make_shards did not finish writing it.')
-  with open(path) as f:
-    index = json.load(f)
+  index = json.loads(paths.read_text(path))
   if index.get('format') != FORMAT:
     raise ValueError(f'{path}: format={index.get("format")!r}, expected {FORMAT!r}.')
   for key in ('shards', 'clip_shape', 'dtype', 'num_classes'):
@@ -158,12 +179,36 @@ def read_index(directory) -> dict:
     raise ValueError(f'{path}: num_classes={index["num_classes"]!r} must be an integer >= 1.')
   if not index['shards']:
     raise ValueError(f'{path} lists no shards: the folder holds no clips.')
+  present = set(paths.listdir(directory))  # one listing, not a request per shard
   for shard in index['shards']:
-    file = os.path.join(directory, shard['name'])
-    if not os.path.isfile(file):
+    if shard['name'] not in present:
       raise FileNotFoundError(f'{path} names the shard {shard["name"]!r}, which is not in '
                               f'{directory!r}.')
   return index
+
+
+def check_readable(directory) -> None:
+  """Raises ValueError naming data.path if this process cannot read shards from the bucket
+  `directory` (a no-op for a local folder): only gs:// is read, by array_record >= 0.8.3,
+  and its C++ client needs its own emulator variable where the Python clients have one."""
+  directory = _data_path(directory)
+  if not paths.is_remote(directory):
+    return
+  if not directory.startswith('gs://'):
+    raise ValueError(f'data.path={directory!r}: ArrayRecord shards are read from local '
+                     'folders or gs:// buckets (array_record opens those itself), not '
+                     f'{directory.split("://", 1)[0]}://.')
+  version = importlib.metadata.version('array_record')
+  if tuple(int(v) for v in re.findall(r'\d+', version)[:3]) < _GCS_READS_SINCE:
+    raise ValueError(f'data.path={directory!r}: reading shards from gs:// needs array_record '
+                     f'>= {".".join(map(str, _GCS_READS_SINCE))} (its reader opens gs:// '
+                     f'objects), but {version} is installed: pip install -U array_record.')
+  if os.environ.get('STORAGE_EMULATOR_HOST') and not os.environ.get(
+      'CLOUD_STORAGE_EMULATOR_ENDPOINT'):
+    # Without it array_record's C++ client would wait on the real GCS for minutes.
+    raise ValueError(f'data.path={directory!r}: STORAGE_EMULATOR_HOST points the Python GCS '
+                     'clients at an emulator, but array_record reads through the C++ client, '
+                     'which needs CLOUD_STORAGE_EMULATOR_ENDPOINT set to the same URL.')
 
 
 class ShardSource:
@@ -177,13 +222,14 @@ class ShardSource:
   def __init__(self, directory):
     # array_record's own source (grain's is a thin wrapper): no jax import in tools.
     from array_record.python import array_record_data_source  # pylint: disable=g-import-not-at-top
-    self.directory = os.fspath(directory)
+    self.directory = _data_path(directory)
     self.index = read_index(self.directory)
+    check_readable(self.directory)
     self.clip_shape = tuple(self.index['clip_shape'])
     self.dtype = self.index['dtype']
     self.num_classes = self.index['num_classes']
-    paths = [os.path.join(self.directory, s['name']) for s in self.index['shards']]
-    self._records = array_record_data_source.ArrayRecordDataSource(paths)
+    files = [paths.join(self.directory, s['name']) for s in self.index['shards']]
+    self._records = array_record_data_source.ArrayRecordDataSource(files)
     expected = sum(int(s['num_records']) for s in self.index['shards'])
     if len(self._records) != expected:
       raise ValueError(f'{self.directory}: the shards hold {len(self._records)} records but '
@@ -211,3 +257,134 @@ class ShardSource:
                        f'{video.dtype.name}, the index says {list(self.clip_shape)} '
                        f'{self.dtype}.')
     return example
+
+
+def _upload(local: str, target: str) -> None:
+  """Streams the finished local shard `local` to the bucket object `target`
+  (paths.upload: in pieces, and an upload that fails part way leaves no object)."""
+  paths.upload(local, target, _UPLOAD_PIECE)
+
+
+def prepare_output(directory, overwrite: bool, flag: str = '--out') -> str:
+  """Readies `directory` (local or gs://) for new shards; returns it as `ShardWriter` takes it.
+
+  A folder with an index.json is refused unless `overwrite`; then the index is removed
+  first (a half-replaced folder must not look complete), then its shards. What an
+  interrupted run left (temporary files, shards with no index) is removed. `flag` names
+  the option in the error.
+  """
+  given = os.fspath(directory)
+  directory = _data_path(directory)
+  paths.makedirs(directory)
+  index_path = paths.join(directory, INDEX_NAME)
+  if paths.exists(index_path):
+    if not overwrite:
+      raise ValueError(f'{flag}={given!r} already holds shards ({INDEX_NAME}); pass '
+                       '--overwrite to replace them, or choose another folder.')
+    old = read_index(directory)
+    paths.remove(index_path)
+    for shard in old['shards']:
+      paths.remove(paths.join(directory, shard['name']))
+  for name in paths.listdir(directory):  # left by an interrupted run
+    if name.startswith(_TMP_PREFIX) or _SHARD_NAME.fullmatch(name):
+      paths.remove(paths.join(directory, name))
+  return directory
+
+
+class ShardWriter:
+  """Writes the shards of a folder, local or in a bucket, one shard at a time.
+
+  array_record writes local files only, so each shard is written to a local temporary
+  file: for a bucket one in the temporary directory, uploaded under the shard's final name
+  when the shard is finished (the disk holds one shard at a time); locally `.tmp-NAME` in
+  the folder, renamed when finished. A shard name therefore always holds a whole shard.
+  Shards come in order; `finish` returns the index entries, and the caller writes
+  index.json last (`write_index`).
+
+      writer = ShardWriter(prepare_output(out, overwrite), num_shards)
+      try:
+        for k, record in ...:   # k non-decreasing
+          writer.write(k, record)
+        entries = writer.finish()
+      finally:
+        writer.abort()           # drops an unfinished shard; a no-op after finish
+
+  Attributes:
+    counts: records written to each shard so far.
+  """
+
+  def __init__(self, directory, num_shards: int):
+    self.directory = _data_path(directory)
+    self.num_shards = num_shards
+    self.counts = [0] * num_shards
+    self._remote = paths.is_remote(self.directory)
+    self._writer = None
+    self._shard = -1  # the shard open or last finished
+    self._local = None  # the open shard's local file
+
+  def write(self, shard: int, record: bytes) -> None:
+    """Appends `record` to shard number `shard` (>= every shard written before)."""
+    if shard != self._shard or self._writer is None:
+      if not self._shard < shard < self.num_shards:
+        raise ValueError(f'shard {shard} cannot be written now: shards are written in order '
+                         f'(the last was {self._shard}) and number fewer than '
+                         f'{self.num_shards}.')
+      self._finish_shard()
+      self._open(shard)
+    self._writer.write(record)
+    self.counts[shard] += 1
+
+  def _target(self, shard: int) -> str:
+    return paths.join(self.directory, shard_name(shard, self.num_shards))
+
+  def _open(self, shard: int) -> None:
+    from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+    if self._remote:
+      fd, self._local = tempfile.mkstemp(prefix=_TMP_PREFIX + 'shard-', suffix='.array_record')
+      os.close(fd)
+    else:
+      self._local = paths.join(self.directory, _TMP_PREFIX + shard_name(shard, self.num_shards))
+    self._writer = array_record_module.ArrayRecordWriter(self._local, WRITER_OPTIONS)
+    self._shard = shard
+
+  def _finish_shard(self) -> None:
+    """Closes the open shard and gives it its name (uploads it, for a bucket)."""
+    if self._writer is None:
+      return
+    writer, self._writer = self._writer, None
+    local, self._local = self._local, None
+    try:
+      writer.close()
+      if self._remote:
+        _upload(local, self._target(self._shard))
+      else:
+        os.replace(local, self._target(self._shard))
+    finally:
+      if os.path.exists(local):  # a local temporary file, never a bucket object
+        os.remove(local)
+
+  def finish(self) -> list:
+    """Finishes the last shard; returns the index entries {'name', 'num_records'} of the
+    shards that hold records. When some hold none (every clip of theirs was skipped), the
+    others are renamed shard-j-of-<their number> (a copy and delete, in a bucket)."""
+    self._finish_shard()
+    kept = [k for k in range(self.num_shards) if self.counts[k]]
+    entries = []
+    for j, k in enumerate(kept):
+      name = shard_name(j, len(kept))
+      if len(kept) != self.num_shards:
+        paths.path(self._target(k)).replace(paths.join(self.directory, name))
+      entries.append({'name': name, 'num_records': self.counts[k]})
+    return entries
+
+  def abort(self) -> None:
+    """Drops the shard being written, if any (its local file is removed, nothing uploaded)."""
+    if self._writer is None:
+      return
+    writer, self._writer = self._writer, None
+    local, self._local = self._local, None
+    try:
+      writer.close()
+    finally:
+      if os.path.exists(local):
+        os.remove(local)

@@ -3,10 +3,16 @@
     source = VideoFiles('data/clips', ClipSpec(num_frames=16, height=32, width=32))
     example = source[7]   # {'video': uint8 [16, 32, 32, 3], 'label': int32 []}
 
-Which files: `path` is a folder (searched recursively) or a glob pattern (`**` allowed);
-files whose extension is in `video_io.READ_EXTENSIONS` count, hidden names (starting with
-'.') do not. Files are sorted by their path relative to the root, so the index of a file
-does not depend on the file system's listing order.
+Which files: `path` is a folder (searched recursively) or a glob pattern (`**` allowed),
+local or in a bucket (gs://...; file:// is a local path); files whose extension is in
+`video_io.READ_EXTENSIONS` count, hidden names (starting with '.') do not. Files are sorted
+by their path relative to the root, so the index of a file does not depend on the file
+system's listing order. A bucket folder is listed folder by folder (one request per
+folder, through etils.epath); a bucket glob lists the folder before its first wildcard the
+same way and matches each name with glob's rules (`*`, `?`, `[...]` within a name, `**`
+any number of folders; hidden folders are not searched). Bucket videos are downloaded for
+each read (see video_io), so the probe below fetches every file once on every host: for
+large data sets, make shards (tools/make_shards.py).
 
 Labels: the root is the folder itself, or for a glob the folder part before the first
 wildcard. A video in a sub-folder of the root belongs to the class named by that first
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import fnmatch
 import glob
 import numbers
 import os
@@ -43,6 +50,7 @@ import numpy as np
 
 from vdit_jax.data import transforms
 from vdit_jax.data import video_io
+from vdit_jax.parallel import paths
 
 _MAX_SUBSTITUTES = 16  # read-time failures in a row before giving up
 _PROBE_THREADS = 8     # ffmpeg probes are subprocesses: threads overlap them
@@ -76,6 +84,7 @@ class VideoList:
   paths: tuple[str, ...]
   labels: tuple[int, ...]
   class_names: tuple[str, ...]  # () when flat
+  relative: tuple[str, ...] = ()  # each path relative to the root (the sort key)
 
   @property
   def num_classes(self) -> int:
@@ -87,26 +96,25 @@ def _is_video(name: str) -> bool:
           and os.path.splitext(name)[1].lower() in video_io.READ_EXTENSIONS)
 
 
-def _glob_root(pattern: str) -> str:
+def _glob_root(pattern: str, sep: str = os.sep) -> str:
   """The folder part of a glob before its first wildcard component."""
-  parts = pattern.split(os.sep)
+  parts = pattern.split(sep)
   fixed = []
   for part in parts[:-1]:
     if glob.has_magic(part):
       break
     fixed.append(part)
-  root = os.sep.join(fixed)
-  if not root and pattern.startswith(os.sep):
-    return os.sep
+  root = sep.join(fixed)
+  if not root and pattern.startswith(sep):
+    return sep
   return root  # '' for a relative pattern with a wildcard in its first component
 
 
-def list_videos(path) -> VideoList:
-  """Finds the video files of a folder or glob and their labels (see the module doc)."""
-  path = os.fspath(path) if path is not None else ''
-  if not path:
-    raise ValueError("data.path is empty: set it to a folder or glob of video files "
-                     "(e.g. --config.data.path=data/clips or 'data/**/*.mp4').")
+def _find_local(path: str):
+  """(root, video paths) of a local folder or glob; raises naming `path` if none."""
+  given = path
+  if path.startswith('file://'):
+    path = path[len('file://'):]
   if os.path.isdir(path):
     root = path
     found = []
@@ -115,23 +123,95 @@ def list_videos(path) -> VideoList:
       found.extend(os.path.join(folder, f) for f in files if _is_video(f))
     if not found:
       raise FileNotFoundError(
-          f'data.path={path!r} is a folder with no video files in it (looked for '
+          f'data.path={given!r} is a folder with no video files in it (looked for '
           f'{video_io.READ_EXTENSIONS}, in sub-folders too).')
-  else:
-    root = _glob_root(path) if glob.has_magic(path) else os.path.dirname(path)
-    found = [p for p in glob.glob(path, recursive=True)
-             if os.path.isfile(p) and _is_video(os.path.basename(p))]
+    return root, found
+  root = _glob_root(path) if glob.has_magic(path) else os.path.dirname(path)
+  found = [p for p in glob.glob(path, recursive=True)
+           if os.path.isfile(p) and _is_video(os.path.basename(p))]
+  if not found:
+    if not glob.has_magic(path) and not os.path.exists(path):
+      raise FileNotFoundError(f'data.path={given!r} does not exist.')
+    raise FileNotFoundError(
+        f'data.path={given!r} matches no video files (extensions {video_io.READ_EXTENSIONS}).')
+  return root, found
+
+
+def _walk_bucket(root: str):
+  """Names of the objects under the bucket folder `root`, relative to it ('/'-separated),
+  hidden folders left out."""
+  prefix = root.split('://', 1)[1]
+  for folder, dirs, files in paths.path(root).walk():
+    dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
+    # epath's fsspec backend yields folders without the scheme (bucket/a/b).
+    folder = os.fspath(folder).split('://', 1)[-1]
+    sub = folder[len(prefix):].strip('/')
+    yield from (f'{sub}/{f}' if sub else f for f in files)
+
+
+def _glob_match(parts, pattern) -> bool:
+  """Whether the name parts match the glob parts: fnmatch per name, '**' any number."""
+  if not pattern:
+    return not parts
+  if pattern[0] == '**':
+    return any(_glob_match(parts[i:], pattern[1:]) for i in range(len(parts) + 1))
+  return (bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0])
+          and _glob_match(parts[1:], pattern[1:]))
+
+
+def _find_in_bucket(path: str):
+  """(root, video paths) of a bucket folder or glob (gs://...); raises naming `path`."""
+  url = paths.normalize(path)
+  if glob.has_magic(url):
+    root = _glob_root(url, '/')
+    if root.count('/') < 2:  # 'gs:/': a wildcard in the bucket name
+      raise ValueError(f'data.path={path!r}: a glob must name its bucket without wildcards '
+                       '(gs://bucket/folder/*.mp4).')
+    pattern = url[len(root) + 1:].split('/')
+    names = [n for n in _walk_bucket(root) if _glob_match(n.split('/'), pattern)]
+    found = [f'{root}/{n}' for n in names if _is_video(n.rsplit('/', 1)[-1])]
     if not found:
-      if not glob.has_magic(path) and not os.path.exists(path):
-        raise FileNotFoundError(f'data.path={path!r} does not exist.')
       raise FileNotFoundError(
           f'data.path={path!r} matches no video files (extensions {video_io.READ_EXTENSIONS}).')
+    return root, found
+  if paths.isdir(url):
+    found = [f'{url}/{n}' for n in _walk_bucket(url) if _is_video(n.rsplit('/', 1)[-1])]
+    if not found:
+      raise FileNotFoundError(
+          f'data.path={path!r} is a folder with no video files in it (looked for '
+          f'{video_io.READ_EXTENSIONS}, in sub-folders too).')
+    return url, found
+  root, name = url.rsplit('/', 1)
+  if not paths.isfile(url):
+    raise FileNotFoundError(
+        f'data.path={path!r} does not exist: no object in the bucket has that name or '
+        "prefix (is the bucket name right, and may this job's credentials list it?).")
+  if not _is_video(name):
+    raise FileNotFoundError(
+        f'data.path={path!r} matches no video files (extensions {video_io.READ_EXTENSIONS}).')
+  return root, [url]
 
-  relative = sorted((os.path.relpath(p, root or os.curdir), p) for p in found)
-  folders = [rel.split(os.sep)[0] if os.sep in rel else None for rel, _ in relative]
-  paths = tuple(p for _, p in relative)
+
+def list_videos(path) -> VideoList:
+  """Finds the video files of a folder or glob and their labels (see the module doc)."""
+  path = os.fspath(path) if path is not None else ''
+  if not path:
+    raise ValueError("data.path is empty: set it to a folder or glob of video files "
+                     "(e.g. --config.data.path=data/clips or 'data/**/*.mp4').")
+  if paths.is_remote(path):
+    root, found = _find_in_bucket(path)
+    sep = '/'
+    relative = sorted((p[len(root) + 1:], p) for p in found)
+  else:
+    root, found = _find_local(path)
+    sep = os.sep
+    relative = sorted((os.path.relpath(p, root or os.curdir), p) for p in found)
+
+  folders = [rel.split(sep)[0] if sep in rel else None for rel, _ in relative]
+  names = tuple(rel for rel, _ in relative)
+  video_paths = tuple(p for _, p in relative)
   if all(f is None for f in folders):
-    return VideoList(root, paths, (0,) * len(paths), ())
+    return VideoList(root, video_paths, (0,) * len(video_paths), (), names)
   if any(f is None for f in folders):
     top = next(rel for (rel, _), f in zip(relative, folders) if f is None)
     nested = next(rel for (rel, _), f in zip(relative, folders) if f is not None)
@@ -141,7 +221,7 @@ def list_videos(path) -> VideoList:
         'sub-folder, so put every video in a class folder, or none.')
   class_names = tuple(sorted(set(folders)))
   ids = {name: i for i, name in enumerate(class_names)}
-  return VideoList(root, paths, tuple(ids[f] for f in folders), class_names)
+  return VideoList(root, video_paths, tuple(ids[f] for f in folders), class_names, names)
 
 
 def describe_error(error: Exception) -> str:

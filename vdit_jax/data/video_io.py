@@ -9,19 +9,28 @@ Writing handles .mp4 and .gif; reading (`count_frames`, `read_frames`) handles e
 extension in READ_EXTENSIONS: .gif through Pillow, the rest through the ffmpeg binary that
 imageio-ffmpeg ships (run directly, one process per call).
 
+Paths may be local or bucket URLs (gs://, through `parallel.paths`). ffmpeg needs a seekable
+file (an mp4's index may sit at its end), so a bucket video is downloaded whole to a local
+temporary file for each call and removed after it: the bytes ffmpeg would read anyway, plus
+one local write. A video written to a bucket is encoded into a local temporary file and
+uploaded as one object.
+
 imageio (with imageio-ffmpeg) and Pillow are optional: they are imported only when a file is
 written or read, and installed with `pip install 'vdit_jax[video]'`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
 import subprocess
-import tempfile
+from typing import Iterator
 
 import numpy as np
+
+from vdit_jax.parallel import paths
 
 VIDEO_EXTENSIONS = ('.mp4', '.gif')  # what write_video / read_video handle
 READ_EXTENSIONS = ('.mp4', '.m4v', '.mov', '.mkv', '.webm', '.avi', '.gif')
@@ -170,8 +179,9 @@ def write_video(path, frames, fps: float = 8) -> str:
   - .gif: Pillow, looping forever. Pillow merges consecutive identical frames into one
     longer frame (the total duration is kept), so reading back may give fewer frames.
 
-  Parent directories are created. The file appears complete or not at all (written to a
-  temporary file in the same directory, then renamed).
+  `path` may be local or a bucket URL (gs://). The file appears complete or not at all:
+  locally it is written to a temporary file in the same directory (parents created), then
+  renamed; for a bucket, encoded into a local temporary file, then uploaded as one object.
   """
   path = os.fspath(path)
   ext = _extension(path)
@@ -179,45 +189,48 @@ def write_video(path, frames, fps: float = 8) -> str:
   if (isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not math.isfinite(fps)
       or fps <= 0):
     raise ValueError(f'fps must be a finite number > 0, got {fps!r}.')
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  fd, tmp_path = tempfile.mkstemp(suffix=ext, prefix='.tmp_video_', dir=parent)
-  os.close(fd)
-  try:
+  with paths.local_file_for_write(path, suffix=ext) as local:
     if ext == '.mp4':
-      _write_mp4(tmp_path, frames, fps)
+      _write_mp4(local, frames, fps)
     else:
-      _write_gif(tmp_path, frames, fps)
-    os.replace(tmp_path, path)
-  except BaseException:
-    if os.path.exists(tmp_path):
-      os.remove(tmp_path)
-    raise
+      _write_gif(local, frames, fps)
   return path
+
+
+@contextlib.contextmanager
+def _local_video(path: str) -> Iterator[str]:
+  """A local file holding the video at `path`: the file itself, or for a bucket URL a
+  download removed after the block. Raises FileNotFoundError naming `path` if it is none."""
+  if not paths.is_remote(path) and not paths.isfile(path):
+    raise FileNotFoundError(f'No video file at {path!r}.')
+  with contextlib.ExitStack() as stack:
+    try:
+      local = stack.enter_context(paths.local_copy(path))  # a missing object raises here
+    except FileNotFoundError:
+      raise FileNotFoundError(f'No video file at {path!r}.') from None
+    yield local
 
 
 def read_video(path) -> np.ndarray:
   """Reads an .mp4 or .gif into uint8 [T, H, W, 3] (grey gifs come back as RGB)."""
   path = os.fspath(path)
   ext = _extension(path)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'No video file at {path!r}.')
-  if ext == '.mp4':
-    imageio = _import_imageio()
-    reader = imageio.get_reader(path, format='FFMPEG', mode='I')
-    try:
-      frames = [np.asarray(frame) for frame in reader]
-    finally:
-      reader.close()
-    video = np.stack(frames)  # [T, H, W, 3]
-  else:
-    image_lib = _import_pil_image()
-    frames = []
-    with image_lib.open(path) as image:
-      for i in range(getattr(image, 'n_frames', 1)):
-        image.seek(i)
-        frames.append(np.asarray(image.convert('RGB')))
-    video = np.stack(frames)  # [T, H, W, 3]
+  with _local_video(path) as local:
+    if ext == '.mp4':
+      imageio = _import_imageio()
+      reader = imageio.get_reader(local, format='FFMPEG', mode='I')
+      try:
+        frames = [np.asarray(frame) for frame in reader]
+      finally:
+        reader.close()
+    else:
+      image_lib = _import_pil_image()
+      frames = []
+      with image_lib.open(local) as image:
+        for i in range(getattr(image, 'n_frames', 1)):
+          image.seek(i)
+          frames.append(np.asarray(image.convert('RGB')))
+  video = np.stack(frames)  # [T, H, W, 3]
   return video.astype(np.uint8)
 
 
@@ -257,21 +270,20 @@ def count_frames(path) -> int:
   """
   path = os.fspath(path)
   ext = _read_extension(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'No video file at {path!r}.')
-  if ext == '.gif':
-    image_lib = _import_pil_image()
-    with image_lib.open(path) as image:
-      count = int(getattr(image, 'n_frames', 1))
-      image.seek(count - 1)
-      image.load()  # decodes the last frame: a truncated file fails here
-  else:
-    # -progress writes key=value lines; the last 'frame=' is the number decoded.
-    out = _run_ffmpeg(['-i', path, '-map', '0:v:0', '-f', 'null', '-progress', 'pipe:1',
-                       '-nostats', '-'])
-    counts = [line[6:] for line in out.decode(errors='replace').splitlines()
-              if line.startswith('frame=')]
-    count = int(counts[-1]) if counts else 0
+  with _local_video(path) as local:
+    if ext == '.gif':
+      image_lib = _import_pil_image()
+      with image_lib.open(local) as image:
+        count = int(getattr(image, 'n_frames', 1))
+        image.seek(count - 1)
+        image.load()  # decodes the last frame: a truncated file fails here
+    else:
+      # -progress writes key=value lines; the last 'frame=' is the number decoded.
+      out = _run_ffmpeg(['-i', local, '-map', '0:v:0', '-f', 'null', '-progress', 'pipe:1',
+                         '-nostats', '-'])
+      counts = [line[6:] for line in out.decode(errors='replace').splitlines()
+                if line.startswith('frame=')]
+      count = int(counts[-1]) if counts else 0
   if count < 1:
     raise ValueError(f'Video file {path!r} holds no frames.')
   return count
@@ -315,25 +327,24 @@ def read_frames(path, indices) -> np.ndarray:
   if indices.ndim != 1 or indices.size == 0 or indices.min() < 0:
     raise ValueError(f'read_frames needs a non-empty 1-D list of frame numbers >= 0, got '
                      f'{indices.tolist()!r}.')
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'No video file at {path!r}.')
   unique = sorted(set(indices.tolist()))
-  if ext == '.gif':
-    image_lib = _import_pil_image()
-    frames = []
-    with image_lib.open(path) as image:
-      available = int(getattr(image, 'n_frames', 1))
-      for i in unique:
-        if i >= available:
-          break
-        image.seek(i)
-        frames.append(np.asarray(image.convert('RGB')))  # [H, W, 3]
-  else:
-    select = '+'.join(f'eq(n\\,{i})' for i in unique)
-    out = _run_ffmpeg(['-i', path, '-map', '0:v:0', '-vf', f'select={select}',
-                       '-fps_mode', 'passthrough', '-frames:v', str(len(unique)),
-                       '-f', 'image2pipe', '-c:v', 'ppm', '-'])
-    frames = _parse_ppm_stream(out)
+  with _local_video(path) as local:
+    if ext == '.gif':
+      image_lib = _import_pil_image()
+      frames = []
+      with image_lib.open(local) as image:
+        available = int(getattr(image, 'n_frames', 1))
+        for i in unique:
+          if i >= available:
+            break
+          image.seek(i)
+          frames.append(np.asarray(image.convert('RGB')))  # [H, W, 3]
+    else:
+      select = '+'.join(f'eq(n\\,{i})' for i in unique)
+      out = _run_ffmpeg(['-i', local, '-map', '0:v:0', '-vf', f'select={select}',
+                         '-fps_mode', 'passthrough', '-frames:v', str(len(unique)),
+                         '-f', 'image2pipe', '-c:v', 'ppm', '-'])
+      frames = _parse_ppm_stream(out)
   if len(frames) != len(unique):
     raise ValueError(f'Video file {path!r} has no frame {unique[len(frames)]} (it ended '
                      f'after {len(frames)} of the {len(unique)} frames asked for).')

@@ -155,13 +155,30 @@ def local_file_for_write(p: PathLike, suffix: str = '') -> Iterator[str]:
   try:
     yield tmp
     if is_remote(target):
-      with open(tmp, 'rb') as f:
-        epath.Path(target).write_bytes(f.read())
+      upload(tmp, target)
     else:
       os.replace(tmp, target)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+def upload(local: str, target: PathLike, piece_bytes: int = 8 << 20) -> str:
+  """Streams the local file `local` to the bucket object `target` in pieces (a resumable
+  upload: memory holds one piece, not the file). The object appears only when complete:
+  an upload that fails part way is abandoned, not committed."""
+  target = normalize(target)
+  with open(local, 'rb') as src:
+    dst = epath.Path(target).open('wb')
+    try:
+      shutil.copyfileobj(src, dst, piece_bytes)
+    except BaseException:
+      discard = getattr(dst, 'discard', None)  # fsspec's buffered files: drop the upload
+      if discard is not None:
+        discard()
+      raise
+    dst.close()
+  return target
 
 
 @contextlib.contextmanager

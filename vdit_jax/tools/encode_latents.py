@@ -21,16 +21,20 @@ Train on them with the shards source: --config.data.source=shards
 
 Output: the same format as make_shards (vdit_jax/data/shards.py), dtype 'float16', with
 index.json fields 'vae' (folder, config with the latent statistics, 'normalized',
-'sample') and 'source_clip_shape'. Shards are written under temporary names and
-index.json last, so a folder with an index is complete. Encoding runs in temporal chunks
-(vae/chunked.py), optionally in spatial tiles (--tile=SIZE,STRIDE in pixels).
+'sample') and 'source_clip_shape'. Each shard gets its name only when it is complete, and
+index.json is written last, so a folder with an index is complete. Encoding runs in
+temporal chunks (vae/chunked.py), optionally in spatial tiles (--tile=SIZE,STRIDE in pixels).
+
+--videos, --vae and --out may be buckets (gs://bucket/...): shards are read in place,
+videos downloaded to decode them, the VAE restored by Orbax, and each finished latent
+shard uploaded whole from a local temporary file (shards.ShardWriter).
 
 Exit status: 0 done, 2 bad input (the message says which).
 """
 
 from __future__ import annotations
 
-import os
+import glob
 import sys
 import time
 from typing import Optional
@@ -44,6 +48,7 @@ import numpy as np
 from vdit_jax.data import shards
 from vdit_jax.data import synthetic
 from vdit_jax.data import video_files
+from vdit_jax.parallel import paths
 from vdit_jax.vae import checkpoint
 from vdit_jax.vae import chunked
 from vdit_jax.vae import config as vae_config
@@ -57,7 +62,8 @@ def _define_flags() -> None:
   flags.DEFINE_string('videos', None, "A make_shards folder, 'synthetic', or a folder/glob of "
                       'video files.')
   flags.DEFINE_string('vae', None, 'VAE folder (tools.convert_wan_vae or vae.train output).')
-  flags.DEFINE_string('out', None, 'Output folder for the latent shards and index.json.')
+  flags.DEFINE_string('out', None, 'Output folder (or gs:// URL) for the latent shards and '
+                      'index.json.')
   flags.DEFINE_integer('num_shards', 1, 'Number of shard files.')
   flags.DEFINE_integer('batch_size', 8, 'Clips encoded per call.')
   flags.DEFINE_integer('num_frames', None, 'Frames per clip (synthetic and video files).')
@@ -73,9 +79,6 @@ def _define_flags() -> None:
   flags.DEFINE_boolean('overwrite', False, 'Replace the shards already in --out.')
 
 
-_TMP_PREFIX = '.tmp-latents-'
-
-
 def open_clips(videos: str, *, num_frames: Optional[int] = None, height: Optional[int] = None,
                width: Optional[int] = None, num_examples: int = 1024, source_seed: int = 0):
   """(source with source[i] -> {'video': uint8 [T, H, W, 3], 'label', optional 'key'},
@@ -86,7 +89,7 @@ def open_clips(videos: str, *, num_frames: Optional[int] = None, height: Optiona
                                        seed=source_seed)
     return source, {'num_classes': synthetic.NUM_CLASSES, 'class_names': [],
                     'source': f'synthetic(seed={source_seed})'}
-  if os.path.isfile(os.path.join(videos, shards.INDEX_NAME)):
+  if not glob.has_magic(videos) and paths.isfile(paths.join(videos, shards.INDEX_NAME)):
     source = shards.ShardSource(videos)
     if source.dtype != 'uint8':
       raise ValueError(f'--videos={videos!r} holds {source.dtype} clips (latents?); encode '
@@ -113,28 +116,11 @@ def _require(**values) -> None:
     raise ValueError(f'{", ".join(missing)} must be given for this --videos.')
 
 
-def _prepare_out(out: str, overwrite: bool) -> None:
-  os.makedirs(out, exist_ok=True)
-  for name in os.listdir(out):  # left by an interrupted run
-    if name.startswith(_TMP_PREFIX):
-      os.remove(os.path.join(out, name))
-  if not os.path.exists(os.path.join(out, shards.INDEX_NAME)):
-    return
-  if not overwrite:
-    raise ValueError(f'--out={out!r} already holds shards ({shards.INDEX_NAME}); pass '
-                     '--overwrite to replace them, or choose another folder.')
-  old = shards.read_index(out)
-  os.remove(os.path.join(out, shards.INDEX_NAME))  # first: never a half-replaced index
-  for shard in old['shards']:
-    os.remove(os.path.join(out, shard['name']))
-
-
 def encode_latents(videos: str, vae: str, out: str, *, num_shards: int = 1,
                    batch_size: int = 8, normalize: bool = True, sample: str = 'mean',
                    seed: int = 0, tiling: Optional[chunked.Tiling] = None,
                    overwrite: bool = False, progress=sys.stderr, **clip_args) -> dict:
   """Writes latent shards of `videos` encoded by the VAE folder `vae`; returns the index."""
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   if sample not in ('mean', 'posterior'):
     raise ValueError(f"sample={sample!r} must be 'mean' or 'posterior'.")
   cfg, params = checkpoint.load(vae)
@@ -151,11 +137,7 @@ def encode_latents(videos: str, vae: str, out: str, *, num_shards: int = 1,
     raise ValueError(f'the clips have {clip_shape[-1]} channels, the VAE takes '
                      f'{cfg.in_channels}.')
   latent_shape = cfg.latent_shape(*clip_shape[:3])  # raises if T, H, W do not fit
-  out = os.fspath(out)
-  _prepare_out(out, overwrite)
-  tmp_names = [f'{_TMP_PREFIX}{k:05d}.array_record' for k in range(num_shards)]
-  counts = [0] * num_shards
-  writer, writer_shard = None, None
+  writer = shards.ShardWriter(shards.prepare_output(out, overwrite), num_shards)
   rng = jax.random.PRNGKey(seed)
   start = time.perf_counter()
   try:
@@ -173,33 +155,18 @@ def encode_latents(videos: str, vae: str, out: str, *, num_shards: int = 1,
       z = z.astype(np.float16)
       for offset, example in enumerate(examples):
         i = first + offset
-        k = i * num_shards // total
-        if k != writer_shard:
-          if writer is not None:
-            writer.close()
-          writer = array_record_module.ArrayRecordWriter(
-              os.path.join(out, tmp_names[k]), shards.WRITER_OPTIONS)
-          writer_shard = k
-        writer.write(shards.encode_record(z[offset], label=int(example['label']),
+        writer.write(i * num_shards // total,
+                     shards.encode_record(z[offset], label=int(example['label']),
                                           key=str(example.get('key', i))))
-        counts[k] += 1
       if progress is not None:
         done = first + len(examples)
         progress.write(f'\rencode_latents: {done}/{total} clips, '
                        f'{done / (time.perf_counter() - start):.1f} clips/s'
                        + ('\n' if done == total else ''))
         progress.flush()
-    if writer is not None:
-      writer.close()
-      writer = None
+    entries = writer.finish()  # every shard holds clips: num_shards <= total
   finally:
-    if writer is not None:
-      writer.close()
-  entries = []
-  for k in range(num_shards):
-    name = shards.shard_name(k, num_shards)
-    os.replace(os.path.join(out, tmp_names[k]), os.path.join(out, name))
-    entries.append({'name': name, 'num_records': counts[k]})
+    writer.abort()
   index = {
       'format': shards.FORMAT,
       'shards': entries,
@@ -210,7 +177,7 @@ def encode_latents(videos: str, vae: str, out: str, *, num_shards: int = 1,
       'class_names': described['class_names'],
       'source': described['source'],
       'source_clip_shape': list(clip_shape),
-      'vae': {'path': os.path.abspath(os.fspath(vae)), 'config': cfg.to_dict(),
+      'vae': {'path': paths.normalize(vae), 'config': cfg.to_dict(),
               'normalized': bool(normalize), 'sample': sample},
   }
   shards.write_index(out, index)

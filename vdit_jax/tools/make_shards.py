@@ -13,8 +13,12 @@ frame, same resize and crop), labels from class folders as there. Worker process
 and encode in parallel; the parent writes records in file order, video i to shard
 i * num_shards // num_videos, so the shards concatenated hold the readable videos in the
 `files` source's order. Files that fail to decode are skipped, counted and listed in the
-index ('skipped'). Shards are written under temporary names and `index.json` last, so a
-folder with an index is complete. See vdit_jax/data/shards.py for the formats.
+index ('skipped'). Each shard gets its name only when it is complete, and `index.json` is
+written last, so a folder with an index is complete. See vdit_jax/data/shards.py for the
+formats.
+
+--videos and --out may be buckets (gs://bucket/...): videos are downloaded to decode them,
+and each finished shard is uploaded whole from a local temporary file (shards.ShardWriter).
 
 Exit status: 0 done, 2 bad input (a ValueError or missing file: the message says which).
 """
@@ -37,7 +41,8 @@ from vdit_jax.data import video_io
 FLAGS = flags.FLAGS
 flags.DEFINE_string('videos', None, 'Folder or glob of video files (class sub-folders give '
                     'labels).')
-flags.DEFINE_string('out', None, 'Output folder for the shards and index.json.')
+flags.DEFINE_string('out', None, 'Output folder (or gs:// URL) for the shards and '
+                    'index.json.')
 flags.DEFINE_integer('num_shards', 1, 'Number of shard files.')
 flags.DEFINE_integer('num_frames', None, 'Frames per clip, T.')
 flags.DEFINE_integer('height', None, 'Clip height H.')
@@ -58,26 +63,6 @@ def _encode(task):
     return i, shards.encode_record(clip, label=label, key=key), None
   except Exception as e:  # pylint: disable=broad-except
     return i, None, video_files.describe_error(e)
-
-
-_TMP_PREFIX = '.tmp-shard-'
-
-
-def _prepare_out(out: str, overwrite: bool) -> None:
-  os.makedirs(out, exist_ok=True)
-  for name in os.listdir(out):  # left by an interrupted run
-    if name.startswith(_TMP_PREFIX):
-      os.remove(os.path.join(out, name))
-  index_path = os.path.join(out, shards.INDEX_NAME)
-  if not os.path.exists(index_path):
-    return
-  if not overwrite:
-    raise ValueError(f'--out={out!r} already holds shards ({shards.INDEX_NAME}); pass '
-                     '--overwrite to replace them, or choose another folder.')
-  old = shards.read_index(out)
-  os.remove(index_path)  # first: a half-replaced folder must not look complete
-  for shard in old['shards']:
-    os.remove(os.path.join(out, shard['name']))
 
 
 class _Progress:
@@ -102,8 +87,6 @@ def make_shards(videos, out, *, num_shards: int, num_frames: int, height: int, w
                 frame_stride: int = 1, num_workers: int | None = None,
                 overwrite: bool = False, progress=sys.stderr) -> dict:
   """Writes the shards and index.json of `videos` into `out`; returns the index."""
-  # Imported here so worker processes (which import this module) do not load it.
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   spec = video_files.ClipSpec(num_frames, height, width, frame_stride, clip_start='center',
                               crop='center')
   listing = video_files.list_videos(videos)
@@ -116,16 +99,11 @@ def make_shards(videos, out, *, num_shards: int, num_frames: int, height: int, w
     num_workers = os.cpu_count() or 1
   if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
     raise ValueError(f'num_workers={num_workers!r} must be an integer >= 0.')
-  out = os.fspath(out)
-  _prepare_out(out, overwrite)
+  writer = shards.ShardWriter(shards.prepare_output(out, overwrite), num_shards)
 
-  root = listing.root or os.curdir
-  tasks = [(i, p, listing.labels[i], os.path.relpath(p, root), spec)
+  tasks = [(i, p, listing.labels[i], listing.relative[i], spec)
            for i, p in enumerate(listing.paths)]
-  tmp_names = [f'{_TMP_PREFIX}{k:05d}.array_record' for k in range(num_shards)]
-  counts = [0] * num_shards
   skipped = []
-  writer, writer_shard = None, None
   meter = _Progress(progress, total)
   pool = None
   try:
@@ -140,42 +118,24 @@ def make_shards(videos, out, *, num_shards: int, num_frames: int, height: int, w
       if record is None:
         skipped.append({'path': listing.paths[i], 'reason': failure})
       else:
-        k = i * num_shards // total
-        if k != writer_shard:
-          if writer is not None:
-            writer.close()
-          writer = array_record_module.ArrayRecordWriter(
-              os.path.join(out, tmp_names[k]), shards.WRITER_OPTIONS)
-          writer_shard = k
-        writer.write(record)
-        counts[k] += 1
+        writer.write(i * num_shards // total, record)
       meter.update(done, len(skipped), final=done == total)
-    if writer is not None:
-      writer.close()
-      writer = None
+    entries = writer.finish()  # shards every video of which was skipped are left out
   finally:
-    if writer is not None:
-      writer.close()
+    writer.abort()
     if pool is not None:
       pool.shutdown(cancel_futures=True)
 
   if progress is not None:
     for item in skipped:
       progress.write(f'make_shards: skipped {item["path"]}: {item["reason"]}\n')
-  if not any(counts):
+  if not entries:
     raise ValueError(f'none of the {total} video file(s) under {os.fspath(videos)!r} could '
                      f'be decoded, e.g. {skipped[0]["path"]!r}: {skipped[0]["reason"]}')
-  # Shards every video of which was skipped are dropped; the rest are renamed in order.
-  kept = [k for k in range(num_shards) if counts[k]]
-  entries = []
-  for j, k in enumerate(kept):
-    name = shards.shard_name(j, len(kept))
-    os.replace(os.path.join(out, tmp_names[k]), os.path.join(out, name))
-    entries.append({'name': name, 'num_records': counts[k]})
   index = {
       'format': shards.FORMAT,
       'shards': entries,
-      'num_records': sum(counts),
+      'num_records': sum(writer.counts),
       'clip_shape': [num_frames, height, width, 3],
       'dtype': 'uint8',
       'num_classes': listing.num_classes,

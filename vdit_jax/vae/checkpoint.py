@@ -6,13 +6,13 @@ DIR/
               last, so a folder without it is unfinished and is never read
 
 Both `tools/convert_wan_vae.py` (published weights) and `vae/train.py` (a VAE trained here)
-write this, and `load` reads either.
+write this, and `load` reads either. DIR may be local or a bucket URL (gs://): the params go
+through Orbax (tensorstore), vae.json through `parallel.paths`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Tuple
 
 import flax.linen as nn
@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vdit_jax.parallel import paths
 from vdit_jax.vae.config import VAEConfig
 from vdit_jax.vae.model import WanVAE
 
@@ -72,30 +73,26 @@ def init_params(cfg: VAEConfig, rng: jax.Array) -> Any:
 
 
 def save(directory, cfg: VAEConfig, params: Any, **info) -> str:
-  """Writes `params` and `cfg` (plus JSON-able `info`) to `directory`; returns its path."""
-  directory = os.path.abspath(os.fspath(directory))
+  """Writes `params` and `cfg` (plus JSON-able `info`) to `directory`; returns its path
+  (`paths.normalize`d: absolute, or the bucket URL)."""
+  directory = paths.normalize(directory)
   want = jax.tree_util.tree_map(lambda a: (tuple(a.shape), jnp.dtype(a.dtype).name),
                                 abstract_params(cfg))
   got = jax.tree_util.tree_map(lambda a: (tuple(np.shape(a)), jnp.dtype(a.dtype).name), params)
   if got != want:
     raise ValueError(f'params do not match the VAE config {cfg}: '
                      f'{_first_difference(want, got)}.')
-  os.makedirs(directory, exist_ok=True)
-  info_path = os.path.join(directory, INFO_NAME)
-  if os.path.exists(info_path):
-    os.remove(info_path)  # first: a half-replaced folder must not look complete
+  paths.makedirs(directory)
+  info_path = paths.join(directory, INFO_NAME)
+  paths.remove(info_path)  # first: a half-replaced folder must not look complete
   checkpointer = ocp.StandardCheckpointer()
   try:
-    checkpointer.save(os.path.join(directory, PARAMS_NAME), params, force=True)
+    checkpointer.save(paths.join(directory, PARAMS_NAME), params, force=True)
     checkpointer.wait_until_finished()
   finally:
     checkpointer.close()
   record = {'format': FORMAT, 'config': cfg.to_dict(), **info}
-  tmp = os.path.join(directory, f'.tmp_{INFO_NAME}')
-  with open(tmp, 'w') as f:
-    json.dump(record, f, indent=2)
-    f.write('\n')
-  os.replace(tmp, info_path)
+  paths.write_text(info_path, json.dumps(record, indent=2) + '\n')  # whole, last
   return directory
 
 
@@ -115,15 +112,14 @@ def _first_difference(want, got) -> str:
 
 def read_info(directory) -> dict:
   """The parsed vae.json of a VAE folder; raises naming the folder if it is not one."""
-  directory = os.path.abspath(os.fspath(directory))
-  path = os.path.join(directory, INFO_NAME)
-  if not os.path.isfile(path):
-    found = sorted(os.listdir(directory)) if os.path.isdir(directory) else None
+  directory = paths.normalize(directory)
+  path = paths.join(directory, INFO_NAME)
+  if not paths.isfile(path):
+    found = paths.listdir(directory) if paths.isdir(directory) else None
     raise FileNotFoundError(
         f'{directory} is not a VAE folder: it has no {INFO_NAME} (contents: {found}). Make '
         'one with python -m vdit_jax.tools.convert_wan_vae or python -m vdit_jax.vae.train.')
-  with open(path) as f:
-    info = json.load(f)
+  info = json.loads(paths.read_text(path))
   if info.get('format') != FORMAT:
     raise ValueError(f'{path}: format={info.get("format")!r}, expected {FORMAT!r}.')
   return info
@@ -136,10 +132,10 @@ def load(directory, dtype: str | None = None) -> Tuple[VAEConfig, Any]:
   if dtype is not None:
     config['dtype'] = dtype
   cfg = VAEConfig.from_dict(config)
-  directory = os.path.abspath(os.fspath(directory))
+  directory = paths.normalize(directory)
   checkpointer = ocp.StandardCheckpointer()
   try:
-    params = checkpointer.restore(os.path.join(directory, PARAMS_NAME), abstract_params(cfg))
+    params = checkpointer.restore(paths.join(directory, PARAMS_NAME), abstract_params(cfg))
   except Exception as e:  # pylint: disable=broad-except  # Orbax/TensorStore raise many kinds
     raise ValueError(f'could not restore the VAE params in {directory} ({type(e).__name__}: '
                      f'{str(e).strip()[:400]}).') from e

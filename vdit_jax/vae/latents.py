@@ -12,7 +12,8 @@ holds one chunk's activations; optional spatial tiles) and writes the frames.
 fine-tuned decoder): its architecture must be the one that encoded the shards. Shards
 with no 'vae' record (made by another tool) need `data.vae`; their latents are taken to
 be normalised with that VAE's statistics when it has some (as `encode_latents` stores
-them by default, and as diffusers' Wan pipelines un-normalise before decoding).
+them by default, and as diffusers' Wan pipelines un-normalise before decoding). Either
+folder may be a bucket URL (gs://), read through `parallel.paths` and Orbax.
 
     space = resolve(config.data)                     # reads JSON only; raises on bad input
     decoder = LatentDecoder.load(config)             # params, once per run
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-import os
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from vdit_jax.data import shards
+from vdit_jax.parallel import paths
 from vdit_jax.vae import checkpoint
 from vdit_jax.vae import chunked
 from vdit_jax.vae.config import VAEConfig
@@ -89,7 +90,8 @@ def resolve(data_config) -> Optional[LatentSpace]:
       raise ValueError(f'config.data.vae={vae!r} is only read with data.latents=True (the '
                        'DiT trains on VAE latents and samples decode through the VAE).')
     path = data_config.get('path', '') or ''
-    if data_config.source == 'shards' and os.path.isfile(os.path.join(path, shards.INDEX_NAME)):
+    if (data_config.source == 'shards' and path
+        and paths.isfile(paths.join(path, shards.INDEX_NAME))):
       if shards.read_index(path).get('vae'):
         raise ValueError(
             f'data.path={path!r} holds VAE latents (its index.json records the VAE) but '
@@ -108,7 +110,7 @@ def resolve(data_config) -> Optional[LatentSpace]:
         'clips, not latents: encode them with python -m vdit_jax.tools.encode_latents.')
   if not vae and not record:
     raise ValueError(
-        f'config.data.latents=True but {os.path.join(data_config.path, shards.INDEX_NAME)} '
+        f'config.data.latents=True but {paths.join(data_config.path, shards.INDEX_NAME)} '
         'records no VAE (no \'vae\' entry: the shards were not written by '
         'tools.encode_latents) and config.data.vae=\'\': set data.vae to the VAE folder '
         'that encoded them.')
@@ -134,7 +136,7 @@ def resolve(data_config) -> Optional[LatentSpace]:
   else:
     mean, std = _stats(None, cfg, True)
     stats_from = f'{path}/{checkpoint.INFO_NAME}'
-  return LatentSpace(os.path.abspath(path), cfg, mean, std, stats_from)
+  return LatentSpace(paths.normalize(path), cfg, mean, std, stats_from)
 
 
 def _decode_settings(sample_config):

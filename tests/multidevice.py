@@ -11,6 +11,8 @@ import re
 import subprocess
 import sys
 
+from vdit_jax import runtime
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -18,17 +20,25 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # the others (the default); on a 2-core machine under load that is a scheduling
 # delay, not a hang, so the checks give it 10 minutes.
 CPU_COLLECTIVE_TIMEOUT_FLAGS = ('--xla_cpu_collective_call_terminate_timeout_seconds=600 '
-                                '--xla_cpu_collective_call_warn_stuck_timeout_seconds=120')
+                                '--xla_cpu_collective_call_warn_stuck_timeout_seconds=120 '
+                                # What vdit_jax.runtime sets for every run (its XLA_FLAGS):
+                                # scripts run here do not go through runtime.setup.
+                                + ' '.join(runtime.XLA_FLAGS))
 
 
 def run_checks(script: str, num_devices: int = 8, timeout: int = 900) -> dict:
+  return run_checks_with_args(script, [], num_devices=num_devices, timeout=timeout)
+
+
+def run_checks_with_args(script: str, args, num_devices: int = 8, timeout: int = 900) -> dict:
+  """Runs `script ARGS...` under `num_devices` fake CPU devices; its last line's JSON."""
   env = dict(os.environ)
   env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' + CPU_COLLECTIVE_TIMEOUT_FLAGS +
                       f' --xla_force_host_platform_device_count={num_devices}').strip()
   env['JAX_PLATFORMS'] = 'cpu'
   env['PYTHONPATH'] = os.pathsep.join(
       p for p in (os.path.dirname(HERE), env.get('PYTHONPATH')) if p)
-  proc = subprocess.run([sys.executable, os.path.join(HERE, script)], env=env,
+  proc = subprocess.run([sys.executable, os.path.join(HERE, script), *args], env=env,
                         capture_output=True, text=True, timeout=timeout, check=False)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -80,7 +80,18 @@ GLIBC_HUGETLB_VERSION = (2, 35)
 GLIBC_TUNABLES = 'glibc.malloc.hugetlb=1'
 
 # XLA flags added to XLA_FLAGS unless the user's XLA_FLAGS name them already.
-XLA_FLAGS: Tuple[str, ...] = ()
+XLA_FLAGS: Tuple[str, ...] = (
+    # XLA:CPU's concurrency-optimized scheduler lets a device run a collective that does
+    # not depend on a loop (the final layer's adaLN all-reduce) while its share of the
+    # scanned-layers loop still waits in another (the FSDP weight all-gather). With
+    # several CPU devices (fake ones, or local_multiprocess.sh) the devices' threads then
+    # block in different collectives and the step hangs until XLA's rendezvous timeout:
+    # measured on configs/tiny.py at 16 frames without the token convolution, mesh data 2
+    # x fsdp 2 x tensor 2 (BUILD_NOTES.md, "A CPU deadlock on sharded meshes"). Off, the
+    # collectives keep one order; one-device CPU steps take the same time (3.5 vs 3.5
+    # steps/s on configs/tiny.py). Read by the CPU compiler only.
+    '--xla_cpu_enable_concurrency_optimized_scheduler=false',
+)
 
 # Variables read only when a process starts: changing one needs a re-exec.
 _START_TIME_VARS = ('LD_PRELOAD', 'GLIBC_TUNABLES')

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from tests.gcs_emulator import gcs  # pylint: disable=unused-import  # the fixture
 from vdit_jax import serving
 from vdit_jax.data import video_io
 from vdit_jax.diffusion import objectives
@@ -175,3 +176,23 @@ def test_text_conditioned_and_lora_runs_are_refused():
     config.lora = {'rank': 4}
   with pytest.raises(ValueError, match='config.lora.rank=4'):
     export_tool.check_supported(config)
+
+
+def test_sampler_written_to_a_bucket_is_served_from_it(exported, gcs):
+  """tools.export --out=gs://... writes the sampler to a bucket (the GCS emulator of
+  tests/gcs_emulator.py) and serving.load reads it from there: the same weights, bit for
+  bit, as the local export."""
+  out = f'gs://{gcs.new_bucket()}/sampler'
+  result = subprocess.run(
+      [sys.executable, '-m', 'vdit_jax.tools.export', f'--workdir={exported["workdir"]}',
+       f'--out={out}', '--platforms=cpu'],
+      cwd=REPO, env=dict(_env(), **gcs.env), capture_output=True, text=True, timeout=300,
+      check=False)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+  remote, local = serving.load(out), serving.load(exported['sampler_dir'])
+  assert remote.video_shape == local.video_shape
+  for got, want in zip(remote.weights, local.weights):
+    np.testing.assert_array_equal(np.asarray(got).view(np.uint16),
+                                  np.asarray(want).view(np.uint16))
+  videos = remote.sample([0, 1, 2], seed=0)
+  assert videos.shape == tuple(local.video_shape) and np.isfinite(videos).all()

@@ -25,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from tests import gcs_emulator
 from tests import multidevice
 from tests.gcs_emulator import gcs  # pylint: disable=unused-import  # the fixture
 from vdit_jax.parallel import paths
@@ -91,6 +92,20 @@ def test_missing_bucket_stops_the_run_before_compiling(gcs):
   assert rc != 0
   last = out.strip().splitlines()[-1]
   assert f'--workdir={workdir} cannot be written' in last, out[-3000:]
+  assert 'compiled the train step' not in out
+
+
+def test_bucket_that_cannot_be_written_stops_the_run_before_compiling(gcs):
+  """A bucket this job may read but not write (a proxy in front of the emulator answers
+  403 to every write, as GCS does without the permission)."""
+  bucket = gcs.new_bucket()
+  workdir = f'gs://{bucket}/run'
+  with gcs_emulator.ReadOnlyProxy(gcs.url) as proxy:
+    rc, out = _run(_main(workdir), _env(gcs_emulator.client_env(proxy.url)),
+                   expect_ok=False)
+  assert rc != 0
+  last = out.strip().splitlines()[-1]
+  assert f'--workdir={workdir} cannot be written' in last and 'Forbidden' in last, out[-3000:]
   assert 'compiled the train step' not in out
 
 

@@ -261,6 +261,75 @@ def _reset_gcs_clients():
     backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
 
 
+class ReadOnlyProxy:
+  """An HTTP proxy in front of an emulator that answers 403 Forbidden to every write
+  (POST, PUT, PATCH, DELETE) and forwards reads: a bucket this job may read but not
+  write, which fake-gcs-server (no IAM) cannot stage by itself.
+
+      with gcs_emulator.ReadOnlyProxy(emulator.url) as proxy:
+        env = gcs_emulator.client_env(proxy.url)   # clients see a read-only GCS
+  """
+
+  def __init__(self, upstream: str):
+    self.upstream = upstream.rstrip('/')
+    self.url = None
+    self._server = None
+
+  def __enter__(self) -> 'ReadOnlyProxy':
+    import http.server  # pylint: disable=g-import-not-at-top
+    import threading  # pylint: disable=g-import-not-at-top
+    upstream = self.upstream
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+      """Forwards GET / HEAD; refuses writes as GCS does without permission."""
+
+      def log_message(self, *args):  # quiet
+        pass
+
+      def _forbid(self):
+        body = json.dumps({'error': {'code': 403, 'message': 'Forbidden (read-only proxy)',
+                                     'errors': [{'reason': 'forbidden'}]}}).encode()
+        length = int(self.headers.get('Content-Length') or 0)
+        if length:
+          self.rfile.read(length)
+        self.send_response(403)
+        self.send_header('Content-Type', 'application/json')
+        self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+      do_POST = do_PUT = do_PATCH = do_DELETE = _forbid
+
+      def _forward(self):
+        request = urllib.request.Request(upstream + self.path, method=self.command,
+                                         headers={k: v for k, v in self.headers.items()
+                                                  if k.lower() != 'host'})
+        try:
+          with urllib.request.urlopen(request, timeout=30) as r:
+            status, headers, body = r.status, r.getheaders(), r.read()
+        except urllib.error.HTTPError as e:
+          status, headers, body = e.code, e.headers.items(), e.read()
+        self.send_response(status)
+        for key, value in headers:
+          if key.lower() not in ('transfer-encoding', 'connection', 'content-length'):
+            self.send_header(key, value)
+        self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        if self.command != 'HEAD':
+          self.wfile.write(body)
+
+      do_GET = do_HEAD = _forward
+
+    self._server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+    self.url = f'http://127.0.0.1:{self._server.server_address[1]}'
+    threading.Thread(target=self._server.serve_forever, daemon=True).start()
+    return self
+
+  def __exit__(self, *exc):
+    self._server.shutdown()
+    self._server.server_close()
+
+
 def shared() -> GcsEmulator:
   """This process's emulator (bucket 'test-bucket'), active here; started on first call.
 

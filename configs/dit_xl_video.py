@@ -1,7 +1,11 @@
-r"""DiT-XL video model at pod scale (not run in tests).
+r"""DiT-XL video model at pod scale (trained in tests only cut to CPU size, and
+AOT-compiled at full size for TPU topologies).
 
-python -m vdit_jax.main --config=configs/dit_xl_video.py --workdir=/mnt/shared/runs/xl  # a filesystem all hosts share
-python -m vdit_jax.main --config=configs/dit_xl_video.py --workdir=/mnt/shared/runs/xl --config.mesh.dcn_data=2  # 2 slices, data across them
+python -m vdit_jax.main --config=configs/dit_xl_video.py --workdir=gs://BUCKET/runs/xl \
+    --config.data.source=shards --config.data.path=gs://BUCKET/latents
+# 2 slices, data across them (launch/gke_jobset.sh with SLICES=2 starts the processes):
+python -m vdit_jax.main --config=configs/dit_xl_video.py --workdir=gs://BUCKET/runs/xl \
+    --config.data.source=shards --config.data.path=gs://BUCKET/latents --config.mesh.dcn_data=2
 
 Latent video [B, T, H, W, C] = [B, 16, 32, 32, 16] (a 4x temporal / 8x spatial
 VAE's latents of 61 frames at 256x256), tubelets 1x2x2 -> 4,096 tokens per clip,

@@ -155,6 +155,14 @@ def test_vae_train_config_is_checked():
     train.check_config(config)
 
 
+def test_vae_trainer_splits_the_batch_over_the_devices_that_divide_it():
+  devices = ['d0', 'd1', 'd2', 'd3', 'd4', 'd5', 'd6', 'd7']  # stand-ins: only counted
+  assert train.data_mesh(4, devices).devices.tolist() == devices[:4]
+  assert train.data_mesh(6, devices).devices.tolist() == devices[:6]
+  assert train.data_mesh(16, devices).devices.tolist() == devices
+  assert train.data_mesh(7, devices[:2]).devices.tolist() == devices[:1]
+
+
 # ---- against the reference (torch + diffusers) ------------------------------------------
 
 

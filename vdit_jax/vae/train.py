@@ -12,8 +12,10 @@ WORKDIR/vae (`vae/checkpoint.py`: params + config with those statistics) is writ
 `vae.checkpoint.load`, `tools/encode_latents` and decoding samples.
 
 WORKDIR/metrics.jsonl: one JSON object per logged step (step, loss, mse, kl, psnr (dB, of
-the training batch), grad_norm, learning_rate, steps_per_s). Single process; no resume:
-a run this size takes minutes (see configs/vae_tiny.py).
+the training batch), grad_norm, learning_rate, steps_per_s). Single process, data
+parallel over its devices: each batch is split over the most devices whose count divides
+train.batch_size (4 clips on 8 devices: 4 of them), params replicated; no resume: a run
+this size takes minutes (see configs/vae_tiny.py).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from ml_collections import config_dict
 from ml_collections import config_flags
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vdit_jax import defaults
 from vdit_jax.data import pipeline
@@ -127,6 +130,14 @@ def make_train_step(cfg: VAEConfig, tx: optax.GradientTransformation, kl_weight:
   return jax.jit(step, donate_argnums=(0, 1))
 
 
+def data_mesh(batch_size: int, devices) -> Mesh:
+  """A 1-D ('data',) mesh of the first k devices, k the largest device count that divides
+  `batch_size` (the VAE's params are small: replicated, batch split)."""
+  devices = list(devices)
+  ways = max(k for k in range(1, len(devices) + 1) if batch_size % k == 0)
+  return Mesh(np.asarray(devices[:ways]), ('data',))
+
+
 def latent_statistics(cfg: VAEConfig, params, batches) -> Dict[str, np.ndarray]:
   """Per-channel mean and std of the posterior means over `batches` (float64 sums)."""
   model = vae_model.WanVAE(cfg)
@@ -151,11 +162,14 @@ def train_and_evaluate(config, workdir: str) -> str:
   workdir = paths.check_writable(workdir, '--workdir')
   rng = jax.random.PRNGKey(config.seed)
   init_rng, rng = jax.random.split(rng)
-  params = checkpoint.init_params(cfg, init_rng)
+  mesh = data_mesh(config.train.batch_size, jax.devices())
+  replicated, split = NamedSharding(mesh, PartitionSpec()), NamedSharding(
+      mesh, PartitionSpec('data'))
+  params = jax.device_put(checkpoint.init_params(cfg, init_rng), replicated)
   num_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
   tx = state_lib.make_optimizer(config.train)
   schedule = state_lib.learning_rate_schedule(config.train)
-  opt_state = tx.init(params)
+  opt_state = jax.jit(tx.init, out_shardings=replicated)(params)
   train_step = make_train_step(cfg, tx, float(config.train.kl_weight))
   data = pipeline.make_dataset(config.data, config.train.batch_size, seed=config.seed)
   writer = metrics_lib.MetricsWriter(workdir)
@@ -163,11 +177,12 @@ def train_and_evaluate(config, workdir: str) -> str:
   print(f'vae.train: {num_params / 1e6:.2f} M params, latents '
         f'{list(cfg.latent_shape(config.data.num_frames, config.data.height, config.data.width))} '
         f'per clip of {[config.data.num_frames, config.data.height, config.data.width]}, '
-        f'{t.num_steps} steps of batch {t.batch_size}', flush=True)
+        f'{t.num_steps} steps of batch {t.batch_size} over {mesh.size} of '
+        f'{jax.device_count()} device(s)', flush=True)
   start = time.perf_counter()
   last_time, last_step = None, 0
   for step in range(1, t.num_steps + 1):
-    video = next(data)['video']  # [B, T, H, W, C] in [-1, 1]
+    video = jax.device_put(next(data)['video'], split)  # [B, T, H, W, C] in [-1, 1]
     params, opt_state, metrics = train_step(params, opt_state, video,
                                             jax.random.fold_in(rng, step))
     if step % t.log_every == 0 or step == t.num_steps:

@@ -15,10 +15,10 @@ import subprocess
 import sys
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
+from tests import data_sources_test
 from tests.gcs_emulator import gcs  # pylint: disable=unused-import  # the fixture
 from vdit_jax.data import pipeline
 from vdit_jax.data import shards
@@ -71,12 +71,8 @@ def data(gcs, tmp_path_factory):
 
 
 def _data_config(source, path, **overrides):
-  config = ml_collections.ConfigDict(dict(
-      source=source, path=path, num_frames=4, height=16, width=16, channels=3,
-      num_examples=64, num_workers=0, time_stride=1.0, frame_stride=1, clip_start='random',
-      crop='random', source_seed=0))
-  config.update(overrides)
-  return config
+  return data_sources_test._data_config(  # pylint: disable=protected-access
+      source, path, **dict(dict(crop='random'), **overrides))
 
 
 def _batches(config, count=3):

@@ -349,15 +349,19 @@ class ShardWriter:
 
   def _finish_shard(self) -> None:
     """Closes the open shard and gives it its name (uploads it, for a bucket)."""
+    self._close_shard(keep=True)
+
+  def _close_shard(self, keep: bool) -> None:
+    """Closes the open shard, if any: `keep` names (or uploads) it, else it is dropped."""
     if self._writer is None:
       return
     writer, self._writer = self._writer, None
     local, self._local = self._local, None
     try:
       writer.close()
-      if self._remote:
+      if keep and self._remote:
         _upload(local, self._target(self._shard))
-      else:
+      elif keep:
         os.replace(local, self._target(self._shard))
     finally:
       if os.path.exists(local):  # a local temporary file, never a bucket object
@@ -379,12 +383,4 @@ class ShardWriter:
 
   def abort(self) -> None:
     """Drops the shard being written, if any (its local file is removed, nothing uploaded)."""
-    if self._writer is None:
-      return
-    writer, self._writer = self._writer, None
-    local, self._local = self._local, None
-    try:
-      writer.close()
-    finally:
-      if os.path.exists(local):
-        os.remove(local)
+    self._close_shard(keep=False)

@@ -20,10 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # the others (the default); on a 2-core machine under load that is a scheduling
 # delay, not a hang, so the checks give it 10 minutes.
 CPU_COLLECTIVE_TIMEOUT_FLAGS = ('--xla_cpu_collective_call_terminate_timeout_seconds=600 '
-                                '--xla_cpu_collective_call_warn_stuck_timeout_seconds=120 '
-                                # What vdit_jax.runtime sets for every run (its XLA_FLAGS):
-                                # scripts run here do not go through runtime.setup.
-                                + ' '.join(runtime.XLA_FLAGS))
+                                '--xla_cpu_collective_call_warn_stuck_timeout_seconds=120')
 
 
 def run_checks(script: str, num_devices: int = 8, timeout: int = 900) -> dict:
@@ -36,6 +33,10 @@ def run_checks_with_args(script: str, args, num_devices: int = 8, timeout: int =
   env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' + CPU_COLLECTIVE_TIMEOUT_FLAGS +
                       f' --xla_force_host_platform_device_count={num_devices}').strip()
   env['JAX_PLATFORMS'] = 'cpu'
+  # What vdit_jax.runtime gives every run with several CPU devices (the scripts here do
+  # not go through runtime.setup): XLA:CPU threads enough for waiting collectives.
+  env.setdefault(runtime.ENV_PJRT_NPROC,
+                 str(max(os.cpu_count() or 1, runtime.THREADS_PER_CPU_DEVICE * num_devices)))
   env['PYTHONPATH'] = os.pathsep.join(
       p for p in (os.path.dirname(HERE), env.get('PYTHONPATH')) if p)
   proc = subprocess.run([sys.executable, os.path.join(HERE, script), *args], env=env,

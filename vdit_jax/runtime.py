@@ -80,18 +80,33 @@ GLIBC_HUGETLB_VERSION = (2, 35)
 GLIBC_TUNABLES = 'glibc.malloc.hugetlb=1'
 
 # XLA flags added to XLA_FLAGS unless the user's XLA_FLAGS name them already.
-XLA_FLAGS: Tuple[str, ...] = (
-    # XLA:CPU's concurrency-optimized scheduler lets a device run a collective that does
-    # not depend on a loop (the final layer's adaLN all-reduce) while its share of the
-    # scanned-layers loop still waits in another (the FSDP weight all-gather). With
-    # several CPU devices (fake ones, or local_multiprocess.sh) the devices' threads then
-    # block in different collectives and the step hangs until XLA's rendezvous timeout:
-    # measured on configs/tiny.py at 16 frames without the token convolution, mesh data 2
-    # x fsdp 2 x tensor 2 (BUILD_NOTES.md, "A CPU deadlock on sharded meshes"). Off, the
-    # collectives keep one order; one-device CPU steps take the same time (3.5 vs 3.5
-    # steps/s on configs/tiny.py). Read by the CPU compiler only.
-    '--xla_cpu_enable_concurrency_optimized_scheduler=false',
-)
+XLA_FLAGS: Tuple[str, ...] = ()
+
+# Threads of XLA:CPU's client pool (the variable its DefaultThreadPoolSize reads; default:
+# the CPU count). A collective blocks the thread that runs it until every device has
+# joined, and a device may run two at once (one inside the scanned-layers loop, one
+# outside it), so with several CPU devices (fake ones, or local_multiprocess.sh) on few
+# cores the pool can fill with waiting collectives and the step hangs until XLA's
+# rendezvous timeout: measured on 2 cores with 8 devices, data 2 x fsdp 2 x tensor 2, for
+# configs/tiny_buckets.py and configs/bench.py (BUILD_NOTES.md, "A CPU deadlock on sharded
+# meshes"). With THREADS_PER_CPU_DEVICE threads a device both run, and 8-device steps take
+# the same time (configs/tiny.py: 1.57 and 1.61 steps/s with 2 and 16 threads).
+ENV_PJRT_NPROC = 'PJRT_NPROC'
+THREADS_PER_CPU_DEVICE = 2
+
+
+def host_device_count(environ: Mapping[str, str]) -> int:
+  """The CPU devices a process will have: --xla_force_host_platform_device_count in
+  XLA_FLAGS, else JAX_NUM_CPU_DEVICES, else 1."""
+  count = 1
+  for flag in environ.get('XLA_FLAGS', '').split():
+    name, _, value = flag.partition('=')
+    if name == '--xla_force_host_platform_device_count' and value.isdigit():
+      count = int(value)
+  if count == 1 and environ.get('JAX_NUM_CPU_DEVICES', '').isdigit():
+    count = int(environ['JAX_NUM_CPU_DEVICES'])
+  return max(count, 1)
+
 
 # Variables read only when a process starts: changing one needs a re-exec.
 _START_TIME_VARS = ('LD_PRELOAD', 'GLIBC_TUNABLES')
@@ -221,6 +236,15 @@ def compose_env(environ: Mapping[str, str], *, platform: str = sys.platform,
   xla = merge_xla_flags(environ.get('XLA_FLAGS', ''), XLA_FLAGS)
   if xla != environ.get('XLA_FLAGS', ''):
     changes['XLA_FLAGS'] = xla
+  devices = host_device_count(environ)
+  if devices > 1:
+    if environ.get(ENV_PJRT_NPROC) or environ.get('NPROC'):
+      notes.append(f'{ENV_PJRT_NPROC}/NPROC set by the user: kept')
+    else:
+      threads = max(os.cpu_count() or 1, THREADS_PER_CPU_DEVICE * devices)
+      changes[ENV_PJRT_NPROC] = str(threads)
+      notes.append(f'{devices} CPU devices: {threads} XLA:CPU threads, so that waiting '
+                   'collectives cannot fill the pool')
   start_vars = set(_START_TIME_VARS) | {v for a in ALLOCATORS.values() for v, _ in a.env}
   needs_reexec = any(v in start_vars for v in changes)
   return Plan(changes, notes, needs_reexec)

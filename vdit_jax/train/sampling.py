@@ -66,19 +66,28 @@ def to_frames(videos, decoder: Optional[latents_lib.LatentDecoder]):
 def write_samples(videos, directory: str, name: str, formats: str, fps: int,
                   latents=None) -> List[str]:
   """Writes [n, T, H, W, C] clips in [-1, 1] as one grid video per format; `latents`
-  (the DiT's output before decoding) also go to <name>_latents.npy (listed last)."""
+  (the DiT's output before decoding) also go to <name>_latents.npy (listed last).
+
+  Clips that are not frames (C not 1 or 3: VAE latents with no VAE to decode them, as
+  configs/dit_xl_video.py and configs/bench.py train on) are written as that .npy alone,
+  float32 [n, T, H, W, C], for decoding elsewhere.
+  """
   videos = np.asarray(jax.device_get(videos))
   n, _, h, _, c = videos.shape
   if c not in (1, 3):
-    raise ValueError(f'samples have {c} channels, not frames (1 or 3): a DiT trained on VAE '
-                     'latents needs config.data.latents=True to decode them before writing.')
-  ncols = math.ceil(math.sqrt(n))
-  scale = max(1, 128 // h)
-  grid = video_io.make_grid(video_io.to_uint8(videos), ncols=ncols, pad=1, scale=scale)
+    metrics_lib.log_line(
+        f'samples have {c} channels (latents) and no VAE decodes them '
+        '(config.data.latents=False): writing them as .npy, not video; decode them with '
+        'their VAE (or train with data.latents=True on tools.encode_latents shards).')
+    latents, formats = videos, ''
   written = []
-  for fmt in [f.strip() for f in formats.split(',') if f.strip()]:
-    written.append(video_io.write_video(paths.join(directory, f'{name}.{fmt}'), grid,
-                                        fps=fps))
+  if formats.strip():
+    ncols = math.ceil(math.sqrt(n))
+    scale = max(1, 128 // h)
+    grid = video_io.make_grid(video_io.to_uint8(videos), ncols=ncols, pad=1, scale=scale)
+    for fmt in [f.strip() for f in formats.split(',') if f.strip()]:
+      written.append(video_io.write_video(paths.join(directory, f'{name}.{fmt}'), grid,
+                                          fps=fps))
   if latents is not None:
     path = paths.join(directory, f'{name}_latents.npy')
     with paths.local_file_for_write(path, suffix='.npy') as local:

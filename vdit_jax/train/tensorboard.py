@@ -300,8 +300,9 @@ class TrainBoard:
                                   if _is_number(v)})
 
   def samples(self, step: int, videos) -> None:
-    """videos [N, T, H, W, C] in [-1, 1] -> image `samples` (rows clips, columns frames)."""
-    if self._writer is not None:
+    """videos [N, T, H, W, C] in [-1, 1] -> image `samples` (rows clips, columns frames);
+    clips that are not frames (C not 1 or 3: undecoded latents) have no image."""
+    if self._writer is not None and np.shape(videos)[-1] in (1, 3):
       self._writer.image(step, 'samples', frame_grid(videos))
 
   def close(self) -> None:

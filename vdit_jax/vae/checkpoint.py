@@ -133,9 +133,15 @@ def load(directory, dtype: str | None = None) -> Tuple[VAEConfig, Any]:
     config['dtype'] = dtype
   cfg = VAEConfig.from_dict(config)
   directory = paths.normalize(directory)
+  # Every process reads the whole VAE onto its own first device (it decodes its samples
+  # there): without a target sharding Orbax would put each array on the device that saved
+  # it, which another process of a multi-host run does not have.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                        abstract_params(cfg))
   checkpointer = ocp.StandardCheckpointer()
   try:
-    params = checkpointer.restore(paths.join(directory, PARAMS_NAME), abstract_params(cfg))
+    params = checkpointer.restore(paths.join(directory, PARAMS_NAME), target)
   except Exception as e:  # pylint: disable=broad-except  # Orbax/TensorStore raise many kinds
     raise ValueError(f'could not restore the VAE params in {directory} ({type(e).__name__}: '
                      f'{str(e).strip()[:400]}).') from e

@@ -14,6 +14,7 @@ through the command line users run (`python -m vdit_jax.main`, this file as the 
   workdir train, resume, and keep every checkpoint retention should keep.
 """
 
+import concurrent.futures
 import json
 import os
 import signal
@@ -111,15 +112,18 @@ def test_bucket_that_cannot_be_written_stops_the_run_before_compiling(gcs):
 
 @pytest.fixture(scope='module')
 def straight(gcs):
-  """A run of NUM_STEPS in a bucket, uninterrupted: (workdir, its records by step)."""
-  workdir = f'gs://{gcs.new_bucket()}/run'
-  _run(_main(workdir), _env(gcs.env))
-  return workdir, _last_per_step(workdir)
+  """A run of NUM_STEPS in a bucket, uninterrupted, started in the background (it runs
+  beside the run that the next test kills and resumes): a future of (workdir, records by
+  step)."""
+  def run(workdir):
+    _run(_main(workdir), _env(gcs.env))
+    return workdir, _last_per_step(workdir)
+
+  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+    yield pool.submit(run, f'gs://{gcs.new_bucket()}/run')
 
 
 def test_sigkill_then_resume_in_a_bucket_is_bit_exact(gcs, straight, tmp_path):
-  straight_dir, want = straight
-  assert sorted(want) == list(range(1, NUM_STEPS + 1))
   workdir = f'gs://{gcs.new_bucket()}/run'
   proc = subprocess.Popen(_main(workdir), cwd=REPO, env=_env(gcs.env),
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -140,6 +144,8 @@ def test_sigkill_then_resume_in_a_bucket_is_bit_exact(gcs, straight, tmp_path):
   resumed = [line for line in out.splitlines() if line.startswith('resumed from step')]
   assert resumed and resumed[0].startswith(f'resumed from step {killed_at}'), out[-3000:]
   got = _last_per_step(workdir)
+  _, want = straight.result()
+  assert sorted(want) == list(range(1, NUM_STEPS + 1))
   for step in range(killed_at + 1, NUM_STEPS + 1):  # the resumed run's steps
     for key in ('loss', 'grad_norm', 'param_norm'):
       assert got[step][key] == want[step][key], (step, key, got[step][key], want[step][key])
@@ -170,7 +176,7 @@ def _check_events(logdir, tmp_path):
 
 
 def test_sample_export_extend_and_another_mesh_from_a_bucket(gcs, straight, tmp_path):
-  workdir, want = straight
+  workdir, want = straight.result()
   env1, env8 = _env(gcs.env), _env(gcs.env, num_devices=8)
   # --mode=sample restores the train state onto 1 device, and onto a mesh of 8.
   _run(_main(workdir, '--mode=sample'), env1)

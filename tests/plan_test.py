@@ -47,6 +47,16 @@ MESHES = {
 }
 
 
+DEFAULT_ATTENTION = 'configs/tiny.py, data=2,fsdp=2'
+
+
+def _tiny_on_data_and_fsdp():
+  config = tiny.get_config()
+  config.mesh.update(data=2, fsdp=2, tensor=1, sequence=1)
+  config.sample.num_samples = 3
+  return config
+
+
 @pytest.fixture(scope='module')
 def tpu_devices():
   try:
@@ -58,11 +68,13 @@ def tpu_devices():
 
 @pytest.fixture(scope='module')
 def tpu_plans(tpu_devices):
-  """Every mesh kind's plan (a future), compiled two at a time: XLA compiles release the
-  GIL, and flax's axis rules and jax's mesh context are thread-local."""
+  """Every mesh kind's plan (a future), and configs/tiny.py's (DEFAULT_ATTENTION below),
+  compiled two at a time: XLA compiles release the GIL (plan() traces one at a time)."""
   with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
     futures = {name: pool.submit(plan_lib.plan, small_config(**mesh), tpu_devices,
                                  topology=TOPOLOGY) for name, mesh in MESHES.items()}
+    futures[DEFAULT_ATTENTION] = pool.submit(plan_lib.plan, _tiny_on_data_and_fsdp(),
+                                             tpu_devices, topology=TOPOLOGY)
   return futures
 
 
@@ -85,15 +97,12 @@ def test_fsdp_shards_the_state_per_device(tpu_plans):
   assert args['fsdp=4'] < 0.5 * args['data=4']
 
 
-def test_default_attention_on_data_and_fsdp_compiles_init_step_and_sampler(tpu_devices):
+def test_default_attention_on_data_and_fsdp_compiles_init_step_and_sampler(tpu_plans):
   """configs/tiny.py as shipped (256 tokens: 'auto' attention is splash on TPU) on
   data=2 x fsdp=2. Init traces a batch of 1 and the sampler draws 3 clips (6 rows with
   guidance), neither divisible by the 4 devices of the batch axes: the splash shard_map
   once refused both; now they run whole over the axes that do not divide them."""
-  config = tiny.get_config()
-  config.mesh.update(data=2, fsdp=2, tensor=1, sequence=1)
-  config.sample.num_samples = 3
-  p = plan_lib.plan(config, tpu_devices, topology=TOPOLOGY)
+  p = tpu_plans[DEFAULT_ATTENTION].result()
   assert p.tokens_per_clip == 256 and p.mesh['data'] * p.mesh['fsdp'] == 4
   assert p.sampler_num_samples == 3 and p.sampler_total_bytes > 0 and p.fits is True
 

@@ -4,6 +4,8 @@ The checks need 8 fake CPU devices, so they run in sharding_multidevice.py in a
 subprocess; each mesh is reported here as its own test.
 """
 
+import concurrent.futures
+
 import pytest
 
 from tests import multidevice
@@ -14,7 +16,12 @@ MESHES = ('data8', 'fsdp8', 'data2_fsdp2_tensor2', 'data2_seq4_all_gather',
 
 @pytest.fixture(scope='module')
 def results():
-  return multidevice.run_checks('sharding_multidevice.py')
+  # Two processes side by side, half the meshes each (compiles are mostly one thread).
+  halves = (MESHES[::2], MESHES[1::2])
+  with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+    futures = [pool.submit(multidevice.run_checks_with_args, 'sharding_multidevice.py', half)
+               for half in halves]
+  return {k: v for f in futures for k, v in f.result().items()}
 
 
 def test_reports_exactly_the_expected_meshes(results):

@@ -30,6 +30,7 @@ import importlib.util
 import json
 import os
 import sys
+import threading
 import time
 from typing import Any, Optional, Sequence
 
@@ -62,6 +63,8 @@ GIB = 1 << 30
 # The plan never builds the data pipeline, so it does not ask the source for its label
 # count: it assumes the synthetic source's (12) unless told (the table is a few rows of D).
 DEFAULT_NUM_CLASSES = synthetic.NUM_CLASSES
+# Held while a plan traces (see plan()).
+_TRACE_LOCK = threading.Lock()
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to a configs/*.py file.',
@@ -241,20 +244,24 @@ def plan(config, devices: Sequence[Any], *, topology: str = 'cpu',
     raise ValueError(f'--num_classes={num_classes} must be >= 0.')
   hosts = len({d.process_index for d in devices})
   hbm, hbm_source = hbm_per_device(devices, hbm_gib)
-  # Validation first (in build), for this device and host count; no pipeline, no checkpointer.
-  s = loop.build(config, None, devices=devices, process_count=hosts, num_classes=num_classes)
-  state, batch, rng = abstract_inputs(s, config)
-
-  # The sampler's condition (labels, or captions and given frames) as shapes: made here on
-  # the host's CPU, since the mesh's devices may be abstract.
-  sample_fn, condition = loop.jit_sampler(s)
-  condition = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), condition)
+  # Tracing reads JAX's and Flax's mesh and rule contexts and shares their caches across
+  # threads: plans made in parallel threads (two topologies at once) race there, so one
+  # thread traces at a time; the compiles, which are most of the time, run in parallel.
   t0 = time.perf_counter()
-  with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
-    # What a run compiles, in its order: the sharded init, the step, the sampler.
-    state_lib.jit_init(s.init_fn, s.state_shardings).lower(rng).compile()
-    compiled = loop.jit_train_step(s).lower(state, batch, rng).compile()
-    sampler = sample_fn.lower(_sample_params(s, state), rng, condition).compile()
+  with _TRACE_LOCK:
+    # Validation first (in build), for this device and host count; no pipeline, no checkpointer.
+    s = loop.build(config, None, devices=devices, process_count=hosts, num_classes=num_classes)
+    state, batch, rng = abstract_inputs(s, config)
+    # The sampler's condition (labels, or captions and given frames) as shapes: made here on
+    # the host's CPU, since the mesh's devices may be abstract.
+    sample_fn, condition = loop.jit_sampler(s)
+    condition = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), condition)
+    with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
+      # What a run compiles, in its order: the sharded init, the step, the sampler.
+      lowered = (state_lib.jit_init(s.init_fn, s.state_shardings).lower(rng),
+                 loop.jit_train_step(s).lower(state, batch, rng),
+                 sample_fn.lower(_sample_params(s, state), rng, condition))
+  _, compiled, sampler = (x.compile() for x in lowered)
   compile_s = time.perf_counter() - t0
 
   mem = compiled.memory_analysis()

@@ -44,13 +44,9 @@ def _mean_scores(clips) -> dict:
 
 def _label_accuracy(videos, labels) -> dict:
   """Share of clips whose detected shape / direction is their class label's."""
-  found = [detect.detect(v, FLAGS.threshold) for v in videos]
-  shape = np.mean([d.shape == synthetic.SHAPES[l // len(synthetic.DIRECTIONS)]
-                   for d, l in zip(found, labels)])
-  direction = np.mean([d.direction == synthetic.DIRECTIONS[l % len(synthetic.DIRECTIONS)]
-                       for d, l in zip(found, labels)])
-  return {'shape_accuracy': round(float(shape), 4),
-          'direction_accuracy': round(float(direction), 4)}
+  shape, direction = detect.label_hits(videos, labels, FLAGS.threshold)
+  return {'shape_accuracy': round(float(shape.mean()), 4),
+          'direction_accuracy': round(float(direction.mean()), 4)}
 
 
 def main(_):

@@ -171,6 +171,17 @@ def detect(frames, threshold: float = 60.0, lead: int = 2, clean: bool = True) -
                    centroids=centroids, found=found)
 
 
+def label_hits(videos, labels, threshold: float = 60.0) -> Tuple[np.ndarray, np.ndarray]:
+  """Per clip, whether the detected shape and direction are its class label's
+  (shape * len(DIRECTIONS) + direction, as the synthetic source labels): two bool [N]."""
+  found = [detect(v, threshold) for v in videos]
+  n = len(synthetic.DIRECTIONS)
+  shape = np.array([d.shape == synthetic.SHAPES[l // n] for d, l in zip(found, labels)], bool)
+  direction = np.array([d.direction == synthetic.DIRECTIONS[l % n]
+                        for d, l in zip(found, labels)], bool)
+  return shape, direction
+
+
 def components(mask) -> np.ndarray:
   """int32 [H, W] labels of the 8-connected components of a bool [H, W] mask: 0 is
   background, the components are 1, 2, ... in raster order of their first pixel."""

@@ -378,8 +378,19 @@ def _restore_latest(s: Setup, workdir: str):
   return _restore(s, latest), latest
 
 
-def _params_to_sample(s: Setup, workdir: str, checkpoint: Optional[str]):
+def _params_to_sample(s: Setup, workdir: str, checkpoint: Optional[str],
+                      step: Optional[int] = None):
   """(params, step, sample file name) from the export `checkpoint`, else see `sample`."""
+  if step is not None:
+    if checkpoint is not None:
+      raise ValueError(f'--checkpoint={checkpoint} is an export and step={step} a train '
+                       'checkpoint: give one of them.')
+    steps = sorted(s.checkpointer.all_steps())
+    if step not in steps:
+      raise FileNotFoundError(f'no checkpoint of step {step} in {s.checkpointer.directory}; '
+                              f'it holds steps {steps}.')
+    state = _restore(s, step)
+    return _sample_params(state, s.config), step, f'sample_step_{step:07d}'
   if checkpoint is None and s.checkpointer.latest_step() is None:
     checkpoint = export_lib.latest(workdir)
     if checkpoint is None:
@@ -397,21 +408,22 @@ def _params_to_sample(s: Setup, workdir: str, checkpoint: Optional[str]):
 
 
 def sample(config, workdir: str, checkpoint: Optional[str] = None,
-           prompt: Optional[str] = None):
+           prompt: Optional[str] = None, step: Optional[int] = None):
   """Writes a sample video to WORKDIR/samples from the params of a checkpoint or export.
 
   `checkpoint` is an export directory (WORKDIR/export/<step>, from `export`); no
-  optimizer state is read then. Without it: the newest train checkpoint in
-  WORKDIR/checkpoints, else the newest export in WORKDIR/export (so a workdir that
-  holds only an export samples too). `prompt` (text models): the caption of every
-  sample ('a; b' cycles through several), instead of sample.prompts.
+  optimizer state is read then. Without it: the train checkpoint of `step` in
+  WORKDIR/checkpoints if given, else the newest one, else the newest export in
+  WORKDIR/export (so a workdir that holds only an export samples too). `prompt` (text
+  models): the caption of every sample ('a; b' cycles through several), instead of
+  sample.prompts.
   """
   generate.check_prompt_flag(config, prompt)
   compile_cache.configure(config.train.get('compilation_cache_dir', ''))
   workdir = paths.normalize(workdir)
   s = build(config, workdir)
   try:
-    params, step, name = _params_to_sample(s, workdir, checkpoint)
+    params, step, name = _params_to_sample(s, workdir, checkpoint, step)
   finally:
     s.checkpointer.close()
   return _sample_and_write(s, params, step, workdir, name=name, prompts=prompt)

@@ -1,0 +1,82 @@
+"""bench/learning_curve.py: a point per kept checkpoint, placed by training FLOPs and wall
+clock, each score a mean with its standard error; and loop.sample(step=...) under it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.train_test import small_config
+from vdit_jax.model import dit
+from vdit_jax.model import flops as flops_lib
+from vdit_jax.train import loop
+from vdit_jax.train import metrics as metrics_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(name='learning_curve')
+def _learning_curve():
+  # Imported here, not at the top: the bench's subprocess loads this file as its config,
+  # and a second import of the script would define its flags twice.
+  from bench import learning_curve  # pylint: disable=g-import-not-at-top
+  return learning_curve
+
+
+def get_config(arg=None):
+  """The run the curve reads: 4 steps, each logged, checkpoints 2 and 4 both kept."""
+  del arg
+  config = small_config(log_every=1)
+  config.checkpoint.keep = 1
+  config.checkpoint.keep_period = 2  # keeps every point whatever keep says
+  config.train.compilation_cache_dir = ''
+  return config
+
+
+def test_mean_and_error(learning_curve):
+  assert learning_curve.mean_and_error([1, 0, 1, 0]) == {'mean': 0.5, 'stderr': 0.2887}
+  assert learning_curve.mean_and_error([float('nan'), 2.0]) == {'mean': 2.0, 'stderr': 0.0}
+  assert learning_curve.mean_and_error([float('nan')]) == {'mean': None, 'stderr': None}
+
+
+def test_point_takes_the_wall_clock_of_its_step_or_the_last_logged_before_it(learning_curve):
+  wall = {1: 1.0, 2: 2.5, 4: 6.0}
+  assert learning_curve.curve_point(2, 10, wall, {})['wall_s'] == 2.5
+  assert learning_curve.curve_point(3, 10, wall, {}) == {'step': 3, 'train_flops': 30,
+                                                         'wall_s': 2.5}
+
+
+def test_curve_of_a_run(tmp_path):
+  config = get_config()
+  workdir = str(tmp_path / 'run')
+  loop.train_and_evaluate(config, workdir)
+  with pytest.raises(FileNotFoundError, match=r'no checkpoint of step 3 .* steps \[2, 4\]'):
+    loop.sample(config, workdir, step=3)
+
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env['PYTHONPATH'] = os.pathsep.join(p for p in (REPO, env.get('PYTHONPATH')) if p)
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'bench', 'learning_curve.py'),
+       f'--config={os.path.abspath(__file__)}', f'--workdir={workdir}', '--num_samples=3'],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  points = result['points']
+  assert [p['step'] for p in points] == [2, 4]
+  d = config.data
+  step_flops = flops_lib.train_step_flops(
+      dit.resolve_spec(config.model), (d.num_frames, d.height, d.width, d.channels),
+      config.train.batch_size).total
+  wall = {r['step']: r['wall_s']
+          for r in metrics_lib.read_metrics(os.path.join(workdir, 'metrics.jsonl'))}
+  for p in points:
+    assert p['train_flops'] == p['step'] * step_flops
+    assert p['wall_s'] == wall[p['step']]
+    for key in ('one_object', 'empty', 'shape_accuracy', 'direction_accuracy'):
+      assert 0 <= p[key]['mean'] <= 1 and p[key]['stderr'] >= 0, (key, p[key])
+  # Each point's clips were written where --mode=sample writes them, named by its step.
+  assert sorted(f for f in os.listdir(os.path.join(workdir, 'samples'))
+                if f.startswith('sample_step_')) == [
+                    'sample_step_0000002.gif', 'sample_step_0000004.gif']

@@ -41,10 +41,16 @@ from vdit_jax.train import metrics as metrics_lib
 from vdit_jax.train import sampling
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'The config the run was trained with.')
-flags.DEFINE_string('workdir', None, 'The run: its checkpoints and metrics.jsonl.')
-flags.DEFINE_integer('num_samples', 24, 'Clips sampled and scored at each checkpoint.')
-flags.DEFINE_float('threshold', 60.0, 'Foreground: distance from the background, 0..255.')
+
+
+def define_flags():
+  """The command line's flags; defined when run as a script only, so that tests can import
+  the functions here beside other modules that define --config."""
+  config_flags.DEFINE_config_file('config', None, 'The config the run was trained with.')
+  flags.DEFINE_string('workdir', None, 'The run: its checkpoints and metrics.jsonl.')
+  flags.DEFINE_integer('num_samples', 24, 'Clips sampled and scored at each checkpoint.')
+  flags.DEFINE_float('threshold', 60.0, 'Foreground: distance from the background, 0..255.')
+  flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def mean_and_error(values) -> dict:
@@ -124,5 +130,5 @@ def main(_):
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config', 'workdir'])
+  define_flags()
   app.run(main)

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from bench import learning_curve
 from tests.train_test import small_config
 from vdit_jax.model import dit
 from vdit_jax.model import flops as flops_lib
@@ -17,12 +18,6 @@ from vdit_jax.train import metrics as metrics_lib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(name='learning_curve')
-def _learning_curve():
-  # Imported here, not at the top: the bench's subprocess loads this file as its config,
-  # and a second import of the script would define its flags twice.
-  from bench import learning_curve  # pylint: disable=g-import-not-at-top
-  return learning_curve
 
 
 def get_config(arg=None):
@@ -35,13 +30,13 @@ def get_config(arg=None):
   return config
 
 
-def test_mean_and_error(learning_curve):
+def test_mean_and_error():
   assert learning_curve.mean_and_error([1, 0, 1, 0]) == {'mean': 0.5, 'stderr': 0.2887}
   assert learning_curve.mean_and_error([float('nan'), 2.0]) == {'mean': 2.0, 'stderr': 0.0}
   assert learning_curve.mean_and_error([float('nan')]) == {'mean': None, 'stderr': None}
 
 
-def test_point_takes_the_wall_clock_of_its_step_or_the_last_logged_before_it(learning_curve):
+def test_point_takes_the_wall_clock_of_its_step_or_the_last_logged_before_it():
   wall = {1: 1.0, 2: 2.5, 4: 6.0}
   assert learning_curve.curve_point(2, 10, wall, {})['wall_s'] == 2.5
   assert learning_curve.curve_point(3, 10, wall, {}) == {'step': 3, 'train_flops': 30,

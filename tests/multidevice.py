@@ -35,8 +35,7 @@ def run_checks_with_args(script: str, args, num_devices: int = 8, timeout: int =
   env['JAX_PLATFORMS'] = 'cpu'
   # What vdit_jax.runtime gives every run with several CPU devices (the scripts here do
   # not go through runtime.setup): XLA:CPU threads enough for waiting collectives.
-  env.setdefault(runtime.ENV_PJRT_NPROC,
-                 str(max(os.cpu_count() or 1, runtime.THREADS_PER_CPU_DEVICE * num_devices)))
+  env.setdefault(runtime.ENV_PJRT_NPROC, str(runtime.cpu_pool_threads(num_devices)))
   env['PYTHONPATH'] = os.pathsep.join(
       p for p in (os.path.dirname(HERE), env.get('PYTHONPATH')) if p)
   proc = subprocess.run([sys.executable, os.path.join(HERE, script), *args], env=env,

@@ -95,6 +95,11 @@ ENV_PJRT_NPROC = 'PJRT_NPROC'
 THREADS_PER_CPU_DEVICE = 2
 
 
+def cpu_pool_threads(num_devices: int) -> int:
+  """XLA:CPU client threads for a process with `num_devices` CPU devices (see above)."""
+  return max(os.cpu_count() or 1, THREADS_PER_CPU_DEVICE * num_devices)
+
+
 def host_device_count(environ: Mapping[str, str]) -> int:
   """The CPU devices a process will have: --xla_force_host_platform_device_count in
   XLA_FLAGS, else JAX_NUM_CPU_DEVICES, else 1."""
@@ -241,7 +246,7 @@ def compose_env(environ: Mapping[str, str], *, platform: str = sys.platform,
     if environ.get(ENV_PJRT_NPROC) or environ.get('NPROC'):
       notes.append(f'{ENV_PJRT_NPROC}/NPROC set by the user: kept')
     else:
-      threads = max(os.cpu_count() or 1, THREADS_PER_CPU_DEVICE * devices)
+      threads = cpu_pool_threads(devices)
       changes[ENV_PJRT_NPROC] = str(threads)
       notes.append(f'{devices} CPU devices: {threads} XLA:CPU threads, so that waiting '
                    'collectives cannot fill the pool')

@@ -50,6 +50,7 @@ def define_flags():
   flags.DEFINE_string('workdir', None, 'The run: its checkpoints and metrics.jsonl.')
   flags.DEFINE_integer('num_samples', 24, 'Clips sampled and scored at each checkpoint.')
   flags.DEFINE_float('threshold', 60.0, 'Foreground: distance from the background, 0..255.')
+  flags.DEFINE_list('steps', [], 'Score only these kept steps (default: all of them).')
   flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -108,6 +109,12 @@ def main(_):
   if not steps:
     raise SystemExit(f'no checkpoint in {workdir}/checkpoints: train first, with '
                      '--config.checkpoint.keep_period set to keep the curve\'s points.')
+  if FLAGS.steps:
+    missing = sorted(set(int(v) for v in FLAGS.steps) - set(steps))
+    if missing:
+      raise SystemExit(f'--steps={",".join(FLAGS.steps)}: {missing} not kept in {workdir}; '
+                       f'kept: {steps}.')
+    steps = sorted(set(int(v) for v in FLAGS.steps))
   d = config.data
   step_flops = flops_lib.train_step_flops(
       dit.resolve_spec(config.model), (d.num_frames, d.height, d.width, d.channels),

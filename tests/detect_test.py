@@ -121,3 +121,33 @@ def test_coherence_tells_one_object_from_fragments():
   assert broken['largest_share'] == 0.25
   blank = detect.coherence(np.zeros((3, 16, 16, 3), np.uint8))
   assert blank['components'] == 0.0 and blank['empty'] == 1.0 and blank['one_object'] == 0.0
+
+
+def test_shape_fit_scores_data_shapes_as_crisp_and_ragged_blobs_as_not():
+  source = synthetic.SyntheticShapes(8, 32, 32, num_examples=24, seed=7,
+                                     shape_size=(0.4, 0.55))  # configs/tiny.py's sizes
+  for i in range(len(source)):
+    c = detect.coherence(source[i]['video'])
+    assert c['crisp'] == 1.0 and c['shape_iou'] >= 0.85, (i, c)
+  small = synthetic.SyntheticShapes(8, 32, 32, num_examples=24, seed=7)  # default sizes
+  assert np.mean([detect.coherence(small[i]['video'])['shape_iou'] for i in range(24)]) > 0.9
+  # The ideal masks themselves: each fits itself exactly, and is its own best fit.
+  box = np.zeros((20, 20), bool)
+  box[4:16, 3:15] = True
+  for name, ideal in detect.ideal_masks(box).items():  # (the apex row of a triangle is
+    fit, iou = detect.shape_fit(ideal)                 # empty: its own box is shorter)
+    assert fit == name and iou >= (0.9 if name == 'triangle' else 1.0), (name, iou)
+  # A square with a bite out of one side and a spur: one object, but not a crisp shape.
+  video = np.full((4, 32, 32, 3), 10, np.uint8)
+  video[:, 8:24, 8:24] = (230, 40, 40)
+  video[:, 12:20, 8:15] = 10
+  video[:, 15:17, 24:30] = (230, 40, 40)
+  ragged = detect.coherence(video)
+  assert ragged['one_object'] == 1.0 and ragged['shape_iou'] < 0.8
+  assert ragged['crisp'] == 0.0
+  # An empty frame counts 0 and makes the clip not crisp.
+  video = np.full((2, 32, 32, 3), 10, np.uint8)
+  video[0, 8:24, 8:24] = (230, 40, 40)
+  half = detect.coherence(video)
+  assert half['shape_iou'] == 0.5 and half['crisp'] == 0.0
+  assert detect.shape_fit(np.zeros((8, 8), bool)) == ('unknown', 0.0)

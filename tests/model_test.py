@@ -278,3 +278,38 @@ def test_scanned_equals_unrolled_with_mlp_conv():
   out_scan = jax.jit(scanned.apply)({'params': params}, video, t, y)
   out_unrolled = jax.jit(unrolled.apply)({'params': _unstack_scanned(params, 3)}, video, t, y)
   np.testing.assert_allclose(out_scan, out_unrolled, rtol=1e-5, atol=1e-5)
+
+
+def test_class_tokens_carry_the_label_through_cross_attention():
+  """model.class_tokens=K: K learned tokens per class (the null label's row included)
+  that each block cross-attends to; with the adaLN label vectors made equal, the label
+  still changes the output, through the tokens alone."""
+  model = dit.build_model(model_cfg(class_tokens=2), 3, 10)
+  video, t, _ = inputs()
+  params = randomise(nn.unbox(jax.jit(model.init)(jax.random.key(0), video, t, None)['params']))
+  assert params['y_tokens']['table'].shape == (11, 2, 48)
+  assert 'cross_attn' in params['blocks']
+  table = params['y_embed']['table']['embedding']
+  params['y_embed']['table']['embedding'] = jnp.broadcast_to(table[:1], table.shape)
+  apply = jax.jit(model.apply)
+  a = apply({'params': params}, video, t, jnp.array([0, 0]))
+  b = apply({'params': params}, video, t, jnp.array([3, 3]))
+  assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-4
+  # Without tokens the same equal adaLN vectors leave no trace of the label.
+  plain = dit.build_model(model_cfg(), 3, 10)
+  p = randomise(nn.unbox(jax.jit(plain.init)(jax.random.key(0), video, t, None)['params']))
+  p['y_embed']['table']['embedding'] = jnp.broadcast_to(
+      p['y_embed']['table']['embedding'][:1], (11, 48))
+  a, b = (jax.jit(plain.apply)({'params': p}, video, t, jnp.array([y, y])) for y in (0, 3))
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(class_tokens=-1), r'model.class_tokens=-1 must be an integer >= 0'),
+    (dict(class_tokens=True), r'model.class_tokens=True must be an integer >= 0'),
+    (dict(class_tokens=2, conditioning='text'), r"model.class_tokens=2 is read only with "
+                                                r"model.conditioning='class'"),
+])
+def test_class_tokens_rejects_bad_values(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    dit.check_spec(dit.resolve_spec(model_cfg(**overrides)))

@@ -191,6 +191,29 @@ def test_flops_count_text_and_given_frame_weights(encoder, pooled):
   assert f.attention - base.attention == extra
 
 
+def test_flops_count_class_token_weights():
+  """Oracle, model.class_tokens: token + clip + label-token matmul params are exactly the
+  model's kernels, and the K label tokens add 12 K D score FLOPs per token per block."""
+  config = tiny.get_config()
+  config.model.class_tokens = 3
+  model = dit.build_model(config.model, config.data.channels, num_classes=12)
+  d = config.data
+  shape = (d.num_frames, d.height, d.width, d.channels)
+  params = jax.eval_shape(model.init, jax.random.key(0),
+                          jax.ShapeDtypeStruct((1,) + shape, np.float32),
+                          jax.ShapeDtypeStruct((1,), np.float32),
+                          jax.ShapeDtypeStruct((1,), np.int32))['params']
+  kernels = sum(math.prod(leaf.shape) for path, leaf in
+                jax.tree_util.tree_leaves_with_path(params)
+                if 'kernel' in jax.tree_util.keystr(path))
+  f = flops_lib.train_step_flops(model.spec, shape, 1)
+  assert f.token_matmul_params + f.clip_matmul_params + f.context_matmul_params == kernels
+  base = flops_lib.train_step_flops(dataclasses.replace(model.spec, class_tokens=0), shape, 1)
+  assert f.caption_tokens == 3 and base.caption_tokens == 0
+  assert f.attention - base.attention == (12 * model.spec.depth * 3 * model.spec.width
+                                          * f.tokens_per_clip)
+
+
 @pytest.mark.parametrize('shape, batch, message', [
     ((16, 32, 32), 1, r'data_shape=\(16, 32, 32\) must be 4 positive ints'),
     ((16, 32, 32, 3), 0, 'batch_size=0 must be positive'),

@@ -48,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.label_dropout = 0.1             # p(label -> null) in training, for CFG
   # Text conditioning (model/text.py): cross-attention to caption tokens in every block.
   m.conditioning = 'class'          # class | text
+  m.class_tokens = 0                # class: also K label tokens read by cross-attention
   m.caption_dropout = 0.1           # text: p(caption -> learned null caption), for CFG
   m.text = tx = ml_collections.ConfigDict()
   tx.encoder = 'builtin'            # builtin (word tokens + small transformer, trained with the

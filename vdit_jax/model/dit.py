@@ -86,6 +86,7 @@ class ModelSpec:
   attention_block_q: Optional[int] = None   # blockwise / splash tiles; None: kernel default
   attention_block_kv: Optional[int] = None
   mlp_conv: Tuple[int, ...] = ()  # depthwise conv kernel (kt, kh, kw) at each MLP input
+  class_tokens: int = 0         # conditioning='class': K label tokens read by cross-attention
 
 
 def parse_remat_names(names) -> Tuple[str, ...]:
@@ -144,7 +145,8 @@ def resolve_spec(model_cfg) -> ModelSpec:
       text=(text_lib.resolve_spec(model_cfg.get('text') or {})
             if model_cfg.get('conditioning', 'class') == 'text' else None),
       context_frames=model_cfg.get('context_frames_max', 0),
-      mlp_conv=_as_tuple(model_cfg.get('mlp_conv') or ()))
+      mlp_conv=_as_tuple(model_cfg.get('mlp_conv') or ()),
+      class_tokens=model_cfg.get('class_tokens', 0))
 
 
 def spec_differences(saved_model_cfg, model_cfg, *, label: str = 'saved',
@@ -214,6 +216,13 @@ def check_spec(spec: ModelSpec) -> None:
       or spec.context_frames < 0):
     raise ValueError(f'model.context_frames_max={spec.context_frames!r} must be an integer '
                      '>= 0 (0: no given frames).')
+  if (isinstance(spec.class_tokens, bool) or not isinstance(spec.class_tokens, int)
+      or spec.class_tokens < 0):
+    raise ValueError(f'model.class_tokens={spec.class_tokens!r} must be an integer >= 0 '
+                     '(0: the class only in adaLN).')
+  if spec.class_tokens and spec.conditioning != 'class':
+    raise ValueError(f'model.class_tokens={spec.class_tokens} is read only with '
+                     f"model.conditioning='class', not {spec.conditioning!r}: set it to 0.")
 
 
 class VideoDiT(nn.Module):
@@ -274,6 +283,9 @@ class VideoDiT(nn.Module):
         labels = jnp.full((video.shape[0],), self.num_classes, jnp.int32)
       c = c + embeddings.LabelEmbedder(self.num_classes, spec.width, dtype, param_dtype,
                                        name='y_embed')(labels)  # [B, D]
+      if spec.class_tokens:  # the class also as tokens that every block cross-attends to
+        context = embeddings.LabelTokens(self.num_classes, spec.class_tokens, spec.width,
+                                         dtype, param_dtype, name='y_tokens')(labels)
 
     block = DiTBlock
     if spec.remat_policy != 'none':

@@ -114,3 +114,25 @@ class LabelEmbedder(nn.Module):
             nn.initializers.normal(0.02), (axes.CLASSES, axes.EMBED)),
         name='table')
     return table(labels)  # [B, D]
+
+
+class LabelTokens(nn.Module):
+  """Class labels -> (context [B, K, D], mask bool [B, K]): K learned tokens per class
+  (row `num_classes` the null label's), which each block's cross-attention sub-layer
+  reads (model.class_tokens; the text path's sub-layer, model/text.py). Beside the
+  label's adaLN vector, which scales and shifts every token alike, the tokens give each
+  video token its own read of the class through its query (the class 'beside
+  cross-attention' of PixArt-style conditioning)."""
+  num_classes: int
+  num_tokens: int
+  width: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, labels):  # [B] int, in [0, num_classes]
+    table = self.param('table', nn.with_logical_partitioning(
+        nn.initializers.normal(0.02), (axes.CLASSES, None, axes.EMBED)),
+        (self.num_classes + 1, self.num_tokens, self.width), self.param_dtype)
+    context = jnp.take(table, labels, axis=0).astype(self.dtype)  # [B, K, D]
+    return context, jnp.ones(context.shape[:2], bool)

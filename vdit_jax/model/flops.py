@@ -19,6 +19,7 @@ Counted the way MFU is usually counted (PaLM appendix B; MaxText's
     token per layer over the L caption slots (padding included: it is computed), the
     encoder's self-attention 12 x L x Dt per caption token per layer; with
     model.text.pooled, the pooled caption's two-layer MLP once per clip;
+  * class tokens (model.class_tokens = K): the same cross-attention over K label tokens;
   * given frames (model.context_frames_max > 0) add the mask channel to the patch embedding;
   * the depthwise token convolution (model.mlp_conv) uses each of its kt kh kw D taps once
     per token, like a token-wise weight;
@@ -100,6 +101,12 @@ def train_step_flops(spec, data_shape: Sequence[int], batch_size: int) -> FlopCo
     text_attention += 12 * depth * caption_len * d * tokens  # cross-attention, per clip
     if text.pooled:
       clip_params += 2 * d * d  # the pooled caption's MLP (model.text.pooled), once per clip
+
+  if spec.conditioning == 'class' and getattr(spec, 'class_tokens', 0):
+    caption_len = int(spec.class_tokens)     # the label tokens, read like caption tokens
+    token_params += depth * 2 * d * d        # cross-attention query and output projections
+    context_params = depth * 2 * d * d       # cross-attention key and value projections
+    text_attention = 12 * depth * caption_len * d * tokens  # cross-attention, per clip
 
   matmul = TRAIN_FLOPS_PER_MAC * (token_params * tokens * clips + clip_params * clips
                                   + context_params * caption_len * clips)

@@ -115,7 +115,7 @@ def main(_):
     pred = apply(params, d.model_input(z, t), d.model_t(t), labels)
     x0_hat, _ = d.pred_to_x0_eps(z, pred, t)
     row = {'t': t_value,
-           'pred_mse': float(jnp.mean((pred - d.target(x0, noise, t)) ** 2)),
+           'pred_mse': float(jnp.mean((pred - d.output_target(x0, noise, t)) ** 2)),
            'x0_mse': float(jnp.mean((jnp.clip(x0_hat, -1, 1) - x0) ** 2))}
     rows.append((z, x0_hat))
     print(json.dumps(row))

@@ -147,7 +147,7 @@ def caption_losses(s, params, tok, given=0):
       z = cond_lib.impose(z, video, given_mask)
     pred = s.model.apply({'params': params}, z, s.diffusion.model_t(t), None, text=text,
                          frame_mask=given_mask)
-    err = jnp.mean(jnp.square(pred - s.diffusion.target(video, noise, t)), axis=(2, 3, 4))
+    err = jnp.mean(jnp.square(pred - s.diffusion.output_target(video, noise, t)), axis=(2, 3, 4))
     return jnp.mean(err[:, given:], axis=1)  # [B]: the frames after the given ones
 
   out = {}
@@ -498,7 +498,7 @@ def given_frame_losses(s, params, clips, k):
     z = cond_lib.impose(s.diffusion.model_input(s.diffusion.corrupt(video, noise, t), t),
                         video, mask)
     pred = apply_fn(z, s.diffusion.model_t(t), frame_mask=mask)
-    return cond_lib.masked_mse(s.diffusion.target(video, noise, t), pred, free)
+    return cond_lib.masked_mse(s.diffusion.output_target(video, noise, t), pred, free)
 
   out = {}
   for name, mask in (('given', free), ('none_given', jnp.zeros_like(free))):

@@ -192,6 +192,53 @@ def test_x0_loss_weighting_is_the_x0_estimate_error(objective):
   np.testing.assert_allclose(float(loss), float(jnp.mean((x0_zero - x0) ** 2)), rtol=1e-5)
 
 
+@pytest.mark.parametrize('objective', ['v', 'flow'])
+def test_x0_prediction_has_the_objectives_loss_and_samples_its_x0(objective):
+  """prediction='x0': the network outputs x0; its loss is the objective's loss of the target
+  that x0 implies at z_t (1 / sigma capped at 1 / X0_MIN_SIGMA), x0 weighting gives the plain
+  x0 MSE, and a network that always outputs one clean clip samples exactly that clip."""
+  x0 = _clip_x0()
+  noise = jax.random.normal(jax.random.PRNGKey(1), SHAPE)
+  x0_hat = _clip_x0(seed=5)
+  t = jnp.array([300, 990]) if objective == 'v' else jnp.array([0.3, 0.95], jnp.float32)
+  d = _make(objective=objective, schedule='cosine', prediction='x0')
+  plain = _make(objective=objective, schedule='cosine')
+  z = d.corrupt(x0, noise, t)
+  a, b = (np.asarray(c) for c in d._coefs(t))  # pylint: disable=protected-access
+  assert b.min() > vd.objectives.X0_MIN_SIGMA
+  if objective == 'v':  # the v that x0_hat implies at z: eps_hat = (z - a x0_hat) / b
+    implied = a[:, None, None, None, None] * (z - a[:, None, None, None, None] * x0_hat) / b[
+        :, None, None, None, None] - b[:, None, None, None, None] * x0_hat
+  else:  # velocity eps_hat - x0_hat = (z - x0_hat) / t
+    implied = (z - x0_hat) / t[:, None, None, None, None]
+  want = plain.loss_at(lambda z_, t_: implied, x0, t, noise)
+  got = d.loss_at(lambda z_, t_: x0_hat, x0, t, noise)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-4)
+  x0_weighted = _make(objective=objective, schedule='cosine', prediction='x0',
+                      loss_weighting='x0')
+  np.testing.assert_allclose(float(x0_weighted.loss_at(lambda z_, t_: x0_hat, x0, t, noise)),
+                             float(jnp.mean((x0_hat - x0) ** 2)), rtol=1e-5)
+  # Near the clean end the weight stops at 1 / X0_MIN_SIGMA^2.
+  t0 = jnp.array([0, 1]) if objective == 'v' else jnp.array([0.0, 0.001], jnp.float32)
+  near = d.loss_at(lambda z_, t_: x0_hat, x0, t0, noise)
+  np.testing.assert_allclose(float(near), float(jnp.mean((x0_hat - x0) ** 2))
+                             / vd.objectives.X0_MIN_SIGMA ** 2, rtol=1e-5)
+  # (x0, eps) from the prediction: x0 as given, eps consistent with z.
+  x0_back, eps_back = d.pred_to_x0_eps(z, x0_hat, t)
+  np.testing.assert_array_equal(np.asarray(x0_back), np.asarray(x0_hat))
+  np.testing.assert_allclose(np.asarray(a[:, None, None, None, None] * x0_back
+                                        + b[:, None, None, None, None] * eps_back),
+                             np.asarray(z), atol=1e-5)
+  sampler = 'ddim' if objective == 'v' else 'euler'
+  out = vd.samplers.sample(d, lambda z_, t_, y_: jnp.broadcast_to(x0, z_.shape), _key(4),
+                           SHAPE, None, sampler=sampler, num_steps=8)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(x0), atol=1e-4)
+  with pytest.raises(ValueError, match=r"prediction='x0' needs objective 'v' or 'flow'"):
+    _make(objective='eps', prediction='x0')
+  with pytest.raises(ValueError, match=r"prediction='x' is not known"):
+    _make(objective='v', prediction='x')
+
+
 # ------------------------------------------------------------------------------ objectives
 
 

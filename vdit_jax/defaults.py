@@ -79,6 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.shift = 1.0                     # SNR / shift^2: flow time shift; eps, v: shifted schedule
   d.loss_weighting = 'none'         # none | x0 (v, flow): see diffusion/objectives.py
   d.input_scale = 'none'            # none | signal: z_t * sqrt(abar_t) in (objectives.py)
+  d.prediction = 'target'           # target | x0 (v, flow): what the network outputs
 
   c.data = dd = ml_collections.ConfigDict()
   dd.source = 'synthetic'           # synthetic | files | shards (see data/pipeline.py)

@@ -32,6 +32,14 @@ LOSS_WEIGHTINGS = ('none', 'x0')
 # than noise of unit size that carries almost nothing about x0. The targets, the samplers'
 # updates and the given frames (imposed clean after the scaling) are unchanged.
 INPUT_SCALES = ('none', 'signal')
+# What the network outputs. target: the objective's own regression target (eps, v, or the
+# flow velocity). x0: the clean clip itself, turned into the objective's target for the loss
+# (so the loss is the objective's, with 1 / sigma capped at 1 / X0_MIN_SIGMA) and into (x0,
+# eps) for the samplers, as JiT ("Back to Basics: Let Denoising Generative Models Denoise",
+# Li & He 2025) does: clean clips lie near a low-dimensional set, noise fills every
+# dimension, so a small network that outputs x0 needs no capacity to carry the noise through.
+PREDICTIONS = ('target', 'x0')
+X0_MIN_SIGMA = 0.05  # x0 prediction: the loss divides x0 errors by max(sigma, this)
 # Flow times in [0, 1] are fed to the network multiplied by this, matching discrete t in [0, 1000).
 FLOW_T_SCALE = 1000.0
 
@@ -79,13 +87,14 @@ class Diffusion(flax.struct.PyTreeNode):
   shift: float = flax.struct.field(pytree_node=False, default=1.0)
   loss_weighting: str = flax.struct.field(pytree_node=False, default='none')
   input_scale: str = flax.struct.field(pytree_node=False, default='none')
+  prediction: str = flax.struct.field(pytree_node=False, default='target')
 
   # ---------------------------------------------------------------- construction
 
   @classmethod
   def create(cls, objective, *, schedule='linear', num_timesteps=1000, t_sampling='uniform',
              logit_mean=0.0, logit_std=1.0, shift=1.0, loss_weighting='none',
-             input_scale='none'):
+             input_scale='none', prediction='target'):
     """Validated constructor. Flow ignores `schedule` (stored as None)."""
     if objective not in OBJECTIVES:
       raise ValueError(f'objective={objective!r} is not known; expected one of {OBJECTIVES}.')
@@ -95,6 +104,12 @@ class Diffusion(flax.struct.PyTreeNode):
     if input_scale not in INPUT_SCALES:
       raise ValueError(f'input_scale={input_scale!r} is not known; expected one of '
                        f'{INPUT_SCALES}.')
+    if prediction not in PREDICTIONS:
+      raise ValueError(f'prediction={prediction!r} is not known; expected one of '
+                       f'{PREDICTIONS}.')
+    if prediction == 'x0' and objective == 'eps':
+      raise ValueError("prediction='x0' needs objective 'v' or 'flow': the eps loss weighs an "
+                       'x0 error by SNR, unbounded at the clean end.')
     if loss_weighting == 'x0' and objective == 'eps':
       raise ValueError("loss_weighting='x0' needs objective 'v' or 'flow': for eps the x0 "
                        'weight 1/SNR is unbounded at the noisy end.')
@@ -121,13 +136,13 @@ class Diffusion(flax.struct.PyTreeNode):
                sqrt_one_minus_alphas_cumprod=sqrt_1m_abar, objective=objective, schedule=schedule,
                num_timesteps=num_timesteps, t_sampling=t_sampling,
                logit_mean=float(logit_mean), logit_std=float(logit_std), shift=float(shift),
-               loss_weighting=loss_weighting, input_scale=input_scale)
+               loss_weighting=loss_weighting, input_scale=input_scale, prediction=prediction)
 
   @classmethod
   def from_config(cls, dcfg):
     """Build from a ConfigDict with `objective` and optional schedule/num_timesteps/
-    t_sampling/logit_mean/logit_std/shift/loss_weighting/input_scale (defaults: linear, 1000,
-    uniform, 0, 1, 1, none, none)."""
+    t_sampling/logit_mean/logit_std/shift/loss_weighting/input_scale/prediction (defaults:
+    linear, 1000, uniform, 0, 1, 1, none, none, target)."""
     if 'objective' not in dcfg:
       raise ValueError(f"diffusion config must set 'objective' (one of {OBJECTIVES}).")
     return cls.create(
@@ -139,7 +154,8 @@ class Diffusion(flax.struct.PyTreeNode):
         logit_std=dcfg.get('logit_std', 1.0),
         shift=dcfg.get('shift', 1.0),
         loss_weighting=dcfg.get('loss_weighting', 'none'),
-        input_scale=dcfg.get('input_scale', 'none'))
+        input_scale=dcfg.get('input_scale', 'none'),
+        prediction=dcfg.get('prediction', 'target'))
 
   def alphas_cumprod_f64(self):
     """abar as float64 numpy, rebuilt from the static fields (concrete even under jit)."""
@@ -189,13 +205,23 @@ class Diffusion(flax.struct.PyTreeNode):
     a, b = self._coefs(t)
     return (_bcast(a, x0) * noise - _bcast(b, x0) * x0).astype(x0.dtype)
 
+  def output_target(self, x0, noise, t):
+    """What the network's output is compared with: `target` (prediction='target') or x0."""
+    return x0 if self.prediction == 'x0' else self.target(x0, noise, t)
+
   def weigh(self, target, pred, t):
     """(target, pred) scaled per clip by sqrt(loss weight at t), so that any (masked) MSE of
     the pair is the weighted loss; unchanged for loss_weighting='none'."""
-    if self.loss_weighting == 'none':
-      return target, pred
     _, b = self._coefs(t)  # [B]: sqrt(1 - abar) (v) or t (flow), the x0 error per target error
-    scale = _bcast(b.astype(jnp.float32), target)
+    if self.prediction == 'x0':  # (x0, x0_hat): the objective's error is the x0 error / b
+      if self.loss_weighting == 'x0':
+        return target, pred
+      scale = 1.0 / jnp.maximum(b.astype(jnp.float32), X0_MIN_SIGMA)
+    elif self.loss_weighting == 'none':
+      return target, pred
+    else:
+      scale = b.astype(jnp.float32)
+    scale = _bcast(scale, target)
     return target.astype(jnp.float32) * scale, pred.astype(jnp.float32) * scale
 
   def model_input(self, z_t, t):
@@ -226,7 +252,7 @@ class Diffusion(flax.struct.PyTreeNode):
     count (diffusion/conditioning.py).
     """
     pred = pred_fn(self.model_input(self.corrupt(x0, noise, t), t), self.model_t(t))  # [B, ...]
-    return reduce(*self.weigh(self.target(x0, noise, t), pred, t))
+    return reduce(*self.weigh(self.output_target(x0, noise, t), pred, t))
 
   def loss(self, pred_fn, x0, rng):
     """`loss_at` for the draws `draw(rng, x0)`.
@@ -250,11 +276,21 @@ class Diffusion(flax.struct.PyTreeNode):
     a, b = _bcast(a, z_t), _bcast(b, z_t)
     z_t = z_t.astype(jnp.float32)
     pred = pred.astype(jnp.float32)
+    if self.prediction == 'x0':  # z = a x0 + b eps; b > 0 at every step a sampler takes
+      return pred, (z_t - a * pred) / jnp.maximum(b, 1e-6)
     if self.objective == 'eps':
       return (z_t - b * pred) / a, pred
     if self.objective == 'v':
       return a * z_t - b * pred, b * z_t + a * pred
     return z_t - b * pred, z_t + a * pred
+
+  def velocity(self, z_t, pred, t):
+    """Flow: the velocity eps - x0 of a prediction at z_t (the prediction itself, or for
+    prediction='x0' (z_t - x0) / t, t floored at 1e-6); what the Euler sampler steps by."""
+    if self.prediction != 'x0':
+      return pred.astype(jnp.float32)
+    t = _bcast(jnp.asarray(t, jnp.float32), z_t)
+    return (z_t.astype(jnp.float32) - pred.astype(jnp.float32)) / jnp.maximum(t, 1e-6)
 
   def eps_from_x0(self, z_t, x0, t):
     """eps implied by z_t and an x0 estimate (used after clipping x0)."""

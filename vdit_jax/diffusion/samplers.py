@@ -158,8 +158,8 @@ def sample(diffusion, model_fn, rng, shape, labels, *, sampler, num_steps, eta=0
     def euler_step(i, z):
       t, t_next = grid[i], grid[i + 1]
       t_vec = jnp.full((batch,), t, jnp.float32)  # [B]
-      v = predict(diffusion.model_input(z, t_vec), diffusion.model_t(t_vec))  # [B, ...]
-      return z + (t_next - t) * v.astype(jnp.float32)
+      pred = predict(diffusion.model_input(z, t_vec), diffusion.model_t(t_vec))  # [B, ...]
+      return z + (t_next - t) * diffusion.velocity(z, pred, t_vec)
 
     z = jax.lax.fori_loop(0, num_steps, euler_step, z)
     return maybe_clip(z)

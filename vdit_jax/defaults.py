@@ -77,7 +77,8 @@ def base_config() -> ml_collections.ConfigDict:
   d.logit_mean = 0.0
   d.logit_std = 1.0
   d.shift = 1.0                     # SNR / shift^2: flow time shift; eps, v: shifted schedule
-  d.loss_weighting = 'none'         # none | x0 (v, flow): see diffusion/objectives.py
+  d.loss_weighting = 'none'         # none | x0 (v, flow) | min_snr: see diffusion/objectives.py
+  d.min_snr_gamma = 5.0             # min_snr: the cap on the x0 error's weight SNR(t)
   d.input_scale = 'none'            # none | signal: z_t * sqrt(abar_t) in (objectives.py)
   d.prediction = 'target'           # target | x0 (v, flow): what the network outputs
 

@@ -25,7 +25,11 @@ T_SAMPLINGS = ('uniform', 'logit_normal')
 # the x0 estimate it implies (v: weight 1 - abar; flow: weight t^2), which moves the gradient
 # from the nearly clean end toward the noisy end, where a sample's layout is decided. eps has
 # no bounded x0 weight (1 / SNR grows without limit as t -> T), so it accepts only none.
-LOSS_WEIGHTINGS = ('none', 'x0')
+# min_snr: the x0 error weighted by min(SNR(t), gamma) (Hang et al. 2023, "Efficient Diffusion
+# Training via Min-SNR Weighting Strategy"): the plain v loss weighs it by 1 + SNR, so the
+# nearly clean steps, where the model only has to hand back its input, carry hundreds of times
+# the weight of the steps that decide a clip's outline; min-SNR caps that at gamma.
+LOSS_WEIGHTINGS = ('none', 'x0', 'min_snr')
 # What the network is given for z_t. none: z_t. signal: z_t times its signal coefficient
 # (sqrt(abar_t); flow: 1 - t), so the input fades to zero as t -> T: at the noisy end the
 # network sees its position, time and condition features (and any clean given frames) rather
@@ -88,13 +92,14 @@ class Diffusion(flax.struct.PyTreeNode):
   loss_weighting: str = flax.struct.field(pytree_node=False, default='none')
   input_scale: str = flax.struct.field(pytree_node=False, default='none')
   prediction: str = flax.struct.field(pytree_node=False, default='target')
+  min_snr_gamma: float = flax.struct.field(pytree_node=False, default=5.0)
 
   # ---------------------------------------------------------------- construction
 
   @classmethod
   def create(cls, objective, *, schedule='linear', num_timesteps=1000, t_sampling='uniform',
              logit_mean=0.0, logit_std=1.0, shift=1.0, loss_weighting='none',
-             input_scale='none', prediction='target'):
+             input_scale='none', prediction='target', min_snr_gamma=5.0):
     """Validated constructor. Flow ignores `schedule` (stored as None)."""
     if objective not in OBJECTIVES:
       raise ValueError(f'objective={objective!r} is not known; expected one of {OBJECTIVES}.')
@@ -110,6 +115,9 @@ class Diffusion(flax.struct.PyTreeNode):
     if prediction == 'x0' and objective == 'eps':
       raise ValueError("prediction='x0' needs objective 'v' or 'flow': the eps loss weighs an "
                        'x0 error by SNR, unbounded at the clean end.')
+    if (isinstance(min_snr_gamma, bool) or not isinstance(min_snr_gamma, (int, float))
+        or not (np.isfinite(min_snr_gamma) and min_snr_gamma > 0)):
+      raise ValueError(f'min_snr_gamma={min_snr_gamma!r} must be a finite number > 0.')
     if loss_weighting == 'x0' and objective == 'eps':
       raise ValueError("loss_weighting='x0' needs objective 'v' or 'flow': for eps the x0 "
                        'weight 1/SNR is unbounded at the noisy end.')
@@ -136,7 +144,8 @@ class Diffusion(flax.struct.PyTreeNode):
                sqrt_one_minus_alphas_cumprod=sqrt_1m_abar, objective=objective, schedule=schedule,
                num_timesteps=num_timesteps, t_sampling=t_sampling,
                logit_mean=float(logit_mean), logit_std=float(logit_std), shift=float(shift),
-               loss_weighting=loss_weighting, input_scale=input_scale, prediction=prediction)
+               loss_weighting=loss_weighting, input_scale=input_scale, prediction=prediction,
+               min_snr_gamma=float(min_snr_gamma))
 
   @classmethod
   def from_config(cls, dcfg):
@@ -155,7 +164,8 @@ class Diffusion(flax.struct.PyTreeNode):
         shift=dcfg.get('shift', 1.0),
         loss_weighting=dcfg.get('loss_weighting', 'none'),
         input_scale=dcfg.get('input_scale', 'none'),
-        prediction=dcfg.get('prediction', 'target'))
+        prediction=dcfg.get('prediction', 'target'),
+        min_snr_gamma=dcfg.get('min_snr_gamma', 5.0))
 
   def alphas_cumprod_f64(self):
     """abar as float64 numpy, rebuilt from the static fields (concrete even under jit)."""
@@ -212,17 +222,33 @@ class Diffusion(flax.struct.PyTreeNode):
   def weigh(self, target, pred, t):
     """(target, pred) scaled per clip by sqrt(loss weight at t), so that any (masked) MSE of
     the pair is the weighted loss; unchanged for loss_weighting='none'."""
-    _, b = self._coefs(t)  # [B]: sqrt(1 - abar) (v) or t (flow), the x0 error per target error
-    if self.prediction == 'x0':  # (x0, x0_hat): the objective's error is the x0 error / b
+    a, b = (c.astype(jnp.float32) for c in self._coefs(t))  # [B] each: z = a x0 + b eps
+    # b is the x0 error per target error for v and flow (b / a for eps).
+    if self.loss_weighting == 'min_snr':
+      capped = jnp.minimum(self.snr(t), self.min_snr_gamma)  # [B]: the x0 error's weight
+      if self.prediction == 'x0':
+        scale = jnp.sqrt(capped)
+      elif self.objective == 'eps':  # min(SNR, gamma) (b / a)^2 = min(SNR, gamma) / SNR
+        scale = jnp.sqrt(jnp.minimum(1.0, self.min_snr_gamma / jnp.maximum(self.snr(t),
+                                                                            1e-20)))
+      else:
+        scale = jnp.sqrt(capped) * b
+    elif self.prediction == 'x0':  # (x0, x0_hat): the objective's error is the x0 error / b
       if self.loss_weighting == 'x0':
         return target, pred
-      scale = 1.0 / jnp.maximum(b.astype(jnp.float32), X0_MIN_SIGMA)
+      scale = 1.0 / jnp.maximum(b, X0_MIN_SIGMA)
     elif self.loss_weighting == 'none':
       return target, pred
     else:
-      scale = b.astype(jnp.float32)
+      scale = b
     scale = _bcast(scale, target)
     return target.astype(jnp.float32) * scale, pred.astype(jnp.float32) * scale
+
+  def snr(self, t):
+    """Signal-to-noise ratio a^2 / b^2 of z_t = a x0 + b eps at t [B] (float32; inf at flow
+    t = 0)."""
+    a, b = (c.astype(jnp.float32) for c in self._coefs(t))
+    return jnp.square(a) / jnp.square(b)
 
   def model_input(self, z_t, t):
     """What the network is given for z_t [B, ...] at t [B]: z_t itself, or (input_scale=

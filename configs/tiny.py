@@ -58,4 +58,7 @@ def previous_recipe(config):
   config.train.num_steps = 600
   config.checkpoint.every_steps = 200
   config.diffusion.input_scale = 'none'
+  config.diffusion.prediction = 'target'
+  config.diffusion.loss_weighting = 'none'
+  config.model.class_tokens = 0
   return config

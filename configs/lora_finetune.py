@@ -6,8 +6,9 @@ python -m vdit_jax.main --config=configs/lora_finetune.py --workdir=runs/tiny_re
 
 The model is configs/tiny.py's, frozen at the EMA params of the base run's newest
 checkpoint (or the params of an export directory, WORKDIR/export/<step>). Only rank-8
-adapters (alpha 8, so W + A @ B) on the attention (q, k, v, out) and MLP (fc1, fc2)
-kernels train: 73,728 params, 4.7% of the tiny model's 1.58 M (the share shrinks with
+adapters (alpha 8, so W + A @ B) on the attention (q, k, v, out; the self-attention and the
+cross-attention that reads the class tokens) and MLP (fc1, fc2) kernels train: 106,496
+params, 6.7% of the tiny model's 1.58 M (the share shrinks with
 width: 2.0% for DiT-S (configs/small.py), 0.9% with the default targets='attn'). The data are the synthetic clips of
 every shape and direction drawn in red only (data.colours), a colour the base saw in
 one clip of seven. WORKDIR/checkpoints holds the adapters, their optimizer state and

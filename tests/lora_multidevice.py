@@ -39,6 +39,13 @@ EXPECTED_ADAPTER_SPECS = {
     'blocks/mlp/fc1/kernel/b': P(None, None, MLP),
     'blocks/mlp/fc2/kernel/a': P(None, MLP, None),
     'blocks/mlp/fc2/kernel/b': P(None, None, EMBED),
+    # configs/tiny.py's class tokens: 'attn' adapts the cross-attention too (model/lora.py).
+    **{f'blocks/cross_attn/attn/{k}_kernel/a': P(None, EMBED, None)
+       for k in ('query', 'key', 'value')},
+    **{f'blocks/cross_attn/attn/{k}_kernel/b': P(None, None, HEADS, None)
+       for k in ('query', 'key', 'value')},
+    'blocks/cross_attn/attn/out_kernel/a': P(None, HEADS, None, None),
+    'blocks/cross_attn/attn/out_kernel/b': P(None, None, EMBED),
 }
 
 

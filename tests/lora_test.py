@@ -167,6 +167,7 @@ def test_targets_cover_every_attention_of_a_block():
   config.model.attention_pattern = 'factorised'
   config.model.factorised_mode = 'within_block'
   config.model.conditioning = 'text'
+  config.model.class_tokens = 0  # configs/tiny.py's class tokens are for class labels
   config.model.text.update(width=32, num_heads=2, depth=1)
   model = dit.build_model(config.model, 3, synthetic.NUM_CLASSES)
   boxed = jax.eval_shape(state_lib.make_init_fn(model, state_lib.make_optimizer(config.train),

@@ -223,7 +223,8 @@ def test_merged_equals_unmerged_per_kernel():
     return result
 
   result = outputs(params, adapters, xs)
-  assert len(result) == len(lora.TARGETS) and all(s.num_lead == 1 for s in specs.values())
+  # Each target once, and q, k, v, out again in the class tokens' cross-attention.
+  assert len(result) == len(lora.TARGETS) + 4 and all(s.num_lead == 1 for s in specs.values())
   for name, (merged, unmerged, base) in result.items():
     assert merged.shape[:2] == (depth, 3), name
     np.testing.assert_allclose(merged, unmerged, rtol=1e-5, atol=1e-5, err_msg=name)

@@ -272,8 +272,9 @@ def test_k_micro_batches_equal_one_big_batch_and_the_state_is_donated(tmp_path):
       a, b, rtol=1e-5, atol=1e-5 * np.abs(np.asarray(b)).max()), new2.opt_state, new1.opt_state)
   # The first Adam update is lr * g / (|g| + 1e-8) ~ lr * sign(g): for the few |g| near
   # 1e-8 the rounding above moves it by a visible fraction of lr = 1e-3 (measured: 1.6e-6
-  # at 1 of 8192 elements), so the params agree to 1% of one step.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+  # at 1 of 8192 elements with v output; 1.24e-5 at 1 of 49152 with configs/tiny.py's x0
+  # output and class tokens), so the params agree to 2% of one step.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5),
                new2.params, new1.params)
 
   # k=1 is `Diffusion.loss` with the step's key: the two cannot drift apart.

@@ -153,7 +153,8 @@ def test_flops_count_every_matmul_weight_of_the_model():
                 jax.tree_util.tree_leaves_with_path(params)
                 if 'kernel' in jax.tree_util.keystr(path))
   f = flops_lib.train_step_flops(model.spec, (16, 32, 32, 3), batch_size=1)
-  assert f.token_matmul_params + f.clip_matmul_params == kernels
+  # + the class tokens' key and value projections (model.class_tokens, once per token).
+  assert f.token_matmul_params + f.clip_matmul_params + f.context_matmul_params == kernels
 
 
 @pytest.mark.parametrize('encoder,pooled', [('builtin', False), ('precomputed', False),

@@ -67,6 +67,16 @@ EXPECTED_PARAM_SPECS = {
     'final/adaln/proj/bias': P(None),
     'final/proj/kernel': P(EMBED, None),
     'final/proj/bias': P(None),
+    # model.class_tokens: the label's tokens and the cross-attention that reads them.
+    'y_tokens/table': P(None, None, EMBED),
+    **{f'blocks/cross_attn/attn/{k}_kernel': P(None, EMBED, HEADS, None)
+       for k in ('query', 'key', 'value')},
+    **{f'blocks/cross_attn/attn/{k}_bias': P(None, HEADS, None)
+       for k in ('query', 'key', 'value')},
+    'blocks/cross_attn/attn/q_norm/scale': P(None, None),
+    'blocks/cross_attn/attn/k_norm/scale': P(None, None),
+    'blocks/cross_attn/attn/out_kernel': P(None, HEADS, None, EMBED),
+    'blocks/cross_attn/attn/out_bias': P(None, EMBED),
 }
 
 

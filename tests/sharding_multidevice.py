@@ -34,7 +34,9 @@ MESHES = {
     'data2_seq4_ulysses': dict(data=2, sequence=4),
 }
 STEPS = 2
-TOL = dict(rtol=1e-5, atol=1e-6)
+# x0 output's loss weighs clean-end x0 errors by up to 1/0.05^2 = 400, so a sum in another
+# order moves it by more: 1.3e-5 relative on data2_seq4_all_gather (configs/tiny.py, 2026-12-06).
+TOL = dict(rtol=3e-5, atol=1e-6)
 
 # Logical names -> mesh axes under the default rules, for every parameter path.
 EMBED, MLP, HEADS = 'fsdp', 'tensor', 'tensor'

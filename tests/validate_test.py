@@ -43,7 +43,7 @@ CASES = [
     (dict(model__dtype='float8'), "model.dtype='float8' is not one of"),
     (dict(diffusion__schedule='sqrt'), 'sqrt'),
     (dict(diffusion__loss_weighting='snr'), "loss_weighting='snr' is not known"),
-    (dict(diffusion__loss_weighting='x0', diffusion__objective='eps'),
+    (dict(diffusion__loss_weighting='x0', diffusion__objective='eps', diffusion__prediction='target'),
      "loss_weighting='x0' needs objective 'v' or 'flow'"),
     (dict(sample__formats='avi'), "sample.formats='avi' must list mp4 and/or gif"),
     # sampler / objective mismatch

@@ -30,7 +30,6 @@ from vdit_jax.data import synthetic
 from vdit_jax.diffusion import samplers
 from vdit_jax.tools import detect
 from vdit_jax.train import loop
-from vdit_jax.train import state as state_lib
 
 FLAGS = flags.FLAGS
 START_STEPS = (300, 500, 700, 850, 950)
@@ -67,15 +66,12 @@ def main(_):
   if config.diffusion.objective == 'flow':
     raise SystemExit('finish_from_noise runs DDIM: use a discrete objective (eps or v).')
   s = loop.build(config, FLAGS.workdir)
-  try:
-    step = s.checkpointer.latest_step()
-    if step is None:
-      raise SystemExit(f'no checkpoint in {s.checkpointer.directory}')
-    state = s.checkpointer.restore(
-        step, state_lib.abstract_with_shardings(s.abstract_state, s.state_shardings))
+  try:  # the params --mode=sample reads (EMA unless sample.use_ema=False)
+    params, step, _ = loop._params_to_sample(  # pylint: disable=protected-access
+        s, FLAGS.workdir, None)
   finally:
     s.checkpointer.close()
-  d, params, n = s.diffusion, state.ema_params, FLAGS.num_clips
+  d, n = s.diffusion, FLAGS.num_clips
   held_out = synthetic.from_data_config(config.data, num_examples=n, seed=10_000 + config.seed)
   x0 = jnp.asarray(np.stack([held_out[i]['video'] for i in range(n)]).astype(np.float32)
                    / 127.5 - 1.0)

@@ -28,7 +28,6 @@ import numpy as np
 
 from vdit_jax.data import synthetic
 from vdit_jax.train import loop
-from vdit_jax.train import state as state_lib
 
 FLAGS = flags.FLAGS
 N_DIR = len(synthetic.DIRECTIONS)
@@ -74,15 +73,12 @@ def main(_):
                      f'(data.source={config.data.source!r}, '
                      f'model.conditioning={config.model.get("conditioning", "class")!r}).')
   s = loop.build(config, FLAGS.workdir)
-  try:
-    step = s.checkpointer.latest_step() if FLAGS.step is None else FLAGS.step
-    if step is None:
-      raise SystemExit(f'no checkpoint in {s.checkpointer.directory}')
-    state = s.checkpointer.restore(
-        step, state_lib.abstract_with_shardings(s.abstract_state, s.state_shardings))
+  try:  # the params --mode=sample reads (EMA unless sample.use_ema=False)
+    params, step, _ = loop._params_to_sample(  # pylint: disable=protected-access
+        s, FLAGS.workdir, None, FLAGS.step)
   finally:
     s.checkpointer.close()
-  d, params = s.diffusion, state.ema_params
+  d = s.diffusion
   held_out = synthetic.from_data_config(config.data, num_examples=FLAGS.num_clips,
                                         seed=10_000 + config.seed)
   examples = [held_out[i] for i in range(FLAGS.num_clips)]

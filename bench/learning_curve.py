@@ -110,11 +110,12 @@ def main(_):
     raise SystemExit(f'no checkpoint in {workdir}/checkpoints: train first, with '
                      '--config.checkpoint.keep_period set to keep the curve\'s points.')
   if FLAGS.steps:
-    missing = sorted(set(int(v) for v in FLAGS.steps) - set(steps))
+    wanted = sorted({int(v) for v in FLAGS.steps})
+    missing = [v for v in wanted if v not in steps]
     if missing:
       raise SystemExit(f'--steps={",".join(FLAGS.steps)}: {missing} not kept in {workdir}; '
                        f'kept: {steps}.')
-    steps = sorted(set(int(v) for v in FLAGS.steps))
+    steps = wanted
   d = config.data
   step_flops = flops_lib.train_step_flops(
       dit.resolve_spec(config.model), (d.num_frames, d.height, d.width, d.channels),

@@ -141,6 +141,12 @@ def test_flops_match_a_hand_count():
   assert f.total == 99072 + 12288
 
 
+def _kernel_params(params) -> int:
+  """Elements of every matmul weight ('kernel') of a params tree of shapes."""
+  return sum(math.prod(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+             if 'kernel' in jax.tree_util.keystr(path))
+
+
 def test_flops_count_every_matmul_weight_of_the_model():
   """Oracle: the counted matmul params are exactly the model's kernels (no bias, norm, table)."""
   config = tiny.get_config()
@@ -149,9 +155,7 @@ def test_flops_count_every_matmul_weight_of_the_model():
   t = jax.ShapeDtypeStruct((1,), np.float32)
   labels = jax.ShapeDtypeStruct((1,), np.int32)
   params = jax.eval_shape(model.init, jax.random.key(0), video, t, labels)['params']
-  kernels = sum(math.prod(leaf.shape) for path, leaf in
-                jax.tree_util.tree_leaves_with_path(params)
-                if 'kernel' in jax.tree_util.keystr(path))
+  kernels = _kernel_params(params)
   f = flops_lib.train_step_flops(model.spec, (16, 32, 32, 3), batch_size=1)
   # + the class tokens' key and value projections (model.class_tokens, once per token).
   assert f.token_matmul_params + f.clip_matmul_params + f.context_matmul_params == kernels
@@ -179,9 +183,7 @@ def test_flops_count_text_and_given_frame_weights(encoder, pooled):
   params = jax.eval_shape(lambda v, t, x, m: model.init(jax.random.key(0), v, t, text=x,
                                                         frame_mask=m),
                           video, t, text, mask)['params']
-  kernels = sum(math.prod(leaf.shape) for path, leaf in
-                jax.tree_util.tree_leaves_with_path(params)
-                if 'kernel' in jax.tree_util.keystr(path))
+  kernels = _kernel_params(params)
   f = flops_lib.train_step_flops(spec, (d.num_frames, d.height, d.width, d.channels), 1)
   assert f.token_matmul_params + f.clip_matmul_params + f.context_matmul_params == kernels
   assert f.caption_tokens == spec.text.max_length
@@ -208,9 +210,7 @@ def test_flops_count_class_token_weights():
                           jax.ShapeDtypeStruct((1,) + shape, np.float32),
                           jax.ShapeDtypeStruct((1,), np.float32),
                           jax.ShapeDtypeStruct((1,), np.int32))['params']
-  kernels = sum(math.prod(leaf.shape) for path, leaf in
-                jax.tree_util.tree_leaves_with_path(params)
-                if 'kernel' in jax.tree_util.keystr(path))
+  kernels = _kernel_params(params)
   f = flops_lib.train_step_flops(model.spec, shape, 1)
   assert f.token_matmul_params + f.clip_matmul_params + f.context_matmul_params == kernels
   base = flops_lib.train_step_flops(dataclasses.replace(model.spec, class_tokens=0), shape, 1)

@@ -225,12 +225,12 @@ class Diffusion(flax.struct.PyTreeNode):
     a, b = (c.astype(jnp.float32) for c in self._coefs(t))  # [B] each: z = a x0 + b eps
     # b is the x0 error per target error for v and flow (b / a for eps).
     if self.loss_weighting == 'min_snr':
-      capped = jnp.minimum(self.snr(t), self.min_snr_gamma)  # [B]: the x0 error's weight
+      snr = self.snr(t)  # [B]
+      capped = jnp.minimum(snr, self.min_snr_gamma)  # [B]: the x0 error's weight
       if self.prediction == 'x0':
         scale = jnp.sqrt(capped)
       elif self.objective == 'eps':  # min(SNR, gamma) (b / a)^2 = min(SNR, gamma) / SNR
-        scale = jnp.sqrt(jnp.minimum(1.0, self.min_snr_gamma / jnp.maximum(self.snr(t),
-                                                                            1e-20)))
+        scale = jnp.sqrt(jnp.minimum(1.0, self.min_snr_gamma / jnp.maximum(snr, 1e-20)))
       else:
         scale = jnp.sqrt(capped) * b
     elif self.prediction == 'x0':  # (x0, x0_hat): the objective's error is the x0 error / b

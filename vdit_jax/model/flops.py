@@ -86,27 +86,24 @@ def train_step_flops(spec, data_shape: Sequence[int], batch_size: int) -> FlopCo
                  + d * 2 * d)                    # final adaLN (shift, scale)
 
   clips = int(batch_size)
-  context_params, caption_len, text_attention = 0, 0, 0
   text = spec.text if spec.conditioning == 'text' else None
-  if text is not None:
-    caption_len = int(text.max_length)
+  # Context slots each block cross-attends to, per clip: the caption, or the label's tokens.
+  caption_len = (int(text.max_length) if text is not None
+                 else int(spec.class_tokens) if spec.conditioning == 'class' else 0)
+  context_params, text_attention = 0, 0
+  if caption_len:
     token_params += depth * 2 * d * d        # cross-attention query and output projections
     context_params = depth * 2 * d * d       # cross-attention key and value projections
+    text_attention = 12 * depth * caption_len * d * tokens  # cross-attention scores, per clip
+  if text is not None:
     if text.encoder == 'builtin':
       dt = int(text.width)
       context_params += dt * d + int(text.depth) * (4 * dt * dt + 2 * dt * int(text.mlp_dim))
-      text_attention = 12 * int(text.depth) * caption_len * dt * caption_len  # per clip
+      text_attention += 12 * int(text.depth) * caption_len * dt * caption_len  # per clip
     else:
       context_params += int(text.embed_dim) * d  # precomputed embeddings -> width
-    text_attention += 12 * depth * caption_len * d * tokens  # cross-attention, per clip
     if text.pooled:
       clip_params += 2 * d * d  # the pooled caption's MLP (model.text.pooled), once per clip
-
-  if spec.conditioning == 'class' and getattr(spec, 'class_tokens', 0):
-    caption_len = int(spec.class_tokens)     # the label tokens, read like caption tokens
-    token_params += depth * 2 * d * d        # cross-attention query and output projections
-    context_params = depth * 2 * d * d       # cross-attention key and value projections
-    text_attention = 12 * depth * caption_len * d * tokens  # cross-attention, per clip
 
   matmul = TRAIN_FLOPS_PER_MAC * (token_params * tokens * clips + clip_params * clips
                                   + context_params * caption_len * clips)

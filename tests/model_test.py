@@ -313,3 +313,69 @@ def test_class_tokens_carry_the_label_through_cross_attention():
 def test_class_tokens_rejects_bad_values(overrides, message):
   with pytest.raises(ValueError, match=message):
     dit.check_spec(dit.resolve_spec(model_cfg(**overrides)))
+
+
+def _conv_reference(x, kernel):
+  """numpy 'same' 3-D convolution: x [B, T, H, W, Cin], kernel [kt, kh, kw, Cin, Cout]."""
+  kt, kh, kw = kernel.shape[:3]
+  b, t, h, w, _ = x.shape
+  padded = np.pad(x, ((0, 0), (kt // 2,) * 2, (kh // 2,) * 2, (kw // 2,) * 2, (0, 0)))
+  out = np.zeros((b, t, h, w, kernel.shape[-1]))
+  for i in range(t):
+    for j in range(h):
+      for k in range(w):
+        window = padded[:, i:i + kt, j:j + kh, k:k + kw, :]  # [B, kt, kh, kw, Cin]
+        out[:, i, j, k] = np.einsum('bxyzc,xyzcd->bd', window, kernel)
+  return out
+
+
+@pytest.mark.parametrize('kernel', [(1, 3, 3), (3, 3, 1)])  # the 2-D and the 3-D path
+def test_pixel_refiner_matches_a_numpy_convolution_and_starts_as_the_identity(kernel):
+  """blocks.PixelRefiner: out + conv2(gelu(mod(conv1([out, video])))) with 'same' zero
+  padding, against a numpy reference; fresh (zero output kernel), it returns `out`."""
+  rng = np.random.default_rng(0)
+  out = rng.normal(size=(2, 3, 6, 5, 3)).astype(np.float32)
+  video = rng.normal(size=(2, 3, 6, 5, 4)).astype(np.float32)  # C + a mask channel
+  c = rng.normal(size=(2, 16)).astype(np.float32)
+  module = blocks.PixelRefiner(8, kernel)
+  params = nn.unbox(module.init(jax.random.key(0), out, video, c)['params'])
+  np.testing.assert_array_equal(np.asarray(module.apply({'params': params}, out, video, c)), out)
+  params = randomise(params, scale=0.3)
+  got = np.asarray(module.apply({'params': params}, out, video, c))
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  mod = np.asarray(jax.nn.silu(c), np.float64) @ p['adaln']['proj']['kernel'] + p['adaln'][
+      'proj']['bias']
+  shift, scale = mod[:, :8], mod[:, 8:]
+  hidden = _conv_reference(np.concatenate([out, video], -1), p['in_kernel']) + p['in_bias']
+  hidden = hidden * (1 + scale[:, None, None, None]) + shift[:, None, None, None]
+  hidden = np.asarray(jax.nn.gelu(hidden, approximate=True))
+  want = out + _conv_reference(hidden, p['out_kernel']) + p['out_bias']
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_model_with_a_fresh_refiner_gives_the_plain_models_output():
+  video, t, y = inputs()
+  refined = dit.build_model(model_cfg(refiner_width=4), 3, 10)
+  params = randomise(nn.unbox(jax.jit(refined.init)(jax.random.key(0), video, t, y)['params']))
+  params['refiner'] = nn.unbox(jax.jit(refined.init)(jax.random.key(0), video, t, y)[
+      'params'])['refiner']  # the refiner as initialised: its output kernel is zero
+  plain = dit.build_model(model_cfg(), 3, 10)
+  rest = {k: v for k, v in params.items() if k != 'refiner'}
+  np.testing.assert_array_equal(
+      np.asarray(jax.jit(refined.apply)({'params': params}, video, t, y)),
+      np.asarray(jax.jit(plain.apply)({'params': rest}, video, t, y)))
+  params['refiner'] = randomise(params['refiner'], seed=2)
+  changed = jax.jit(refined.apply)({'params': params}, video, t, y)
+  assert np.abs(np.asarray(changed) - np.asarray(
+      jax.jit(plain.apply)({'params': rest}, video, t, y))).max() > 1e-3
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(refiner_width=-1), r'model.refiner_width=-1 must be an integer >= 0'),
+    (dict(refiner_width=2.5), r'model.refiner_width=2.5 must be an integer >= 0'),
+    (dict(refiner_width=8, refiner_kernel=(1, 2, 3)),
+     r'model.refiner_kernel=\(1, 2, 3\) must be three odd positive ints'),
+])
+def test_refiner_rejects_bad_values(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    dit.check_spec(dit.resolve_spec(model_cfg(**overrides)))

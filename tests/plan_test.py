@@ -157,8 +157,10 @@ def test_flops_count_every_matmul_weight_of_the_model():
   params = jax.eval_shape(model.init, jax.random.key(0), video, t, labels)['params']
   kernels = _kernel_params(params)
   f = flops_lib.train_step_flops(model.spec, (16, 32, 32, 3), batch_size=1)
-  # + the class tokens' key and value projections (model.class_tokens, once per token).
-  assert f.token_matmul_params + f.clip_matmul_params + f.context_matmul_params == kernels
+  # + the class tokens' key and value projections (model.class_tokens, once per token)
+  # and the pixel refiner's convolutions (model.refiner_width, once per pixel).
+  assert (f.token_matmul_params + f.clip_matmul_params + f.context_matmul_params
+          + f.pixel_matmul_params) == kernels
 
 
 @pytest.mark.parametrize('encoder,pooled', [('builtin', False), ('precomputed', False),
@@ -212,11 +214,34 @@ def test_flops_count_class_token_weights():
                           jax.ShapeDtypeStruct((1,), np.int32))['params']
   kernels = _kernel_params(params)
   f = flops_lib.train_step_flops(model.spec, shape, 1)
-  assert f.token_matmul_params + f.clip_matmul_params + f.context_matmul_params == kernels
+  assert (f.token_matmul_params + f.clip_matmul_params + f.context_matmul_params
+          + f.pixel_matmul_params) == kernels
   base = flops_lib.train_step_flops(dataclasses.replace(model.spec, class_tokens=0), shape, 1)
   assert f.caption_tokens == 3 and base.caption_tokens == 0
   assert f.attention - base.attention == (12 * model.spec.depth * 3 * model.spec.width
                                           * f.tokens_per_clip)
+
+
+def test_flops_count_pixel_refiner_weights():
+  """Oracle, model.refiner_width: token + clip + pixel matmul params are exactly the
+  model's kernels, and the refiner's weights are used once per pixel."""
+  config = tiny.get_config()
+  config.model.refiner_width = 16
+  model = dit.build_model(config.model, config.data.channels, num_classes=12)
+  d = config.data
+  shape = (d.num_frames, d.height, d.width, d.channels)
+  params = jax.eval_shape(model.init, jax.random.key(0),
+                          jax.ShapeDtypeStruct((1,) + shape, np.float32),
+                          jax.ShapeDtypeStruct((1,), np.float32),
+                          jax.ShapeDtypeStruct((1,), np.int32))['params']
+  f = flops_lib.train_step_flops(model.spec, shape, 2)
+  assert (f.token_matmul_params + f.clip_matmul_params + f.context_matmul_params
+          + f.pixel_matmul_params) == _kernel_params(params)
+  assert f.pixel_matmul_params == _kernel_params(params['refiner']) - _kernel_params(
+      params['refiner']['adaln'])
+  base = flops_lib.train_step_flops(dataclasses.replace(model.spec, refiner_width=0), shape, 2)
+  assert f.matmul - base.matmul == 6 * 2 * (f.pixel_matmul_params * math.prod(shape[:3])
+                                            + model.spec.width * 2 * 16)
 
 
 @pytest.mark.parametrize('shape, batch, message', [

@@ -71,6 +71,13 @@ EXPECTED_PARAM_SPECS = {
     'final/proj/bias': P(None),
     # model.class_tokens: the label's tokens and the cross-attention that reads them.
     'y_tokens/table': P(None, None, EMBED),
+    # model.refiner_width (set below): the pixel refiner's kernels are replicated.
+    'refiner/adaln/proj/kernel': P(EMBED, None),
+    'refiner/adaln/proj/bias': P(None),
+    'refiner/in_kernel': P(None, None, None, None, None),
+    'refiner/in_bias': P(None),
+    'refiner/out_kernel': P(None, None, None, None, None),
+    'refiner/out_bias': P(None),
     **{f'blocks/cross_attn/attn/{k}_kernel': P(None, EMBED, HEADS, None)
        for k in ('query', 'key', 'value')},
     **{f'blocks/cross_attn/attn/{k}_bias': P(None, HEADS, None)
@@ -90,6 +97,7 @@ def config_for(name=None):
   config.model.num_heads = 4
   config.model.mlp_dim = 64
   config.model.patch_size = (2, 4, 4)   # 4 x 16 x 16 clip -> 32 tokens
+  config.model.refiner_width = 8        # its pixel convolutions on every mesh too
   config.data.num_frames = 4
   config.data.height = 16
   config.data.width = 16

@@ -39,6 +39,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Depthwise 3-D convolution over the token grid at every MLP input, (kt, kh, kw) odd;
   # () = none. Lets neighbouring tubelets decide together (BUILD_NOTES, "Local mixing").
   m.mlp_conv = ()
+  # Pixel refiner after the unpatchify (model/blocks.py PixelRefiner): a residual two-layer
+  # convolution over pixels that sees the prediction and the noisy input; 0 = none.
+  m.refiner_width = 0
+  m.refiner_kernel = (1, 3, 3)
   m.scan_layers = True
   m.remat_policy = 'none'           # none | full | nothing_saveable | dots_saveable |
                                     # dots_with_no_batch_dims_saveable | save_named | ...

@@ -3,6 +3,7 @@
 from typing import Callable, Optional, Tuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
@@ -202,6 +203,53 @@ class BlockCycle(nn.Module):
     for r in range(self.period):
       x, _ = self.make_block(layer=r, name=f'block_{r}')(x, c, rope, text)  # [B, N, D]
     return x, None
+
+
+def _pixel_conv(x, kernel):
+  """'same' 3-D convolution of x [B, T, H, W, Cin] with kernel [kt, kh, kw, Cin, Cout]
+  (odd sizes, zeros beyond the clip), as lax.conv_general_dilated in 3-D. On XLA:CPU a 2-D
+  convolution over the frames is 3x faster (bench/pixel_conv.py), but under a data x
+  sequence mesh its kernel gradient came out twice the one-device value
+  (tests/sharding_test.py), so it is not used."""
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1, 1), 'SAME',
+                                      dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'))
+
+
+class PixelRefiner(nn.Module):
+  """A residual two-layer convolution at pixel resolution after the unpatchify.
+
+  out [B, T, H, W, C] (the transformer's prediction) and the model's input video
+  [B, T, H, W, Cin] (the noisy clip, with its given-frame mask channel if any) are
+  concatenated, convolved to `width` channels (kernel `kernel_size`), modulated by the
+  conditioning vector c [B, D] (shift and scale, zero-initialised), passed through GELU
+  and convolved back to C channels by a zero-initialised kernel that is added to `out`:
+  a fresh refiner changes nothing. It gives the prediction a path at pixel resolution
+  that sees the noisy input there, across tubelet borders (the outline of an object).
+  """
+  width: int
+  kernel_size: Tuple[int, int, int]
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, out, video, c):
+    channels = out.shape[-1]
+    x = jnp.concatenate([out.astype(self.dtype), video.astype(self.dtype)], axis=-1)
+    replicated = (None,) * 5
+    k1 = self.param('in_kernel', nn.with_logical_partitioning(
+        nn.initializers.lecun_normal(in_axis=(0, 1, 2, 3), out_axis=4), replicated),
+        tuple(self.kernel_size) + (x.shape[-1], self.width), self.param_dtype)
+    b1 = self.param('in_bias', nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
+                    (self.width,), self.param_dtype)
+    k2 = self.param('out_kernel', nn.with_logical_partitioning(nn.initializers.zeros, replicated),
+                    tuple(self.kernel_size) + (self.width, channels), self.param_dtype)
+    b2 = self.param('out_bias', nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
+                    (channels,), self.param_dtype)
+    shift, scale = AdaLN(self.width, 2, self.dtype, self.param_dtype, name='adaln')(c)
+    h = _pixel_conv(x, k1.astype(self.dtype)) + b1.astype(self.dtype)  # [B, T, H, W, F]
+    h = h * (1 + scale[:, None, None, None, :]) + shift[:, None, None, None, :]
+    h = nn.gelu(h, approximate=True)
+    return out + (_pixel_conv(h, k2.astype(self.dtype)) + b2.astype(self.dtype)).astype(out.dtype)
 
 
 class FinalLayer(nn.Module):

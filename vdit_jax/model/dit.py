@@ -17,7 +17,7 @@ from vdit_jax.model import axes
 from vdit_jax.model import embeddings
 from vdit_jax.model import patching
 from vdit_jax.model import text as text_lib
-from vdit_jax.model.blocks import BlockCycle, CHECKPOINT_NAMES, DiTBlock, FinalLayer
+from vdit_jax.model.blocks import BlockCycle, CHECKPOINT_NAMES, DiTBlock, FinalLayer, PixelRefiner
 
 # name -> (width, depth, heads); MLP is 4 x width. DiT's table plus two small ones.
 VARIANTS = {
@@ -87,6 +87,8 @@ class ModelSpec:
   attention_block_kv: Optional[int] = None
   mlp_conv: Tuple[int, ...] = ()  # depthwise conv kernel (kt, kh, kw) at each MLP input
   class_tokens: int = 0         # conditioning='class': K label tokens read by cross-attention
+  refiner_width: int = 0        # > 0: blocks.PixelRefiner after the unpatchify, F channels
+  refiner_kernel: Tuple[int, ...] = (1, 3, 3)  # its convolutions' (kt, kh, kw)
 
 
 def parse_remat_names(names) -> Tuple[str, ...]:
@@ -146,7 +148,9 @@ def resolve_spec(model_cfg) -> ModelSpec:
             if model_cfg.get('conditioning', 'class') == 'text' else None),
       context_frames=model_cfg.get('context_frames_max', 0),
       mlp_conv=_as_tuple(model_cfg.get('mlp_conv') or ()),
-      class_tokens=model_cfg.get('class_tokens', 0))
+      class_tokens=model_cfg.get('class_tokens', 0),
+      refiner_width=model_cfg.get('refiner_width', 0),
+      refiner_kernel=_as_tuple(model_cfg.get('refiner_kernel', (1, 3, 3))))
 
 
 def spec_differences(saved_model_cfg, model_cfg, *, label: str = 'saved',
@@ -178,6 +182,17 @@ def check_spec(spec: ModelSpec) -> None:
     raise ValueError(f'model.mlp_conv={spec.mlp_conv!r} must be () (no convolution) or three '
                      'odd positive ints (kt, kh, kw): the depthwise kernel over the token grid, '
                      "odd so that its 'same' padding is symmetric, e.g. (3, 3, 3).")
+  if (isinstance(spec.refiner_width, bool) or not isinstance(spec.refiner_width, int)
+      or spec.refiner_width < 0):
+    raise ValueError(f'model.refiner_width={spec.refiner_width!r} must be an integer >= 0 '
+                     '(0: no pixel refiner).')
+  if spec.refiner_width and not (
+      isinstance(spec.refiner_kernel, tuple) and len(spec.refiner_kernel) == 3
+      and all(isinstance(k, int) and not isinstance(k, bool) and k > 0 and k % 2
+              for k in spec.refiner_kernel)):
+    raise ValueError(f'model.refiner_kernel={spec.refiner_kernel!r} must be three odd '
+                     "positive ints (kt, kh, kw), odd so that its 'same' padding is "
+                     'symmetric, e.g. (1, 3, 3).')
   if spec.pos_embed not in POS_EMBEDS:
     raise ValueError(f'model.pos_embed={spec.pos_embed!r} is not one of {POS_EMBEDS}.')
   head_dim = spec.width // spec.num_heads
@@ -312,6 +327,9 @@ class VideoDiT(nn.Module):
     x = FinalLayer(spec.patch_size[0] * spec.patch_size[1] * spec.patch_size[2] * self.channels,
                    dtype, param_dtype, name='final')(x, c)  # [B, N, P]
     out = patching.unpatchify(x, grid, spec.patch_size, self.channels)
+    if spec.refiner_width:  # pixel-resolution residual path that also sees the input
+      out = PixelRefiner(spec.refiner_width, spec.refiner_kernel, dtype, param_dtype,
+                         name='refiner')(out, video, c)
     return out.astype(jnp.float32)  # [B, T, H, W, C]
 
 

@@ -23,6 +23,8 @@ Counted the way MFU is usually counted (PaLM appendix B; MaxText's
   * given frames (model.context_frames_max > 0) add the mask channel to the patch embedding;
   * the depthwise token convolution (model.mlp_conv) uses each of its kt kh kw D taps once
     per token, like a token-wise weight;
+  * the pixel refiner (model.refiner_width = F > 0, kernel k taps) uses its k (C + Cin) F
+    input and k F C output taps once per pixel, and its adaLN (2 F) once per clip;
   * rematerialisation recompute is not counted (it is work, not model FLOPs), nor are
     element-wise ops, norms, softmax, the label-embedding gather or the optimizer.
 """
@@ -47,11 +49,13 @@ class FlopCount:
   token_matmul_params: int   # weights applied once per token
   clip_matmul_params: int    # weights applied once per clip (conditioning path)
   matmul: int                # 6 x (token params x tokens + clip params x clips
-                             #      + context params x caption tokens)
+                             #      + context params x caption tokens
+                             #      + pixel params x pixels)
   attention: int             # 12 x L x N x D per token (full attention), + text attention
   total: int
   context_matmul_params: int = 0  # text: weights applied once per caption token
   caption_tokens: int = 0         # text: L caption slots per clip
+  pixel_matmul_params: int = 0    # model.refiner_width: weights applied once per pixel
 
 
 def _check_shape(data_shape: Sequence[int], batch_size: int) -> None:
@@ -105,11 +109,17 @@ def train_step_flops(spec, data_shape: Sequence[int], batch_size: int) -> FlopCo
     if text.pooled:
       clip_params += 2 * d * d  # the pooled caption's MLP (model.text.pooled), once per clip
 
+  pixel_params = 0
+  if spec.refiner_width:  # the pixel refiner: weights used once per pixel, adaLN per clip
+    taps, fw = int(np.prod(spec.refiner_kernel)), int(spec.refiner_width)
+    pixel_params = taps * fw * (c + in_channels) + taps * fw * c
+    clip_params += d * 2 * fw
   matmul = TRAIN_FLOPS_PER_MAC * (token_params * tokens * clips + clip_params * clips
-                                  + context_params * caption_len * clips)
+                                  + context_params * caption_len * clips
+                                  + pixel_params * t * h * w * clips)
   attention = (12 * attention_patterns.score_macs_per_token(spec.pattern, grid, depth, d)
                * tokens * clips + text_attention * clips)
   return FlopCount(tokens_per_clip=tokens, token_matmul_params=token_params,
                    clip_matmul_params=clip_params, matmul=matmul, attention=attention,
                    total=matmul + attention, context_matmul_params=context_params,
-                   caption_tokens=caption_len)
+                   caption_tokens=caption_len, pixel_matmul_params=pixel_params)

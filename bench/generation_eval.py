@@ -71,7 +71,8 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vdit_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+from bench import learning_curve  # pylint: disable=g-import-not-at-top
+from vdit_jax.data import synthetic
 from vdit_jax.diffusion import conditioning as cond_lib
 from vdit_jax.model import text as text_lib
 from vdit_jax.tools import detect
@@ -289,6 +290,27 @@ def shape_confusion(found, truth):
   return {'counts': out, 'median_fill': fill, 'box': box}
 
 
+def judged(clips, found, truth):
+  """The prompted clips judged as the main job's samples (bench/learning_curve.py): one
+  object per frame, empty frames, fit to the ideal shape, crisp clips, and colour, shape
+  and direction (whole path) against the prompt, each a mean and its standard error over
+  the clips. Printed and returned."""
+  per_clip = []
+  for clip, d, t in zip(clips, found, truth):
+    path = detect.velocity_of(d.centroids, d.found, lead=len(d.found) - 1)
+    per_clip.append({**detect.coherence(clip), 'colour': float(d.colour == t[1]),
+                     'shape': float(d.shape == t[2]),
+                     'direction_path': float(detect.direction_of(path) == t[3])})
+  out = {k: learning_curve.mean_and_error([c[k] for c in per_clip]) for k in per_clip[0]}
+  for shape in synthetic.SHAPES:  # each shape of its own
+    out[f'shape_{shape}'] = learning_curve.mean_and_error(
+        [c['shape'] for c, t in zip(per_clip, truth) if t[2] == shape])
+  print('  judged (mean +- standard error over the clips): ' + ', '.join(
+      f'{k} {v["mean"]:.2f} +- {v["stderr"]:.2f}' for k, v in out.items()
+      if v['mean'] is not None))
+  return out
+
+
 def _print_scores(name, acc, tail=''):
   raw = f' (raw foreground {acc["shape_raw"]:.3f})' if 'shape_raw' in acc else ''
   print(f'{name:>10}: colour {acc["colour"]:.3f}  shape {acc["shape"]:.3f}{raw}  direction '
@@ -343,6 +365,7 @@ def eval_text(s, params):
     if use_caption:
       prompted = clips
       results['shape_confusion'] = shape_confusion(found, truth)
+      results['judged'] = judged(clips[:FLAGS.num_prompts], found, truth)
   if gives_first_frame(cfg):
     # Text to image to video (Emu Video's factorisation): keep the first frame of each
     # prompted sample, then generate the clip again from it and the same prompt.
@@ -544,6 +567,8 @@ def eval_extend(s, params):
     gen_part = detect.detect(gen[k:])
     same_colour.append(gen_part.colour == colour)
   out = {name: float(np.nanmean(v)) for name, v in errors.items()}
+  for name, v in errors.items():  # over the clips: the goal is scored with its error
+    out[name + '_stderr'] = learning_curve.mean_and_error(v)['stderr']
   out['loss'] = losses
   out['model_first_step_after_seam'] = float(np.nanmean(seam))
   out['colour_kept'] = float(np.mean(same_colour))
@@ -553,7 +578,7 @@ def eval_extend(s, params):
   print(f'velocity error, px/frame per axis (mean |generated - true| over the generated '
         f'frames, {FLAGS.num_clips} clips, {k} given, extended to {total}):')
   for name in ('model', 'constant_velocity', 'no_motion'):
-    print(f'  {name:>18}: {out[name]:.3f}')
+    print(f'  {name:>18}: {out[name]:.3f} +- {out[name + "_stderr"]:.3f}')
   print(f'  first step after the seam (model): {out["model_first_step_after_seam"]:.3f}')
   print(f'  generated frames keep the given colour: {out["colour_kept"]:.3f} ({seconds:.0f}s)')
   return out

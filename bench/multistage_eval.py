@@ -8,7 +8,10 @@ python bench/multistage_eval.py --keyframe_workdir=runs/key --interp_workdir=run
 pipeline: `multistage.generate(prompt, duration_s, fps)` for --num_prompts prompts
 'a {colour} {shape} moving {direction}' (every colour, cycling shapes and directions).
 Per clip: the frame count against round(duration_s * fps); the detected colour of the
-clip, of its keyframes and of its interpolated frames against the prompt. For every
+clip, of its keyframes and of its interpolated frames against the prompt; the clip judged
+as the main job's samples are (bench/learning_curve.py): one object per frame, empty
+frames, the object's fit to its ideal shape, crisp clips, and the detected shape and
+direction against the prompt's, each with its standard error over the clips. For every
 frame between two keyframes: the distance (px) of its detected centroid from the point
 the linear interpolation of the two keyframes' centroids puts it at, and whether it lies
 within the box the two centroids span (1 px slack). References in the same run: the
@@ -36,7 +39,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vdit_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+from bench import learning_curve  # pylint: disable=g-import-not-at-top
+from vdit_jax.data import synthetic
 from vdit_jax.tools import detect
 from vdit_jax.tools import generate_video
 from vdit_jax.train import multistage
@@ -61,7 +65,7 @@ def prompts(n):
     colour = list(synthetic.COLOURS)[i % len(synthetic.COLOURS)]
     shape = synthetic.SHAPES[(i // len(synthetic.COLOURS)) % len(synthetic.SHAPES)]
     direction = synthetic.DIRECTIONS[i % len(synthetic.DIRECTIONS)]
-    out.append((f'a {colour} {shape} moving {direction}', colour))
+    out.append((f'a {colour} {shape} moving {direction}', colour, shape, direction))
   return out
 
 
@@ -90,9 +94,10 @@ def eval_pipeline(keyframe, interp, fps):
   grid = prompts(FLAGS.num_prompts)
   counts, colour, key_colour, mid_colour = [], [], [], []
   dist, inside, nearest = [], [], []
+  per_clip = []
   plan = None
   t0 = time.perf_counter()
-  for i, (prompt, want) in enumerate(grid):
+  for i, (prompt, want, shape, direction) in enumerate(grid):
     result = multistage.generate(prompt, FLAGS.duration_s, fps, keyframe, interp,
                                  rng=jax.random.fold_in(jax.random.key(FLAGS.seed), i),
                                  window_batch=FLAGS.window_batch)
@@ -103,6 +108,8 @@ def eval_pipeline(keyframe, interp, fps):
     counts.append(clip.shape[0] == plan.num_frames == round(FLAGS.duration_s * plan.fps))
     d = detect.detect(clip)
     colour.append(d.colour == want)
+    per_clip.append({**detect.coherence(clip), 'shape_accuracy': float(d.shape == shape),
+                     'direction_accuracy': float(d.direction == direction)})
     key_colour.append(detect.detect(clip[keys]).colour == want)
     mid_colour.append(detect.detect(clip[mids]).colour == want)
     a, b, c = between_keyframes(d.centroids, d.found, keys)
@@ -132,7 +139,9 @@ def eval_pipeline(keyframe, interp, fps):
       'nearest_keyframe_err_px': float(np.mean(nearest)),
       'true_clips_err_px': float(np.mean(true_dist)),
       'true_clips_between_frac': float(np.mean(true_inside)),
-      'generate_s': seconds}
+      'generate_s': seconds,
+      'judged': {k: learning_curve.mean_and_error([c[k] for c in per_clip])
+                 for k in per_clip[0]}}
   print(f'pipeline: {len(grid)} prompts -> {plan.num_frames} frames at {plan.fps:g} fps '
         f'({seconds:.0f}s); frame count right in {out["frame_count_ok"]:.3f}')
   print(f'  colour vs prompt: clip {out["colour_acc"]:.3f}, keyframes '
@@ -142,6 +151,8 @@ def eval_pipeline(keyframe, interp, fps):
         f'keyframes\' line, between them {out["interp_between_frac"]:.3f}; nearest-keyframe '
         f'copy {out["nearest_keyframe_err_px"]:.2f} px; true clips '
         f'{out["true_clips_err_px"]:.2f} px, between {out["true_clips_between_frac"]:.3f}')
+  print('  judged as the main job (mean +- standard error over the clips): ' + ', '.join(
+      f'{k} {v["mean"]:.2f} +- {v["stderr"]:.2f}' for k, v in out['judged'].items()))
   return out
 
 

@@ -20,10 +20,8 @@ Alone, none of the last three moves the samples' direction off chance; together 
 model's x0 error at the noisiest step reaches what the label allows (bench/label_use.py)
 and the samples move in the label's direction.
 
-`previous_recipe` sets the recipe this file had until 2026-12-02 (16 frames of smaller
-shapes that bounce, no convolution, no shift, v output, 600 steps): the extension,
-keyframe, interpolation, bucket and latent configs build on it, since their figures in
-BUILD_NOTES.md were measured with it.
+The extension, keyframe, interpolation and bucket configs build on this recipe; the
+recipe before it is the flags of BUILD_NOTES.md's ablation table ("the old recipe").
 """
 
 from vdit_jax.defaults import base_config
@@ -54,22 +52,4 @@ def get_config(arg=None):
   config.checkpoint.keep = 2
   config.sample.every_steps = 0
   config.sample.num_samples = 8
-  return config
-
-
-def previous_recipe(config):
-  """configs/tiny.py as it was until 2026-12-02, in place: 16 frames of shapes 20-35% of
-  the frame side that bounce, no token convolution, the unshifted schedule, the unscaled
-  noisy input, 600 steps."""
-  config.model.mlp_conv = ()
-  config.data.bounce = True
-  config.data.num_frames = 16
-  config.data.shape_size = (0.2, 0.35)
-  config.diffusion.shift = 1.0
-  config.train.num_steps = 600
-  config.checkpoint.every_steps = 200
-  config.diffusion.input_scale = 'none'
-  config.diffusion.prediction = 'target'
-  config.diffusion.loss_weighting = 'none'
-  config.model.class_tokens = 0
   return config

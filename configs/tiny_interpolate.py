@@ -7,11 +7,11 @@ Windows of 5 full-rate synthetic frames (8 fps) whose first and last frames are 
 middle frames are generated; the loss covers those 3 only (diffusion/conditioning.py).
 configs/tiny_keyframes.py makes keyframes 4 frames apart at 2 fps; the pipeline
 (train/multistage.py, tools/generate_video.py) runs this model once per consecutive pair.
-Text-conditioned like the keyframe model and, like it, on tiny.previous_recipe (no token
-convolution, 600 steps; cheap: 8 caption tokens), without guidance at sampling time: the
-keyframes carry the colour and shape. Tubelets of 1x4x4, since 5 frames
-do not split into pairs (320 tokens per clip). --mode=sample interpolates the keyframes of
-held-out synthetic clips.
+Text-conditioned like the keyframe model and on the same recipe (configs/tiny.py's: straight
+paths, the token convolution, x0 output, the scaled noisy input, width 128), 1200 steps,
+without guidance at sampling time: the keyframes carry the colour and shape. Tubelets of
+1x4x4, since 5 frames do not split into pairs (320 tokens per clip). --mode=sample
+interpolates the keyframes of held-out synthetic clips.
 """
 
 from configs import tiny
@@ -20,8 +20,11 @@ from configs import tiny_text
 
 def get_config(arg=None):
   config = tiny_text.get_config(arg)
-  tiny.previous_recipe(config)  # the recipe its BUILD_NOTES figures were measured with
-  config.model.width = None     # the variant's 128, like those figures (tiny_text takes 256)
+  recipe = tiny.get_config()
+  config.model.width = recipe.model.width       # None: the variant's 128 (tiny_text: 256)
+  config.diffusion.prediction = recipe.diffusion.prediction   # x0 (tiny_text: v output)
+  config.train.num_steps = 1200
+  config.checkpoint.every_steps = 400
   config.model.variant = 'Mu/1x4x4'
   config.model.given_frames = 'keyframes'
   config.model.keyframe_stride = 0      # 0: the first and last frame of each window

@@ -3,14 +3,16 @@ r"""Stage 1 of multi-stage generation: a tiny text-to-video DiT at a quarter of 
 python -m vdit_jax.main --config=configs/tiny_keyframes.py --workdir=/tmp/vdit_tiny_keyframes
 python -m vdit_jax.tools.generate_video --keyframe_workdir=/tmp/vdit_tiny_keyframes \
     --interp_workdir=/tmp/vdit_tiny_interpolate --prompt='a red square moving left' \
-    --duration_s=4 --fps=8 --out=/tmp/red_square.mp4
+    --duration_s=3 --fps=8 --out=/tmp/red_square.mp4
 
-configs/tiny_text.py on tiny's previous recipe (tiny.previous_recipe: 16 frames, no token
-convolution, 600 steps) with every clip the same synthetic motion sampled every 4th frame
-(data.time_stride=4: frame k of a clip is base frame 4k): 16 keyframes at 2 fps span
-what configs/tiny_interpolate.py renders at 8 fps in 61 frames. sample.fps is the rate
-the clips stand for; the pipeline (train/multistage.py) checks that it times
-tiny_interpolate's keyframe spacing gives that model's rate.
+configs/tiny_text.py's captions and text encoder on configs/tiny.py's recipe (8 frames of
+straight paths, the token convolution, x0 output, the scaled noisy input, width 128, 2400
+steps), text to video only, with every clip the same synthetic motion sampled every 4th
+frame (data.time_stride=4: frame k of a clip is base frame 4k): 8 keyframes at 2 fps span
+what configs/tiny_interpolate.py renders at 8 fps in 29 frames (3.625 s at most). sample.fps
+is the rate the clips stand for; the pipeline (train/multistage.py) checks that it times
+tiny_interpolate's keyframe spacing gives that model's rate. Figures: BUILD_NOTES.md,
+"Recipe: what buys quality per unit of compute".
 """
 
 from configs import tiny
@@ -21,11 +23,13 @@ RATE_RATIO = 4   # full-rate frames per keyframe interval (tiny_interpolate's sp
 
 def get_config(arg=None):
   config = tiny_text.get_config(arg)
-  tiny.previous_recipe(config)  # the recipe its BUILD_NOTES figures were measured with
-  config.model.width = None     # the variant's 128, like those figures (tiny_text takes 256)
+  recipe = tiny.get_config()
+  config.model.width = recipe.model.width       # None: the variant's 128 (tiny_text: 256)
+  config.diffusion.prediction = recipe.diffusion.prediction   # x0 (tiny_text: v output)
+  config.train.num_steps = recipe.train.num_steps             # 2400 (tiny_text: 4800)
   config.model.context_frames_max = 0          # text to video only (tiny_text also trains
                                                # image-to-video)
   config.data.time_stride = float(RATE_RATIO)  # base-motion frames between keyframes
   config.sample.fps = 2                        # = tiny_interpolate's 8 fps / 4
-  config.sample.cfg_scale = 3.0                # its figures' guidance (tiny_text now takes 10)
+  config.sample.cfg_scale = 3.0
   return config

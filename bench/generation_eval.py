@@ -295,16 +295,14 @@ def judged(clips, found, truth):
   object per frame, empty frames, fit to the ideal shape, crisp clips, and colour, shape
   and direction (whole path) against the prompt, each a mean and its standard error over
   the clips. Printed and returned."""
-  per_clip = []
-  for clip, d, t in zip(clips, found, truth):
-    path = detect.velocity_of(d.centroids, d.found, lead=len(d.found) - 1)
-    per_clip.append({**detect.coherence(clip), 'colour': float(d.colour == t[1]),
-                     'shape': float(d.shape == t[2]),
-                     'direction_path': float(detect.direction_of(path) == t[3])})
-  out = {k: learning_curve.mean_and_error([c[k] for c in per_clip]) for k in per_clip[0]}
+  paths = [detect.velocity_of(d.centroids, d.found, lead=len(d.found) - 1) for d in found]
+  shape_hits = [d.shape == t[2] for d, t in zip(found, truth)]
+  out = learning_curve.judge(
+      clips, colour=[d.colour == t[1] for d, t in zip(found, truth)], shape=shape_hits,
+      direction_path=[detect.direction_of(p) == t[3] for p, t in zip(paths, truth)])
   for shape in synthetic.SHAPES:  # each shape of its own
     out[f'shape_{shape}'] = learning_curve.mean_and_error(
-        [c['shape'] for c, t in zip(per_clip, truth) if t[2] == shape])
+        [h for h, t in zip(shape_hits, truth) if t[2] == shape])
   print('  judged (mean +- standard error over the clips): ' + ', '.join(
       f'{k} {v["mean"]:.2f} +- {v["stderr"]:.2f}' for k, v in out.items()
       if v['mean'] is not None))

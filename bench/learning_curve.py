@@ -64,16 +64,23 @@ def mean_and_error(values) -> dict:
   return {'mean': round(float(v.mean()), 4), 'stderr': round(err, 4)}
 
 
+def judge(videos, threshold: float = 60.0, **hits) -> dict:
+  """{score: mean_and_error} over the clips [N, T, H, W, 3]: detect.coherence's scores of
+  each clip, then each of `hits` (name=[N] per-clip values, e.g. whether the detected
+  shape is the asked one)."""
+  per_clip = [detect.coherence(v, threshold) for v in videos]
+  out = {k: mean_and_error([c[k] for c in per_clip]) for k in per_clip[0]}
+  out.update({k: mean_and_error(v) for k, v in hits.items()})
+  return out
+
+
 def score(videos, labels, threshold: float) -> dict:
   """Per score, its mean and standard error over the clips [N, T, H, W, 3]; `labels`
   None for models without class labels."""
-  per_clip = [detect.coherence(v, threshold) for v in videos]
-  out = {k: mean_and_error([c[k] for c in per_clip]) for k in per_clip[0]}
-  if labels is not None:
-    shape, direction = detect.label_hits(videos, labels, threshold)
-    out['shape_accuracy'] = mean_and_error(shape)
-    out['direction_accuracy'] = mean_and_error(direction)
-  return out
+  if labels is None:
+    return judge(videos, threshold)
+  shape, direction = detect.label_hits(videos, labels, threshold)
+  return judge(videos, threshold, shape_accuracy=shape, direction_accuracy=direction)
 
 
 def wall_s_by_step(metrics_path: str) -> dict:

@@ -94,7 +94,7 @@ def eval_pipeline(keyframe, interp, fps):
   grid = prompts(FLAGS.num_prompts)
   counts, colour, key_colour, mid_colour = [], [], [], []
   dist, inside, nearest = [], [], []
-  per_clip = []
+  clips, shape_hits, direction_hits = [], [], []
   plan = None
   t0 = time.perf_counter()
   for i, (prompt, want, shape, direction) in enumerate(grid):
@@ -108,8 +108,9 @@ def eval_pipeline(keyframe, interp, fps):
     counts.append(clip.shape[0] == plan.num_frames == round(FLAGS.duration_s * plan.fps))
     d = detect.detect(clip)
     colour.append(d.colour == want)
-    per_clip.append({**detect.coherence(clip), 'shape_accuracy': float(d.shape == shape),
-                     'direction_accuracy': float(d.direction == direction)})
+    clips.append(clip)
+    shape_hits.append(d.shape == shape)
+    direction_hits.append(d.direction == direction)
     key_colour.append(detect.detect(clip[keys]).colour == want)
     mid_colour.append(detect.detect(clip[mids]).colour == want)
     a, b, c = between_keyframes(d.centroids, d.found, keys)
@@ -140,8 +141,8 @@ def eval_pipeline(keyframe, interp, fps):
       'true_clips_err_px': float(np.mean(true_dist)),
       'true_clips_between_frac': float(np.mean(true_inside)),
       'generate_s': seconds,
-      'judged': {k: learning_curve.mean_and_error([c[k] for c in per_clip])
-                 for k in per_clip[0]}}
+      'judged': learning_curve.judge(clips, shape_accuracy=shape_hits,
+                                     direction_accuracy=direction_hits)}
   print(f'pipeline: {len(grid)} prompts -> {plan.num_frames} frames at {plan.fps:g} fps '
         f'({seconds:.0f}s); frame count right in {out["frame_count_ok"]:.3f}')
   print(f'  colour vs prompt: clip {out["colour_acc"]:.3f}, keyframes '

@@ -147,20 +147,29 @@ def _kernel_params(params) -> int:
              if 'kernel' in jax.tree_util.keystr(path))
 
 
+def _counted_params(f) -> int:
+  """Every matmul weight the FLOP count uses: per token, clip, caption token and pixel."""
+  return (f.token_matmul_params + f.clip_matmul_params + f.context_matmul_params
+          + f.pixel_matmul_params)
+
+
+def _class_model_params(config, shape):
+  """(model, params tree of shapes) of a class-conditioned config on clips `shape`."""
+  model = dit.build_model(config.model, config.data.channels, num_classes=12)
+  params = jax.eval_shape(model.init, jax.random.key(0),
+                          jax.ShapeDtypeStruct((1,) + tuple(shape), np.float32),
+                          jax.ShapeDtypeStruct((1,), np.float32),
+                          jax.ShapeDtypeStruct((1,), np.int32))['params']
+  return model, params
+
+
 def test_flops_count_every_matmul_weight_of_the_model():
   """Oracle: the counted matmul params are exactly the model's kernels (no bias, norm, table)."""
-  config = tiny.get_config()
-  model = dit.build_model(config.model, config.data.channels, num_classes=12)
-  video = jax.ShapeDtypeStruct((1, 16, 32, 32, 3), np.float32)
-  t = jax.ShapeDtypeStruct((1,), np.float32)
-  labels = jax.ShapeDtypeStruct((1,), np.int32)
-  params = jax.eval_shape(model.init, jax.random.key(0), video, t, labels)['params']
-  kernels = _kernel_params(params)
+  model, params = _class_model_params(tiny.get_config(), (16, 32, 32, 3))
   f = flops_lib.train_step_flops(model.spec, (16, 32, 32, 3), batch_size=1)
   # + the class tokens' key and value projections (model.class_tokens, once per token)
   # and the pixel refiner's convolutions (model.refiner_width, once per pixel).
-  assert (f.token_matmul_params + f.clip_matmul_params + f.context_matmul_params
-          + f.pixel_matmul_params) == kernels
+  assert _counted_params(f) == _kernel_params(params)
 
 
 @pytest.mark.parametrize('encoder,pooled', [('builtin', False), ('precomputed', False),
@@ -185,9 +194,8 @@ def test_flops_count_text_and_given_frame_weights(encoder, pooled):
   params = jax.eval_shape(lambda v, t, x, m: model.init(jax.random.key(0), v, t, text=x,
                                                         frame_mask=m),
                           video, t, text, mask)['params']
-  kernels = _kernel_params(params)
   f = flops_lib.train_step_flops(spec, (d.num_frames, d.height, d.width, d.channels), 1)
-  assert f.token_matmul_params + f.clip_matmul_params + f.context_matmul_params == kernels
+  assert _counted_params(f) == _kernel_params(params)
   assert f.caption_tokens == spec.text.max_length
   base = flops_lib.train_step_flops(dataclasses.replace(spec, conditioning='class', text=None,
                                                         context_frames=0),
@@ -205,17 +213,11 @@ def test_flops_count_class_token_weights():
   model's kernels, and the K label tokens add 12 K D score FLOPs per token per block."""
   config = tiny.get_config()
   config.model.class_tokens = 3
-  model = dit.build_model(config.model, config.data.channels, num_classes=12)
   d = config.data
   shape = (d.num_frames, d.height, d.width, d.channels)
-  params = jax.eval_shape(model.init, jax.random.key(0),
-                          jax.ShapeDtypeStruct((1,) + shape, np.float32),
-                          jax.ShapeDtypeStruct((1,), np.float32),
-                          jax.ShapeDtypeStruct((1,), np.int32))['params']
-  kernels = _kernel_params(params)
+  model, params = _class_model_params(config, shape)
   f = flops_lib.train_step_flops(model.spec, shape, 1)
-  assert (f.token_matmul_params + f.clip_matmul_params + f.context_matmul_params
-          + f.pixel_matmul_params) == kernels
+  assert _counted_params(f) == _kernel_params(params)
   base = flops_lib.train_step_flops(dataclasses.replace(model.spec, class_tokens=0), shape, 1)
   assert f.caption_tokens == 3 and base.caption_tokens == 0
   assert f.attention - base.attention == (12 * model.spec.depth * 3 * model.spec.width
@@ -227,16 +229,11 @@ def test_flops_count_pixel_refiner_weights():
   model's kernels, and the refiner's weights are used once per pixel."""
   config = tiny.get_config()
   config.model.refiner_width = 16
-  model = dit.build_model(config.model, config.data.channels, num_classes=12)
   d = config.data
   shape = (d.num_frames, d.height, d.width, d.channels)
-  params = jax.eval_shape(model.init, jax.random.key(0),
-                          jax.ShapeDtypeStruct((1,) + shape, np.float32),
-                          jax.ShapeDtypeStruct((1,), np.float32),
-                          jax.ShapeDtypeStruct((1,), np.int32))['params']
+  model, params = _class_model_params(config, shape)
   f = flops_lib.train_step_flops(model.spec, shape, 2)
-  assert (f.token_matmul_params + f.clip_matmul_params + f.context_matmul_params
-          + f.pixel_matmul_params) == _kernel_params(params)
+  assert _counted_params(f) == _kernel_params(params)
   assert f.pixel_matmul_params == _kernel_params(params['refiner']) - _kernel_params(
       params['refiner']['adaln'])
   base = flops_lib.train_step_flops(dataclasses.replace(model.spec, refiner_width=0), shape, 2)

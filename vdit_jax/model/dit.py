@@ -165,6 +165,14 @@ def spec_differences(saved_model_cfg, model_cfg, *, label: str = 'saved',
           for k in names if getattr(saved, k) != getattr(spec, k)]
 
 
+def _odd_kernel(kernel) -> bool:
+  """Whether `kernel` is a tuple of three odd positive ints (kt, kh, kw): a convolution
+  kernel whose 'same' padding is symmetric."""
+  return (isinstance(kernel, tuple) and len(kernel) == 3
+          and all(isinstance(k, int) and not isinstance(k, bool) and k > 0 and k % 2
+                  for k in kernel))
+
+
 def check_spec(spec: ModelSpec) -> None:
   """Raises ValueError naming the first field that breaks a rule."""
   for key in ('width', 'depth', 'num_heads', 'mlp_dim'):
@@ -175,10 +183,7 @@ def check_spec(spec: ModelSpec) -> None:
   if spec.width % spec.num_heads:
     raise ValueError(f'model.width={spec.width} is not divisible by '
                      f'model.num_heads={spec.num_heads}.')
-  if spec.mlp_conv != () and not (
-      isinstance(spec.mlp_conv, tuple) and len(spec.mlp_conv) == 3
-      and all(isinstance(k, int) and not isinstance(k, bool) and k > 0 and k % 2
-              for k in spec.mlp_conv)):
+  if spec.mlp_conv != () and not _odd_kernel(spec.mlp_conv):
     raise ValueError(f'model.mlp_conv={spec.mlp_conv!r} must be () (no convolution) or three '
                      'odd positive ints (kt, kh, kw): the depthwise kernel over the token grid, '
                      "odd so that its 'same' padding is symmetric, e.g. (3, 3, 3).")
@@ -186,10 +191,7 @@ def check_spec(spec: ModelSpec) -> None:
       or spec.refiner_width < 0):
     raise ValueError(f'model.refiner_width={spec.refiner_width!r} must be an integer >= 0 '
                      '(0: no pixel refiner).')
-  if spec.refiner_width and not (
-      isinstance(spec.refiner_kernel, tuple) and len(spec.refiner_kernel) == 3
-      and all(isinstance(k, int) and not isinstance(k, bool) and k > 0 and k % 2
-              for k in spec.refiner_kernel)):
+  if spec.refiner_width and not _odd_kernel(spec.refiner_kernel):
     raise ValueError(f'model.refiner_kernel={spec.refiner_kernel!r} must be three odd '
                      "positive ints (kt, kh, kw), odd so that its 'same' padding is "
                      'symmetric, e.g. (1, 3, 3).')

@@ -73,6 +73,68 @@ def test_overfitting_one_batch_drives_loss_down():
   assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10]), losses
 
 
+def _tiny_abstract_params(config):
+  s = loop.build(config, None)
+  return jax.eval_shape(
+      lambda r: s.model.init(r, *state_lib.model_inputs(config.data, 1))['params'],
+      jax.random.key(0))
+
+
+def test_muon_takes_the_block_matrices_and_leaves_the_rest_to_adamw():
+  config = small_config()
+  dims = state_lib.muon_dimension_numbers(_tiny_abstract_params(config))
+  flat = {jax.tree_util.keystr(path): d for path, d in jax.tree_util.tree_flatten_with_path(
+      dims, is_leaf=lambda x: x is None or isinstance(x, tuple))[0]}
+  muon = {k: (d.reduction_axis, d.output_axis) for k, d in flat.items() if d is not None}
+  qkv = ((-3,), (-2, -1))
+  expected = {
+      "['blocks']['adaln']['proj']['kernel']": ((-2,), (-1,)),
+      "['blocks']['attn']['query_kernel']": qkv,
+      "['blocks']['attn']['key_kernel']": qkv,
+      "['blocks']['attn']['value_kernel']": qkv,
+      "['blocks']['attn']['out_kernel']": ((-3, -2), (-1,)),
+      "['blocks']['mlp']['fc1']['kernel']": ((-2,), (-1,)),
+      "['blocks']['mlp']['fc2']['kernel']": ((-2,), (-1,)),
+  }
+  expected.update({k.replace("['attn']", "['cross_attn']['attn']", 1): v
+                   for k, v in expected.items() if "['attn']" in k})
+  assert muon == expected
+  # Embeddings, the output projection, biases, norms and the token convolution: AdamW.
+  for name in ("['patch_embed']['proj']['kernel']", "['final']['proj']['kernel']",
+               "['blocks']['mlp']['conv']['kernel']", "['blocks']['mlp']['fc1']['bias']",
+               "['y_tokens']['table']"):
+    assert flat[name] is None, name
+
+
+def test_muon_orthogonalises_block_updates_at_adamws_rms():
+  lr = 1e-2
+  config = small_config(optimizer='muon', learning_rate=lr, warmup_steps=0, grad_clip=0.0)
+  params = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                        nn.unbox(_tiny_abstract_params(config)))
+  grads = jax.tree.map(lambda a: jax.random.normal(jax.random.key(a.size), a.shape), params)
+  tx = state_lib.make_optimizer(config.train)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  fc1 = np.asarray(updates['blocks']['mlp']['fc1']['kernel'][0])  # [width, mlp] of block 0
+  spread = lambda m: (lambda sv: sv.max() / sv.min())(np.linalg.svd(m, compute_uv=False))
+  # A Gaussian gradient's singular values spread over ~6x; Muon's five Newton-Schulz
+  # steps bring them into about [0.7, 1.2] of each other.
+  assert spread(np.asarray(grads['blocks']['mlp']['fc1']['kernel'][0])) > 4
+  assert spread(fc1) < 2.0, spread(fc1)
+  np.testing.assert_allclose(np.sqrt(np.mean(fc1 ** 2)), 0.2 * lr, rtol=0.3)
+  # The others take (Nesterov) AdamW, whose first step is one size times -sign(g).
+  embed = np.asarray(updates['patch_embed']['proj']['kernel'])
+  size = np.abs(embed).max()
+  assert lr <= size <= 2 * lr, size
+  np.testing.assert_allclose(embed, -size * np.sign(grads['patch_embed']['proj']['kernel']),
+                             rtol=1e-4)
+
+
+def test_unknown_optimizer_is_refused_before_anything_compiles():
+  config = small_config(optimizer='sgd')
+  with pytest.raises(ValueError, match=r"train.optimizer='sgd' must be 'adamw' or 'muon'"):
+    loop.build(config, None)
+
+
 def test_label_dropout_uses_null_label():
   labels = jnp.arange(1000, dtype=jnp.int32) % 12
   dropped = step_lib.drop_labels(jax.random.key(0), labels, 12, 0.25)

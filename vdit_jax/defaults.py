@@ -120,6 +120,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.warmup_steps = 100
   t.end_lr_fraction = 0.1           # cosine decays to this fraction of the peak
   t.weight_decay = 0.0
+  t.optimizer = 'adamw'             # adamw | muon (block matrices; the rest AdamW: train/state.py)
   t.b1 = 0.9
   t.b2 = 0.99
   t.grad_clip = 1.0

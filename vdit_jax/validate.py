@@ -66,6 +66,9 @@ def validate_config(config, num_devices: int, process_count: int = 1,
       raise ValueError(f'config.{path}={value} must be in [0, 1).')
 
   _check_checkpoint(config.checkpoint)
+  optimizer = config.train.get('optimizer', 'adamw')
+  if optimizer not in ('adamw', 'muon'):
+    raise ValueError(f"config.train.optimizer={optimizer!r} must be 'adamw' or 'muon'.")
   tensorboard = config.train.get('tensorboard', False)
   if not isinstance(tensorboard, bool):
     raise ValueError(f'config.train.tensorboard={tensorboard!r} must be True or False '

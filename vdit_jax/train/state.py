@@ -8,6 +8,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from optax import contrib as optax_contrib
 from jax.sharding import Mesh
 
 
@@ -28,13 +29,70 @@ def learning_rate_schedule(train_cfg) -> optax.Schedule:
       end_value=peak * train_cfg.end_lr_fraction)
 
 
+# Transformer-block kernels Muon orthogonalises: leaf name -> (reduction axes, output axes),
+# counted from the end so scanned blocks' leading 'layers' axis is a batch axis.
+_MUON_AXES = {
+    'query_kernel': ((-3,), (-2, -1)),   # [embed, heads, kv]
+    'key_kernel': ((-3,), (-2, -1)),
+    'value_kernel': ((-3,), (-2, -1)),
+    'out_kernel': ((-3, -2), (-1,)),     # [heads, kv, embed]
+}
+_MUON_DENSE = ('fc1', 'fc2', 'proj')     # MLP and adaLN modulation: [in, out]
+
+
+def muon_dimension_numbers(params):
+  """Muon's reduction / output axes for each block matrix; None (AdamW) for the rest.
+
+  Only the hidden matrices inside the transformer blocks take Muon: the patch
+  embedding, the output projection, the timestep and label embeddings, biases, norm
+  scales and convolution kernels stay on AdamW, as the Muon papers train them. Works on
+  boxed (init) and plain (update) trees alike: it reads only the path and the rank.
+  """
+  def dims(path, leaf):
+    keys = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+    if not keys or not keys[0].startswith('blocks'):
+      return None
+    name = keys[-1]
+    if name in _MUON_AXES:
+      reduction, output = _MUON_AXES[name]
+    elif name == 'kernel' and len(keys) >= 2 and keys[-2] in _MUON_DENSE:
+      reduction, output = (-2,), (-1,)
+    else:
+      return None
+    if leaf.ndim < len(reduction) + len(output):
+      return None
+    return optax_contrib.MuonDimensionNumbers(reduction_axis=reduction, output_axis=output)
+
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: dims(path, x.value if is_box(x) else x), params, is_leaf=is_box)
+
+
+OPTIMIZERS = ('adamw', 'muon')
+
+
 def make_optimizer(train_cfg) -> optax.GradientTransformation:
-  """AdamW with global-norm clipping (grad_clip=0 turns clipping off)."""
+  """Global-norm clipping (grad_clip=0 turns it off), then AdamW or Muon.
+
+  optimizer='muon': the block matrices (muon_dimension_numbers) take Muon's
+  orthogonalised momentum, scaled to AdamW's update RMS (consistent_rms=0.2, as Moonlight
+  does) with momentum 0.95, so the same learning_rate and schedule serve both; the rest take AdamW.
+  """
   parts = []
   if train_cfg.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(train_cfg.grad_clip))
-  parts.append(optax.adamw(learning_rate_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2,
-                           weight_decay=train_cfg.weight_decay))
+  schedule = learning_rate_schedule(train_cfg)
+  name = train_cfg.get('optimizer', 'adamw')
+  if name == 'adamw':
+    parts.append(optax.adamw(schedule, b1=train_cfg.b1, b2=train_cfg.b2,
+                             weight_decay=train_cfg.weight_decay))
+  elif name == 'muon':
+    parts.append(optax_contrib.muon(
+        schedule, beta=0.95, weight_decay=train_cfg.weight_decay,
+        adam_b1=train_cfg.b1, adam_b2=train_cfg.b2, adam_weight_decay=train_cfg.weight_decay,
+        muon_weight_dimension_numbers=muon_dimension_numbers, consistent_rms=0.2))
+  else:
+    raise ValueError(f'train.optimizer={name!r} is not one of {OPTIMIZERS}.')
   return optax.chain(*parts)
 
 

@@ -32,6 +32,8 @@ MESHES = {
     'data2_seq4_all_gather': dict(data=2, sequence=4),
     'data2_seq4_ring': dict(data=2, sequence=4),
     'data2_seq4_ulysses': dict(data=2, sequence=4),
+    # train.optimizer='muon': Newton-Schulz on fsdp- and tensor-sharded block matrices.
+    'data2_fsdp2_tensor2_muon': dict(data=2, fsdp=2, tensor=2),
 }
 STEPS = 2
 # x0 output's loss weighs clean-end x0 errors by up to 1/0.05^2 = 400, so a sum in another
@@ -109,6 +111,8 @@ def config_for(name=None):
     config.mesh.update(MESHES[name])
     if 'seq4_' in name:
       config.model.sequence_parallel = name.split('seq4_')[1]
+  if name is not None and name.endswith('_muon'):
+    config.train.optimizer = 'muon'
   return config
 
 
@@ -154,11 +158,18 @@ def main(argv):
   results = {}
   devices = jax.devices()
   assert len(devices) == 8, devices
-  _, ref_state, _, ref_losses, _ = run(config_for(), devices[:1])
-  ref_params = jax.device_get(ref_state.params)
+  refs = {}
   for name in argv[1:] or MESHES:
     try:
-      s, state, shardings, losses, hlo = run(config_for(name), devices)
+      config = config_for(name)
+      optimizer = config.train.optimizer
+      if optimizer not in refs:  # the one-device run with the same optimizer
+        one = config_for()
+        one.train.optimizer = optimizer
+        _, ref_state, _, ref_losses, _ = run(one, devices[:1])
+        refs[optimizer] = ref_losses, jax.device_get(ref_state.params)
+      ref_losses, ref_params = refs[optimizer]
+      s, state, shardings, losses, hlo = run(config, devices)
       np.testing.assert_allclose(losses, ref_losses, **TOL)
       params = jax.device_get(state.params)
       jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), params, ref_params)
@@ -168,10 +179,17 @@ def main(argv):
                                              for k, v in specs.items()
                                              if EXPECTED_PARAM_SPECS.get(k) != v}
       assert path_specs(shardings.ema_params) == EXPECTED_PARAM_SPECS
-      adam = shardings.opt_state[1][0]  # chain(clip, adamw) -> adamw's ScaleByAdamState
-      assert path_specs(adam.mu) == EXPECTED_PARAM_SPECS
-      assert path_specs(adam.nu) == EXPECTED_PARAM_SPECS
-      assert adam.count.spec == P()
+      if optimizer == 'adamw':
+        adam = shardings.opt_state[1][0]  # chain(clip, adamw) -> its ScaleByAdamState
+        assert path_specs(adam.mu) == EXPECTED_PARAM_SPECS
+        assert path_specs(adam.nu) == EXPECTED_PARAM_SPECS
+        assert adam.count.spec == P()
+      else:  # Muon's momentum and AdamW's moments are sharded like their params
+        specs = path_specs(shardings.opt_state[1])
+        muon_mu = {k.split('/mu/', 1)[1]: v for k, v in specs.items() if '/mu/' in k and
+                   'muon' in k.split('/mu/')[0]}
+        assert muon_mu and all(EXPECTED_PARAM_SPECS[k] == v for k, v in muon_mu.items()), (
+            muon_mu)
       assert shardings.step.spec == P()
       leaf = state.params['blocks']['mlp']['fc1']['kernel']
       assert leaf.sharding.spec == P(None, EMBED, MLP), leaf.sharding

@@ -11,7 +11,8 @@ import pytest
 from tests import multidevice
 
 MESHES = ('data8', 'fsdp8', 'data2_fsdp2_tensor2', 'data2_seq4_all_gather',
-          'data2_seq4_ring', 'data2_seq4_ulysses')
+          'data2_seq4_ring', 'data2_seq4_ulysses',
+          'data2_fsdp2_tensor2_muon')
 
 
 @pytest.fixture(scope='module')

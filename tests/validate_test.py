@@ -1,10 +1,14 @@
 """Every config rule is checked before anything compiles, with a message naming the value."""
 
+import copy
+import importlib
 import re
 
+import ml_collections
 import pytest
 
 from configs import dit_xl_video, small, tiny
+from tests import configs_multidevice
 from vdit_jax import validate
 from vdit_jax.train import loop
 
@@ -63,12 +67,61 @@ CASES = [
     (dict(train__ema_decay=1.0), r'config.train.ema_decay=1.0 must be in \[0, 1\)'),
     (dict(sample__num_steps=2000), 'sample.num_steps=2000 exceeds diffusion.num_timesteps=1000'),
     (dict(diffusion__shift=0.0), 'shift=0.0 must be a finite number > 0'),
-    (dict(diffusion__shift=float('inf')), 'shift=inf must be a finite number > 0'),
+    (dict(diffusion__shift=float('inf')), 'config.diffusion.shift=inf must be a finite number'),
+    (dict(train__learning_rate=float('nan')),
+     'config.train.learning_rate=nan must be a finite number'),
+    (dict(train__b1=1.0), r'config.train.b1=1.0 must be in \[0, 1\)'),
+    (dict(train__b2=-0.1), r'config.train.b2=-0.1 must be in \[0, 1\)'),
+    (dict(train__end_lr_fraction=1.5), r'config.train.end_lr_fraction=1.5 must be in \[0, 1\]'),
+    (dict(train__optimizer='sgd'), "config.train.optimizer='sgd' must be 'adamw' or 'muon'"),
     (dict(model__mlp_conv=(2, 3, 3)), 'model.mlp_conv=(2, 3, 3) must be () (no convolution) or '
      'three odd positive ints'),
     (dict(model__mlp_conv=(3, 3)), 'model.mlp_conv=(3, 3) must be ()'),
     (dict(model__mlp_conv=(3, -1, 3)), 'model.mlp_conv=(3, -1, 3) must be ()'),
 ]
+
+
+def _float_fields(node, path=()):
+  """Paths (keys and tuple indices) of every float leaf of a config."""
+  if isinstance(node, ml_collections.ConfigDict):
+    for key in node.keys():
+      yield from _float_fields(node[key], path + (key,))
+  elif isinstance(node, (tuple, list)):
+    for i, item in enumerate(node):
+      yield from _float_fields(item, path + (i,))
+  elif isinstance(node, float):
+    yield path
+
+
+def _with_value(config, path, value):
+  """A copy of config with the leaf at path (through tuples too) set to value."""
+  config = copy.deepcopy(config)
+  parent, key = config, path[0]
+  depth = 1
+  while depth < len(path) and not isinstance(path[depth], int):
+    parent, key = parent[key], path[depth]
+    depth += 1
+  if depth == len(path):
+    parent[key] = value
+  else:  # a float inside a tuple (e.g. data.shape_size): rebuild the tuple
+    items = list(parent[key])
+    items[path[depth]] = value
+    parent[key] = tuple(items)
+  return config
+
+
+@pytest.mark.parametrize('name', configs_multidevice.CONFIGS)
+def test_every_float_field_of_every_shipped_config_refuses_nan_and_inf(name):
+  config = importlib.import_module(f'configs.{name}').get_config()
+  fields = list(_float_fields(config))
+  assert {p[0] for p in fields} >= {"train", "diffusion", "model", "data", "sample"}, fields
+  for path in fields:
+    shown = '.'.join(str(p) for p in path if not isinstance(p, int)) + ''.join(
+        f'[{p}]' for p in path if isinstance(p, int))
+    for value in (float('nan'), float('inf'), float('-inf')):
+      with pytest.raises(ValueError, match=re.escape(f'config.{shown}={value} must be a '
+                                                     'finite number')):
+        validate.validate_config(_with_value(config, path, value), num_devices=1)
 
 
 @pytest.mark.parametrize('overrides,message', CASES,

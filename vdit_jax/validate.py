@@ -1,8 +1,10 @@
 """Config validation: every rule a run depends on, checked before anything compiles."""
 
+import math
 from typing import Optional
 
 import jax
+import ml_collections
 
 from vdit_jax.data import buckets
 from vdit_jax.data import pipeline
@@ -39,6 +41,27 @@ def _non_negative(config, *paths):
       raise ValueError(f'config.{path}={value} must be >= 0.')
 
 
+def _non_finite_fields(node, path):
+  """(path, value) of every NaN or infinite float in a config, tuples and lists included."""
+  if isinstance(node, (ml_collections.ConfigDict, dict)):
+    for key in node.keys():
+      yield from _non_finite_fields(node[key], f'{path}.{key}' if path else key)
+  elif isinstance(node, (tuple, list)):
+    for i, item in enumerate(node):
+      yield from _non_finite_fields(item, f'{path}[{i}]')
+  elif isinstance(node, float) and not math.isfinite(node):
+    yield path, node
+
+
+def _in_range(config, path, low, high, high_open=True):
+  value = config
+  for part in path.split('.'):
+    value = value[part]
+  if not (low <= value < high if high_open else low <= value <= high):
+    raise ValueError(f'config.{path}={value} must be in [{low:g}, {high:g}'
+                     f'{")" if high_open else "]"}.')
+
+
 def validate_config(config, num_devices: int, process_count: int = 1,
                     platform: Optional[str] = None) -> None:
   """Raises ValueError naming the first value that breaks a rule.
@@ -46,6 +69,9 @@ def validate_config(config, num_devices: int, process_count: int = 1,
   `platform` is the devices' jax platform ('cpu', 'gpu', 'tpu'; default: the
   default backend's), for the rules of platform-specific kernels.
   """
+  # NaN passes every `value <= 0` test and inf every upper bound: refuse both everywhere.
+  for path, value in _non_finite_fields(config, ''):
+    raise ValueError(f'config.{path}={value} must be a finite number.')
   _positive(config, 'data.num_frames', 'data.height', 'data.width', 'data.channels',
             'data.num_examples', 'train.num_steps', 'train.batch_size', 'train.log_every',
             'train.learning_rate', 'checkpoint.every_steps', 'checkpoint.keep',
@@ -59,11 +85,9 @@ def validate_config(config, num_devices: int, process_count: int = 1,
   _check_synthetic_options(config.data)
   pipeline.check_data_config(config.data)
   vae_latents.check_config(config)  # data.latents: shards of latents and the VAE to decode
-  for path in ('train.ema_decay', 'model.label_dropout'):
-    section, key = path.split('.')
-    value = config[section][key]
-    if not 0.0 <= value < 1.0:
-      raise ValueError(f'config.{path}={value} must be in [0, 1).')
+  for path in ('train.ema_decay', 'model.label_dropout', 'train.b1', 'train.b2'):
+    _in_range(config, path, 0.0, 1.0)  # decay rates and a probability
+  _in_range(config, 'train.end_lr_fraction', 0.0, 1.0, high_open=False)
 
   _check_checkpoint(config.checkpoint)
   optimizer = config.train.get('optimizer', 'adamw')

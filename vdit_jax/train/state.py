@@ -143,10 +143,20 @@ def create_state(init_fn, rng, mesh: Mesh, rules) -> Tuple[TrainState, Any]:
   return state, shardings
 
 
+def _empty_node(x) -> bool:
+  """A pytree node with no leaves (optax's MaskedNode in a partitioned optimizer's state)."""
+  return x is not None and not isinstance(x, jax.ShapeDtypeStruct) and not jax.tree.leaves(x)
+
+
 def abstract_with_shardings(abstract, shardings):
-  """ShapeDtypeStructs carrying target shardings, for restoring onto a mesh."""
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
+  """ShapeDtypeStructs carrying target shardings, for restoring onto a mesh.
+
+  Where the state holds an empty node (Muon's masked half of the optimizer state), the
+  sharding tree has a leaf; the empty node is kept as it is.
+  """
+  return jax.tree.map(
+      lambda a, s: a if _empty_node(a) else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract, shardings, is_leaf=_empty_node)
 
 
 def param_count(params) -> int:

@@ -1,7 +1,7 @@
 r"""Sampling speed: denoising steps/s and clips/s per config, and the compiled loop vs Python.
 
 python bench/sample.py [--configs=configs/tiny.py,configs/bench.py --num_steps=10 \
-    --loop_config=configs/tiny.py --loop_steps=50 --set=model.depth=2 ...]
+    --loop_config=configs/bench.py --loop_steps=50 --set=model.depth=2 ...]
 
 1. Throughput: for each of --configs, the trainer's sampler (`train/sampling.make_sample_fn`:
    the config's sampler, CFG scale and sample.num_samples, the whole step loop a
@@ -54,8 +54,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list('configs', ['configs/tiny.py', 'configs/bench.py'],
                   'Config files whose sampling throughput is measured.')
 flags.DEFINE_integer('num_steps', 10, 'Denoising steps per throughput run.')
-flags.DEFINE_string('loop_config', 'configs/tiny.py',
-                    'Config of the compiled-loop vs Python-loop comparison ("" skips it).')
+flags.DEFINE_string('loop_config', 'configs/bench.py',
+                    'Config of the compiled-loop vs Python-loop comparison, a discrete '
+                    'objective (eps or v; "" skips it).')
 flags.DEFINE_integer('loop_steps', 50, 'DDIM steps of that comparison.')
 flags.DEFINE_integer('reps', 3, 'Timed runs per case; the median is reported.')
 flags.DEFINE_multi_string('set', [], 'key=value override applied to every config, e.g. '

@@ -8,8 +8,11 @@ frame); tubelets of 2x4x4 (256 tokens per clip), depth 4, 4 heads, and a 3x3x3 d
 convolution over the token grid at every MLP input (model.mlp_conv): about 1.6 M parameters
 (0.26 M of them the cross-attention that reads the class tokens).
 The recipe (issue 26, BUILD_NOTES.md "Recipe: what buys quality per unit of compute"):
-- v loss on the cosine schedule with its SNR divided by 4 (diffusion.shift=2), so more
-  training draws and sampler steps fall where a clip's layout is still undecided;
+- rectified flow (diffusion.objective='flow': z_t = (1 - t) x0 + t eps, Euler sampling) with
+  t drawn logit-normal (SD3) and time-shifted by 2 (diffusion.shift=2), so most training
+  draws fall mid-path, where the outline is decided, and more sampler steps at the noisy end;
+  against v loss on the shifted cosine schedule it gives every frame one object (1.00 against
+  0.88) and the class's shape in 0.67 of the clips against 0.50, at the same compute;
 - the network outputs the clean clip (diffusion.prediction='x0', as JiT): one object per
   frame is learnt in a quarter of the steps that v output needs;
 - the noisy input scaled by its signal level (diffusion.input_scale='signal'), so at the
@@ -38,8 +41,8 @@ def get_config(arg=None):
   config.data.shape_size = (0.4, 0.55)
   config.data.bounce = False
   config.model.class_tokens = 4
-  config.diffusion.objective = 'v'
-  config.diffusion.schedule = 'cosine'
+  config.diffusion.objective = 'flow'
+  config.diffusion.t_sampling = 'logit_normal'
   config.diffusion.shift = 2.0
   config.diffusion.prediction = 'x0'
   config.diffusion.input_scale = 'signal'
@@ -52,4 +55,5 @@ def get_config(arg=None):
   config.checkpoint.keep = 2
   config.sample.every_steps = 0
   config.sample.num_samples = 8
+  config.sample.sampler = 'euler'
   return config

@@ -29,9 +29,13 @@ def get_config(arg=None):
   config = tiny.get_config()
   # The recipe its BUILD_NOTES figures were measured with (bench/latent_e2e.py), stated
   # here rather than configs/tiny.py's pixel recipe: v output on the unshifted cosine
-  # schedule, the unscaled noisy input, no token convolution, the class in adaLN only.
+  # schedule (DDIM), the unscaled noisy input, no token convolution, the class in adaLN only.
   config.model.mlp_conv = ()
   config.model.class_tokens = 0
+  config.diffusion.objective = 'v'
+  config.diffusion.schedule = 'cosine'
+  config.diffusion.t_sampling = 'uniform'
+  config.sample.sampler = 'ddim'
   config.diffusion.shift = 1.0
   config.diffusion.prediction = 'target'
   config.diffusion.input_scale = 'none'

@@ -17,8 +17,10 @@ RECIPE = {
     ('model', 'class_tokens'): 4,         # the label also as cross-attended tokens
     ('diffusion', 'prediction'): 'x0',    # the network outputs the clean clip
     ('diffusion', 'input_scale'): 'signal',  # the noisy input scaled by its signal level
-    ('diffusion', 'objective'): 'v',
-    ('diffusion', 'shift'): 2.0,
+    ('diffusion', 'objective'): 'flow',   # rectified flow: the class's shape 0.67 against
+    ('diffusion', 't_sampling'): 'logit_normal',  # v's 0.50, one object in every frame
+    ('diffusion', 'shift'): 2.0,          # the time shift (SD3's resolution shift)
+    ('sample', 'sampler'): 'euler',
     ('diffusion', 'loss_weighting'): 'none',  # min-SNR-5 measured worse
     ('model', 'mlp_conv'): (3, 3, 3),
     ('model', 'refiner_width'): 0,        # the pixel refiner: better samples, but 1.6x the
@@ -32,6 +34,7 @@ def test_tiny_config_carries_the_measured_recipe():
   config = tiny.get_config()
   got = {key: config[key[0]][key[1]] for key in RECIPE}
   got[('model', 'mlp_conv')] = tuple(got[('model', 'mlp_conv')])
+  assert config.train.optimizer == 'adamw'  # Muon: BUILD_NOTES, third round
   assert got == RECIPE
   dit.check_spec(dit.resolve_spec(config.model))
 
@@ -45,6 +48,18 @@ def test_no_config_chains_a_previous_recipe():
                 ('diffusion', 'shift'), ('model', 'mlp_conv')):
       value = config[key[0]][key[1]]
       assert (tuple(value) if key[1] == 'mlp_conv' else value) == RECIPE[key], (module, key)
+
+
+def test_configs_measured_with_v_loss_keep_it():
+  """Extension, buckets, text, keyframes, interpolation and latents were measured with v
+  loss on the shifted cosine schedule and DDIM: they state it, not tiny's rectified flow."""
+  from configs import tiny_latent  # pylint: disable=g-import-not-at-top
+  for module in (tiny_extend, tiny_buckets, tiny_text, tiny_keyframes, tiny_interpolate,
+                 tiny_latent):
+    config = module.get_config()
+    got = (config.diffusion.objective, config.diffusion.schedule,
+           config.diffusion.t_sampling, config.sample.sampler)
+    assert got == ('v', 'cosine', 'uniform', 'ddim'), (module, got)
 
 
 def test_text_config_keeps_its_measured_recipe():

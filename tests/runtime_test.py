@@ -211,7 +211,7 @@ _BENCHES = {
                    '--steps=2', '--matmul_size=64', '--matmul_reps=2'],
     'compile': ['bench/compile.py', '--config=configs/bench.py', *_TINY, '--depths=1',
                 '--scan=true,false'],
-    'sample': ['bench/sample.py', '--configs=configs/tiny.py', '--loop_config=configs/tiny.py',
+    'sample': ['bench/sample.py', '--configs=configs/tiny.py', '--loop_config=configs/bench.py',
                '--set=model.depth=1', '--set=model.width=32', '--set=model.num_heads=2',
                '--set=model.mlp_dim=64', '--set=data.num_frames=2', '--set=data.height=8',
                '--set=data.width=8', '--set=sample.num_samples=2', '--num_steps=2',
@@ -281,10 +281,11 @@ def test_denoise_error_diagnostic_writes_its_grid_and_probe(tmp_path):
   assert p.returncode == 0, p.stderr[-3000:]
   rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith('{')]
   per_t = [r for r in rows if 't' in r]
-  assert [r['t'] for r in per_t] == [10, 100, 300, 500, 700, 850, 950, 999]
+  # configs/tiny.py is rectified flow: t in [0, 1].
+  assert [r['t'] for r in per_t] == [0.01, 0.1, 0.3, 0.5, 0.7, 0.85, 0.95, 1.0]
   assert all(np.isfinite(r['x0_mse']) and r['x0_mse'] >= 0 for r in per_t)
   (probe,) = [r for r in rows if 'probe_t' in r]
-  assert probe['probe_t'] == 900 and probe['last_tubelet_change'] > 0
+  assert probe['probe_t'] == 0.9 and probe['last_tubelet_change'] > 0
   # 2 clips x frames (0, T/2), 8x8 pixels with 2 of padding, 1 + 2 x 8 rows, scaled 3x.
   with Image.open(image) as im:
     assert im.size == (2 * 2 * 10 * 3, 17 * 10 * 3)

@@ -14,7 +14,10 @@ from vdit_jax.train import loop
 
 
 def cfg(**overrides):
+  """configs/tiny.py on v loss and DDIM (the objective the cases name), then `overrides`."""
   config = tiny.get_config()
+  config.diffusion.objective = 'v'
+  config.sample.sampler = 'ddim'
   for path, value in overrides.items():
     section, key = path.split('__')
     config[section][key] = value

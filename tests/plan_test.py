@@ -208,16 +208,23 @@ def test_flops_count_text_and_given_frame_weights(encoder, pooled):
   assert f.attention - base.attention == extra
 
 
+def _counted_as_the_models_kernels(config, batch):
+  """(model, params, clip shape, FlopCount) of config's clips; asserts the count's matmul
+  params are exactly the model's kernels."""
+  d = config.data
+  shape = (d.num_frames, d.height, d.width, d.channels)
+  model, params = _class_model_params(config, shape)
+  f = flops_lib.train_step_flops(model.spec, shape, batch)
+  assert _counted_params(f) == _kernel_params(params)
+  return model, params, shape, f
+
+
 def test_flops_count_class_token_weights():
   """Oracle, model.class_tokens: token + clip + label-token matmul params are exactly the
   model's kernels, and the K label tokens add 12 K D score FLOPs per token per block."""
   config = tiny.get_config()
   config.model.class_tokens = 3
-  d = config.data
-  shape = (d.num_frames, d.height, d.width, d.channels)
-  model, params = _class_model_params(config, shape)
-  f = flops_lib.train_step_flops(model.spec, shape, 1)
-  assert _counted_params(f) == _kernel_params(params)
+  model, params, shape, f = _counted_as_the_models_kernels(config, 1)
   base = flops_lib.train_step_flops(dataclasses.replace(model.spec, class_tokens=0), shape, 1)
   assert f.caption_tokens == 3 and base.caption_tokens == 0
   assert f.attention - base.attention == (12 * model.spec.depth * 3 * model.spec.width
@@ -229,11 +236,7 @@ def test_flops_count_pixel_refiner_weights():
   model's kernels, and the refiner's weights are used once per pixel."""
   config = tiny.get_config()
   config.model.refiner_width = 16
-  d = config.data
-  shape = (d.num_frames, d.height, d.width, d.channels)
-  model, params = _class_model_params(config, shape)
-  f = flops_lib.train_step_flops(model.spec, shape, 2)
-  assert _counted_params(f) == _kernel_params(params)
+  model, params, shape, f = _counted_as_the_models_kernels(config, 2)
   assert f.pixel_matmul_params == _kernel_params(params['refiner']) - _kernel_params(
       params['refiner']['adaln'])
   base = flops_lib.train_step_flops(dataclasses.replace(model.spec, refiner_width=0), shape, 2)

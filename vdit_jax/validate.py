@@ -18,25 +18,30 @@ from vdit_jax.model import lora
 from vdit_jax.model import patching
 from vdit_jax.parallel import mesh as mesh_lib
 from vdit_jax.train import generate
+from vdit_jax.train import state as state_lib
 from vdit_jax.vae import latents as vae_latents
 
 OBJECTIVE_SAMPLERS = {'eps': ('ddpm', 'ddim'), 'v': ('ddpm', 'ddim'), 'flow': ('euler',)}
 
 
+def _field(config, path):
+  """The value at a dotted path, e.g. 'train.learning_rate'."""
+  value = config
+  for part in path.split('.'):
+    value = value[part]
+  return value
+
+
 def _positive(config, *paths):
   for path in paths:
-    value = config
-    for part in path.split('.'):
-      value = value[part]
+    value = _field(config, path)
     if value is None or value <= 0:
       raise ValueError(f'config.{path}={value} must be positive.')
 
 
 def _non_negative(config, *paths):
   for path in paths:
-    value = config
-    for part in path.split('.'):
-      value = value[part]
+    value = _field(config, path)
     if value is None or value < 0:
       raise ValueError(f'config.{path}={value} must be >= 0.')
 
@@ -54,9 +59,7 @@ def _non_finite_fields(node, path):
 
 
 def _in_range(config, path, low, high, high_open=True):
-  value = config
-  for part in path.split('.'):
-    value = value[part]
+  value = _field(config, path)
   if not (low <= value < high if high_open else low <= value <= high):
     raise ValueError(f'config.{path}={value} must be in [{low:g}, {high:g}'
                      f'{")" if high_open else "]"}.')
@@ -91,8 +94,9 @@ def validate_config(config, num_devices: int, process_count: int = 1,
 
   _check_checkpoint(config.checkpoint)
   optimizer = config.train.get('optimizer', 'adamw')
-  if optimizer not in ('adamw', 'muon'):
-    raise ValueError(f"config.train.optimizer={optimizer!r} must be 'adamw' or 'muon'.")
+  if optimizer not in state_lib.OPTIMIZERS:
+    raise ValueError(f'config.train.optimizer={optimizer!r} must be '
+                     f'{" or ".join(map(repr, state_lib.OPTIMIZERS))}.')
   tensorboard = config.train.get('tensorboard', False)
   if not isinstance(tensorboard, bool):
     raise ValueError(f'config.train.tensorboard={tensorboard!r} must be True or False '

@@ -46,6 +46,10 @@ def get_config(arg=None):
   from tests.train_test import small_config  # pylint: disable=g-import-not-at-top
   config = small_config(batch_size=8, num_steps=NUM_STEPS, warmup_steps=8, log_every=1)
   config.model.context_frames_max = 2
+  # The storage is under test, not the model: without the token convolution and the class
+  # tokens its step compiles in ~60% of the time (8 devices), and there are ten launches.
+  config.model.mlp_conv = ()
+  config.model.class_tokens = 0
   config.checkpoint.every_steps = EVERY
   config.checkpoint.keep = 2
   config.checkpoint.async_save = True  # the default of real runs
@@ -185,7 +189,12 @@ def test_sample_export_extend_and_another_mesh_from_a_bucket(gcs, straight, tmp_
              '--config.mesh.tensor=2'), env8)
   eight = _read_gif(paths.join(workdir, 'samples', f'sample_step_{NUM_STEPS:07d}.gif'))
   assert one.shape == eight.shape
-  assert np.abs(one.astype(int) - eight.astype(int)).max() <= 2  # fp32 sums in another order
+  # The clips, not the 1-pixel padding between them: GIF's palette, fitted to each file's
+  # colours, can map the constant padding to entries 8 levels apart.
+  clip = 128 + 1  # configs' 16-pixel frames scaled 8x for the grid, then the padding
+  keep = lambda a: a[:, [r for r in range(a.shape[1]) if r % clip != 128]][
+      :, :, [c for c in range(a.shape[2]) if c % clip != 128]].astype(int)
+  assert np.abs(keep(one) - keep(eight)).max() <= 2  # fp32 sums in another order
 
   _, out = _run(_main(workdir, '--mode=export'), env1)
   export = f'{workdir}/export/{NUM_STEPS}'

@@ -252,6 +252,11 @@ def _restore(s: Setup, step: int, data_iter=None):
         f'another --workdir for the new model. Orbax said: {reason}') from e
 
 
+def restore_step(s: Setup, step: int):
+  """The train state of checkpoint `step` onto this run's shardings (see `_restore`)."""
+  return _restore(s, step)
+
+
 def _saved_model_differences(path: str, config) -> list:
   """dit.spec_differences between the model of the config.json at `path` and `config`'s;
   [] when there is no such file or it cannot be read as a model section."""

@@ -67,3 +67,11 @@ def test_text_config_keeps_its_measured_recipe():
   assert config.model.conditioning == 'text' and config.model.class_tokens == 0
   assert config.diffusion.prediction == 'target'
   dit.check_spec(dit.resolve_spec(config.model))
+
+
+def test_extension_config_trains_muon_at_the_length_that_fits():
+  """tiny_extend: Muon at 2000 steps (velocity error 0.35 against AdamW's 0.52 at 2400;
+  its dearer step keeps the time of AdamW's 2400)."""
+  config = tiny_extend.get_config()
+  assert (config.train.optimizer, config.train.num_steps) == ('muon', 2000)
+  assert tiny.get_config().train.optimizer == 'adamw'  # stated here, not inherited

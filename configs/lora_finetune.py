@@ -31,4 +31,5 @@ def get_config(arg=None):
   config.train.log_every = 25
   config.checkpoint.every_steps = 100
   config.checkpoint.keep = 2
+  config.sample.use_ema = True   # measured with the EMA; tiny samples its raw params
   return config

@@ -23,4 +23,5 @@ def get_config(arg=None):
   config.diffusion.schedule = 'cosine'
   config.diffusion.t_sampling = 'uniform'
   config.sample.sampler = 'ddim'
+  config.sample.use_ema = True   # measured with the EMA; tiny samples its raw params
   return config

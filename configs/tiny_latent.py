@@ -52,4 +52,5 @@ def get_config(arg=None):
   config.train.batch_size = 16
   config.train.warmup_steps = 50
   config.checkpoint.every_steps = 250
+  config.sample.use_ema = True   # measured with the EMA; tiny samples its raw params
   return config

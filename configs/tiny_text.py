@@ -51,4 +51,5 @@ def get_config(arg=None):
   config.model.context_none_prob = 0.25   # 0.5 never learned the direction word (BUILD_NOTES)
   config.diffusion.input_scale = 'signal'  # the noisy input scaled by its signal level
   config.train.num_steps = 4800
+  config.sample.use_ema = True   # measured with the EMA; tiny samples its raw params
   return config

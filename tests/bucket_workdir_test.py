@@ -56,6 +56,7 @@ def get_config(arg=None):
   config.train.tensorboard = True
   config.train.compilation_cache_dir = ''
   config.sample.formats = 'gif,mp4'
+  config.sample.use_ema = True  # exports and samples the EMA params (tiny: the raw ones)
   return config
 
 

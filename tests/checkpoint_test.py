@@ -66,6 +66,7 @@ def get_config(arg=None):
   config.sample.num_steps = 2
   config.sample.num_samples = 2
   config.sample.formats = 'gif'
+  config.sample.use_ema = True       # the export under test holds the EMA (tiny: raw params)
   return config
 
 

@@ -41,6 +41,7 @@ def _config():
   config.checkpoint.async_save = False
   config.sample.num_steps = 3
   config.sample.num_samples = 3
+  config.sample.use_ema = True  # the checkpoint below perturbs the EMA params (tiny: raw)
   return config
 
 

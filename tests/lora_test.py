@@ -49,6 +49,7 @@ def tiny_config(scan_layers=True):
   config.checkpoint.async_save = False
   config.sample.num_steps = 2
   config.sample.num_samples = 2
+  config.sample.use_ema = True  # as configs/lora_finetune.py (tiny samples its raw params)
   config.sample.formats = 'gif'
   return config
 

@@ -24,4 +24,5 @@ def get_config(arg=None):
   config.diffusion.t_sampling = 'uniform'
   config.sample.sampler = 'ddim'
   config.sample.use_ema = True   # measured with the EMA; tiny samples its raw params
+  config.diffusion.shift = 2.0             # measured with shift 2 (tiny: 3)
   return config

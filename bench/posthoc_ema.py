@@ -122,14 +122,16 @@ def main(_):
     if len(snapshots) < 2:
       raise SystemExit(f'{workdir}/checkpoints holds steps {snapshots}: keep the params every '
                        'K steps (--config.checkpoint.keep_period=K) to build EMAs from them.')
-    states = [loop.restore_step(s, step) for step in snapshots]
+    params = []  # each snapshot's params only: its optimizer state is not kept
+    for step in snapshots:
+      state = loop.restore_step(s, step)
+      params.append(state.params)
+    stored = state.ema_params  # the last snapshot's
   finally:
     s.checkpointer.close()
-  params = [st.params for st in states]
   last = snapshots[-1]
   own = f'exp:{config.train.ema_decay}'
   rebuilt = weighted_sum(params, snapshot_weights(own, snapshots, last))
-  stored = states[-1].ema_params
   diff = jax.tree.map(lambda a, b: a - b, rebuilt, stored)
   span = jax.tree.map(lambda a, b: a - b, params[-1], stored)
   check = {'profile': own, 'snapshots': len(snapshots), 'every': snapshots[1] - snapshots[0],

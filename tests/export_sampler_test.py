@@ -105,6 +105,8 @@ def test_tool_writes_params_export_then_sampler(exported):
   assert manifest['platforms'] == ['cpu', 'cuda', 'tpu']
   assert manifest['video_shape'] == [3, 3, 16, 16, 3]
   assert manifest['label_names'][1] == 'square moving left'
+  config = _config()
+  assert manifest['sampler']['shift'] == (config.sample.shift or config.diffusion.shift)
   assert 'python -m vdit_jax.serving' in exported['stdout']
 
 

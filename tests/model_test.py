@@ -315,6 +315,39 @@ def test_class_tokens_rejects_bad_values(overrides, message):
     dit.check_spec(dit.resolve_spec(model_cfg(**overrides)))
 
 
+def test_self_condition_reads_the_estimate_as_more_input_channels():
+  """model.self_condition: x0_prev [B, T, H, W, C] enters beside the noisy clip (2C input
+  channels); none given is zeros, and another estimate changes the output."""
+  model = dit.build_model(model_cfg(self_condition=True), 3, 10)
+  video, t, labels = inputs()
+  params = randomise(nn.unbox(jax.jit(model.init)(jax.random.key(0), video, t, labels)[
+      'params']))
+  assert params['patch_embed']['proj']['kernel'].shape == (2 * 2 * 4 * 4 * 3, 48)  # 2C in
+  apply = jax.jit(model.apply)
+  none = apply({'params': params}, video, t, labels)
+  zeros = apply({'params': params}, video, t, labels, x0_prev=jnp.zeros_like(video))
+  np.testing.assert_array_equal(np.asarray(none), np.asarray(zeros))
+  other = apply({'params': params}, video, t, labels, x0_prev=0.5 * jnp.ones_like(video))
+  assert np.abs(np.asarray(other) - np.asarray(none)).max() > 1e-4
+  with pytest.raises(ValueError, match=r'x0_prev \(2, 2, 8, 8, 3\) must have the shape of video'):
+    model.apply({'params': params}, video, t, labels, x0_prev=video[:, :2])
+  plain = dit.build_model(model_cfg(), 3, 10)
+  with pytest.raises(ValueError, match='x0_prev is given but model.self_condition is False'):
+    plain.init(jax.random.key(0), video, t, labels, x0_prev=video)
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(self_condition=1), r'model.self_condition=1 must be True or False'),
+    (dict(self_condition=True, conditioning='text'),
+     r'model.self_condition=True is built for class-conditional models only'),
+    (dict(self_condition=True, context_frames_max=2),
+     r'context_frames_max=2 need'),
+])
+def test_self_condition_rejects_bad_values(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    dit.check_spec(dit.resolve_spec(model_cfg(**overrides)))
+
+
 def _conv_reference(x, kernel):
   """numpy 'same' 3-D convolution: x [B, T, H, W, Cin], kernel [kt, kh, kw, Cin, Cout]."""
   kt, kh, kw = kernel.shape[:3]

@@ -244,6 +244,21 @@ def test_flops_count_pixel_refiner_weights():
                                             + model.spec.width * 2 * 16)
 
 
+def test_flops_count_self_conditioning():
+  """Oracle, model.self_condition: the patch embedding's 2C input channels are exactly the
+  model's kernels, and the first pass adds a forward (a third of the step) on half the
+  steps: the total is 7/6 of the counted matmuls and scores."""
+  config = tiny.get_config()
+  config.model.self_condition = True
+  model, _, shape, f = _counted_as_the_models_kernels(config, 2)
+  base = flops_lib.train_step_flops(dataclasses.replace(model.spec, self_condition=False),
+                                    shape, 2)
+  assert f.token_matmul_params - base.token_matmul_params == (
+      math.prod(model.spec.patch_size) * 3 * model.spec.width)
+  assert f.self_condition == (f.matmul + f.attention) // 6 and base.self_condition == 0
+  assert f.total == f.matmul + f.attention + f.self_condition
+
+
 @pytest.mark.parametrize('shape, batch, message', [
     ((16, 32, 32), 1, r'data_shape=\(16, 32, 32\) must be 4 positive ints'),
     ((16, 32, 32, 3), 0, 'batch_size=0 must be positive'),

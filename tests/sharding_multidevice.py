@@ -34,6 +34,8 @@ MESHES = {
     'data2_seq4_ulysses': dict(data=2, sequence=4),
     # train.optimizer='muon': Newton-Schulz on fsdp- and tensor-sharded block matrices.
     'data2_fsdp2_tensor2_muon': dict(data=2, fsdp=2, tensor=2),
+    # model.self_condition: the loss's first pass under lax.cond, on sharded activations.
+    'data2_fsdp2_tensor2_selfcond': dict(data=2, fsdp=2, tensor=2),
 }
 STEPS = 2
 # x0 output's loss weighs clean-end x0 errors by up to 1/0.05^2 = 400, so a sum in another
@@ -113,6 +115,8 @@ def config_for(name=None):
       config.model.sequence_parallel = name.split('seq4_')[1]
   if name is not None and name.endswith('_muon'):
     config.train.optimizer = 'muon'
+  if name is not None and name.endswith('_selfcond'):
+    config.model.self_condition = True
   return config
 
 
@@ -162,13 +166,13 @@ def main(argv):
   for name in argv[1:] or MESHES:
     try:
       config = config_for(name)
-      optimizer = config.train.optimizer
-      if optimizer not in refs:  # the one-device run with the same optimizer
+      recipe = (config.train.optimizer, config.model.self_condition)
+      if recipe not in refs:  # the one-device run with the same optimizer and model
         one = config_for()
-        one.train.optimizer = optimizer
+        one.train.optimizer, one.model.self_condition = recipe
         _, ref_state, _, ref_losses, _ = run(one, devices[:1])
-        refs[optimizer] = ref_losses, jax.device_get(ref_state.params)
-      ref_losses, ref_params = refs[optimizer]
+        refs[recipe] = ref_losses, jax.device_get(ref_state.params)
+      ref_losses, ref_params = refs[recipe]
       s, state, shardings, losses, hlo = run(config, devices)
       np.testing.assert_allclose(losses, ref_losses, **TOL)
       params = jax.device_get(state.params)

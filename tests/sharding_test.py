@@ -12,7 +12,7 @@ from tests import multidevice
 
 MESHES = ('data8', 'fsdp8', 'data2_fsdp2_tensor2', 'data2_seq4_all_gather',
           'data2_seq4_ring', 'data2_seq4_ulysses',
-          'data2_fsdp2_tensor2_muon')
+          'data2_fsdp2_tensor2_muon', 'data2_fsdp2_tensor2_selfcond')
 
 
 @pytest.fixture(scope='module')

@@ -129,6 +129,42 @@ def test_muon_orthogonalises_block_updates_at_adamws_rms():
                              rtol=1e-4)
 
 
+def test_self_conditioned_step_trains_on_the_first_passs_estimate_on_its_coin():
+  """model.self_condition: each step's loss is Diffusion.loss_at with the step's coin
+  (the first pass's estimate, or zeros), recomputed here from the same draws; over 8
+  steps the coin falls both ways."""
+  config = small_config()
+  config.model.self_condition = True
+  s = loop.build(config, None)
+  state, _ = state_lib.create_state(s.init_fn, jax.random.key(0), s.mesh, s.rules)
+  train_step = jax.jit(step_lib.make_train_step(
+      s.model, s.diffusion, s.tx, s.schedule, num_classes=s.num_classes, label_dropout=0.1,
+      ema=0.99))
+  batch = jax.tree.map(jnp.asarray, next(pipeline.make_dataset(config.data, 4, seed=0)))
+
+  @jax.jit
+  def loss_with(params, step, coin):
+    rng = jax.random.fold_in(jax.random.key(0), step)
+    drop_rng, loss_rng = jax.random.split(rng)
+    labels = step_lib.drop_labels(drop_rng, batch['label'], s.num_classes, 0.1)
+    t, noise = s.diffusion.draw(loss_rng, batch['video'])
+    pred_fn = lambda z, tm, **kw: s.model.apply({'params': params}, z, tm, labels, **kw)
+    return s.diffusion.loss_at(pred_fn, batch['video'], t, noise, self_condition=coin)
+
+  coins, gaps = [], []
+  with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
+    for i in range(8):
+      rng = jax.random.fold_in(jax.random.key(0), i)
+      coin = bool(jax.random.bernoulli(jax.random.fold_in(rng, 2), 0.5))
+      expected, other = (float(loss_with(state.params, i, c)) for c in (coin, not coin))
+      state, metrics = train_step(state, batch, jax.random.key(0))
+      np.testing.assert_allclose(float(metrics['loss']), expected, rtol=1e-5)
+      coins.append(coin)
+      gaps.append(abs(expected - other))
+  assert set(coins) == {True, False}, coins
+  assert max(gaps[2:]) > 1e-4, gaps  # once the output layer has moved, the estimate counts
+
+
 def test_unknown_optimizer_is_refused_before_anything_compiles():
   config = small_config(optimizer='sgd')
   with pytest.raises(ValueError, match=r"train.optimizer='sgd' must be 'adamw' or 'muon'"):

@@ -43,6 +43,9 @@ def base_config() -> ml_collections.ConfigDict:
   # convolution over pixels that sees the prediction and the noisy input; 0 = none.
   m.refiner_width = 0
   m.refiner_kernel = (1, 3, 3)
+  # Self-conditioning (Chen et al. 2022): the model also sees its own x0 estimate, from a
+  # first pass on half the train steps and from the previous sampler step.
+  m.self_condition = False
   m.scan_layers = True
   m.remat_policy = 'none'           # none | full | nothing_saveable | dots_saveable |
                                     # dots_with_no_batch_dims_saveable | save_named | ...
@@ -142,6 +145,7 @@ def base_config() -> ml_collections.ConfigDict:
   s.every_steps = 0                 # 0 = only at the end of training
   s.sampler = 'ddim'                # ddpm | ddim (eps, v) | euler (flow)
   s.num_steps = 50
+  s.shift = config_dict.placeholder(float)  # euler (flow): the grid's time shift (None: diffusion.shift)
   s.eta = 0.0
   s.cfg_scale = 2.0
   s.num_samples = 8

@@ -127,7 +127,8 @@ def validate_config(config, num_devices: int, process_count: int = 1,
   if objective != 'flow' and config.sample.num_steps > config.diffusion.num_timesteps:
     raise ValueError(f'sample.num_steps={config.sample.num_steps} exceeds '
                      f'diffusion.num_timesteps={config.diffusion.num_timesteps}.')
-  objectives.Diffusion.from_config(config.diffusion)  # schedule / t_sampling names
+  # schedule / t_sampling names; sample.shift only where flow's grid can be re-timed
+  objectives.Diffusion.from_config(config.diffusion).for_sampling(config.sample.get('shift'))
 
   formats = [f.strip() for f in config.sample.formats.split(',') if f.strip()]
   bad = [f for f in formats if f not in ('mp4', 'gif')]

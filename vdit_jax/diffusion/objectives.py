@@ -167,6 +167,22 @@ class Diffusion(flax.struct.PyTreeNode):
         prediction=dcfg.get('prediction', 'target'),
         min_snr_gamma=dcfg.get('min_snr_gamma', 5.0))
 
+  def for_sampling(self, shift=None):
+    """The process a sampler walks: flow's Euler grid time-shifted by `shift` (None: the
+    training shift). Flow's network takes continuous t, so its grid may be re-timed after
+    training; a discrete schedule's timesteps index the schedule it was trained on, so there
+    only its own shift is accepted."""
+    if shift is None:
+      return self
+    shift = schedules.check_shift(shift)
+    if shift == self.shift:
+      return self
+    if not self.is_flow:
+      raise ValueError(f'sample.shift={shift!r} re-times only the flow objective\'s Euler grid; '
+                       f'objective {self.objective!r} samples the schedule it was trained on '
+                       f'(diffusion.shift={self.shift}): leave sample.shift unset.')
+    return self.replace(shift=shift)
+
   def alphas_cumprod_f64(self):
     """abar as float64 numpy, rebuilt from the static fields (concrete even under jit)."""
     if self.is_flow:
@@ -271,13 +287,32 @@ class Diffusion(flax.struct.PyTreeNode):
     noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)  # [B, ...]
     return t, noise
 
-  def loss_at(self, pred_fn, x0, t, noise, reduce=mse):
+  def loss_at(self, pred_fn, x0, t, noise, reduce=mse, self_condition=None):
     """The (weighted) error of pred_fn(z_t, model_t(t)) against the target, for given draws.
 
     reduce(target, pred) -> scalar: `mse` by default; a masked MSE where only some frames
     count (diffusion/conditioning.py).
+
+    self_condition (a bool scalar, traced or not; None = the model is not self-conditioned):
+    pred_fn also takes `x0_prev`. When True, a first pass with x0_prev = 0 gives the x0
+    estimate (clipped to [-1, 1], no gradient) that the second, trained pass is given, as
+    the sampler gives it the previous step's; when False the trained pass gets zeros, as
+    the sampler's first step does (Chen et al. 2022, "Analog Bits", with the first pass only
+    run on the steps that use it).
     """
-    pred = pred_fn(self.model_input(self.corrupt(x0, noise, t), t), self.model_t(t))  # [B, ...]
+    z_t = self.corrupt(x0, noise, t)  # [B, ...]
+    z_in, t_model = self.model_input(z_t, t), self.model_t(t)
+    if self_condition is None:
+      pred = pred_fn(z_in, t_model)  # [B, ...]
+    else:
+      zeros = jnp.zeros(z_t.shape, z_t.dtype)
+
+      def estimate(_):
+        x0_hat, _ = self.pred_to_x0_eps(z_t, pred_fn(z_in, t_model, x0_prev=zeros), t)
+        return jax.lax.stop_gradient(jnp.clip(x0_hat, -1.0, 1.0).astype(z_t.dtype))
+
+      x0_prev = jax.lax.cond(self_condition, estimate, lambda _: zeros, None)
+      pred = pred_fn(z_in, t_model, x0_prev=x0_prev)  # [B, ...]
     return reduce(*self.weigh(self.output_target(x0, noise, t), pred, t))
 
   def loss(self, pred_fn, x0, rng):

@@ -129,14 +129,17 @@ def _discrete_step_tables(diffusion, sampler, num_steps, eta):
 
 
 def sample(diffusion, model_fn, rng, shape, labels, *, sampler, num_steps, eta=0.0,
-           cfg_scale=1.0, null_label=None, clip_x0=True, init_noise=None):
+           cfg_scale=1.0, null_label=None, clip_x0=True, init_noise=None,
+           self_condition=False):
   """Draw samples x0 of `shape` ([B, T, H, W, C]) by running `num_steps` model steps.
 
   model_fn(z [B, ...], t_model float32 [B], labels int32 [B] | None) -> prediction [B, ...] in
   the diffusion's objective (eps, v or velocity); it is given `diffusion.model_input(z, t)` (z
   itself unless diffusion.input_scale says otherwise). clip_x0 clips x0 estimates to [-1, 1] at each
   DDPM/DDIM step, and the final Euler sample. eta (DDIM only) and cfg_scale are Python floats.
-  init_noise [*shape] replaces the initial noise drawn from rng. Returns float32 [*shape].
+  init_noise [*shape] replaces the initial noise drawn from rng. self_condition: model_fn
+  also takes `x0_prev` [B, ...], the previous step's (guided, clipped) x0 estimate, zeros at
+  the first step (model.self_condition). Returns float32 [*shape].
   """
   shape = tuple(int(d) for d in shape)
   _validate(diffusion, sampler, num_steps, shape, labels, eta, cfg_scale, null_label)
@@ -148,30 +151,49 @@ def sample(diffusion, model_fn, rng, shape, labels, *, sampler, num_steps, eta=0
       raise ValueError(f'init_noise shape {tuple(init_noise.shape)} must equal shape {shape}.')
     z = jnp.asarray(init_noise, jnp.float32)
   batch = shape[0]
-  predict = functools.partial(guided_prediction, model_fn, labels=labels, cfg_scale=cfg_scale,
-                              null_label=null_label)
   maybe_clip = (lambda x: jnp.clip(x, -1.0, 1.0)) if clip_x0 else (lambda x: x)
+  guide = functools.partial(guided_prediction, labels=labels, cfg_scale=cfg_scale,
+                            null_label=null_label)
+  if self_condition:
+    # The estimate travels beside z as C more channels, so guidance doubles both together.
+    channels = shape[-1]
+
+    def packed_fn(zx, t_model, y):
+      return model_fn(zx[..., :channels], t_model, y, x0_prev=zx[..., channels:])
+
+    def predict(z_in, t_model, x0_prev):
+      return guide(packed_fn, jnp.concatenate([z_in, x0_prev], axis=-1), t_model)
+    x0_prev = jnp.zeros(shape, jnp.float32)  # [*shape]: no estimate before the first step
+  else:
+    predict = lambda z_in, t_model, _: guide(model_fn, z_in, t_model)
+    x0_prev = None
 
   if sampler == 'euler':
     grid = jnp.asarray(flow_time_grid(num_steps, diffusion.shift))  # [S + 1]
 
-    def euler_step(i, z):
+    def euler_step(i, carry):
+      z, x0_prev = carry
       t, t_next = grid[i], grid[i + 1]
       t_vec = jnp.full((batch,), t, jnp.float32)  # [B]
-      pred = predict(diffusion.model_input(z, t_vec), diffusion.model_t(t_vec))  # [B, ...]
-      return z + (t_next - t) * diffusion.velocity(z, pred, t_vec)
+      pred = predict(diffusion.model_input(z, t_vec), diffusion.model_t(t_vec), x0_prev)
+      if self_condition:
+        x0_prev = jnp.clip(diffusion.pred_to_x0_eps(z, pred, t_vec)[0], -1.0, 1.0)
+      return z + (t_next - t) * diffusion.velocity(z, pred, t_vec), x0_prev
 
-    z = jax.lax.fori_loop(0, num_steps, euler_step, z)
+    z, _ = jax.lax.fori_loop(0, num_steps, euler_step, (z, x0_prev))
     return maybe_clip(z)
 
   ts, c_x0, c_second, std = _discrete_step_tables(diffusion, sampler, num_steps, eta)
   stochastic = sampler == 'ddpm' or eta > 0
 
-  def discrete_step(i, z):
+  def discrete_step(i, carry):
+    z, x0_prev = carry
     t_vec = jnp.full((batch,), ts[i], jnp.int32)  # [B]
-    pred = predict(diffusion.model_input(z, t_vec), diffusion.model_t(t_vec))  # [B, ...]
+    pred = predict(diffusion.model_input(z, t_vec), diffusion.model_t(t_vec), x0_prev)
     x0_hat, eps_hat = diffusion.pred_to_x0_eps(z, pred, t_vec)  # [B, ...] each
     x0_hat = maybe_clip(x0_hat)
+    if self_condition:
+      x0_prev = jnp.clip(x0_hat, -1.0, 1.0)
     if sampler == 'ddpm':
       z_next = c_x0[i] * x0_hat + c_second[i] * z
     else:
@@ -180,11 +202,12 @@ def sample(diffusion, model_fn, rng, shape, labels, *, sampler, num_steps, eta=0
         eps_hat = diffusion.eps_from_x0(z, x0_hat, t_vec)
       z_next = c_x0[i] * x0_hat + c_second[i] * eps_hat
     if not stochastic:  # DDIM with eta=0 draws no noise at all
-      return z_next
+      return z_next, x0_prev
     noise = jax.random.normal(jax.random.fold_in(step_rng, i), shape, jnp.float32)
-    return z_next + std[i] * noise
+    return z_next + std[i] * noise, x0_prev
 
-  return jax.lax.fori_loop(0, num_steps, discrete_step, z)
+  z, _ = jax.lax.fori_loop(0, num_steps, discrete_step, (z, x0_prev))
+  return z
 
 
 def make_sampler(diffusion, model_apply, shape, *, sampler, num_steps, eta=0.0, cfg_scale=1.0,

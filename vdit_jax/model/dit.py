@@ -89,6 +89,7 @@ class ModelSpec:
   class_tokens: int = 0         # conditioning='class': K label tokens read by cross-attention
   refiner_width: int = 0        # > 0: blocks.PixelRefiner after the unpatchify, F channels
   refiner_kernel: Tuple[int, ...] = (1, 3, 3)  # its convolutions' (kt, kh, kw)
+  self_condition: bool = False  # its own previous x0 estimate as C more input channels
 
 
 def parse_remat_names(names) -> Tuple[str, ...]:
@@ -150,7 +151,8 @@ def resolve_spec(model_cfg) -> ModelSpec:
       mlp_conv=_as_tuple(model_cfg.get('mlp_conv') or ()),
       class_tokens=model_cfg.get('class_tokens', 0),
       refiner_width=model_cfg.get('refiner_width', 0),
-      refiner_kernel=_as_tuple(model_cfg.get('refiner_kernel', (1, 3, 3))))
+      refiner_kernel=_as_tuple(model_cfg.get('refiner_kernel', (1, 3, 3))),
+      self_condition=model_cfg.get('self_condition', False))
 
 
 def spec_differences(saved_model_cfg, model_cfg, *, label: str = 'saved',
@@ -195,6 +197,12 @@ def check_spec(spec: ModelSpec) -> None:
     raise ValueError(f'model.refiner_kernel={spec.refiner_kernel!r} must be three odd '
                      "positive ints (kt, kh, kw), odd so that its 'same' padding is "
                      'symmetric, e.g. (1, 3, 3).')
+  if not isinstance(spec.self_condition, bool):
+    raise ValueError(f'model.self_condition={spec.self_condition!r} must be True or False.')
+  if spec.self_condition and (spec.conditioning != 'class' or spec.context_frames):
+    raise ValueError('model.self_condition=True is built for class-conditional models only: '
+                     f'conditioning={spec.conditioning!r} and context_frames_max='
+                     f'{spec.context_frames} need conditioning=\'class\' and 0.')
   if spec.pos_embed not in POS_EMBEDS:
     raise ValueError(f'model.pos_embed={spec.pos_embed!r} is not one of {POS_EMBEDS}.')
   head_dim = spec.width // spec.num_heads
@@ -253,7 +261,9 @@ class VideoDiT(nn.Module):
   None = no caption) feeds a cross-attention sub-layer in every block, and labels are
   ignored. spec.context_frames > 0: `frame_mask` bool [B, T] (None = none given) marks
   the given frames, which `video` holds clean; it enters as one more input channel
-  (C + 1), the output keeps C (diffusion/conditioning.py).
+  (C + 1), the output keeps C (diffusion/conditioning.py). spec.self_condition: `x0_prev`
+  [B, T, H, W, C] (None = zeros), the model's own earlier x0 estimate of this clip (Chen
+  et al. 2022, self-conditioning), enters as C more input channels.
 
   Block parameters: 'blocks' stacked over depth (scan_layers) or 'blocks_{i}'.
   Attention patterns whose even and odd blocks differ (spec.pattern.period 2:
@@ -265,9 +275,17 @@ class VideoDiT(nn.Module):
   num_classes: int
 
   @nn.compact
-  def __call__(self, video, t, labels=None, text=None, frame_mask=None):
+  def __call__(self, video, t, labels=None, text=None, frame_mask=None, x0_prev=None):
     spec = self.spec
     dtype, param_dtype = DTYPES[spec.dtype], DTYPES[spec.param_dtype]
+    if spec.self_condition:  # the earlier x0 estimate: C more channels (zeros: none yet)
+      if x0_prev is None:
+        x0_prev = jnp.zeros(video.shape, video.dtype)
+      if x0_prev.shape != video.shape:
+        raise ValueError(f'x0_prev {x0_prev.shape} must have the shape of video {video.shape}.')
+      video = jnp.concatenate([video, x0_prev.astype(video.dtype)], axis=-1)  # [B, T, H, W, 2C]
+    elif x0_prev is not None:
+      raise ValueError('x0_prev is given but model.self_condition is False.')
     if spec.context_frames > 0:  # given frames: one more channel, 1 on the given frames
       if frame_mask is None:
         frame_mask = jnp.zeros(video.shape[:2], bool)

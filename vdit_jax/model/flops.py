@@ -25,6 +25,9 @@ Counted the way MFU is usually counted (PaLM appendix B; MaxText's
     per token, like a token-wise weight;
   * the pixel refiner (model.refiner_width = F > 0, kernel k taps) uses its k (C + Cin) F
     input and k F C output taps once per pixel, and its adaLN (2 F) once per clip;
+  * self-conditioning (model.self_condition) adds the earlier estimate's C channels to the
+    patch embedding, and its first, gradient-free forward pass on half the steps: a sixth
+    of the step on average (a forward is a third of forward + backward);
   * rematerialisation recompute is not counted (it is work, not model FLOPs), nor are
     element-wise ops, norms, softmax, the label-embedding gather or the optimizer.
 """
@@ -56,6 +59,7 @@ class FlopCount:
   context_matmul_params: int = 0  # text: weights applied once per caption token
   caption_tokens: int = 0         # text: L caption slots per clip
   pixel_matmul_params: int = 0    # model.refiner_width: weights applied once per pixel
+  self_condition: int = 0         # model.self_condition: the first pass, per step on average
 
 
 def _check_shape(data_shape: Sequence[int], batch_size: int) -> None:
@@ -76,6 +80,7 @@ def train_step_flops(spec, data_shape: Sequence[int], batch_size: int) -> FlopCo
   d, f, depth = spec.width, spec.mlp_dim, spec.depth
   patch_dim = int(np.prod(spec.patch_size)) * c
   in_channels = c + (1 if spec.context_frames else 0)  # + the given-frames mask channel
+  in_channels += c if spec.self_condition else 0  # + the earlier x0 estimate
   patch_dim_in = int(np.prod(spec.patch_size)) * in_channels
   grid = patching.token_grid((t, h, w), spec.patch_size)
   tokens = int(np.prod(grid))
@@ -119,7 +124,10 @@ def train_step_flops(spec, data_shape: Sequence[int], batch_size: int) -> FlopCo
                                   + pixel_params * t * h * w * clips)
   attention = (12 * attention_patterns.score_macs_per_token(spec.pattern, grid, depth, d)
                * tokens * clips + text_attention * clips)
+  # Self-conditioning's first pass: a forward (a third of the step) on half the steps.
+  self_condition = (matmul + attention) // 6 if spec.self_condition else 0
   return FlopCount(tokens_per_clip=tokens, token_matmul_params=token_params,
                    clip_matmul_params=clip_params, matmul=matmul, attention=attention,
-                   total=matmul + attention, context_matmul_params=context_params,
-                   caption_tokens=caption_len, pixel_matmul_params=pixel_params)
+                   total=matmul + attention + self_condition,
+                   context_matmul_params=context_params, caption_tokens=caption_len,
+                   pixel_matmul_params=pixel_params, self_condition=self_condition)

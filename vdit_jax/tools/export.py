@@ -176,18 +176,19 @@ def make_sampler_fn(model, diffusion, sample_cfg, shape, num_classes: int, treed
   """
   null_label = num_classes if num_classes > 0 else None
   cfg_scale = sample_cfg.cfg_scale if num_classes > 0 else 1.0
+  diffusion = diffusion.for_sampling(sample_cfg.get('shift'))
 
   def fn(weights, noise, labels, seed):
     params = jax.tree.unflatten(treedef, weights)
 
-    def model_fn(z, t, y):
-      return model.apply({'params': params}, z, t, y)
+    def model_fn(z, t, y, **kw):
+      return model.apply({'params': params}, z, t, y, **kw)
 
     rng = jax.random.key(seed, impl=prng_impl)
     return samplers.sample(diffusion, model_fn, rng, shape, labels,
                            sampler=sample_cfg.sampler, num_steps=sample_cfg.num_steps,
                            eta=sample_cfg.eta, cfg_scale=cfg_scale, null_label=null_label,
-                           init_noise=noise)
+                           init_noise=noise, self_condition=model.spec.self_condition)
 
   return fn
 
@@ -280,7 +281,8 @@ def export_sampler(export_path: str, out: str, config, *, num_samples: Optional[
       'label_names': class_names(config.data, num_classes),
       'prng_impl': prng_impl,
       'sampler': {'name': config.sample.sampler, 'num_steps': config.sample.num_steps,
-                  'eta': config.sample.eta, 'cfg_scale': config.sample.cfg_scale},
+                  'eta': config.sample.eta, 'cfg_scale': config.sample.cfg_scale,
+                  'shift': diffusion.for_sampling(config.sample.get('shift')).shift},
       'fps': config.sample.fps,
       'inputs': 'weights (list, order of "weights"), noise float32 [B, T, H, W, C], '
                 'labels int32 [B], seed uint32 []',

@@ -163,6 +163,7 @@ def make_sample_fn(model, diffusion, config, num_classes: int, shape):
   """sample_fn(params, rng, cond) -> clips [*shape] (the caller jits it); cond from
   `sample_condition` (or with given frames, see conditioning.given_condition)."""
   shape = tuple(int(d) for d in shape)
+  diffusion = diffusion.for_sampling(config.sample.get('shift'))
 
   def sample_fn(params, rng, cond):
     def apply_fn(z, t, label=None, text=None, frame_mask=None):

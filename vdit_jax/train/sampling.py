@@ -31,13 +31,15 @@ def make_sample_fn(model, diffusion, sample_cfg, data_cfg, num_classes: int, num
   shape = (num_samples, data_cfg.num_frames, data_cfg.height, data_cfg.width, data_cfg.channels)
   null_label = num_classes if num_classes > 0 else None
   cfg_scale = sample_cfg.cfg_scale if num_classes > 0 else 1.0
+  diffusion = diffusion.for_sampling(sample_cfg.get('shift'))
 
   def sample_fn(params, rng, labels):
-    def model_fn(z, t, y):
-      return model.apply({'params': params}, z, t, y)
+    def model_fn(z, t, y, **kw):
+      return model.apply({'params': params}, z, t, y, **kw)
     return samplers.sample(diffusion, model_fn, rng, shape, labels,
                            sampler=sample_cfg.sampler, num_steps=sample_cfg.num_steps,
-                           eta=sample_cfg.eta, cfg_scale=cfg_scale, null_label=null_label)
+                           eta=sample_cfg.eta, cfg_scale=cfg_scale, null_label=null_label,
+                           self_condition=model.spec.self_condition)
 
   return sample_fn
 

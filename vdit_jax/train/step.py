@@ -8,6 +8,8 @@ for the whole batch before the split, so a step with k micro-batches computes th
 same loss and gradients as one with k=1 on the same batch (up to summation order).
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -95,18 +97,19 @@ def make_train_step(model: nn.Module, diffusion, tx: optax.GradientTransformatio
   frames drawn per clip, with the loss on the other frames only.
   """
   check_grad_accum(grad_accum_steps)
+  # model.self_condition: on a coin drawn per step, the loss's first pass feeds its x0
+  # estimate to the trained pass (Diffusion.loss_at); class-conditional models only.
+  self_condition = bool(getattr(getattr(model, 'spec', None), 'self_condition', False))
 
-  def loss_fn(params, inputs):
+  def loss_fn(params, inputs, use_estimate=None):
     model_params = params if param_transform is None else param_transform(params)
 
-    def pred_fn(z, t):
-      return model.apply({'params': model_params}, z, t, inputs['label'])
+    def pred_fn(z, t, **kw):
+      return model.apply({'params': model_params}, z, t, inputs['label'], **kw)
     if conditioning is not None:
-      return conditioning.loss(diffusion, lambda z, t, **kw: model.apply(
-          {'params': model_params}, z, t, inputs['label'], **kw), inputs)
-    return diffusion.loss_at(pred_fn, inputs['video'], inputs['t'], inputs['noise'])
-
-  loss_and_grad = jax.value_and_grad(loss_fn)
+      return conditioning.loss(diffusion, pred_fn, inputs)
+    return diffusion.loss_at(pred_fn, inputs['video'], inputs['t'], inputs['noise'],
+                             self_condition=use_estimate)
 
   def train_step(state: TrainState, batch, rng):
     check_grad_accum(grad_accum_steps, batch['video'].shape[0])
@@ -118,6 +121,9 @@ def make_train_step(model: nn.Module, diffusion, tx: optax.GradientTransformatio
     inputs = {'video': batch['video'], 'label': labels, 't': t, 'noise': noise}
     if conditioning is not None:  # captions (with dropout), given frames
       inputs.update(conditioning.draw(jax.random.fold_in(rng, 1), batch))
+    use_estimate = (jax.random.bernoulli(jax.random.fold_in(rng, 2), 0.5)
+                    if self_condition else None)  # one coin for the step's micro-batches
+    loss_and_grad = jax.value_and_grad(functools.partial(loss_fn, use_estimate=use_estimate))
     loss, grads = accumulate_grads(loss_and_grad, state.params, inputs, grad_accum_steps)
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

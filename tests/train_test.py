@@ -165,6 +165,18 @@ def test_self_conditioned_step_trains_on_the_first_passs_estimate_on_its_coin():
   assert max(gaps[2:]) > 1e-4, gaps  # once the output layer has moved, the estimate counts
 
 
+def test_wsd_schedule_warms_up_holds_the_peak_then_cools_down_as_one_minus_sqrt():
+  train = small_config(num_steps=1000, warmup_steps=100, learning_rate=2e-3,
+                       end_lr_fraction=0.1, lr_schedule='wsd', decay_fraction=0.2).train
+  lr = state_lib.learning_rate_schedule(train)
+  got = {s: float(lr(s)) for s in (0, 50, 100, 500, 800, 900, 1000, 1200)}
+  expected = {0: 0.0, 50: 1e-3, 100: 2e-3, 500: 2e-3, 800: 2e-3,
+              900: 2e-4 + 1.8e-3 * (1 - 0.5 ** 0.5), 1000: 2e-4, 1200: 2e-4}
+  assert got == pytest.approx(expected, rel=1e-5)
+  cosine = state_lib.learning_rate_schedule(small_config(num_steps=1000, warmup_steps=100).train)
+  assert float(cosine(550)) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5), rel=1e-5)
+
+
 def test_unknown_optimizer_is_refused_before_anything_compiles():
   config = small_config(optimizer='sgd')
   with pytest.raises(ValueError, match=r"train.optimizer='sgd' must be 'adamw' or 'muon'"):

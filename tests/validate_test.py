@@ -81,6 +81,9 @@ CASES = [
     (dict(train__b2=-0.1), r'config.train.b2=-0.1 must be in \[0, 1\)'),
     (dict(train__end_lr_fraction=1.5), r'config.train.end_lr_fraction=1.5 must be in \[0, 1\]'),
     (dict(train__optimizer='sgd'), "config.train.optimizer='sgd' must be 'adamw' or 'muon'"),
+    (dict(train__lr_schedule='step'), "train.lr_schedule='step' must be one of ('cosine', 'wsd')"),
+    (dict(train__lr_schedule='wsd', train__decay_fraction=0.0),
+     r'train.decay_fraction=0.0 must be in \(0, 1\]'),
     (dict(model__mlp_conv=(2, 3, 3)), 'model.mlp_conv=(2, 3, 3) must be () (no convolution) or '
      'three odd positive ints'),
     (dict(model__mlp_conv=(3, 3)), 'model.mlp_conv=(3, 3) must be ()'),

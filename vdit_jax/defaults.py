@@ -121,7 +121,9 @@ def base_config() -> ml_collections.ConfigDict:
   t.batch_size = 16                 # global, over all processes and devices
   t.learning_rate = 1e-3
   t.warmup_steps = 100
-  t.end_lr_fraction = 0.1           # cosine decays to this fraction of the peak
+  t.end_lr_fraction = 0.1           # the schedule ends at this fraction of the peak
+  t.lr_schedule = 'cosine'          # cosine | wsd (warmup, stable peak, 1 - sqrt cooldown)
+  t.decay_fraction = 0.2            # wsd: the last share of the steps that cools down
   t.weight_decay = 0.0
   t.optimizer = 'adamw'             # adamw | muon (block matrices; the rest AdamW: train/state.py)
   t.b1 = 0.9

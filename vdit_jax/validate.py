@@ -93,6 +93,7 @@ def validate_config(config, num_devices: int, process_count: int = 1,
   _in_range(config, 'train.end_lr_fraction', 0.0, 1.0, high_open=False)
 
   _check_checkpoint(config.checkpoint)
+  state_lib.learning_rate_schedule(config.train)  # lr_schedule name, decay_fraction
   optimizer = config.train.get('optimizer', 'adamw')
   if optimizer not in state_lib.OPTIMIZERS:
     raise ValueError(f'config.train.optimizer={optimizer!r} must be '

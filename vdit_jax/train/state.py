@@ -20,13 +20,39 @@ class TrainState(flax.struct.PyTreeNode):
   ema_params: Any
 
 
+LR_SCHEDULES = ('cosine', 'wsd')
+
+
 def learning_rate_schedule(train_cfg) -> optax.Schedule:
-  """Linear warm-up to the peak, then cosine decay to end_lr_fraction * peak."""
+  """Linear warm-up to the peak, then to end_lr_fraction * peak at num_steps by
+  train.lr_schedule: 'cosine' decay, or 'wsd' (warmup-stable-decay: the peak held until
+  the last decay_fraction of the steps, then the 1 - sqrt cooldown of Hagele et al. 2024,
+  "Scaling Laws and Compute-Optimal Training beyond Fixed Training Durations")."""
   peak = train_cfg.learning_rate
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak, warmup_steps=train_cfg.warmup_steps,
-      decay_steps=max(train_cfg.num_steps, train_cfg.warmup_steps + 1),
-      end_value=peak * train_cfg.end_lr_fraction)
+  end = peak * train_cfg.end_lr_fraction
+  kind = train_cfg.get('lr_schedule', 'cosine')
+  if kind not in LR_SCHEDULES:
+    raise ValueError(f'train.lr_schedule={kind!r} must be one of {LR_SCHEDULES}.')
+  warmup, total = train_cfg.warmup_steps, max(train_cfg.num_steps, train_cfg.warmup_steps + 1)
+  if kind == 'cosine':
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=total,
+        end_value=end)
+  fraction = train_cfg.get('decay_fraction', 0.2)
+  if not 0.0 < fraction <= 1.0:
+    raise ValueError(f'train.decay_fraction={fraction!r} must be in (0, 1]: the share of '
+                     'the steps that the wsd cooldown takes.')
+  decay_start = max(warmup, total - int(round(fraction * total)))
+  decay_len = max(total - decay_start, 1)
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    rise = peak * step / max(warmup, 1)
+    progress = jnp.clip((step - decay_start) / decay_len, 0.0, 1.0)
+    cooldown = end + (peak - end) * (1.0 - jnp.sqrt(progress))
+    return jnp.where(step < warmup, rise, cooldown)
+
+  return schedule
 
 
 # Transformer-block kernels Muon orthogonalises: leaf name -> (reduction axes, output axes),

@@ -129,6 +129,11 @@ def base_config() -> ml_collections.ConfigDict:
   t.b1 = 0.9
   t.b2 = 0.99
   t.grad_clip = 1.0
+  # A step whose loss or gradient is NaN / inf never updates the state (train/step.py);
+  # 'skip': go on, and stop after max_nonfinite_steps of them in a row; 'stop': stop at the
+  # first. Either way no checkpoint ever holds a non-finite value.
+  t.nonfinite = 'skip'
+  t.max_nonfinite_steps = 20
   t.ema_decay = 0.999
   t.log_every = 25
   t.tensorboard = True              # WORKDIR/tensorboard event files (process 0)

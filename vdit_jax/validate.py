@@ -93,6 +93,7 @@ def validate_config(config, num_devices: int, process_count: int = 1,
   _in_range(config, 'train.end_lr_fraction', 0.0, 1.0, high_open=False)
 
   _check_checkpoint(config.checkpoint)
+  _check_nonfinite_policy(config.train)
   state_lib.learning_rate_schedule(config.train)  # lr_schedule name, decay_fraction
   optimizer = config.train.get('optimizer', 'adamw')
   if optimizer not in state_lib.OPTIMIZERS:
@@ -223,6 +224,16 @@ def _check_synthetic_options(data) -> None:
   bounce = data.get('bounce', True)
   if not isinstance(bounce, bool):
     raise ValueError(f'config.data.bounce={bounce!r} must be True or False.')
+
+
+def _check_nonfinite_policy(train) -> None:
+  policy = train.get('nonfinite', 'skip')
+  if policy not in ('skip', 'stop'):
+    raise ValueError(f"config.train.nonfinite={policy!r} must be 'skip' or 'stop'.")
+  limit = train.get('max_nonfinite_steps', 20)
+  if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+    raise ValueError(f'config.train.max_nonfinite_steps={limit!r} must be an integer >= 1 '
+                     '(skipped steps in a row before the run stops).')
 
 
 def _check_checkpoint(ck) -> None:

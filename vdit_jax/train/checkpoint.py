@@ -15,6 +15,8 @@ import os
 from typing import Any, Optional
 
 import grain
+import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -23,6 +25,28 @@ from vdit_jax.parallel import paths
 
 class CheckpointRestoreError(RuntimeError):
   """A listed (finalised) checkpoint step could not be read back."""
+
+
+class NonFiniteStateError(ValueError):
+  """A state holding NaN or inf was about to be saved."""
+
+
+def nonfinite_leaves(tree) -> list:
+  """Paths ('/'-joined keys) of the float leaves of `tree` that hold NaN or inf."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  floats = [(p, x) for p, x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
+  finite = jax.device_get(_all_finite([x for _, x in floats]))
+  return ['/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in p)
+          for (p, _), ok in zip(floats, finite) if not ok]
+
+
+@jax.jit
+def _all_finite(leaves):
+  return [jnp.all(jnp.isfinite(x)) for x in leaves]
+
+
+def _shown(names) -> str:
+  return ', '.join(names[:4]) + (f' and {len(names) - 4} more' if len(names) > 4 else '')
 
 
 class Checkpointer:
@@ -56,6 +80,14 @@ class Checkpointer:
     return step % self.every_steps == 0
 
   def save(self, step: int, state: Any, data_iter: Any = None) -> bool:
+    """Saves `state` (and the iterator) as step `step`; NonFiniteStateError, and nothing
+    written, when a float leaf holds NaN or inf: no checkpoint holds one, so retention
+    never replaces a good step by a poisoned one."""
+    bad = nonfinite_leaves(state)
+    if bad:
+      raise NonFiniteStateError(
+          f'step {step}: the train state holds NaN or inf in {_shown(bad)}; not saved to '
+          f'{self.directory} (the complete steps there, {self.all_steps()}, are kept).')
     items = {'state': ocp.args.StandardSave(state)}
     if data_iter is not None:
       items['data_iter'] = grain.checkpoint.CheckpointSave(data_iter)
@@ -83,6 +115,10 @@ class Checkpointer:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except  # Orbax/TensorStore raise many kinds
       raise CheckpointRestoreError(_restore_failure(self.step_dir(step), step, steps, e)) from e
+    bad = nonfinite_leaves(restored['state'])
+    if bad:
+      raise CheckpointRestoreError(_restore_failure(
+          self.step_dir(step), step, steps, ValueError(f'NaN or inf in {_shown(bad)}')))
     return restored['state']
 
   def wait(self):

@@ -314,6 +314,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at: Optional[int] = None):
       meter.tokens_per_step, meter.flops_per_step = plan.mean_step_cost(
           spec, config.data.channels)
     compiled_shapes = set()
+    guard = NonFiniteGuard(config.train)
     rng = jax.random.key(config.seed + 1)
     step = int(jax.device_get(state.step))
     num_steps = config.train.num_steps
@@ -322,39 +323,46 @@ def train_and_evaluate(config, workdir: str, *, stop_at: Optional[int] = None):
     with (jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules),
           preemption.PreemptionWatcher() as watcher):
       last = num_steps if stop_at is None else min(stop_at, num_steps)
-      while step < last:
-        batch = global_batch(next(data_iter), s.mesh, s.rules)
-        new_shape_at = None
-        if batch['video'].shape not in compiled_shapes:  # once per (bucket) shape
-          if meter.started:  # a later bucket: its compile and first step stay out of the rates
-            jax.block_until_ready(state)
-            new_shape_at = time.perf_counter()
-          _compile_step(train_step, state, batch, rng)  # compile outside the timed steps
-          compiled_shapes.add(batch['video'].shape)
-          if not meter.started:
-            meter.start(step)
-        state, metrics = train_step(state, batch, rng)
-        if new_shape_at is not None:
-          jax.block_until_ready(metrics)
-          meter.skip(1, time.perf_counter() - new_shape_at)
-        step += 1
-        if step == 1 or step % config.train.log_every == 0 or step == num_steps:
-          values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-          values.update(meter.rates(step))
-          if plan is not None:
-            values.update(plan.batch_counts(step))
-          values['wall_s'] = time.perf_counter() - t_start
-          writer.write(step, values)
-          board.scalars(step, values)
-          metrics_lib.log_line(metrics_lib.format_line(step, num_steps, values))
-        preempted = watcher.should_stop(step)
-        if s.checkpointer.should_save(step) or step == last or preempted:
-          s.checkpointer.save(step, state, data_iter)
-        if preempted:
-          break
-        if config.sample.every_steps and step % config.sample.every_steps == 0:
-          board.samples(step, _sample_and_write(s, _sample_params(state, config), step,
-                                                workdir)[0])
+      try:
+        while step < last:
+          batch = global_batch(next(data_iter), s.mesh, s.rules)
+          new_shape_at = None
+          if batch['video'].shape not in compiled_shapes:  # once per (bucket) shape
+            if meter.started:  # a later bucket: its compile and first step stay out of rates
+              jax.block_until_ready(state)
+              new_shape_at = time.perf_counter()
+            _compile_step(train_step, state, batch, rng)  # compile outside the timed steps
+            compiled_shapes.add(batch['video'].shape)
+            if not meter.started:
+              meter.start(step)
+          state, metrics = train_step(state, batch, rng)
+          guard.add(metrics)
+          if new_shape_at is not None:
+            jax.block_until_ready(metrics)
+            meter.skip(1, time.perf_counter() - new_shape_at)
+          step += 1
+          if step == 1 or step % config.train.log_every == 0 or step == num_steps:
+            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            values['skipped_steps'] = guard.check(step, latest)
+            values.update(meter.rates(step))
+            if plan is not None:
+              values.update(plan.batch_counts(step))
+            values['wall_s'] = time.perf_counter() - t_start
+            writer.write(step, values)
+            board.scalars(step, values)
+            metrics_lib.log_line(metrics_lib.format_line(step, num_steps, values))
+          preempted = watcher.should_stop(step)
+          if s.checkpointer.should_save(step) or step == last or preempted:
+            guard.check(step, latest)
+            s.checkpointer.save(step, state, data_iter)  # refuses a non-finite state
+          if preempted:
+            break
+          if config.sample.every_steps and step % config.sample.every_steps == 0:
+            board.samples(step, _sample_and_write(s, _sample_params(state, config), step,
+                                                  workdir)[0])
+      except (NonFiniteError, ckpt_lib.NonFiniteStateError):
+        s.checkpointer.close()  # the saves under way complete; nothing more is written
+        raise
       # Inside the watcher: a SIGTERM while the last save finishes is not fatal, and
       # one after the last step still skips the final sample.
       s.checkpointer.wait()
@@ -368,6 +376,56 @@ def train_and_evaluate(config, workdir: str, *, stop_at: Optional[int] = None):
       board.samples(step, _sample_and_write(s, _sample_params(state, config), step, workdir)[0])
     s.checkpointer.close()
     return state
+
+
+class NonFiniteError(RuntimeError):
+  """The run met non-finite losses or gradients beyond what train.nonfinite allows."""
+
+
+class NonFiniteGuard:
+  """Counts the train steps whose loss or gradient was non-finite (their updates were
+  skipped by the step, train/step.py) without a host sync per step, and applies
+  train.nonfinite at each check: 'stop' ends the run at the first such step, 'skip' when
+  train.max_nonfinite_steps of them come in a row."""
+
+  def __init__(self, train_cfg):
+    self.policy = train_cfg.get('nonfinite', 'skip')
+    self.limit = int(train_cfg.get('max_nonfinite_steps', 20))
+    self.learning_rate = train_cfg.learning_rate
+    self.total = 0            # skipped steps so far, as of the last check
+    self._count = None        # device scalar: skipped steps since the last check
+    self._streak = None       # device scalar: skipped steps in a row, up to the newest
+
+  def add(self, metrics) -> None:
+    bad = metrics['nonfinite']
+    if self._count is None:
+      self._count = bad
+    else:
+      self._count = self._count + bad
+    # The streak restarts at every finite step.
+    self._streak = bad if self._streak is None else (self._streak + bad) * bad
+
+  def check(self, step: int, resumed_from: Optional[int]) -> int:
+    """Raises NonFiniteError when the policy says stop; returns the skipped total."""
+    if self._count is None:
+      return self.total
+    count, streak = (int(round(float(x))) for x in jax.device_get((self._count, self._streak)))
+    self._count = None
+    self.total += count
+    if count and (self.policy == 'stop' or streak >= self.limit):
+      rule = ("train.nonfinite='stop'" if self.policy == 'stop' else
+              f'{streak} in a row, train.max_nonfinite_steps={self.limit}')
+      since = (f'restored from checkpoint step {resumed_from}'
+               if resumed_from is not None else 'started')
+      raise NonFiniteError(
+          f'step {step}: {count} step(s) since the last check had a non-finite loss or '
+          f'gradient ({rule}); their updates were skipped, so the params are those of the '
+          f'last finite step, and no non-finite state was saved. The run {since}. Likely '
+          f'causes: train.learning_rate={self.learning_rate} too high for this model, NaN '
+          'or inf in the data, or a damaged checkpoint. Lower the learning rate, check the '
+          "data, or resume from an earlier checkpoint; train.nonfinite='skip' with a larger "
+          'train.max_nonfinite_steps rides over rare bad batches.')
+    return self.total
 
 
 def _sample_params(state, config):

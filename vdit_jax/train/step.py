@@ -130,12 +130,21 @@ def make_train_step(model: nn.Module, diffusion, tx: optax.GradientTransformatio
     params = optax.apply_updates(state.params, updates)
     d = ema_decay(state.step, ema)
     ema_params = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
+    grad_norm = optax.global_norm(grads)
+    # A non-finite loss or gradient skips the update: params, optimizer state and EMA stay
+    # those of the last good step (the step counter and the data still move on); the loop
+    # counts the skips and applies train.nonfinite (train/loop.py).
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params, opt_state, ema_params = keep((params, opt_state, ema_params),
+                                         (state.params, state.opt_state, state.ema_params))
     metrics = {
         'loss': loss,
-        'grad_norm': optax.global_norm(grads),
+        'grad_norm': grad_norm,
         'param_norm': optax.global_norm(params),
-        'update_norm': optax.global_norm(updates),
+        'update_norm': jnp.where(finite, optax.global_norm(updates), 0.0),
         'learning_rate': schedule(state.step),
+        'nonfinite': 1.0 - finite.astype(jnp.float32),
     }
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               ema_params=ema_params)

@@ -395,7 +395,21 @@ def _truncate_data_files(step_dir):
         os.truncate(path, os.path.getsize(path) // 2)
 
 
-@pytest.mark.parametrize('damage', ['truncated_data', 'state_item_missing'])
+def _overwrite_4k(step_dir):
+  """4 KiB of other bytes inside the largest data file, its size unchanged (issue 27's case:
+  before fingerprints, this restored, trained NaN, and retention deleted the good step)."""
+  files = [os.path.join(root, name) for root, _, names in os.walk(os.path.join(step_dir, 'state'))
+           if os.path.basename(root) == 'd' for name in names]
+  path = max(files, key=os.path.getsize)
+  size = os.path.getsize(path)
+  offset = max(0, size // 2 - 2048)
+  with open(path, 'r+b') as f:
+    f.seek(offset)
+    f.write(np.random.default_rng(0).bytes(min(4096, size - offset)))
+  assert os.path.getsize(path) == size
+
+
+@pytest.mark.parametrize('damage', ['truncated_data', 'state_item_missing', 'overwritten_4k'])
 def test_damaged_newest_checkpoint_names_its_path_and_the_previous_step(tmp_path, straight,
                                                                          damage):
   workdir = str(tmp_path / 'run')
@@ -404,6 +418,8 @@ def test_damaged_newest_checkpoint_names_its_path_and_the_previous_step(tmp_path
   newest = os.path.join(_checkpoints(workdir), str(steps[-1]))
   if damage == 'truncated_data':
     _truncate_data_files(newest)
+  elif damage == 'overwritten_4k':
+    _overwrite_4k(newest)
   else:
     shutil.rmtree(os.path.join(newest, 'state'))
   s = loop.build(get_config(), workdir)
@@ -412,8 +428,18 @@ def test_damaged_newest_checkpoint_names_its_path_and_the_previous_step(tmp_path
   s.checkpointer.close()
   message = str(e.value)
   assert f'checkpoint step {steps[-1]} at {newest} could not be restored' in message
-  assert f'resume from step {steps[-2]}, the previous complete step: mv {newest} ' in message
-  # Following the advice resumes from the previous step.
+  assert (f'To resume from step {steps[-2]}, the previous complete step, run again with '
+          '--config.checkpoint.resume=latest_good') in message
+  assert f'or move it aside: mv {newest} {newest}.damaged' in message
+  # Following the advice resumes from the previous step: the flag...
+  config = get_config()
+  config.checkpoint.resume = 'latest_good'
+  s = loop.build(config, workdir)
+  state, step = loop.restore_or_init(s)
+  s.checkpointer.close()
+  assert step == steps[-2] and int(state.step) == steps[-2]
+  assert ckpt_lib.nonfinite_leaves(state) == []
+  # ...or moving the damaged step aside.
   os.rename(newest, newest + '.damaged')
   s = loop.build(get_config(), workdir)
   _, step = loop.restore_or_init(s)

@@ -147,6 +147,9 @@ def base_config() -> ml_collections.ConfigDict:
   ck.keep = 3
   ck.async_save = True
   ck.keep_period = config_dict.placeholder(int)  # also keep every multiple of this step
+  # latest: resume from the newest step, and stop if it does not restore (damaged bytes,
+  # NaN); latest_good: from the newest step that restores and verifies.
+  ck.resume = 'latest'
 
   c.sample = s = ml_collections.ConfigDict()
   s.every_steps = 0                 # 0 = only at the end of training

@@ -237,7 +237,11 @@ def _check_nonfinite_policy(train) -> None:
 
 
 def _check_checkpoint(ck) -> None:
-  """config.checkpoint: keep_period is None or a positive multiple of every_steps."""
+  """config.checkpoint: resume is a known policy; keep_period is None or a positive
+  multiple of every_steps."""
+  if ck.get('resume', 'latest') not in ('latest', 'latest_good'):
+    raise ValueError(f"config.checkpoint.resume={ck.resume!r} must be 'latest' or "
+                     "'latest_good'.")
   period = ck.get('keep_period')
   if period is None:
     return

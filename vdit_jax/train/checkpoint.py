@@ -45,6 +45,56 @@ def _all_finite(leaves):
   return [jnp.all(jnp.isfinite(x)) for x in leaves]
 
 
+FINGERPRINT_ITEM = 'fingerprint'
+
+
+def _path_name(path) -> str:
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
+
+
+def fingerprint(tree) -> dict:
+  """{leaf path: uint32 hash of its bytes} for every array leaf of `tree`.
+
+  Each element's bit pattern times an odd multiplier of its position, summed modulo 2^32:
+  one changed element changes the sum, and integer addition does not depend on the order,
+  so the hash is the same whatever mesh holds the array (a checkpoint restored onto
+  another mesh verifies). One jitted pass over the state, on its devices.
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  arrays = [(p, x) for p, x in leaves if hasattr(x, 'dtype') and hasattr(x, 'shape')]
+  hashes = jax.device_get(_hashes([x for _, x in arrays]))
+  return {_path_name(p): int(h) for (p, _), h in zip(arrays, hashes)}
+
+
+@jax.jit
+def _hashes(leaves):
+  return [_hash(x) for x in leaves]
+
+
+def _hash(x):
+  x = jnp.asarray(x)
+  if x.dtype == jnp.bool_:
+    bits = x.astype(jnp.uint32)
+  elif x.dtype.itemsize == 4:
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  elif x.dtype.itemsize == 2:
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+  elif x.dtype.itemsize == 1:
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint32)
+  else:  # 8-byte values: both halves
+    halves = jax.lax.bitcast_convert_type(x, jnp.uint32)  # [..., 2]
+    bits = halves[..., 0] ^ (halves[..., 1] * jnp.uint32(0x85EBCA6B))
+  if bits.ndim == 0:
+    return bits * jnp.uint32(0x9E3779B1)
+  index = jnp.zeros(bits.shape, jnp.uint32)  # the row-major position, modulo 2^32
+  stride = 1
+  for axis in reversed(range(bits.ndim)):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(stride)
+    stride = (stride * bits.shape[axis]) % (1 << 32)
+  multiplier = index * jnp.uint32(0x9E3779B1) + jnp.uint32(0x7F4A7C15) | jnp.uint32(1)
+  return jnp.sum(bits * multiplier, dtype=jnp.uint32)
+
+
 def _shown(names) -> str:
   return ', '.join(names[:4]) + (f' and {len(names) - 4} more' if len(names) > 4 else '')
 
@@ -88,7 +138,8 @@ class Checkpointer:
       raise NonFiniteStateError(
           f'step {step}: the train state holds NaN or inf in {_shown(bad)}; not saved to '
           f'{self.directory} (the complete steps there, {self.all_steps()}, are kept).')
-    items = {'state': ocp.args.StandardSave(state)}
+    items = {'state': ocp.args.StandardSave(state),
+             FINGERPRINT_ITEM: ocp.args.JsonSave(fingerprint(state))}
     if data_iter is not None:
       items['data_iter'] = grain.checkpoint.CheckpointSave(data_iter)
     saved = self.manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -109,17 +160,30 @@ class Checkpointer:
           f'no complete checkpoint for step {step} in {self.directory} '
           f'(complete steps: {steps}).')
     items = {'state': ocp.args.StandardRestore(abstract_state)}
+    # Steps saved before fingerprints existed restore unverified.
+    verify = paths.exists(paths.join(self.step_dir(step), FINGERPRINT_ITEM))
+    if verify:
+      items[FINGERPRINT_ITEM] = ocp.args.JsonRestore()
     if data_iter is not None:
       items['data_iter'] = grain.checkpoint.CheckpointRestore(data_iter)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except  # Orbax/TensorStore raise many kinds
       raise CheckpointRestoreError(_restore_failure(self.step_dir(step), step, steps, e)) from e
-    bad = nonfinite_leaves(restored['state'])
+    state = restored['state']
+    if verify:
+      saved, now = restored[FINGERPRINT_ITEM], fingerprint(state)
+      changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+      if changed:
+        raise CheckpointRestoreError(_restore_failure(
+            self.step_dir(step), step, steps, ValueError(
+                f'the bytes read back differ from those saved (fingerprint) in '
+                f'{_shown(changed)}')))
+    bad = nonfinite_leaves(state)
     if bad:
       raise CheckpointRestoreError(_restore_failure(
           self.step_dir(step), step, steps, ValueError(f'NaN or inf in {_shown(bad)}')))
-    return restored['state']
+    return state
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -135,8 +199,9 @@ def _restore_failure(path: str, step: int, steps, error: Exception) -> str:
     reason = reason[:400] + '...'
   older = [s for s in steps if s < step]
   if older:
-    way_out = (f'Move it aside to resume from step {older[-1]}, the previous complete step: '
-               f'mv {path} {path}.damaged')
+    way_out = (f'To resume from step {older[-1]}, the previous complete step, run again with '
+               '--config.checkpoint.resume=latest_good (it skips steps that do not restore), '
+               f'or move it aside: mv {path} {path}.damaged')
   else:
     way_out = ('No earlier complete step exists; move it aside to start afresh: '
                f'mv {path} {path}.damaged')

@@ -228,7 +228,19 @@ def restore_or_init(s: Setup, data_iter=None):
   if latest is None:
     state, _ = state_lib.create_state(s.init_fn, jax.random.key(s.config.seed), s.mesh, s.rules)
     return state, None
-  return _restore(s, latest, data_iter), latest
+  if s.config.checkpoint.get('resume', 'latest') == 'latest':
+    return _restore(s, latest, data_iter), latest
+  # 'latest_good': the newest step that restores and verifies; the damaged ones are named
+  # and left in place (retention removes them as newer steps are saved).
+  for step in sorted(s.checkpointer.all_steps(), reverse=True):
+    try:
+      return _restore(s, step, data_iter), step
+    except ckpt_lib.CheckpointRestoreError as e:
+      metrics_lib.log_line(f'checkpoint.resume=latest_good: skipping step {step}: {e}')
+  raise ckpt_lib.CheckpointRestoreError(
+      f'checkpoint.resume=latest_good: no step in {s.checkpointer.directory} restores '
+      f'({s.checkpointer.all_steps()}; the reasons are printed above). Move the folder aside '
+      'to start afresh.')
 
 
 def _restore(s: Setup, step: int, data_iter=None):

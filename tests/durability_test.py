@@ -1,11 +1,14 @@
-"""Non-finite losses and states: never applied, never saved, never silently restored.
+"""Non-finite losses and damaged checkpoints: never applied, never saved, never silently
+restored.
 
-Issue 27 ("Durability under faults"), point 1: a NaN step skips its update; the run stops
-by train.nonfinite naming the step; Checkpointer.save refuses a NaN / inf state so that
-retention can never replace a good step with a poisoned one; a restored state holding NaN
-is refused naming the step and the previous complete one.
+Issue 27 ("Durability under faults"), points 1 and 2: a NaN step skips its update; the run
+stops by train.nonfinite naming the step; Checkpointer.save refuses a NaN / inf state so
+that retention can never replace a good step with a poisoned one; a restored state holding
+NaN, or bytes that differ from the saved fingerprint, is refused naming the step and the
+previous complete one (tests/checkpoint_test.py damages real checkpoint files).
 """
 
+import json
 import os
 
 import jax
@@ -114,6 +117,43 @@ def test_restore_refuses_a_checkpoint_holding_nan(tmp_path, monkeypatch):
                            r'or inf in params/.*previous complete step'):
     s.checkpointer.restore(4, abstract)
   _equal(s.checkpointer.restore(2, abstract).params, state.params)
+
+
+def test_fingerprint_changes_with_any_element_and_not_with_layout():
+  tree = {'w': jnp.arange(24, dtype=jnp.float32).reshape(2, 3, 4),
+          'h': jnp.ones((5,), jnp.bfloat16), 'step': jnp.asarray(7, jnp.int32)}
+  base = ckpt_lib.fingerprint(tree)
+  assert set(base) == {'w', 'h', 'step'}
+  for key, changed in [('w', tree['w'].at[1, 2, 3].set(23.000002)),   # one ulp
+                       ('w', tree['w'].at[0, 0, 0].set(1.0).at[0, 0, 1].set(0.0)),  # a swap
+                       ('h', tree['h'].at[4].set(-1.0)),
+                       ('step', jnp.asarray(8, jnp.int32))]:
+    other = ckpt_lib.fingerprint(dict(tree, **{key: changed}))
+    assert other[key] != base[key] and all(other[k] == base[k] for k in base if k != key)
+  # The same values computed another way (a transposed copy transposed back) hash the same.
+  assert ckpt_lib.fingerprint(dict(tree, w=jnp.transpose(tree['w'].T))) == base
+
+
+def test_restore_refuses_bytes_that_differ_from_the_saved_fingerprint(tmp_path):
+  config = small_config()
+  s = loop.build(config, str(tmp_path))
+  state, _ = state_lib.create_state(s.init_fn, jax.random.key(3), s.mesh, s.rules)
+  s.checkpointer.save(2, state)
+  s.checkpointer.save(4, state.replace(step=jnp.asarray(4, jnp.int32)))
+  s.checkpointer.wait()
+  abstract = state_lib.abstract_with_shardings(s.abstract_state, s.state_shardings)
+  _equal(s.checkpointer.restore(4, abstract).params, state.params)  # verified and equal
+  path = os.path.join(s.checkpointer.step_dir(4), ckpt_lib.FINGERPRINT_ITEM, 'metadata')
+  with open(path) as f:
+    saved = json.load(f)
+  saved['ema_params/final/proj/kernel'] ^= 1 << 20
+  with open(path, 'w') as f:
+    json.dump(saved, f)
+  with pytest.raises(ckpt_lib.CheckpointRestoreError,
+                     match=r'checkpoint step 4 at .* could not be restored \(ValueError: the '
+                           r'bytes read back differ from those saved \(fingerprint\) in '
+                           r'ema_params/final/proj/kernel\).*resume from step 2'):
+    s.checkpointer.restore(4, abstract)
 
 
 @pytest.mark.parametrize('overrides, message', [

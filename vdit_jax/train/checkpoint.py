@@ -11,6 +11,7 @@ rather than silently resuming from an older step. Silent fallback could also mak
 processes of a multi-host run resume from different steps (each reads its own shards).
 """
 
+import json
 import os
 from typing import Any, Optional
 
@@ -95,6 +96,17 @@ def _hash(x):
   return jnp.sum(bits * multiplier, dtype=jnp.uint32)
 
 
+def changed_leaves(step_dir: str, tree) -> list:
+  """The leaves of `tree` (a whole restored state, or part of one with the state's top-level
+  keys, e.g. {'ema_params': ...}) whose fingerprint differs from the one step_dir saved;
+  [] when it saved none (steps older than fingerprints)."""
+  path = paths.join(step_dir, FINGERPRINT_ITEM, 'metadata')
+  if not paths.exists(path):
+    return []
+  saved, now = json.loads(paths.read_text(path)), fingerprint(tree)
+  return sorted(k for k in now if saved.get(k) != now[k])
+
+
 def _shown(names) -> str:
   return ', '.join(names[:4]) + (f' and {len(names) - 4} more' if len(names) > 4 else '')
 
@@ -160,10 +172,6 @@ class Checkpointer:
           f'no complete checkpoint for step {step} in {self.directory} '
           f'(complete steps: {steps}).')
     items = {'state': ocp.args.StandardRestore(abstract_state)}
-    # Steps saved before fingerprints existed restore unverified.
-    verify = paths.exists(paths.join(self.step_dir(step), FINGERPRINT_ITEM))
-    if verify:
-      items[FINGERPRINT_ITEM] = ocp.args.JsonRestore()
     if data_iter is not None:
       items['data_iter'] = grain.checkpoint.CheckpointRestore(data_iter)
     try:
@@ -171,14 +179,12 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except  # Orbax/TensorStore raise many kinds
       raise CheckpointRestoreError(_restore_failure(self.step_dir(step), step, steps, e)) from e
     state = restored['state']
-    if verify:
-      saved, now = restored[FINGERPRINT_ITEM], fingerprint(state)
-      changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-      if changed:
-        raise CheckpointRestoreError(_restore_failure(
-            self.step_dir(step), step, steps, ValueError(
-                f'the bytes read back differ from those saved (fingerprint) in '
-                f'{_shown(changed)}')))
+    changed = changed_leaves(self.step_dir(step), state)  # [] for steps saved without one
+    if changed:
+      raise CheckpointRestoreError(_restore_failure(
+          self.step_dir(step), step, steps, ValueError(
+              f'the bytes read back differ from those saved (fingerprint) in '
+              f'{_shown(changed)}')))
     bad = nonfinite_leaves(state)
     if bad:
       raise CheckpointRestoreError(_restore_failure(

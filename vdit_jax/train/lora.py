@@ -31,6 +31,7 @@ from vdit_jax.model import dit
 from vdit_jax.model import lora
 from vdit_jax.parallel import mesh as mesh_lib
 from vdit_jax.parallel import paths
+from vdit_jax.train import checkpoint as ckpt_lib
 from vdit_jax.train import export as export_lib
 from vdit_jax.train import metrics as metrics_lib
 from vdit_jax.train import state as state_lib
@@ -129,6 +130,11 @@ def _restore_ema_params(step_dir: str, abstract):
             partial_restore=True))
   finally:
     checkpointer.close()
+  changed = ckpt_lib.changed_leaves(step_dir, {'ema_params': restored['ema_params']})
+  if changed:
+    raise ValueError(f'config.lora.base_checkpoint: {step_dir} reads back other bytes than it '
+                     f'saved (its fingerprint) in {", ".join(changed[:4])}: the checkpoint is '
+                     'damaged; use another step of the base run.')
   return restored['ema_params']
 
 

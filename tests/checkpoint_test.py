@@ -126,19 +126,25 @@ def _wait_until(condition, proc, workdir, what, timeout=RUN_TIMEOUT_S):
     time.sleep(0.01)
 
 
-def _logged_steps(workdir):
-  """Steps in metrics.jsonl so far (tolerates a line being written right now)."""
+def _logged_records(workdir):
+  """The records in metrics.jsonl so far, as written: re-run steps and resume markers
+  included (tolerates a line being written right now)."""
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     return []
-  steps = []
+  records = []
   with open(path) as f:
     for line in f:
       try:
-        steps.append(json.loads(line)['step'])
+        records.append(json.loads(line))
       except ValueError:
         pass
-  return steps
+  return records
+
+
+def _logged_steps(workdir):
+  """Steps logged so far, in the order written (resume markers left out)."""
+  return [r['step'] for r in _logged_records(workdir) if 'resumed_from' not in r]
 
 
 def _checkpoints(workdir):
@@ -328,10 +334,15 @@ def test_sigkill_during_async_save_resumes_from_newest_complete_step(tmp_path, c
 
   out = _run(cache_dir, workdir)
   assert f'resumed from step {newest} in ' in out
-  records = metrics_lib.read_metrics(os.path.join(workdir, 'metrics.jsonl'))
-  first, second = records[:len(logged)], records[len(logged):]
+  records = _logged_records(workdir)
+  first, marker, second = records[:len(logged)], records[len(logged)], records[len(logged) + 1:]
   assert [r['step'] for r in first] == list(range(1, len(logged) + 1))
+  assert marker == {'step': newest, 'resumed_from': newest}
   assert [r['step'] for r in second] == list(range(newest + 1, NUM_STEPS + 1))
+  # Readers see each step once, the re-run's record where a step was run twice.
+  once = metrics_lib.read_metrics(os.path.join(workdir, 'metrics.jsonl'))
+  assert [r['step'] for r in once] == list(range(1, NUM_STEPS + 1))
+  assert once[newest:] == second
   # Steps logged before the kill and run again after it give the same losses.
   again = {r['step']: r['loss'] for r in second}
   assert all(again[r['step']] == r['loss'] for r in first if r['step'] > newest)

@@ -10,6 +10,7 @@ previous complete one (tests/checkpoint_test.py damages real checkpoint files).
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,9 @@ from tests.train_test import small_config
 from vdit_jax import validate
 from vdit_jax.data import pipeline
 from vdit_jax.train import checkpoint as ckpt_lib
+from vdit_jax.tools import plot
 from vdit_jax.train import loop
+from vdit_jax.train import metrics as metrics_lib
 from vdit_jax.train import state as state_lib
 from vdit_jax.train import step as step_lib
 
@@ -154,6 +157,30 @@ def test_restore_refuses_bytes_that_differ_from_the_saved_fingerprint(tmp_path):
                            r'bytes read back differ from those saved \(fingerprint\) in '
                            r'ema_params/final/proj/kernel\).*resume from step 2'):
     s.checkpointer.restore(4, abstract)
+
+
+def test_metrics_after_a_resume_hold_each_step_once_for_readers(tmp_path):
+  """A run logs steps 1-4, its step-4 checkpoint is lost (as a kill before the save would
+  lose it), and the resume from step 2 logs 3 and 4 again: the file marks the resume, and
+  read_metrics and tools/plot.py give each step once, with the re-run's values."""
+  config = small_config(num_steps=6, log_every=1)
+  workdir = str(tmp_path)
+  loop.train_and_evaluate(config, workdir, stop_at=4)
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', '4'))
+  loop.train_and_evaluate(config, workdir)
+  path = os.path.join(workdir, metrics_lib.METRICS_FILENAME)
+  with open(path) as f:
+    raw = [json.loads(line) for line in f if line.strip()]
+  assert [r['step'] for r in raw] == [1, 2, 3, 4, 2, 3, 4, 5, 6]
+  assert raw[4] == {'step': 2, 'resumed_from': 2}
+  records = metrics_lib.read_metrics(path)
+  assert [r['step'] for r in records] == [1, 2, 3, 4, 5, 6]
+  assert records[2] is not raw[2] and records[2]['loss'] == raw[5]['loss']
+  assert [r['step'] for r in plot.read_records(path)] == [1, 2, 3, 4, 5, 6]
+  # A stale step past the resume point, never re-logged, is dropped too.
+  stale = [{'step': 1, 'loss': 1.0}, {'step': 2, 'loss': 0.9}, {'step': 3, 'loss': 0.8},
+           {'step': 2, 'resumed_from': 2}, {'step': 3, 'loss': 0.7}]
+  assert metrics_lib.each_step_once(stale) == [stale[0], stale[1], stale[4]]
 
 
 @pytest.mark.parametrize('overrides, message', [

@@ -1,7 +1,6 @@
 """LoRA: adapters as their own pytree, merged into a frozen base; training them end to end."""
 
 import functools
-import json
 import os
 
 import flax.linen as nn
@@ -20,6 +19,7 @@ from vdit_jax.model import lora
 from vdit_jax.train import compile_cache
 from vdit_jax.train import export as export_lib
 from vdit_jax.train import loop
+from vdit_jax.train import metrics as metrics_lib
 from vdit_jax.train import state as state_lib
 
 RANK, ALPHA = 4, 8.0
@@ -363,7 +363,7 @@ def test_lora_end_to_end_resume_export_sample(base_run, jax_cache):
   assert int(state.step) == 4
   s = loop.build(config, None)
   assert state_lib.param_count(state.params) == s.lora.num_adapter_params
-  lines = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  lines = metrics_lib.read_metrics(os.path.join(workdir, 'metrics.jsonl'))
   assert [l['step'] for l in lines] == [1, 2, 4] and np.isfinite([l['loss'] for l in lines]).all()
   assert all(l['grad_norm'] > 0 for l in lines), lines
   assert all(l['update_norm'] > 0 for l in lines[1:]), lines  # step 1: learning rate 0

@@ -18,6 +18,7 @@ from absl import flags
 import numpy as np
 
 from vdit_jax.parallel import paths
+from vdit_jax.train import metrics as metrics_lib
 
 METRICS_FILENAME = 'metrics.jsonl'
 # (key, axis label, factor) in the order drawn; keys absent from every record are skipped.
@@ -40,7 +41,7 @@ def read_records(path: str) -> List[dict]:
   if not paths.isfile(path):
     raise FileNotFoundError(f'no metrics file at {path}: train first '
                             '(python -m vdit_jax.main --config=... --workdir=...).')
-  by_step: Dict[int, dict] = {}
+  records = []
   for number, line in enumerate(paths.read_text(path).splitlines(), 1):
     if not line.strip():
       continue
@@ -50,11 +51,12 @@ def read_records(path: str) -> List[dict]:
       raise ValueError(f'{path}:{number} is not a JSON object ({e.msg}).') from e
     if not isinstance(record, dict) or 'step' not in record:
       raise ValueError(f'{path}:{number} has no "step": {line.strip()[:100]}')
-    by_step[int(record['step'])] = record
-  if not by_step:
+    records.append(record)
+  records = metrics_lib.each_step_once(records)  # a resume's re-run steps count once
+  if not records:
     raise ValueError(f'{path} holds no records yet: it is written every train.log_every '
                      'steps, so plot once a run has logged a step.')
-  return [by_step[step] for step in sorted(by_step)]
+  return records
 
 
 def series(records: Sequence[dict], key: str):

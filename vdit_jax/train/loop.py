@@ -316,6 +316,8 @@ def train_and_evaluate(config, workdir: str, *, stop_at: Optional[int] = None):
   train_step = jit_train_step(s)
 
   writer = metrics_lib.MetricsWriter(workdir)
+  if latest is not None:
+    writer.resumed(latest)
   board = tensorboard.TrainBoard(workdir, config.train.get('tensorboard', False))
   board.start(config, int(jax.device_get(state.step)), resumed=latest is not None)
   # Closed however the run ends: in a bucket they hold the lines not yet uploaded.

@@ -33,6 +33,12 @@ class MetricsWriter:
     record.update({k: _to_python(v) for k, v in metrics.items()})
     self._file.append(json.dumps(record) + '\n')
 
+  def resumed(self, step: int) -> None:
+    """Marks a resume from checkpoint `step`: the records of later steps logged before it
+    were re-run, and readers (`read_metrics`, tools/plot.py) drop them."""
+    if self.enabled:
+      self._file.append(json.dumps({'step': int(step), 'resumed_from': int(step)}) + '\n')
+
   def close(self) -> None:
     if self._file is not None:
       self._file.close()
@@ -44,8 +50,23 @@ def _to_python(value):
 
 
 def read_metrics(path: str):
-  """The records of a metrics.jsonl file (local or in a bucket)."""
-  return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
+  """The records of a metrics.jsonl file (local or in a bucket), each step once: see
+  `each_step_once`."""
+  return each_step_once(
+      [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()])
+
+
+def each_step_once(records):
+  """Records in step order, one per step: at a resume marker ({'resumed_from': S}) the
+  records of steps after S logged before it are dropped (those steps were re-run from
+  checkpoint S), and of two records of one step the later wins. Markers are dropped."""
+  by_step = {}
+  for record in records:
+    if 'resumed_from' in record:
+      by_step = {s: r for s, r in by_step.items() if s <= record['resumed_from']}
+      continue
+    by_step[int(record['step'])] = record
+  return [by_step[s] for s in sorted(by_step)]
 
 
 class RateMeter:

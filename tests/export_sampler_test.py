@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -166,6 +168,30 @@ def test_loader_checks_its_inputs(exported):
     sampler.sample([0], noise=np.zeros((1, 3, 16, 16, 3), np.float32))
   with pytest.raises(FileNotFoundError, match='not an exported sampler'):
     serving.load(exported['export_dir'])
+
+
+@pytest.mark.parametrize('name, expected', [
+    (serving.WEIGHTS_FILENAME, r'not readable as the \.npz of the weights'),
+    (serving.SAMPLER_FILENAME, 'not readable as a serialised jax.export sampler'),
+    (serving.MANIFEST_FILENAME, 'not readable as the JSON manifest'),
+])
+def test_truncated_files_are_named_with_what_was_expected(exported, tmp_path, name, expected):
+  copy = tmp_path / 'sampler'
+  shutil.copytree(exported['sampler_dir'], copy)
+  path = copy / name
+  path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+  with pytest.raises(ValueError, match=re.escape(str(path)) + ' is ' + expected +
+                     r'.*truncated or damaged'):
+    serving.load(str(copy))
+
+
+def test_export_tool_names_a_folder_that_is_not_an_export(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'vdit_jax.tools.export', f'--export_dir={tmp_path}'],
+      cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode != 0
+  last = (result.stdout + result.stderr).strip().splitlines()[-1]
+  assert f'--export_dir={tmp_path} is not a complete export (it lacks export.json' in last, last
 
 
 def test_text_conditioned_and_lora_runs_are_refused():

@@ -30,6 +30,7 @@ import argparse
 import io
 import json
 import os
+import zipfile
 from typing import Optional, Sequence, Union
 
 import jax
@@ -75,6 +76,13 @@ class _Files:
       return f.read()
 
 
+def _unreadable(path: str, expected: str, error: Exception) -> str:
+  reason = (str(error).strip().splitlines() or [''])[0][:200]
+  return (f'{path} is not readable as {expected} ({type(error).__name__}: {reason}): the file '
+          'is truncated or damaged, or is not part of this export. Export it again with '
+          '`python -m vdit_jax.tools.export --workdir=WORKDIR`.')
+
+
 class ExportedSampler:
   """A deserialised sampler and its weights (on the default device)."""
 
@@ -87,13 +95,27 @@ class ExportedSampler:
       raise FileNotFoundError(
           f'{self.directory} is not an exported sampler: it lacks {missing}. Write one with '
           '`python -m vdit_jax.tools.export --workdir=WORKDIR`.')
-    self.manifest = json.loads(self.directory.read(files[MANIFEST_FILENAME]))
-    if self.manifest.get('format') != FORMAT_VERSION:
-      raise ValueError(f'{files[MANIFEST_FILENAME]} has format {self.manifest.get("format")!r}; '
+    try:
+      self.manifest = json.loads(self.directory.read(files[MANIFEST_FILENAME]))
+    except (ValueError, UnicodeDecodeError) as e:
+      raise ValueError(_unreadable(files[MANIFEST_FILENAME], 'the JSON manifest', e)) from e
+    if not isinstance(self.manifest, dict) or self.manifest.get('format') != FORMAT_VERSION:
+      found = self.manifest.get('format') if isinstance(self.manifest, dict) else self.manifest
+      raise ValueError(f'{files[MANIFEST_FILENAME]} has format {found!r}; '
                        f'this loader reads format {FORMAT_VERSION}. Export it again.')
-    self.exported = jax.export.deserialize(bytearray(self.directory.read(
-        files[SAMPLER_FILENAME])))
-    self.weights = self._load_weights(files[WEIGHTS_FILENAME])
+    try:
+      self.exported = jax.export.deserialize(bytearray(self.directory.read(
+          files[SAMPLER_FILENAME])))
+    except Exception as e:  # pylint: disable=broad-except  # flatbuffer / struct errors
+      raise ValueError(_unreadable(files[SAMPLER_FILENAME], 'a serialised jax.export '
+                                   'sampler', e)) from e
+    try:
+      self.weights = self._load_weights(files[WEIGHTS_FILENAME])
+    except (zipfile.BadZipFile, EOFError, OSError, KeyError, ValueError) as e:
+      if isinstance(e, ValueError) and str(e).startswith(files[WEIGHTS_FILENAME]):
+        raise  # a weight of the wrong shape: already says so
+      raise ValueError(_unreadable(files[WEIGHTS_FILENAME], 'the .npz of the weights the '
+                                   f'manifest lists ({len(self.manifest["weights"])})', e)) from e
     self.video_shape = tuple(self.manifest['video_shape'])  # (B, T, H, W, C)
     self.num_classes = int(self.manifest['num_classes'])
     self.label_names = self.manifest.get('label_names')

@@ -301,6 +301,13 @@ def main(argv):
   if config is None and FLAGS.workdir is not None:
     config = _workdir_config(FLAGS.workdir)
   export_path = FLAGS.export_dir or newest_export(FLAGS.workdir, config)
+  if not export_lib.is_complete(export_path):
+    found = paths.listdir(export_path) if paths.isdir(export_path) else 'no such folder'
+    raise app.UsageError(
+        f'--export_dir={export_path} is not a complete export (it lacks '
+        f'{export_lib.INFO_FILENAME}; contents: {found}): pass a folder '
+        f'WORKDIR/{export_lib.EXPORT_DIRNAME}/<step> written by --mode=export, or '
+        '--workdir=WORKDIR to export its newest checkpoint.')
   if config is None:
     config = config_from_json(paths.join(export_path, export_lib.CONFIG_FILENAME))
   out = FLAGS.out or paths.join(export_path, SAMPLER_DIRNAME)

@@ -458,6 +458,20 @@ def test_damaged_newest_checkpoint_names_its_path_and_the_previous_step(tmp_path
   assert step == steps[-2]
 
 
+def test_damaged_checkpoint_is_the_last_line_of_a_failed_run(tmp_path, cache_dir, straight):
+  """Issue 27: the cause was line 343 of 1764, above pages of asyncio / TensorStore
+  shutdown tracebacks; now the run exits 1 with one summary line last."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(_checkpoints(straight[0]), _checkpoints(workdir))
+  newest = os.path.join(_checkpoints(workdir), str(_complete_steps(workdir)[-1]))
+  _overwrite_4k(newest)
+  out = _finish(_start(cache_dir, workdir), workdir, expect_rc=1)
+  last = out.strip().splitlines()[-1]
+  assert last.startswith('FATAL CheckpointRestoreError: checkpoint step '), out[-3000:]
+  assert f'at {newest} could not be restored' in last and 'latest_good' in last
+  assert 'Event loop is closed' not in out
+
+
 def test_checkpoint_of_another_model_names_the_differences_not_damage(tmp_path, straight):
   """A workdir trained at one width, resumed or sampled with a config of another (as
   after configs/tiny_text.py went from width 128 to 256): the error names the field and

@@ -40,6 +40,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from vdit_jax import fatal
 from vdit_jax.parallel import distributed
 
 FLAGS = flags.FLAGS
@@ -100,4 +101,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  fatal.run(main)

@@ -31,6 +31,7 @@ import jax
 import ml_dtypes  # noqa: F401  # pylint: disable=unused-import  # registers numpy bfloat16
 import numpy as np
 
+from vdit_jax import fatal
 from vdit_jax.vae import checkpoint
 from vdit_jax.vae.config import VAEConfig
 
@@ -169,4 +170,4 @@ def main(argv) -> int:
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  fatal.run(main)

@@ -45,6 +45,7 @@ from absl import logging
 import jax
 import numpy as np
 
+from vdit_jax import fatal
 from vdit_jax.data import shards
 from vdit_jax.data import synthetic
 from vdit_jax.data import video_files
@@ -219,4 +220,4 @@ def main(argv) -> int:
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  fatal.run(main)

@@ -45,6 +45,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from vdit_jax import defaults
+from vdit_jax import fatal
 from vdit_jax import serving
 from vdit_jax.data import pipeline
 from vdit_jax.data import shards
@@ -325,4 +326,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  fatal.run(main)

@@ -26,6 +26,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from vdit_jax import fatal
 from vdit_jax.data import video_io
 from vdit_jax.train import multistage
 
@@ -114,4 +115,4 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  fatal.run(main)

@@ -34,6 +34,7 @@ import time
 from absl import app
 from absl import flags
 
+from vdit_jax import fatal
 from vdit_jax.data import shards
 from vdit_jax.data import video_files
 from vdit_jax.data import video_io
@@ -173,4 +174,4 @@ def main(argv) -> int:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  fatal.run(main)

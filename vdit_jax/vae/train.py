@@ -38,6 +38,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vdit_jax import defaults
+from vdit_jax import fatal
 from vdit_jax.data import pipeline
 from vdit_jax.parallel import paths
 from vdit_jax.train import metrics as metrics_lib
@@ -226,4 +227,4 @@ if __name__ == '__main__':
                                   lock_config=True)
   flags.DEFINE_string('workdir', None, 'Directory for metrics.jsonl and the trained VAE.')
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  fatal.run(main)

@@ -1,0 +1,46 @@
+"""A fatal error's cause as the last line a user sees.
+
+`run(main)` is absl's `app.run(main)` with one change: an uncaught exception prints its
+traceback, then one summary line (the exception's type and the first line of its message,
+which in this project names the value, path or step and what to do), and the process
+exits with status 1 at once. Exiting through `os._exit` skips the interpreter's teardown,
+where the asynchronous libraries under a run (Orbax's and TensorStore's threads, asyncio
+event loops) print pages of shutdown tracebacks ("Event loop is closed") after the real
+error. Saves already finished are on disk; the trainer closes its checkpointer on the
+errors it raises itself (train/loop.py) before they reach here.
+"""
+
+import os
+import sys
+import traceback
+
+from absl import app
+from absl import logging
+
+
+def summary_line(error: BaseException) -> str:
+  lines = str(error).strip().splitlines()
+  return f'FATAL {type(error).__name__}: {lines[0] if lines else "(no message)"}'
+
+
+def with_summary(main):
+  """main(argv) wrapped so that an uncaught exception ends as described above."""
+
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except (app.UsageError, SystemExit, KeyboardInterrupt):
+      raise  # absl prints usage errors itself; exits and Ctrl-C keep their meaning
+    except Exception as e:  # pylint: disable=broad-except
+      sys.stdout.flush()
+      traceback.print_exc()
+      logging.flush()
+      sys.stderr.write(summary_line(e) + '\n')
+      sys.stderr.flush()
+      os._exit(1)  # pylint: disable=protected-access
+
+  return wrapped
+
+
+def run(main) -> None:
+  app.run(with_summary(main))

@@ -28,9 +28,9 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    # Writing sample videos: mp4 through imageio's ffmpeg plugin (the wheel
-    # carries the ffmpeg binary), gif through Pillow.
-    'video': ['imageio>=2.37', 'imageio-ffmpeg>=0.6', 'pillow>=11'],
+    # Writing sample videos: mp4 through the ffmpeg binary that the imageio-ffmpeg
+    # wheel carries (run by data/video_io.py itself), gif through Pillow.
+    'video': ['imageio-ffmpeg>=0.6', 'pillow>=11'],
     'test': ['pytest>=8',
              # tests/gcs_emulator.py: fake-gcs-server (Go, v1.54.0), its binary inside the
              # wheel, so nothing is downloaded at test time.

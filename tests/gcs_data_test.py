@@ -213,8 +213,6 @@ def test_missing_bucket_paths_name_the_config_value(data):
     video_io.read_frames(f'{url}/a/missing.mp4', [0])
 
 
-# imageio's ffmpeg writer starts ffmpeg by fork + exec from this multithreaded process.
-@pytest.mark.filterwarnings('ignore:os.fork:RuntimeWarning')
 def test_write_video_to_a_bucket(data):
   _, _, bucket = data
   frames = synthetic.SyntheticShapes(6, 16, 16, num_examples=1, seed=1)[0]['video']

@@ -7,7 +7,8 @@
 
 Writing handles .mp4 and .gif; reading (`count_frames`, `read_frames`) handles every
 extension in READ_EXTENSIONS: .gif through Pillow, the rest through the ffmpeg binary that
-imageio-ffmpeg ships (run directly, one process per call).
+imageio-ffmpeg ships (run directly by `subprocess.run`, one process per call, never with a
+`preexec_fn`: that would fork the multi-threaded JAX process, which JAX warns about).
 
 Paths may be local or bucket URLs (gs://, through `parallel.paths`). ffmpeg needs a seekable
 file (an mp4's index may sit at its end), so a bucket video is downloaded whole to a local
@@ -15,18 +16,19 @@ temporary file for each call and removed after it: the bytes ffmpeg would read a
 one local write. A video written to a bucket is encoded into a local temporary file and
 uploaded as one object.
 
-imageio (with imageio-ffmpeg) and Pillow are optional: they are imported only when a file is
-written or read, and installed with `pip install 'vdit_jax[video]'`.
+imageio-ffmpeg (for its ffmpeg binary) and Pillow are optional: they are imported only when
+a file is written or read, and installed with `pip install 'vdit_jax[video]'`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fractions
 import math
 import numbers
 import os
 import subprocess
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -36,16 +38,6 @@ VIDEO_EXTENSIONS = ('.mp4', '.gif')  # what write_video / read_video handle
 READ_EXTENSIONS = ('.mp4', '.m4v', '.mov', '.mkv', '.webm', '.avi', '.gif')
 _MACRO_BLOCK = 16  # H.264 encodes 16x16 blocks; players choke on other sizes
 _INSTALL_HINT = "pip install 'vdit_jax[video]'"
-
-
-def _import_imageio():
-  try:
-    import imageio.v2 as imageio  # pylint: disable=g-import-not-at-top
-    import imageio_ffmpeg  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError as e:
-    raise ImportError(f'Reading and writing mp4 needs imageio and imageio-ffmpeg: '
-                      f'{_INSTALL_HINT}') from e
-  return imageio
 
 
 def _import_pil_image():
@@ -145,18 +137,18 @@ def _pad_to_macro_block(frames: np.ndarray) -> np.ndarray:
 
 
 def _write_mp4(path: str, frames: np.ndarray, fps: float) -> None:
-  imageio = _import_imageio()
+  """H.264 at CRF 5 (imageio's quality 9), the raw RGB frames piped to ffmpeg's stdin by
+  `_run_ffmpeg`: imageio's writer starts ffmpeg with a preexec_fn, which forks the whole
+  (multi-threaded) process and made JAX warn that os.fork() was called."""
   if frames.shape[-1] == 1:
     frames = np.repeat(frames, 3, axis=-1)  # [T, H, W, 3]
   frames = _pad_to_macro_block(frames)  # [T, H16, W16, 3]
-  writer = imageio.get_writer(
-      path, format='FFMPEG', mode='I', fps=fps, codec='libx264', pixelformat='yuv420p',
-      quality=9, macro_block_size=1, ffmpeg_log_level='error')
-  try:
-    for frame in frames:
-      writer.append_data(frame)
-  finally:
-    writer.close()
+  _, h, w, _ = frames.shape
+  rate = str(fractions.Fraction(fps).limit_denominator())
+  _run_ffmpeg(['-y', '-f', 'rawvideo', '-vcodec', 'rawvideo', '-s', f'{w}x{h}',
+               '-pix_fmt', 'rgb24', '-r', rate, '-i', '-', '-an', '-vcodec', 'libx264',
+               '-pix_fmt', 'yuv420p', '-crf', '5', path],
+              stdin_bytes=np.ascontiguousarray(frames, np.uint8).tobytes())
 
 
 def _write_gif(path: str, frames: np.ndarray, fps: float) -> None:
@@ -173,7 +165,7 @@ def _write_gif(path: str, frames: np.ndarray, fps: float) -> None:
 def write_video(path, frames, fps: float = 8) -> str:
   """Writes uint8 frames [T, H, W, C] (C = 1 or 3) to `path` (.mp4 or .gif); returns the path.
 
-  - .mp4: H.264 (libx264, yuv420p) through imageio's ffmpeg plugin. H and W are padded with
+  - .mp4: H.264 (libx264, yuv420p, CRF 5) through imageio-ffmpeg's binary. H and W are padded with
     black at the bottom/right up to multiples of 16 so every player opens the file (upscale
     small clips first with `make_grid(..., scale=k)` to make them watchable).
   - .gif: Pillow, looping forever. Pillow merges consecutive identical frames into one
@@ -216,13 +208,12 @@ def read_video(path) -> np.ndarray:
   path = os.fspath(path)
   ext = _extension(path)
   with _local_video(path) as local:
-    if ext == '.mp4':
-      imageio = _import_imageio()
-      reader = imageio.get_reader(local, format='FFMPEG', mode='I')
-      try:
-        frames = [np.asarray(frame) for frame in reader]
-      finally:
-        reader.close()
+    if ext == '.mp4':  # every frame as PPM images through `_run_ffmpeg` (no fork)
+      frames = _parse_ppm_stream(_run_ffmpeg(['-i', local, '-map', '0:v:0',
+                                              '-fps_mode', 'passthrough', '-f', 'image2pipe',
+                                              '-c:v', 'ppm', '-']))
+      if not frames:
+        raise ValueError(f'Video file {path!r} holds no frames.')
     else:
       image_lib = _import_pil_image()
       frames = []
@@ -242,18 +233,23 @@ def _read_extension(path: str) -> str:
   return ext
 
 
-def _run_ffmpeg(args) -> bytes:
+def _run_ffmpeg(args, stdin_bytes: Optional[bytes] = None) -> bytes:
   """Runs the ffmpeg binary of imageio-ffmpeg; returns stdout, raises with its error log.
 
   Called through plain `subprocess.run` (no `preexec_fn`, unlike imageio-ffmpeg's own
-  readers), so starting it from a multi-threaded process (JAX, grain threads) is safe.
+  readers and writer), so starting it from a multi-threaded process (JAX, grain threads)
+  is safe. `stdin_bytes`: what ffmpeg reads as input `-` (else its stdin is closed).
   """
   try:
     import imageio_ffmpeg  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ImportError(f'Reading videos needs imageio-ffmpeg: {_INSTALL_HINT}') from e
-  cmd = [imageio_ffmpeg.get_ffmpeg_exe(), '-nostdin', '-hide_banner', '-v', 'error', *args]
-  result = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, check=False)
+  if stdin_bytes is None:
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), '-nostdin', '-hide_banner', '-v', 'error', *args]
+    result = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, check=False)
+  else:
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), '-hide_banner', '-v', 'error', *args]
+    result = subprocess.run(cmd, input=stdin_bytes, capture_output=True, check=False)
   if result.returncode != 0:
     log = result.stderr.decode(errors='replace').strip().splitlines()
     raise RuntimeError(f'ffmpeg exited with status {result.returncode}: '

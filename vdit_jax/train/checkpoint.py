@@ -11,6 +11,7 @@ rather than silently resuming from an older step. Silent fallback could also mak
 processes of a multi-host run resume from different steps (each reads its own shards).
 """
 
+import contextlib
 import json
 import os
 from typing import Any, Optional
@@ -30,6 +31,11 @@ class CheckpointRestoreError(RuntimeError):
 
 class NonFiniteStateError(ValueError):
   """A state holding NaN or inf was about to be saved."""
+
+
+class CheckpointWriteError(OSError):
+  """The checkpoint directory cannot be written (permissions, read-only or full disk,
+  bucket errors): found by a probe before each save, not by Orbax minutes later."""
 
 
 def nonfinite_leaves(tree) -> list:
@@ -150,11 +156,22 @@ class Checkpointer:
       raise NonFiniteStateError(
           f'step {step}: the train state holds NaN or inf in {_shown(bad)}; not saved to '
           f'{self.directory} (the complete steps there, {self.all_steps()}, are kept).')
+    # Orbax creates the step's folder in a background thread and, when that fails, waits
+    # 300 s for a signal that never comes (a read-only remount, measured: 301 s, then a
+    # TimeoutError naming neither the folder nor the cause); a probe file first fails fast.
+    try:
+      paths.check_writable(self.directory, 'checkpoint directory',
+                           probe_name=f'.write_probe.{jax.process_index()}')
+    except ValueError as e:
+      raise CheckpointWriteError(
+          f'step {step}: not saved: {e} The complete steps, {self.all_steps()}, are as they '
+          'were; make the folder writable (or free space) and run again to resume.') from e
     items = {'state': ocp.args.StandardSave(state),
              FINGERPRINT_ITEM: ocp.args.JsonSave(fingerprint(state))}
     if data_iter is not None:
       items['data_iter'] = grain.checkpoint.CheckpointSave(data_iter)
-    saved = self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    with self._write_errors(f'saving step {step}'):  # also an earlier async save's failure
+      saved = self.manager.save(step, args=ocp.args.Composite(**items), force=True)
     if saved:
       logging.info('Saving checkpoint for step %d to %s', step, self.directory)
     return saved
@@ -192,11 +209,26 @@ class Checkpointer:
     return state
 
   def wait(self):
-    self.manager.wait_until_finished()
+    with self._write_errors('finishing the saves under way'):
+      self.manager.wait_until_finished()
 
   def close(self):
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
+
+  @contextlib.contextmanager
+  def _write_errors(self, doing: str):
+    """Orbax's (and TensorStore's) write failures, re-raised as CheckpointWriteError
+    naming the folder, the cause and what is intact."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except  # Orbax/TensorStore raise many kinds
+      reason = (str(e).strip().splitlines() or [''])[0]
+      reason = reason if len(reason) <= 600 else reason[:600] + '...'
+      raise CheckpointWriteError(
+          f'{doing} in {self.directory} failed ({type(e).__name__}: {reason}). The complete '
+          f'steps, {self.all_steps()}, are as they were; make the folder writable (or free '
+          'space) and run again to resume.') from e
 
 
 def _restore_failure(path: str, step: int, steps, error: Exception) -> str:

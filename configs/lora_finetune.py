@@ -32,4 +32,5 @@ def get_config(arg=None):
   config.checkpoint.every_steps = 100
   config.checkpoint.keep = 2
   config.sample.use_ema = True   # measured with the EMA; tiny samples its raw params
+  config.train.lr_schedule = 'cosine'  # measured with cosine decay (tiny: wsd)
   return config

@@ -41,5 +41,6 @@ def get_config(arg=None):
   config.diffusion.t_sampling = 'uniform'
   config.sample.sampler = 'ddim'
   config.sample.use_ema = True   # measured with the EMA; tiny samples its raw params
+  config.train.lr_schedule = 'cosine'  # measured with cosine decay (tiny: wsd)
   config.diffusion.shift = 2.0             # measured with shift 2 (tiny: 3)
   return config

@@ -53,4 +53,5 @@ def get_config(arg=None):
   config.train.warmup_steps = 50
   config.checkpoint.every_steps = 250
   config.sample.use_ema = True   # measured with the EMA; tiny samples its raw params
+  config.train.lr_schedule = 'cosine'  # measured with cosine decay (tiny: wsd)
   return config

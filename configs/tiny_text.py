@@ -52,5 +52,6 @@ def get_config(arg=None):
   config.diffusion.input_scale = 'signal'  # the noisy input scaled by its signal level
   config.train.num_steps = 4800
   config.sample.use_ema = True   # measured with the EMA; tiny samples its raw params
+  config.train.lr_schedule = 'cosine'  # measured with cosine decay (tiny: wsd)
   config.diffusion.shift = 2.0             # measured with shift 2 (tiny: 3)
   return config

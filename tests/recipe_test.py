@@ -28,6 +28,9 @@ RECIPE = {
                                           # CPU step time (BUILD_NOTES)
     ('train', 'num_steps'): 2400,
     ('train', 'batch_size'): 8,
+    ('train', 'lr_schedule'): 'wsd',      # warmup-stable-decay: the class's shape 0.86 of
+    ('train', 'decay_fraction'): 0.2,     # 192 clips against cosine's 0.77
+    ('model', 'self_condition'): False,   # at equal FLOPs (2050 steps): shape 0.57
 }
 
 
@@ -62,6 +65,7 @@ def test_configs_measured_with_v_loss_keep_it():
            config.diffusion.t_sampling, config.sample.sampler, config.diffusion.shift)
     shift = 1.0 if module is tiny_latent else 2.0  # tiny_latent: the unshifted schedule
     assert got == ('v', 'cosine', 'uniform', 'ddim', shift), (module, got)
+    assert config.train.lr_schedule == 'cosine', module  # measured with it (tiny: wsd)
 
 
 def test_text_config_keeps_its_measured_recipe():

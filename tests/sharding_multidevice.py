@@ -166,7 +166,8 @@ def main(argv):
   for name in argv[1:] or MESHES:
     try:
       config = config_for(name)
-      recipe = (config.train.optimizer, config.model.self_condition)
+      optimizer = config.train.optimizer
+      recipe = (optimizer, config.model.self_condition)
       if recipe not in refs:  # the one-device run with the same optimizer and model
         one = config_for()
         one.train.optimizer, one.model.self_condition = recipe

@@ -10,6 +10,7 @@ error. Saves already finished are on disk; the trainer closes its checkpointer o
 errors it raises itself (train/loop.py) before they reach here.
 """
 
+import logging as std_logging
 import os
 import sys
 import traceback
@@ -32,9 +33,11 @@ def with_summary(main):
     except (app.UsageError, SystemExit, KeyboardInterrupt):
       raise  # absl prints usage errors itself; exits and Ctrl-C keep their meaning
     except Exception as e:  # pylint: disable=broad-except
+      logging.flush()
+      # Other threads (a failing async save's) must not log after the summary line.
+      std_logging.disable(std_logging.CRITICAL)
       sys.stdout.flush()
       traceback.print_exc()
-      logging.flush()
       sys.stderr.write(summary_line(e) + '\n')
       sys.stderr.flush()
       os._exit(1)  # pylint: disable=protected-access

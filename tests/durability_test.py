@@ -55,7 +55,31 @@ def test_a_nan_batch_skips_the_update_and_is_counted():
   assert float(metrics['nonfinite']) == 0.0 and float(metrics['update_norm']) > 0
 
 
-@pytest.mark.parametrize('policy', ['stop', 'skip'])
+def test_guard_stops_by_policy_and_counts_streaks_across_checks():
+  """train.nonfinite on given per-step flags: 'skip' stops at max_nonfinite_steps in a row
+  (a streak may span checks, a finite step restarts it), 'stop' at the first."""
+  def run(policy, flags, check_every):
+    guard = loop.NonFiniteGuard(small_config(nonfinite=policy, max_nonfinite_steps=3,
+                                             learning_rate=0.5).train)
+    for step, flag in enumerate(flags, 1):
+      guard.add({'nonfinite': jnp.asarray(float(flag))})
+      if step % check_every == 0:
+        try:
+          guard.check(step, resumed_from=None)
+        except loop.NonFiniteError as e:
+          return step, guard.total, str(e)
+    return None, guard.total, ''
+
+  assert run('skip', [0, 1, 1, 0, 1, 1, 0, 0], 2)[:2] == (None, 4)  # no 3 in a row
+  step, total, message = run('skip', [0, 1, 0, 1, 1, 1, 0, 0], 2)  # steps 4-6 in a row
+  assert (step, total) == (6, 4) and 'step 6: 2 step(s)' in message
+  assert '3 in a row, train.max_nonfinite_steps=3' in message
+  assert 'train.learning_rate=0.5' in message and 'The run started' in message
+  step, _, message = run('stop', [0, 0, 1, 0], 1)
+  assert step == 3 and "train.nonfinite='stop'" in message
+
+
+@pytest.mark.parametrize('policy', ['stop'])
 def test_a_diverging_run_stops_naming_the_step_and_saves_no_nonfinite_state(tmp_path,
                                                                              policy):
   # A learning rate of 1e30 blows the params up after the warm-up's first update; the

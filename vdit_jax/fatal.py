@@ -3,7 +3,9 @@
 `run(main)` is absl's `app.run(main)` with one change: an uncaught exception prints its
 traceback, then one summary line (the exception's type and the first line of its message,
 which in this project names the value, path or step and what to do), and the process
-exits with status 1 at once. Exiting through `os._exit` skips the interpreter's teardown,
+exits with status 1 at once; stdout and stderr are pointed at /dev/null before the two are
+written (to a saved copy of stderr), so that no other thread prints after them. Exiting
+through `os._exit` skips the interpreter's teardown,
 where the asynchronous libraries under a run (Orbax's and TensorStore's threads, asyncio
 event loops) print pages of shutdown tracebacks ("Event loop is closed") after the real
 error. Saves already finished are on disk; the trainer closes its checkpointer on the
@@ -34,12 +36,18 @@ def with_summary(main):
       raise  # absl prints usage errors itself; exits and Ctrl-C keep their meaning
     except Exception as e:  # pylint: disable=broad-except
       logging.flush()
-      # Other threads (a failing async save's) must not log after the summary line.
       std_logging.disable(std_logging.CRITICAL)
       sys.stdout.flush()
-      traceback.print_exc()
-      sys.stderr.write(summary_line(e) + '\n')
       sys.stderr.flush()
+      # Other threads (a failing async save's asyncio callbacks) keep printing tracebacks
+      # until the exit: point stdout and stderr at /dev/null first, and write the
+      # traceback and the summary to a saved copy of stderr, so that nothing follows them.
+      err = os.dup(2)
+      devnull = os.open(os.devnull, os.O_WRONLY)
+      os.dup2(devnull, 1)
+      os.dup2(devnull, 2)
+      text = ''.join(traceback.format_exception(e)) + summary_line(e) + '\n'
+      os.write(err, text.encode('utf-8', errors='replace'))
       os._exit(1)  # pylint: disable=protected-access
 
   return wrapped

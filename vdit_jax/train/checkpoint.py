@@ -43,8 +43,7 @@ def nonfinite_leaves(tree) -> list:
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   floats = [(p, x) for p, x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
   finite = jax.device_get(_all_finite([x for _, x in floats]))
-  return ['/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in p)
-          for (p, _), ok in zip(floats, finite) if not ok]
+  return [_path_name(p) for (p, _), ok in zip(floats, finite) if not ok]
 
 
 @jax.jit
@@ -223,18 +222,20 @@ class Checkpointer:
     try:
       yield
     except Exception as e:  # pylint: disable=broad-except  # Orbax/TensorStore raise many kinds
-      reason = (str(e).strip().splitlines() or [''])[0]
-      reason = reason if len(reason) <= 600 else reason[:600] + '...'
       raise CheckpointWriteError(
-          f'{doing} in {self.directory} failed ({type(e).__name__}: {reason}). The complete '
-          f'steps, {self.all_steps()}, are as they were; make the folder writable (or free '
-          'space) and run again to resume.') from e
+          f'{doing} in {self.directory} failed ({type(e).__name__}: {_first_line(e, 600)}). '
+          f'The complete steps, {self.all_steps()}, are as they were; make the folder '
+          'writable (or free space) and run again to resume.') from e
+
+
+def _first_line(error: Exception, limit: int) -> str:
+  """The first line of an error's message, cut to `limit` characters ('' if none)."""
+  reason = (str(error).strip().splitlines() or [''])[0]
+  return reason if len(reason) <= limit else reason[:limit] + '...'
 
 
 def _restore_failure(path: str, step: int, steps, error: Exception) -> str:
-  reason = str(error).strip().splitlines()[0] if str(error).strip() else ''
-  if len(reason) > 400:
-    reason = reason[:400] + '...'
+  reason = _first_line(error, 400)
   older = [s for s in steps if s < step]
   if older:
     way_out = (f'To resume from step {older[-1]}, the previous complete step, run again with '

@@ -8,6 +8,7 @@ only the first run compiles. One straight NUM_STEPS-step run (the `straight` fix
 the reference: a killed-and-resumed run must end with bit-identical params.
 """
 
+import errno
 import json
 import os
 import shutil
@@ -484,11 +485,26 @@ def _mount_tmpfs(path) -> bool:
   return result.returncode == 0
 
 
-def test_checkpoint_folder_turning_read_only_ends_the_run_in_seconds(tmp_path, cache_dir):
+def _fill(folder) -> None:
+  """Writes zeros into `folder` until its file system is full (ENOSPC)."""
+  with open(os.path.join(folder, 'filler.bin'), 'wb') as f:
+    block = b'\0' * (1 << 20)
+    try:
+      while True:
+        f.write(block)
+        f.flush()
+    except OSError as e:
+      assert e.errno == errno.ENOSPC, e
+  # What the buffered writer could not place is dropped with the exception above.
+
+
+@pytest.mark.parametrize('fault', ['read_only', 'full'])
+def test_checkpoint_folder_turning_unwritable_ends_the_run_in_seconds(tmp_path, cache_dir,
+                                                                      fault):
   """Issue 27: a checkpoint folder that became unwritable mid-run stalled 300 s in Orbax,
-  then died with a TimeoutError naming neither. Read-only for root too: the folder is its
-  own tmpfs, remounted read-only while the run trains (BUILD_NOTES has the probe by hand
-  for machines where mount is not allowed)."""
+  then died with a TimeoutError naming neither. Read-only for root too, and full: the
+  folder is its own small tmpfs, remounted read-only or filled while the run trains
+  (BUILD_NOTES has the probe by hand for machines where mount is not allowed)."""
   workdir = tmp_path / 'run'
   folder = workdir / 'checkpoints'
   folder.mkdir(parents=True)
@@ -496,9 +512,19 @@ def test_checkpoint_folder_turning_read_only_ends_the_run_in_seconds(tmp_path, c
     pytest.skip('mounting a tmpfs needs root with the mount capability')
   try:
     proc = _start(cache_dir, str(workdir), '--config.train.num_steps=100000')
-    _wait_until(lambda: len(_logged_steps(str(workdir))) >= KILL_AFTER, proc, str(workdir),
-                f'step {KILL_AFTER}')
-    subprocess.run(['mount', '-o', 'remount,ro', str(folder)], check=True, timeout=30)
+    _wait_until(lambda: (len(_logged_steps(str(workdir))) >= KILL_AFTER
+                         and _complete_steps(str(workdir))), proc, str(workdir),
+                f'step {KILL_AFTER} and a complete checkpoint')
+    if fault == 'read_only':
+      for _ in range(100):  # busy while a file there is open for writing: try again
+        remount = subprocess.run(['mount', '-o', 'remount,ro', str(folder)],
+                                 capture_output=True, text=True, timeout=30, check=False)
+        if remount.returncode == 0:
+          break
+        time.sleep(0.05)
+      assert remount.returncode == 0, remount.stderr
+    else:
+      _fill(folder)
     t0 = time.monotonic()
     out = _finish(proc, str(workdir), expect_rc=1)
     elapsed = time.monotonic() - t0
@@ -506,9 +532,13 @@ def test_checkpoint_folder_turning_read_only_ends_the_run_in_seconds(tmp_path, c
     # Caught by the probe before a save, or from Orbax when a save was under way.
     assert last.startswith('FATAL CheckpointWriteError: '), out[-3000:]
     assert str(folder) in last, last
-    assert 'Read-only file system' in last and 'are as they were' in last, last
+    cause = 'Read-only file system' if fault == 'read_only' else 'No space left on device'
+    assert cause in last and 'are as they were' in last, last
     assert elapsed < 60, elapsed
-    for step in _complete_steps(str(workdir)):  # those finished before the remount
+    steps = _complete_steps(str(workdir))  # those finished before the fault
+    assert steps and f'The complete steps, {steps}, are as they were' in last, (
+        os.listdir(folder), last)
+    for step in steps:
       assert ckpt_lib.nonfinite_leaves(_restore(str(workdir), step)) == []
   finally:
     subprocess.run(['umount', '-l', str(folder)], check=False, timeout=30)

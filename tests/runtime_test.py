@@ -305,3 +305,31 @@ def test_several_cpu_devices_get_threads_enough_for_their_collectives():
   kept = runtime.compose_env(dict(base, XLA_FLAGS=flags, PJRT_NPROC='3'), platform='linux',
                              find=finder())
   assert kept.changes == {}
+
+
+def test_cpu_only_host_gets_jax_platforms_cpu_unless_the_user_set_it():
+  plan = runtime.compose_env({'GLIBC_TUNABLES': 'x'}, platform='linux', find=finder(),
+                             glibc=(2, 36), cpu_only='libtpu installed, no TPU or GPU')
+  assert plan.changes['JAX_PLATFORMS'] == 'cpu'
+  assert not plan.needs_reexec  # JAX reads it when its backends start, not the loader
+  kept = runtime.compose_env({'JAX_PLATFORMS': 'tpu,cpu'}, platform='linux', find=finder(),
+                             glibc=(2, 36), cpu_only='libtpu installed, no TPU or GPU')
+  assert 'JAX_PLATFORMS' not in kept.changes
+  assert 'JAX_PLATFORMS' not in runtime.compose_env({}, platform='linux', find=finder(),
+                                                    glibc=(2, 36)).changes
+
+
+def test_a_cpu_run_with_libtpu_installed_prints_no_libtpu_errors(tmp_path):
+  """Issue 27, point 7: libtpu's start-up errors on a host without TPU."""
+  if runtime.cpu_only_host() is None:
+    pytest.skip('libtpu is not installed, or this host has a TPU or GPU')
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('JAX_PLATFORMS', runtime.ENV_MARKER, runtime.ENV_SWITCH)}
+  code = ('from vdit_jax import runtime; runtime.setup()\n'
+          'import jax; print(jax.devices()[0].platform)')
+  p = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                     timeout=120, check=False)
+  assert p.returncode == 0 and p.stdout.split()[-1] == 'cpu', p.stderr
+  for noise in ('Failed to find host bounds', 'unexpected worker hostname',
+                'could not determine TPU'):
+    assert noise not in p.stderr, p.stderr

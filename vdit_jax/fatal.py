@@ -26,6 +26,25 @@ def summary_line(error: BaseException) -> str:
   return f'FATAL {type(error).__name__}: {lines[0] if lines else "(no message)"}'
 
 
+def exit_with(text: str) -> None:
+  """Writes `text` as the last output of the process, then exits with status 1 at once."""
+  logging.flush()
+  std_logging.disable(std_logging.CRITICAL)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  # Other threads (a failing async save's asyncio callbacks) keep printing tracebacks
+  # until the exit: point stdout and stderr at /dev/null first, and write the text to
+  # a saved copy of stderr, so that nothing follows it.
+  err = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 1)
+  os.dup2(devnull, 2)
+  if not text.endswith('\n'):
+    text += '\n'
+  os.write(err, text.encode('utf-8', errors='replace'))
+  os._exit(1)  # pylint: disable=protected-access
+
+
 def with_summary(main):
   """main(argv) wrapped so that an uncaught exception ends as described above."""
 
@@ -35,20 +54,19 @@ def with_summary(main):
     except (app.UsageError, SystemExit, KeyboardInterrupt):
       raise  # absl prints usage errors itself; exits and Ctrl-C keep their meaning
     except Exception as e:  # pylint: disable=broad-except
-      logging.flush()
-      std_logging.disable(std_logging.CRITICAL)
-      sys.stdout.flush()
-      sys.stderr.flush()
-      # Other threads (a failing async save's asyncio callbacks) keep printing tracebacks
-      # until the exit: point stdout and stderr at /dev/null first, and write the
-      # traceback and the summary to a saved copy of stderr, so that nothing follows them.
-      err = os.dup(2)
-      devnull = os.open(os.devnull, os.O_WRONLY)
-      os.dup2(devnull, 1)
-      os.dup2(devnull, 2)
-      text = ''.join(traceback.format_exception(e)) + summary_line(e) + '\n'
-      os.write(err, text.encode('utf-8', errors='replace'))
-      os._exit(1)  # pylint: disable=protected-access
+      summary = summary_line(e)
+      text = ''.join(traceback.format_exception(e)) + summary + '\n'
+      # In a multi-process run, tell the others why this one stops, then name any
+      # process that failed or went quiet: a lost peer is the usual cause of a
+      # collective's "connection closed" here, so it is printed last.
+      from vdit_jax.parallel import liveness  # pylint: disable=g-import-not-at-top
+      monitor = liveness.current()
+      if monitor is not None:
+        monitor.record_failure(summary)
+        lost = liveness.peers_lost(wait_s=3 * monitor.interval_s)
+        if lost:
+          text += f'FATAL PeerLost: {"; ".join(lost)}\n'
+      exit_with(text)
 
   return wrapped
 

@@ -42,6 +42,7 @@ from ml_collections import config_flags
 
 from vdit_jax import fatal
 from vdit_jax.parallel import distributed
+from vdit_jax.parallel import liveness
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to a configs/*.py file.',
@@ -62,6 +63,10 @@ flags.DEFINE_integer('num_processes', None,
                      f'Processes in the run (env {distributed.ENV_NUM_PROCESSES}).')
 flags.DEFINE_integer('process_id', None,
                      f'This process, in [0, num_processes) (env {distributed.ENV_PROCESS_ID}).')
+flags.DEFINE_float('peer_timeout_s', None,
+                   'Multi-process runs: seconds without a beat from another process before '
+                   'this one stops, naming it (default 30, 0: never; env '
+                   f'{distributed.ENV_PEER_TIMEOUT_S}).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -69,7 +74,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # Before any other JAX call: joins the other processes of a multi-host run.
-  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                         peer_timeout_s=FLAGS.peer_timeout_s)
   if not FLAGS['verbosity'].present:
     # Orbax and grain log every save at INFO; keep the console to progress
     # lines unless the user asks for more (-v 0).
@@ -98,6 +104,8 @@ def main(argv):
     loop.export(FLAGS.config, FLAGS.workdir)
   else:
     loop.sample(FLAGS.config, FLAGS.workdir, checkpoint=FLAGS.checkpoint, prompt=FLAGS.prompt)
+  # Done: the other processes stop waiting for this one's beat (parallel/liveness.py).
+  liveness.finish()
 
 
 if __name__ == '__main__':

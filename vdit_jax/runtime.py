@@ -30,7 +30,9 @@ What the user decides:
                                               back to the other, then to system.
   A variable the user set is never overridden: with LD_PRELOAD set the allocator is left
   alone, with GLIBC_TUNABLES / MALLOC_CONF / a TCMALLOC_* variable set that one is kept;
-  XLA_FLAGS only gains flags whose names it does not already give.
+  XLA_FLAGS only gains flags whose names it does not already give; JAX_PLATFORMS is
+  set (to cpu) only where the user left it unset and `cpu_only_host()` says that
+  libtpu is installed on a host with no TPU or GPU.
 Elsewhere than Linux `setup()` does nothing.
 """
 
@@ -176,15 +178,43 @@ def glibc_version() -> Optional[Tuple[int, int]]:
     return None
 
 
+def cpu_only_host() -> Optional[str]:
+  """Why this host can only run JAX on CPU although libtpu is installed, or None.
+
+  With libtpu installed (the `tpu` and `test` extras) and JAX_PLATFORMS unset, JAX first
+  starts libtpu, which on a host without TPU chips prints "Failed to find host bounds
+  for accelerator type" and "unexpected worker hostname" errors, then falls back to CPU.
+  The hardware checks are JAX's own (jax/_src/hardware_utils.py): a Google TPU on PCI,
+  an NVIDIA or AMD GPU's device files. Reads /sys and /dev only; imports nothing large.
+  """
+  import glob  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  if importlib.util.find_spec('libtpu') is None:
+    return None
+  for vendor in glob.glob('/sys/bus/pci/devices/*/vendor'):
+    try:
+      with open(vendor) as f:
+        if f.read().strip() == '0x1ae0':  # Google: a TPU chip
+          return None
+    except OSError:
+      continue
+  if any(os.path.exists(d) for d in ('/dev/nvidia0', '/dev/nvidiactl', '/dev/dxg',
+                                     '/dev/kfd')):
+    return None
+  return 'libtpu installed, no TPU or GPU on this host'
+
+
 def compose_env(environ: Mapping[str, str], *, platform: str = sys.platform,
                 find: Optional[Callable[[Sequence[str]], Optional[str]]] = None,
-                glibc: Optional[Tuple[int, int]] = ()) -> Plan:
+                glibc: Optional[Tuple[int, int]] = (),
+                cpu_only: Optional[str] = None) -> Plan:
   """The variables to set for a fast CPU run, given the current environment.
 
   Pure (reads the file system only through `find`, which maps library file names to a
   path or None; default: `find_library` over `library_dirs`; and `glibc`, the C library's
   (major, minor) or None if not glibc; default: `glibc_version()`). Raises ValueError for
-  an unknown VDIT_ALLOCATOR.
+  an unknown VDIT_ALLOCATOR. `cpu_only`: `cpu_only_host()`'s answer (setup() asks it);
+  when given and JAX_PLATFORMS is unset, JAX_PLATFORMS=cpu.
   """
   if glibc == ():
     glibc = glibc_version()
@@ -250,6 +280,10 @@ def compose_env(environ: Mapping[str, str], *, platform: str = sys.platform,
       changes[ENV_PJRT_NPROC] = str(threads)
       notes.append(f'{devices} CPU devices: {threads} XLA:CPU threads, so that waiting '
                    'collectives cannot fill the pool')
+  if cpu_only and 'JAX_PLATFORMS' not in environ:
+    changes['JAX_PLATFORMS'] = 'cpu'
+    notes.append(f'{cpu_only}: CPU only, which spares a failed libtpu start and its '
+                 'errors')
   start_vars = set(_START_TIME_VARS) | {v for a in ALLOCATORS.values() for v, _ in a.env}
   needs_reexec = any(v in start_vars for v in changes)
   return Plan(changes, notes, needs_reexec)
@@ -270,7 +304,7 @@ def setup(argv: Optional[Sequence[str]] = None, environ=None,
   """
   environ = os.environ if environ is None else environ
   try:
-    plan = compose_env(environ)
+    plan = compose_env(environ, cpu_only=cpu_only_host())
   except ValueError as e:
     raise SystemExit(f'vdit_jax.runtime: {e}') from None
   if not plan.changes:

@@ -21,6 +21,7 @@ Where the cluster description comes from, first match wins:
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import os
 from typing import Mapping, Optional, Sequence, Union
@@ -28,10 +29,14 @@ from typing import Mapping, Optional, Sequence, Union
 from absl import logging
 import jax
 
+from vdit_jax.parallel import liveness
+
+JAX_HEARTBEAT_TIMEOUT_S = 100  # jax.distributed.initialize's default
 ENV_COORDINATOR_ADDRESS = 'VDIT_COORDINATOR_ADDRESS'
 ENV_NUM_PROCESSES = 'VDIT_NUM_PROCESSES'
 ENV_PROCESS_ID = 'VDIT_PROCESS_ID'
 ENV_AUTO = 'VDIT_DISTRIBUTED_AUTO'
+ENV_PEER_TIMEOUT_S = 'VDIT_PEER_TIMEOUT_S'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,15 +157,40 @@ def plan(coordinator_address: Optional[str] = None, num_processes: Optional[int]
               device_ids)
 
 
+def peer_timeout(value: Union[None, str, float] = None,
+                 env: Optional[Mapping[str, str]] = None) -> float:
+  """Seconds without a peer's beat before the others stop (0: never); see liveness.py."""
+  source = 'peer_timeout_s'
+  if value is None:
+    env = os.environ if env is None else env
+    if not env.get(ENV_PEER_TIMEOUT_S, '').strip():
+      return liveness.DEFAULT_TIMEOUT_S
+    value, source = env[ENV_PEER_TIMEOUT_S].strip(), ENV_PEER_TIMEOUT_S
+  try:
+    seconds = float(value)
+  except (TypeError, ValueError):
+    raise ValueError(f'{source}={value!r} is not a number of seconds.') from None
+  if not math.isfinite(seconds) or (seconds != 0 and seconds < 2 * liveness.DEFAULT_INTERVAL_S):
+    raise ValueError(f'{source}={value!r} must be 0 (no peer watch) or a finite number of '
+                     f'seconds >= {2 * liveness.DEFAULT_INTERVAL_S:g} (two beats).')
+  return seconds
+
+
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
                process_id: Optional[int] = None,
-               local_device_ids: Union[None, str, Sequence[int]] = None) -> Plan:
+               local_device_ids: Union[None, str, Sequence[int]] = None,
+               peer_timeout_s: Union[None, str, float] = None) -> Plan:
   """Joins the processes of this run; call before any other JAX call. Returns the plan.
 
   For more than one process, CPU collectives are switched to gloo first: the setting
   touches only the CPU backend (which every host has), and without it CPU arrays that
-  span processes cannot be reduced or gathered.
+  span processes cannot be reduced or gathered. Then the peer watch starts
+  (`liveness.py`): a process that dies or hangs ends the others within
+  `peer_timeout_s` (default 30 s, env VDIT_PEER_TIMEOUT_S, 0 turns it off), with a line
+  naming it. JAX's own heartbeat timeout is set above it, so that its abort (SIGABRT,
+  a C++ stack dump) is only the fallback.
   """
+  timeout_s = peer_timeout(peer_timeout_s)
   p = plan(coordinator_address, num_processes, process_id, local_device_ids)
   if p.mode == 'single':
     logging.info('distributed: single process (%s)', p.reason)
@@ -170,10 +200,16 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
     return p
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   logging.info('distributed: initialising, %s', p.reason)
+  heartbeat_s = max(JAX_HEARTBEAT_TIMEOUT_S, int(math.ceil(timeout_s)) + 30)
   if p.mode == 'auto':
-    jax.distributed.initialize(local_device_ids=p.local_device_ids)
+    jax.distributed.initialize(local_device_ids=p.local_device_ids,
+                               heartbeat_timeout_seconds=heartbeat_s)
   else:
     jax.distributed.initialize(coordinator_address=p.coordinator_address,
                                num_processes=p.num_processes, process_id=p.process_id,
-                               local_device_ids=p.local_device_ids)
+                               local_device_ids=p.local_device_ids,
+                               heartbeat_timeout_seconds=heartbeat_s)
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  liveness.start(jax_distributed.global_state.client, jax.process_index(),
+                 jax.process_count(), timeout_s)
   return p

@@ -132,13 +132,25 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, keep_period=keep_period, create=True,
-            enable_async_checkpointing=async_save))
+            enable_async_checkpointing=async_save,
+            # The step's folder is made in the save call itself: made by Orbax's
+            # background thread, a failure (read-only, full) left the save waiting 300 s
+            # for that thread's signal (measured). A mkdir costs milliseconds.
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False)))
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
   def all_steps(self):
     return list(self.manager.all_steps())
+
+  def complete_steps(self) -> list:
+    """The steps complete in storage now, read afresh (`all_steps` is the manager's
+    cache, which lists a step from the moment its save starts); for error messages."""
+    try:
+      return sorted(self.manager.all_steps(read=True))
+    except Exception:  # pylint: disable=broad-except  # the storage is failing too
+      return self.all_steps()
 
   def step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
@@ -154,7 +166,7 @@ class Checkpointer:
     if bad:
       raise NonFiniteStateError(
           f'step {step}: the train state holds NaN or inf in {_shown(bad)}; not saved to '
-          f'{self.directory} (the complete steps there, {self.all_steps()}, are kept).')
+          f'{self.directory} (the complete steps there, {self.complete_steps()}, are kept).')
     # Orbax creates the step's folder in a background thread and, when that fails, waits
     # 300 s for a signal that never comes (a read-only remount, measured: 301 s, then a
     # TimeoutError naming neither the folder nor the cause); a probe file first fails fast.
@@ -163,7 +175,7 @@ class Checkpointer:
                            probe_name=f'.write_probe.{jax.process_index()}')
     except ValueError as e:
       raise CheckpointWriteError(
-          f'step {step}: not saved: {e} The complete steps, {self.all_steps()}, are as they '
+          f'step {step}: not saved: {e} The complete steps, {self.complete_steps()}, are as they '
           'were; make the folder writable (or free space) and run again to resume.') from e
     items = {'state': ocp.args.StandardSave(state),
              FINGERPRINT_ITEM: ocp.args.JsonSave(fingerprint(state))}
@@ -224,7 +236,7 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except  # Orbax/TensorStore raise many kinds
       raise CheckpointWriteError(
           f'{doing} in {self.directory} failed ({type(e).__name__}: {_first_line(e, 600)}). '
-          f'The complete steps, {self.all_steps()}, are as they were; make the folder '
+          f'The complete steps, {self.complete_steps()}, are as they were; make the folder '
           'writable (or free space) and run again to resume.') from e
 
 

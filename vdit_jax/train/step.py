@@ -130,7 +130,7 @@ def make_train_step(model: nn.Module, diffusion, tx: optax.GradientTransformatio
     params = optax.apply_updates(state.params, updates)
     d = ema_decay(state.step, ema)
     ema_params = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     # A non-finite loss or gradient skips the update: params, optimizer state and EMA stay
     # those of the last good step (the step counter and the data still move on); the loop
     # counts the skips and applies train.nonfinite (train/loop.py).
@@ -141,8 +141,8 @@ def make_train_step(model: nn.Module, diffusion, tx: optax.GradientTransformatio
     metrics = {
         'loss': loss,
         'grad_norm': grad_norm,
-        'param_norm': optax.global_norm(params),
-        'update_norm': jnp.where(finite, optax.global_norm(updates), 0.0),
+        'param_norm': optax.tree.norm(params),
+        'update_norm': jnp.where(finite, optax.tree.norm(updates), 0.0),
         'learning_rate': schedule(state.step),
         'nonfinite': 1.0 - finite.astype(jnp.float32),
     }

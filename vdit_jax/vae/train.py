@@ -125,7 +125,7 @@ def make_train_step(cfg: VAEConfig, tx: optax.GradientTransformation, kl_weight:
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     metrics = {'loss': loss, **aux, 'psnr': 10.0 * jnp.log10(4.0 / aux['mse']),
-               'grad_norm': optax.global_norm(grads)}
+               'grad_norm': optax.tree.norm(grads)}
     return params, opt_state, metrics
 
   return jax.jit(step, donate_argnums=(0, 1))

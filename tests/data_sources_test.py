@@ -10,6 +10,7 @@ source (8 frames of 32x32, so they hold moving shapes):
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -266,6 +267,25 @@ def test_make_shards_holds_the_files_source_clips(videos, shard_dir, tmp_path):
   with pytest.raises(ValueError, match=r'num_shards=7 must be an integer in \[1, 6\]'):
     make_shards_lib.make_shards(videos, tmp_path / 'x', num_shards=7, num_frames=4,
                                 height=16, width=16, num_workers=0, progress=None)
+
+
+@pytest.mark.parametrize('damage, match', [
+    ('truncated_shard', r'shard-00000-of-00002\.array_record is not a readable ArrayRecord shard'),
+    ('foreign_shard', r'shard-00000-of-00002\.array_record is not a readable ArrayRecord shard '
+                      r'\(ArrayRecord file should be'),
+    ('truncated_index', r'index\.json is not the JSON index make_shards writes'),
+])
+def test_a_damaged_shard_folder_names_the_file(shard_dir, tmp_path, damage, match):
+  """Issue 27: array_record's RuntimeError named no file (or had no message at all)."""
+  folder = tmp_path / 'copy'
+  shutil.copytree(shard_dir, folder)
+  name = {'truncated_index': shards.INDEX_NAME}.get(damage, 'shard-00000-of-00002.array_record')
+  path = folder / name
+  data = path.read_bytes()
+  path.write_bytes(b'not an array record' if damage == 'foreign_shard' else data[:len(data) // 2])
+  with pytest.raises(ValueError, match=match) as e:
+    shards.ShardSource(str(folder))
+  assert str(path) in str(e.value) and 'make_shards' in str(e.value)
 
 
 def _write_latent_shards(directory, latents, labels):

@@ -256,3 +256,19 @@ def test_convert_cli_rejects_mismatched_weights(tmp_path, reference):
     convert_wan_vae.convert(str(tmp_path / 'w.safetensors'), str(tmp_path / 'config.json'),
                             str(tmp_path / 'out'))
   assert not os.path.exists(tmp_path / 'out' / checkpoint.INFO_NAME)
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'foreign'])
+def test_convert_names_a_truncated_or_foreign_weights_file(tmp_path, damage):
+  """Issue 27: safetensors' "incomplete metadata" / "header too large" named no file."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  path = tmp_path / 'diffusion_pytorch_model.safetensors'
+  save_file({'encoder.conv_in.bias': np.zeros(96, np.float32)}, str(path))
+  data = path.read_bytes()
+  path.write_bytes(data[:len(data) // 2] if damage == 'truncated' else b'<html>' * 40)
+  (tmp_path / 'config.json').write_text('{}')
+  with pytest.raises(ValueError, match=f'{path} is not a readable .safetensors file'):
+    convert_wan_vae.convert(str(path), str(tmp_path / 'config.json'), str(tmp_path / 'out'))
+  (tmp_path / 'config.json').write_text('{"base_dim": 9')
+  with pytest.raises(ValueError, match='config.json is not a JSON file'):
+    convert_wan_vae.convert(str(path), str(tmp_path / 'config.json'), str(tmp_path / 'out'))

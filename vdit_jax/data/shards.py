@@ -164,7 +164,14 @@ def read_index(directory) -> dict:
   if not paths.isfile(path):
     raise FileNotFoundError(f'data.path={directory!r} has no {INDEX_NAME}: it is not a shard '
                             'folder, or make_shards did not finish writing it.')
-  index = json.loads(paths.read_text(path))
+  try:
+    index = json.loads(paths.read_text(path))
+  except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
+    raise ValueError(f'{path} is not the JSON index make_shards writes ({e}): the file is cut '
+                     'short or foreign; write the folder again with '
+                     'python -m vdit_jax.tools.make_shards.') from None
+  if not isinstance(index, dict):
+    raise ValueError(f'{path} holds {type(index).__name__}, not the object make_shards writes.')
   if index.get('format') != FORMAT:
     raise ValueError(f'{path}: format={index.get("format")!r}, expected {FORMAT!r}.')
   for key in ('shards', 'clip_shape', 'dtype', 'num_classes'):
@@ -185,6 +192,18 @@ def read_index(directory) -> dict:
       raise FileNotFoundError(f'{path} names the shard {shard["name"]!r}, which is not in '
                               f'{directory!r}.')
   return index
+
+
+def _unreadable_shard(files, error: Exception, module) -> str:
+  """Which of `files` array_record cannot open, and why (its errors name no file)."""
+  for path in files:
+    try:
+      module.ArrayRecordDataSource([path])
+    except Exception as e:  # pylint: disable=broad-except
+      reason = str(e).strip() or type(e).__name__
+      return (f'{path} is not a readable ArrayRecord shard ({reason}): the file is cut '
+              'short, damaged or foreign; write the folder again with make_shards.')
+  return f'the shards {files} cannot be opened together ({type(error).__name__}: {error}).'
 
 
 def check_readable(directory) -> None:
@@ -229,7 +248,10 @@ class ShardSource:
     self.dtype = self.index['dtype']
     self.num_classes = self.index['num_classes']
     files = [paths.join(self.directory, s['name']) for s in self.index['shards']]
-    self._records = array_record_data_source.ArrayRecordDataSource(files)
+    try:
+      self._records = array_record_data_source.ArrayRecordDataSource(files)
+    except Exception as e:  # pylint: disable=broad-except  # array_record raises RuntimeError
+      raise ValueError(_unreadable_shard(files, e, array_record_data_source)) from e
     expected = sum(int(s['num_records']) for s in self.index['shards'])
     if len(self._records) != expected:
       raise ValueError(f'{self.directory}: the shards hold {len(self._records)} records but '
@@ -250,7 +272,12 @@ class ShardSource:
     idx = requested + n if requested < 0 else requested
     if not 0 <= idx < n:
       raise IndexError(f'index {requested} is out of range for ShardSource of length {n}.')
-    example = decode_record(self._records[idx])
+    try:
+      example = decode_record(self._records[idx])
+    except Exception as e:  # pylint: disable=broad-except  # a damaged record: msgpack, numpy
+      raise ValueError(f'{self.directory}: record {idx} cannot be decoded '
+                       f'({type(e).__name__}: {str(e).strip()[:300]}); the shard holding it is '
+                       'damaged: write the folder again with make_shards.') from e
     video = example['video']
     if video.shape != self.clip_shape or video.dtype.name != self.dtype:
       raise ValueError(f'{self.directory}: record {idx} is {list(video.shape)} '

@@ -130,7 +130,13 @@ def convert_state_dict(state_dict: Dict[str, np.ndarray], cfg: VAEConfig) -> Any
 def read_safetensors(path) -> Dict[str, np.ndarray]:
   """All tensors of a .safetensors file as numpy arrays (no pickle, no torch)."""
   from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
-  return safetensors_numpy.load_file(os.fspath(path))
+  try:
+    return safetensors_numpy.load_file(os.fspath(path))
+  except Exception as e:  # pylint: disable=broad-except  # SafetensorError names no file
+    raise ValueError(f'{os.fspath(path)} is not a readable .safetensors file '
+                     f'({type(e).__name__}: {str(e).strip()[:300]}): expected the VAE weights '
+                     "of a diffusers Wan 2.1 folder (vae/diffusion_pytorch_model.safetensors); "
+                     'the file is cut short (an unfinished download?) or foreign.') from e
 
 
 def convert(safetensors_path, config_path, out, *, overwrite: bool = False) -> str:
@@ -140,8 +146,12 @@ def convert(safetensors_path, config_path, out, *, overwrite: bool = False) -> s
       raise FileNotFoundError(f'{name}={path!r} is not a file.')
   if os.path.exists(os.path.join(out, checkpoint.INFO_NAME)) and not overwrite:
     raise ValueError(f'--out={out!r} already holds a VAE; pass --overwrite to replace it.')
-  with open(config_path) as f:
-    diffusers_config = json.load(f)
+  try:
+    with open(config_path) as f:
+      diffusers_config = json.load(f)
+  except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
+    raise ValueError(f'{config_path} is not a JSON file ({e}): expected the config.json of '
+                     "a diffusers Wan 2.1 VAE (vae/config.json).") from None
   cfg = VAEConfig.from_diffusers(diffusers_config)
   params = convert_state_dict(read_safetensors(safetensors_path), cfg)
   return checkpoint.save(out, cfg, params, source=os.path.abspath(safetensors_path),

@@ -280,3 +280,36 @@ def test_two_processes_with_separate_scratch_share_a_bucket_workdir(gcs, tmp_pat
   for i in range(2):
     assert sorted(os.listdir(tmp_path / f'host{i}')) == ['.cache', 'tmp'] or sorted(
         os.listdir(tmp_path / f'host{i}')) == ['tmp'], os.listdir(tmp_path / f'host{i}')
+
+
+def test_bucket_that_turns_read_only_mid_run_ends_the_run_in_seconds(gcs):
+  """Issue 27: write permission taken away while the job runs (a proxy in front of the
+  emulator starts answering 403 to writes): the run ends within seconds, the cause last,
+  the checkpoints complete before it intact."""
+  bucket = gcs.new_bucket()
+  workdir = f'gs://{bucket}/run'
+  with gcs_emulator.ReadOnlyProxy(gcs.url, read_only=False) as proxy:
+    proc = subprocess.Popen(_main(workdir, '--config.train.num_steps=100000'), cwd=REPO,
+                            env=_env(gcs_emulator.client_env(proxy.url)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+      deadline = time.monotonic() + TIMEOUT_S
+      while not _steps(workdir):  # the first complete checkpoint in the bucket
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, 'no checkpoint appeared'
+        time.sleep(0.1)
+      proxy.read_only = True
+      start = time.monotonic()
+      out, _ = proc.communicate(timeout=TIMEOUT_S)
+      took = time.monotonic() - start
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  assert proc.returncode == 1, out[-3000:]
+  last = out.strip().splitlines()[-1]
+  assert last.startswith('FATAL CheckpointWriteError: '), out[-3000:]
+  assert f'gs://{bucket}/run/checkpoints' in last and 'Forbidden' in last, last
+  assert took < 60, (took, out[-3000:])
+  steps = _steps(workdir)
+  assert steps and f'The complete steps, {steps}, are as they were' in last, (steps, last)

@@ -268,10 +268,14 @@ class ReadOnlyProxy:
 
       with gcs_emulator.ReadOnlyProxy(emulator.url) as proxy:
         env = gcs_emulator.client_env(proxy.url)   # clients see a read-only GCS
+
+  `read_only=False` forwards writes too until the attribute is set to True: a bucket
+  whose write permission is taken away while a job runs.
   """
 
-  def __init__(self, upstream: str):
+  def __init__(self, upstream: str, read_only: bool = True):
     self.upstream = upstream.rstrip('/')
+    self.read_only = read_only
     self.url = None
     self._server = None
 
@@ -279,6 +283,7 @@ class ReadOnlyProxy:
     import http.server  # pylint: disable=g-import-not-at-top
     import threading  # pylint: disable=g-import-not-at-top
     upstream = self.upstream
+    proxy = self
 
     class Handler(http.server.BaseHTTPRequestHandler):
       """Forwards GET / HEAD; refuses writes as GCS does without permission."""
@@ -289,21 +294,40 @@ class ReadOnlyProxy:
       def _forbid(self):
         body = json.dumps({'error': {'code': 403, 'message': 'Forbidden (read-only proxy)',
                                      'errors': [{'reason': 'forbidden'}]}}).encode()
-        length = int(self.headers.get('Content-Length') or 0)
-        if length:
-          self.rfile.read(length)
+        self._body()  # read and dropped
         self.send_response(403)
         self.send_header('Content-Type', 'application/json')
         self.send_header('Content-Length', str(len(body)))
         self.end_headers()
         self.wfile.write(body)
 
-      do_POST = do_PUT = do_PATCH = do_DELETE = _forbid
+      def _write(self):
+        if proxy.read_only:
+          self._forbid()
+        else:
+          self._forward()
+
+      do_POST = do_PUT = do_PATCH = do_DELETE = _write
+
+      def _body(self):
+        if self.headers.get('Transfer-Encoding', '').lower() == 'chunked':
+          chunks = []
+          while True:
+            size = int(self.rfile.readline().strip().split(b';')[0], 16)
+            chunk = self.rfile.read(size)
+            self.rfile.readline()
+            if not size:
+              return b''.join(chunks)
+            chunks.append(chunk)
+        length = int(self.headers.get('Content-Length') or 0)
+        return self.rfile.read(length) if length else None
 
       def _forward(self):
-        request = urllib.request.Request(upstream + self.path, method=self.command,
+        body = self._body()
+        request = urllib.request.Request(upstream + self.path, method=self.command, data=body,
                                          headers={k: v for k, v in self.headers.items()
-                                                  if k.lower() != 'host'})
+                                                  if k.lower() not in ('host',
+                                                                       'transfer-encoding')})
         try:
           with urllib.request.urlopen(request, timeout=30) as r:
             status, headers, body = r.status, r.getheaders(), r.read()

@@ -6,6 +6,7 @@ import json
 import time
 from typing import Any, Optional, Sequence
 
+from absl import logging
 import flax.linen as nn
 import jax
 import numpy as np
@@ -281,6 +282,23 @@ def _saved_model_differences(path: str, config) -> list:
     return []  # not a model section this version reads: the plain restore error stands
 
 
+@contextlib.contextmanager
+def _closing(thing):
+  """`contextlib.closing`, except that when the body raised, a failing `close()` (the
+  metrics file flushed to a bucket that now refuses writes) is logged, not raised: the
+  body's error, which names the cause, stays the one that ends the run."""
+  try:
+    yield thing
+  except BaseException:
+    try:
+      thing.close()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('closing %s also failed: %s: %s', type(thing).__name__,
+                      type(e).__name__, str(e).strip().splitlines()[0] if str(e).strip() else '')
+    raise
+  thing.close()
+
+
 def train_and_evaluate(config, workdir: str, *, stop_at: Optional[int] = None):
   """Trains from scratch, or resumes from the newest checkpoint in `workdir`.
 
@@ -321,7 +339,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at: Optional[int] = None):
   board = tensorboard.TrainBoard(workdir, config.train.get('tensorboard', False))
   board.start(config, int(jax.device_get(state.step)), resumed=latest is not None)
   # Closed however the run ends: in a bucket they hold the lines not yet uploaded.
-  with contextlib.closing(writer), contextlib.closing(board):
+  with _closing(writer), _closing(board):
     meter = _rate_meter(config, spec)
     if plan is not None:  # rates from the schedule's average step
       metrics_lib.log_line(plan.describe())

@@ -32,10 +32,10 @@ MESHES = {
     'data2_seq4_all_gather': dict(data=2, sequence=4),
     'data2_seq4_ring': dict(data=2, sequence=4),
     'data2_seq4_ulysses': dict(data=2, sequence=4),
-    # train.optimizer='muon': Newton-Schulz on fsdp- and tensor-sharded block matrices.
-    'data2_fsdp2_tensor2_muon': dict(data=2, fsdp=2, tensor=2),
-    # model.self_condition: the loss's first pass under lax.cond, on sharded activations.
-    'data2_fsdp2_tensor2_selfcond': dict(data=2, fsdp=2, tensor=2),
+    # train.optimizer='muon': Newton-Schulz on fsdp- and tensor-sharded block matrices;
+    # with model.self_condition: the loss's first pass under lax.cond, on sharded
+    # activations (one mesh for both: each is a compile of its own on 8 and 1 devices).
+    'data2_fsdp2_tensor2_muon_selfcond': dict(data=2, fsdp=2, tensor=2),
 }
 STEPS = 2
 # x0 output's loss weighs clean-end x0 errors by up to 1/0.05^2 = 400, so a sum in another
@@ -113,7 +113,7 @@ def config_for(name=None):
     config.mesh.update(MESHES[name])
     if 'seq4_' in name:
       config.model.sequence_parallel = name.split('seq4_')[1]
-  if name is not None and name.endswith('_muon'):
+  if name is not None and '_muon' in name:
     config.train.optimizer = 'muon'
   if name is not None and name.endswith('_selfcond'):
     config.model.self_condition = True

@@ -12,13 +12,16 @@ from tests import multidevice
 
 MESHES = ('data8', 'fsdp8', 'data2_fsdp2_tensor2', 'data2_seq4_all_gather',
           'data2_seq4_ring', 'data2_seq4_ulysses',
-          'data2_fsdp2_tensor2_muon', 'data2_fsdp2_tensor2_selfcond')
+          'data2_fsdp2_tensor2_muon_selfcond')
 
 
 @pytest.fixture(scope='module')
 def results():
-  # Two processes side by side, half the meshes each (compiles are mostly one thread).
-  halves = (MESHES[::2], MESHES[1::2])
+  # Two processes side by side, half the work each (compiles are mostly one thread): each
+  # process also runs a one-device reference per recipe (AdamW; Muon + self-conditioning).
+  halves = (('data8', 'data2_fsdp2_tensor2', 'data2_fsdp2_tensor2_muon_selfcond'),
+            ('fsdp8', 'data2_seq4_all_gather', 'data2_seq4_ring', 'data2_seq4_ulysses'))
+  assert sorted(halves[0] + halves[1]) == sorted(MESHES)
   with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
     futures = [pool.submit(multidevice.run_checks_with_args, 'sharding_multidevice.py', half)
                for half in halves]

@@ -19,7 +19,7 @@ shutdown. A process that fails writes `vdit/failed/<i>` with its summary line
 (`fatal.py` calls `record_failure`), so that the others can name it and its cause
 rather than a lost connection.
 
-Cost: per process, one small write and one directory read per `interval_s` (2 s).
+Cost: per process, one small write and one read of the vdit/ keys per `interval_s` (2 s).
 """
 
 from __future__ import annotations
@@ -39,17 +39,15 @@ def _key(kind: str, index: int) -> str:
   return f'{_PREFIX}/{kind}/{index}'
 
 
-def _table(client, kind: str) -> Dict[int, str]:
-  """{process: value} of the keys under vdit/<kind>/ (an empty dict if none)."""
-  out = {}
-  try:
-    entries = client.key_value_dir_get(f'{_PREFIX}/{kind}/')
-  except Exception:  # pylint: disable=broad-except
-    return out  # (an empty directory is an error in some jaxlib versions)
-  for key, value in entries:
-    tail = key.rstrip('/').rsplit('/', 1)[-1]
-    if tail.isdigit():
-      out[int(tail)] = value
+def _tables(client) -> Dict[str, Dict[int, str]]:
+  """{kind: {process: value}} of every key under vdit/ (one call to the store)."""
+  out: Dict[str, Dict[int, str]] = {'alive': {}, 'done': {}, 'failed': {}}
+  # Raises when the store does not answer: the caller then leaves its record untouched
+  # (an empty answer would look like every peer's counter moving).
+  for key, value in client.key_value_dir_get(f'{_PREFIX}/'):
+    parts = key.strip('/').split('/')
+    if len(parts) >= 2 and parts[-2] in out and parts[-1].isdigit():
+      out[parts[-2]][int(parts[-1])] = value
   return out
 
 
@@ -94,9 +92,8 @@ class Monitor:
     self._count += 1
     self.client.key_value_set(_key('alive', self.process_id), str(self._count),
                               allow_overwrite=True)
-    alive = _table(self.client, 'alive')
-    done = _table(self.client, 'done')
-    failed = _table(self.client, 'failed')
+    tables = _tables(self.client)
+    alive, done, failed = tables['alive'], tables['done'], tables['failed']
     now = self._clock()
     with self._lock:
       self._last_answer = now

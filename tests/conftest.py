@@ -23,6 +23,6 @@ def pytest_configure(config):
                   r'(?s)Exception ignored in. None.*RuntimeError. Event loop is closed'):
     config.addinivalue_line(
         'filterwarnings', f'ignore:{pattern}:pytest.PytestUnraisableExceptionWarning')
-  config.addinivalue_line(  # the same dropped coroutines, when collected before the loop ends
-      'filterwarnings',
-      "ignore:coroutine '_read_array_index_and_device_put' was never awaited:RuntimeWarning")
+  for name in ('_read_array_index_and_device_put', 'Store._get_array_metadatas'):
+    config.addinivalue_line(  # the same dropped coroutines, collected before the loop ends
+        'filterwarnings', f"ignore:coroutine '{name}' was never awaited:RuntimeWarning")

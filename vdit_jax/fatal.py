@@ -9,7 +9,10 @@ through `os._exit` skips the interpreter's teardown,
 where the asynchronous libraries under a run (Orbax's and TensorStore's threads, asyncio
 event loops) print pages of shutdown tracebacks ("Event loop is closed") after the real
 error. Saves already finished are on disk; the trainer closes its checkpointer on the
-errors it raises itself (train/loop.py) before they reach here.
+errors it raises itself (train/loop.py) before they reach here. In a multi-process run
+the process first records its summary for the others (parallel/liveness.py), and when a
+peer failed or went quiet, a `FATAL PeerLost: ...` line naming it follows the summary:
+a lost peer is then the likely cause.
 """
 
 import logging as std_logging

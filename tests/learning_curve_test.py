@@ -6,10 +6,12 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from bench import learning_curve
 from tests.train_test import small_config
+from vdit_jax.data import synthetic
 from vdit_jax.model import dit
 from vdit_jax.model import flops as flops_lib
 from vdit_jax.train import loop
@@ -26,7 +28,6 @@ def get_config(arg=None):
   config = small_config(log_every=1)
   config.checkpoint.keep = 1
   config.checkpoint.keep_period = 2  # keeps every point whatever keep says
-  config.train.compilation_cache_dir = ''
   return config
 
 
@@ -34,6 +35,30 @@ def test_mean_and_error():
   assert learning_curve.mean_and_error([1, 0, 1, 0]) == {'mean': 0.5, 'stderr': 0.2887}
   assert learning_curve.mean_and_error([float('nan'), 2.0]) == {'mean': 2.0, 'stderr': 0.0}
   assert learning_curve.mean_and_error([float('nan')]) == {'mean': None, 'stderr': None}
+
+
+def test_scores_give_each_shapes_accuracy_over_the_clips_that_ask_for_it():
+  source = synthetic.SyntheticShapes(8, 32, 32, num_examples=36, seed=3, bounce=False)
+  clips = [source[i] for i in range(len(source))]
+  videos = np.stack([c['video'] for c in clips]).astype(np.float32) / 127.5 - 1.0
+  labels = np.array([c['label'] for c in clips])
+  right = learning_curve.score(videos, labels, threshold=60.0)
+  for name in synthetic.SHAPES:  # the detector reads data clips' shapes in >= 0.95 of them
+    assert right[f'shape_accuracy_{name}']['mean'] >= 0.9, (name, right)
+  # Squares' and circles' labels swapped (same directions): those two scores fall, the
+  # triangles' stays.
+  n = len(synthetic.DIRECTIONS)
+  swapped = np.select([labels // n == 0, labels // n == 1], [labels + n, labels - n], labels)
+  wrong = learning_curve.score(videos, swapped, 60.0)
+  assert wrong['shape_accuracy_square']['mean'] <= 0.1, wrong
+  assert wrong['shape_accuracy_circle']['mean'] <= 0.1, wrong
+  assert wrong['shape_accuracy_triangle'] == right['shape_accuracy_triangle']
+  # The overall score is the per-shape scores weighted by how many clips ask for each.
+  share = [np.mean(labels // n == i) for i in range(len(synthetic.SHAPES))]
+  for got in (right, wrong):
+    np.testing.assert_allclose(got['shape_accuracy']['mean'], sum(
+        w * got[f'shape_accuracy_{name}']['mean'] for w, name in zip(share, synthetic.SHAPES)),
+                               atol=1e-3)
 
 
 def test_point_takes_the_wall_clock_of_its_step_or_the_last_logged_before_it():

@@ -30,6 +30,7 @@ RECIPE = {
     ('train', 'batch_size'): 8,
     ('train', 'lr_schedule'): 'wsd',      # warmup-stable-decay: the class's shape 0.86 of
     ('train', 'decay_fraction'): 0.2,     # 192 clips against cosine's 0.77
+    ('train', 'learning_rate'): 2e-3,     # its peak: shape 0.91 of 384 clips against 1e-3's 0.86
     ('model', 'self_condition'): False,   # at equal FLOPs (2050 steps): shape 0.57
 }
 
@@ -66,6 +67,7 @@ def test_configs_measured_with_v_loss_keep_it():
     shift = 1.0 if module is tiny_latent else 2.0  # tiny_latent: the unshifted schedule
     assert got == ('v', 'cosine', 'uniform', 'ddim', shift), (module, got)
     assert config.train.lr_schedule == 'cosine', module  # measured with it (tiny: wsd)
+    assert config.train.learning_rate == 1e-3, module    # measured at it (tiny: 2e-3)
 
 
 def test_text_config_keeps_its_measured_recipe():

@@ -36,8 +36,6 @@ from vdit_jax.train import metrics as metrics_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 300
-CACHE_ENV = 'VDIT_BUCKET_TEST_CACHE_DIR'
-_CACHE_DIR = []  # set by the module's `compile_cache` fixture
 NUM_STEPS = 60
 EVERY = 4
 
@@ -56,25 +54,15 @@ def get_config(arg=None):
   config.checkpoint.keep = 2
   config.checkpoint.async_save = True  # the default of real runs
   config.train.tensorboard = True
-  # The module's runs share one compilation cache (a resume, the second launch of two
-  # processes, the later tests' runs load the programs the first runs compiled).
-  config.train.compilation_cache_dir = os.environ.get(CACHE_ENV, '')
+  # The runs keep the default cache, the test session's (tests/conftest.py): a resume, the
+  # second launch of two processes and the later tests' runs load what the first compiled.
   config.sample.formats = 'gif,mp4'
   config.sample.use_ema = True  # exports and samples the EMA params (tiny: the raw ones)
   return config
 
 
-@pytest.fixture(scope='module', autouse=True)
-def compile_cache(tmp_path_factory):
-  _CACHE_DIR[:] = [str(tmp_path_factory.mktemp('compile_cache'))]
-  yield
-  _CACHE_DIR.clear()
-
-
 def _env(gcs_env, num_devices=1, **extra):
   env = dict(os.environ, **gcs_env, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
-  if _CACHE_DIR:
-    env[CACHE_ENV] = _CACHE_DIR[0]
   env['XLA_FLAGS'] = (multidevice.CPU_COLLECTIVE_TIMEOUT_FLAGS +
                       f' --xla_force_host_platform_device_count={num_devices}')
   env['PYTHONPATH'] = os.pathsep.join(p for p in (REPO, env.get('PYTHONPATH')) if p)

@@ -26,7 +26,7 @@ LAUNCH = os.path.join(REPO, 'launch', 'local_multiprocess.sh')
 NUM_STEPS = 5
 # A few steps, each logged, two sampler steps; everything else is configs/tiny.py's own.
 FLAGS = ('--config=configs/tiny.py', '--config.train.log_every=1',
-         '--config.sample.num_steps=2', '--config.train.compilation_cache_dir=')
+         '--config.sample.num_steps=2')
 MESH = ('--config.mesh.data=2', '--config.mesh.fsdp=2', '--config.mesh.tensor=2')
 RTOL = 1e-4
 TIMEOUT_S = 600

@@ -9,7 +9,8 @@ line is one JSON object {'CONFIG/MESH': {'losses': [...], 'sample': [...]} | fai
 
 What departs from a config's own defaults, and why:
 - every config: train.num_steps=3 and log_every=1 (a few steps, each logged), one
-  checkpoint at the end, sample.num_steps=2, no persistent compilation cache; then
+  checkpoint at the end, sample.num_steps=2 (the compilation cache is the test session's,
+  tests/conftest.py); then
   `--mode=sample` with sample.num_samples=3, fewer clips than the batch axes split;
 - the mesh (MESHES);
 - configs that need data on disk get it from DATA_DIR (configs_test.py writes it):
@@ -81,7 +82,6 @@ def make_config(name, mesh_name, data_dir, lora_base=None):
   config.model.sequence_parallel = sequence_parallel
   config.train.num_steps = NUM_STEPS
   config.train.log_every = 1
-  config.train.compilation_cache_dir = ''
   config.checkpoint.every_steps = NUM_STEPS
   config.sample.num_steps = 2
   for path, value in SHRINK.get(name, {}).items():

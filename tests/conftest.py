@@ -1,6 +1,8 @@
 """Test session setup: CPU only, quiet logs."""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -8,6 +10,20 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # build (about 2.5x on the tiny train step) and buy nothing at these shapes; the
 # variable reaches every subprocess the tests start, too.
 os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
+# One persistent compilation cache for the session, empty at its start (as on a clean CI
+# machine), removed at its end: the tests' runs and their subprocesses (which inherit the
+# variable) share compiled programs, and nothing is written to ~/.cache. Runs take JAX's
+# variable as their config's default cache (vdit_jax/defaults.py). Every program is cached,
+# whatever its compile time (vdit_jax/train/compile_cache.py's thresholds).
+_SESSION_CACHE = tempfile.mkdtemp(prefix='vdit_tests_jax_cache_')
+os.environ['JAX_COMPILATION_CACHE_DIR'] = _SESSION_CACHE
+os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
+
+
+def pytest_unconfigure(config):
+  del config
+  shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 def pytest_configure(config):

@@ -59,7 +59,7 @@ def _config(path, **data):
   t, h, w, c = LATENT_SHAPE
   config.data.update({'num_frames': t, 'height': h, 'width': w, 'channels': c, **data})
   config.train.update(num_steps=4, batch_size=4, warmup_steps=1, log_every=1,
-                      tensorboard=False, compilation_cache_dir='')
+                      tensorboard=False)
   config.checkpoint.update(every_steps=2, async_save=False)
   config.sample.update(every_steps=2, num_steps=2, num_samples=NUM_SAMPLES, formats='mp4')
   return config

@@ -44,7 +44,6 @@ def tiny_config(scan_layers=True):
   config.train.num_steps = 4
   config.train.warmup_steps = 1
   config.train.log_every = 2
-  config.train.compilation_cache_dir = ''
   config.checkpoint.every_steps = 2
   config.checkpoint.async_save = False
   config.sample.num_steps = 2

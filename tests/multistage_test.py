@@ -33,7 +33,6 @@ def shrink(config, num_frames, patch):
   config.model.text.update(dict(width=32, depth=1, num_heads=4))
   config.data.update(dict(num_frames=num_frames, height=H, width=W))
   config.sample.update(dict(num_steps=2, num_samples=2))
-  config.train.update(dict(compilation_cache_dir=''))
   config.checkpoint.async_save = False
   return config
 

@@ -79,8 +79,7 @@ def train_config(**train):
   config.model.variant = None
   config.model.update(dict(width=64, depth=2, num_heads=2, mlp_dim=128, patch_size=(1, 4, 4)))
   config.data.update(dict(num_frames=4, height=8, width=8))
-  config.train.update(dict(batch_size=8, num_steps=3, warmup_steps=1, log_every=1,
-                           compilation_cache_dir=''))
+  config.train.update(dict(batch_size=8, num_steps=3, warmup_steps=1, log_every=1))
   config.train.update(train)
   config.checkpoint.update(dict(every_steps=100, async_save=False))
   config.sample.update(dict(num_steps=1, num_samples=2, formats='gif'))
@@ -405,6 +404,16 @@ def test_cache_dir_config(tmp_path):
   assert compile_cache.configure('') is None and jax.config.jax_compilation_cache_dir is None
   config = train_config(compilation_cache_dir='~/.cache/x')
   validate.validate_config(config, num_devices=1)
+
+
+def test_default_cache_dir_is_jaxs_own_variable_when_set(monkeypatch, tmp_path):
+  """A user's JAX_COMPILATION_CACHE_DIR is the default; the run would otherwise point
+  JAX's cache away from it. Unset: one cache per user and host, under ~/.cache."""
+  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path / 'users'))
+  assert tiny.get_config().train.compilation_cache_dir == str(tmp_path / 'users')
+  monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR')
+  assert (tiny.get_config().train.compilation_cache_dir
+          == '~/.cache/vdit_jax/jax_compilation_cache')
 
 
 # ------------------------------------------------------------------ MFU

@@ -5,6 +5,8 @@ key added here is known to every experiment and can be overridden from the
 command line (`--config.train.num_steps=100`).
 """
 
+import os
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -140,7 +142,10 @@ def base_config() -> ml_collections.ConfigDict:
   t.grad_accum_steps = 1            # micro-batches per step (scanned; one optimizer update)
   # Persistent XLA compilation cache ('' = off), shared by every run of this user on this
   # host: a restart, a resume or a second run of the same shapes loads the compiled step.
-  t.compilation_cache_dir = '~/.cache/vdit_jax/jax_compilation_cache'
+  # JAX's own JAX_COMPILATION_CACHE_DIR, when set, is the default (a run points JAX's
+  # cache at this field, so it would otherwise override what the user set for JAX).
+  t.compilation_cache_dir = (os.environ.get('JAX_COMPILATION_CACHE_DIR')
+                             or '~/.cache/vdit_jax/jax_compilation_cache')
 
   c.checkpoint = ck = ml_collections.ConfigDict()
   ck.every_steps = 500

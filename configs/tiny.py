@@ -15,7 +15,8 @@ The recipe (issue 26, BUILD_NOTES.md "Recipe: what buys quality per unit of comp
   (1.00 against 0.88) at the same compute, and shift 3 makes 0.34 of the clips crisp
   against shift 2's 0.21 and shift 1's 0.02;
 - sampling from the last params, not the EMA (sample.use_ema=False): the class's shape in
-  0.75 of the clips against 0.66;
+  0.75 of the clips against 0.66; with guidance 1.5 (sample.cfg_scale): crisp clips 0.44
+  against guidance 2's 0.39, the shape equal;
 - the learning rate warmup-stable-decay (train.lr_schedule='wsd': the peak held until the
   last 20% of the steps, then the 1 - sqrt cooldown): the class's shape in 0.86 of the
   clips against cosine's 0.77, crisp clips 0.39 against 0.34, at the same steps; and its
@@ -69,6 +70,9 @@ def get_config(arg=None):
   config.sample.every_steps = 0
   config.sample.num_samples = 8
   config.sample.sampler = 'euler'
+  # Guidance 1.5: crisp clips 0.44 of 384 (two training seeds) against 2.0's 0.39, the class's
+  # shape 0.91 at both; 1.25 and 3 are worse (BUILD_NOTES, sixth round).
+  config.sample.cfg_scale = 1.5
   # The raw params, not the EMA: over 192 clips (two sample seeds) the class's shape 0.75
   # against the EMA's 0.66, crisp clips 0.21 against 0.15 (BUILD_NOTES, fourth round); a
   # 2400-step cosine run's last params are averaged enough by the decayed learning rate.

@@ -174,7 +174,8 @@ def test_wsd_schedule_warms_up_holds_the_peak_then_cools_down_as_one_minus_sqrt(
               900: 2e-4 + 1.8e-3 * (1 - 0.5 ** 0.5), 1000: 2e-4, 1200: 2e-4}
   assert got == pytest.approx(expected, rel=1e-5)
   cosine = state_lib.learning_rate_schedule(
-      small_config(num_steps=1000, warmup_steps=100, lr_schedule='cosine').train)
+      small_config(num_steps=1000, warmup_steps=100, learning_rate=1e-3,
+                   lr_schedule='cosine').train)
   assert float(cosine(550)) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5), rel=1e-5)
 
 

@@ -363,7 +363,8 @@ def _key(seed):
 
 # The documented way to jit `sample`: model_fn and shape static, diffusion a pytree argument.
 _jit_sample = jax.jit(vd.sample, static_argnums=(1, 3), static_argnames=(
-    'sampler', 'num_steps', 'eta', 'cfg_scale', 'null_label', 'clip_x0', 'self_condition'))
+    'sampler', 'num_steps', 'eta', 'cfg_scale', 'null_label', 'clip_x0', 'self_condition',
+    'cfg_interval'))
 
 
 def _run(diff, model_fn, rng, labels=None, **kw):
@@ -626,6 +627,62 @@ def test_cfg_in_sampler_label_dependent_and_independent():
   indep = _scaled_model
   np.testing.assert_allclose(_run(diff, indep, rng, labels, cfg_scale=4.0, null_label=0, **kw),
                              _run(diff, indep, rng, labels, **kw), rtol=1e-6, atol=1e-6)
+
+
+def test_guidance_interval_guides_only_the_steps_at_noise_levels_inside_it():
+  # Euler over 4 steps of flow times 1, .75, .5, .25 (shift 1): with (0.5, 1) the first three
+  # steps take uncond + 3 (cond - uncond), the last the conditional prediction alone (one
+  # model call on B, counted at trace time: the two branches of lax.cond).
+  flow = _make(objective='flow')
+  labels = jnp.array([1, 2], jnp.int32)
+  rng = _key(5)
+  kw = dict(sampler='euler', num_steps=4, clip_x0=False)
+  z0 = jax.random.normal(jax.random.split(rng)[0], SHAPE, jnp.float32)
+  grid = vd.flow_time_grid(4, 1.0)
+  np.testing.assert_allclose(grid, [1.0, 0.75, 0.5, 0.25, 0.0])
+
+  def expected(guided_steps):
+    z = np.asarray(z0, np.float64)
+    for i in range(4):
+      t_model = jnp.full((2,), grid[i] * vd.FLOW_T_SCALE, jnp.float32)
+      cond = np.asarray(_label_model(jnp.asarray(z, jnp.float32), t_model, labels), np.float64)
+      uncond = np.asarray(_label_model(jnp.asarray(z, jnp.float32), t_model,
+                                       jnp.zeros((2,), jnp.int32)), np.float64)
+      v = uncond + 3.0 * (cond - uncond) if i in guided_steps else cond
+      z = z + (grid[i + 1] - grid[i]) * v
+    return z
+
+  for interval, guided_steps in [(None, {0, 1, 2, 3}), ((0.0, 1.0), {0, 1, 2, 3}),
+                                 ((0.5, 1.0), {0, 1, 2}), ((0.2, 0.6), {2, 3}),
+                                 ((0.0, 0.1), set())]:
+    got = _run(flow, _label_model, rng, labels, cfg_scale=3.0, null_label=0,
+               cfg_interval=interval, **kw)
+    np.testing.assert_allclose(got, expected(guided_steps), rtol=1e-5, atol=1e-5,
+                               err_msg=str(interval))
+  # DDIM: the level is t / num_timesteps; an interval holding every step is plain guidance,
+  # one holding none is the conditional sampler.
+  diff = _make(objective='v', schedule='cosine')
+  kw = dict(sampler='ddim', num_steps=3)
+  guided = _run(diff, _label_model, rng, labels, cfg_scale=4.0, null_label=0, **kw)
+  np.testing.assert_array_equal(
+      _run(diff, _label_model, rng, labels, cfg_scale=4.0, null_label=0,
+           cfg_interval=(0.0, 1.0), **kw), guided)
+  np.testing.assert_allclose(
+      _run(diff, _label_model, rng, labels, cfg_scale=4.0, null_label=0,
+           cfg_interval=(0.9995, 1.0), **kw), _run(diff, _label_model, rng, labels, **kw),
+      rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('interval,match', [
+    ((0.5,), r'cfg_interval=\(0.5,\) must be None or a pair'),
+    ((0.8, 0.2), r'must satisfy 0 <= lo < hi <= 1'),
+    ((0.0, 1.5), r'must satisfy 0 <= lo < hi <= 1'),
+    ('ab', r'must be None or a pair'),
+])
+def test_guidance_interval_is_refused_outside_zero_one(interval, match):
+  with pytest.raises(ValueError, match=match):
+    vd.sample(_make(objective='flow'), _label_model, _key(0), SHAPE, jnp.zeros((2,), jnp.int32),
+              sampler='euler', num_steps=2, cfg_scale=2.0, null_label=0, cfg_interval=interval)
 
 
 def test_make_sampler_matches_sample():

@@ -53,6 +53,8 @@ CASES = [
     (dict(diffusion__loss_weighting='x0', diffusion__objective='eps', diffusion__prediction='target'),
      "loss_weighting='x0' needs objective 'v' or 'flow'"),
     (dict(sample__formats='avi'), "sample.formats='avi' must list mp4 and/or gif"),
+    (dict(sample__cfg_interval=(0.9, 0.1)),
+     r'sample.cfg_interval=\(0.9, 0.1\) must satisfy 0 <= lo < hi <= 1'),
     # sampler / objective mismatch
     (dict(diffusion__objective='flow'), "sample.sampler='ddim' does not sample objective 'flow'"),
     (dict(sample__sampler='euler', diffusion__objective='eps'),

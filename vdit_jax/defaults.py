@@ -163,6 +163,7 @@ def base_config() -> ml_collections.ConfigDict:
   s.shift = config_dict.placeholder(float)  # euler (flow): the grid's time shift (None: diffusion.shift)
   s.eta = 0.0
   s.cfg_scale = 2.0
+  s.cfg_interval = ()               # (lo, hi): guide only at noise levels in [lo, hi]; () every step
   s.num_samples = 8
   s.use_ema = True
   s.fps = 8

@@ -129,6 +129,7 @@ def validate_config(config, num_devices: int, process_count: int = 1,
   if objective != 'flow' and config.sample.num_steps > config.diffusion.num_timesteps:
     raise ValueError(f'sample.num_steps={config.sample.num_steps} exceeds '
                      f'diffusion.num_timesteps={config.diffusion.num_timesteps}.')
+  samplers.cfg_interval_of(config.sample)  # () or (lo, hi) with 0 <= lo < hi <= 1
   # schedule / t_sampling names; sample.shift only where flow's grid can be re-timed
   objectives.Diffusion.from_config(config.diffusion).for_sampling(config.sample.get('shift'))
 

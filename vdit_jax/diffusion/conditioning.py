@@ -239,7 +239,7 @@ def model_fn_with_context(apply_fn: Callable) -> Callable:
 
 
 def sample(diffusion, apply_fn, rng, shape, cond, *, sampler, num_steps, eta=0.0,
-           cfg_scale=1.0, null_label=None, clip_x0=True):
+           cfg_scale=1.0, null_label=None, clip_x0=True, cfg_interval=None):
   """`samplers.sample` with a condition dict (see the module docstring): given frames
   re-imposed before every model call and on the result, so they come back exactly;
   guidance toward the condition against `null_condition(cond, null_label)`.
@@ -256,7 +256,7 @@ def sample(diffusion, apply_fn, rng, shape, cond, *, sampler, num_steps, eta=0.0
   out = samplers.sample(
       diffusion, model_fn_with_context(apply_fn), rng, shape, cond, sampler=sampler,
       num_steps=num_steps, eta=eta, cfg_scale=cfg_scale, clip_x0=clip_x0,
-      null_label=functools.partial(null_condition, null_label=null_label))
+      cfg_interval=cfg_interval, null_label=functools.partial(null_condition, null_label=null_label))
   if 'frame_mask' in cond:
     out = impose(out, cond['context'], cond['frame_mask'])
   return out

@@ -2,11 +2,11 @@
 
 `sample` is a pure function whose step loop is a `jax.lax.fori_loop`. It is not jitted itself:
 the caller jits it with `model_fn`, `shape`, `sampler`, `num_steps`, `eta`, `cfg_scale`,
-`null_label` and `clip_x0` static (Python values; `diffusion`, `rng`, `labels` and `init_noise`
+`cfg_interval`, `null_label` and `clip_x0` static (Python values; `diffusion`, `rng`, `labels` and `init_noise`
 may be traced), e.g.
 
   jitted = jax.jit(sample, static_argnums=(1, 3), static_argnames=(
-      'sampler', 'num_steps', 'eta', 'cfg_scale', 'null_label', 'clip_x0'))
+      'sampler', 'num_steps', 'eta', 'cfg_scale', 'cfg_interval', 'null_label', 'clip_x0'))
 
 or uses `make_sampler`, which closes over everything but (params, rng, labels).
 
@@ -28,8 +28,31 @@ SAMPLERS = ('ddpm', 'ddim', 'euler')
 _SAMPLER_OBJECTIVES = {'ddpm': ('eps', 'v'), 'ddim': ('eps', 'v'), 'euler': ('flow',)}
 
 
+def validate_cfg_interval(cfg_interval, name='cfg_interval'):
+  """None, or (lo, hi) with 0 <= lo < hi <= 1 as a tuple of Python floats."""
+  if cfg_interval is None:
+    return None
+  try:
+    lo, hi = (float(v) for v in cfg_interval)
+  except (TypeError, ValueError):
+    raise ValueError(f'{name}={cfg_interval!r} must be None or a pair (lo, hi) of noise '
+                     'levels in [0, 1] (0 clean, 1 pure noise).') from None
+  if not 0.0 <= lo < hi <= 1.0:
+    raise ValueError(f'{name}={cfg_interval!r} must satisfy 0 <= lo < hi <= 1 (noise levels, '
+                     '0 clean, 1 pure noise).')
+  return (lo, hi)
+
+
+def cfg_interval_of(sample_cfg):
+  """config.sample.cfg_interval as `sample` takes it: () (every step) -> None, else (lo, hi)."""
+  value = sample_cfg.get('cfg_interval', ())
+  if value is None or len(value) == 0:
+    return None
+  return validate_cfg_interval(value, name='sample.cfg_interval')
+
+
 def _validate(diffusion, sampler, num_steps, shape, labels, eta, cfg_scale, null_label,
-              check_labels=True):
+              check_labels=True, cfg_interval=None):
   if sampler not in SAMPLERS:
     raise ValueError(f'sampler={sampler!r} is not known; expected one of {SAMPLERS}.')
   allowed = _SAMPLER_OBJECTIVES[sampler]
@@ -61,6 +84,7 @@ def _validate(diffusion, sampler, num_steps, shape, labels, eta, cfg_scale, null
           f'cfg_scale={cfg_scale!r} != 1 needs null_label (the unconditional class id).')
     if check_labels and labels is None:
       raise ValueError(f'cfg_scale={cfg_scale!r} != 1 needs labels to guide toward.')
+  validate_cfg_interval(cfg_interval)
 
 
 def guided_prediction(model_fn, z, t_model, labels, cfg_scale=1.0, null_label=None):
@@ -130,7 +154,7 @@ def _discrete_step_tables(diffusion, sampler, num_steps, eta):
 
 def sample(diffusion, model_fn, rng, shape, labels, *, sampler, num_steps, eta=0.0,
            cfg_scale=1.0, null_label=None, clip_x0=True, init_noise=None,
-           self_condition=False):
+           self_condition=False, cfg_interval=None):
   """Draw samples x0 of `shape` ([B, T, H, W, C]) by running `num_steps` model steps.
 
   model_fn(z [B, ...], t_model float32 [B], labels int32 [B] | None) -> prediction [B, ...] in
@@ -139,10 +163,16 @@ def sample(diffusion, model_fn, rng, shape, labels, *, sampler, num_steps, eta=0
   DDPM/DDIM step, and the final Euler sample. eta (DDIM only) and cfg_scale are Python floats.
   init_noise [*shape] replaces the initial noise drawn from rng. self_condition: model_fn
   also takes `x0_prev` [B, ...], the previous step's (guided, clipped) x0 estimate, zeros at
-  the first step (model.self_condition). Returns float32 [*shape].
+  the first step (model.self_condition).
+  cfg_interval (lo, hi): guidance only at the steps whose noise level lies in [lo, hi] (flow
+  t, or t / num_timesteps for DDPM/DDIM; 0 clean, 1 pure noise), the conditional prediction
+  alone (one model call on B) elsewhere, as Kynkaanniemi et al. 2024 guide a limited
+  interval; None guides every step. Returns float32 [*shape].
   """
   shape = tuple(int(d) for d in shape)
-  _validate(diffusion, sampler, num_steps, shape, labels, eta, cfg_scale, null_label)
+  _validate(diffusion, sampler, num_steps, shape, labels, eta, cfg_scale, null_label,
+            cfg_interval=cfg_interval)
+  cfg_interval = validate_cfg_interval(cfg_interval)
   init_rng, step_rng = jax.random.split(rng)
   if init_noise is None:
     z = jax.random.normal(init_rng, shape, jnp.float32)  # [B, T, H, W, C]
@@ -152,8 +182,18 @@ def sample(diffusion, model_fn, rng, shape, labels, *, sampler, num_steps, eta=0
     z = jnp.asarray(init_noise, jnp.float32)
   batch = shape[0]
   maybe_clip = (lambda x: jnp.clip(x, -1.0, 1.0)) if clip_x0 else (lambda x: x)
-  guide = functools.partial(guided_prediction, labels=labels, cfg_scale=cfg_scale,
-                            null_label=null_label)
+  guided = functools.partial(guided_prediction, labels=labels, cfg_scale=cfg_scale,
+                             null_label=null_label)
+  if cfg_interval is None or cfg_scale == 1.0:
+    guide = lambda fn, z_in, t_model, level: guided(fn, z_in, t_model)
+  else:
+    lo, hi = cfg_interval
+
+    def guide(fn, z_in, t_model, level):
+      # level: this step's noise level, a traced scalar; one branch runs per step.
+      inside = jnp.logical_and(level >= lo, level <= hi)
+      return jax.lax.cond(inside, lambda: guided(fn, z_in, t_model),
+                          lambda: fn(z_in, t_model, labels))
   if self_condition:
     # The estimate travels beside z as C more channels, so guidance doubles both together.
     channels = shape[-1]
@@ -161,11 +201,11 @@ def sample(diffusion, model_fn, rng, shape, labels, *, sampler, num_steps, eta=0
     def packed_fn(zx, t_model, y):
       return model_fn(zx[..., :channels], t_model, y, x0_prev=zx[..., channels:])
 
-    def predict(z_in, t_model, x0_prev):
-      return guide(packed_fn, jnp.concatenate([z_in, x0_prev], axis=-1), t_model)
+    def predict(z_in, t_model, x0_prev, level):
+      return guide(packed_fn, jnp.concatenate([z_in, x0_prev], axis=-1), t_model, level)
     x0_prev = jnp.zeros(shape, jnp.float32)  # [*shape]: no estimate before the first step
   else:
-    predict = lambda z_in, t_model, _: guide(model_fn, z_in, t_model)
+    predict = lambda z_in, t_model, _, level: guide(model_fn, z_in, t_model, level)
     x0_prev = None
 
   if sampler == 'euler':
@@ -175,7 +215,7 @@ def sample(diffusion, model_fn, rng, shape, labels, *, sampler, num_steps, eta=0
       z, x0_prev = carry
       t, t_next = grid[i], grid[i + 1]
       t_vec = jnp.full((batch,), t, jnp.float32)  # [B]
-      pred = predict(diffusion.model_input(z, t_vec), diffusion.model_t(t_vec), x0_prev)
+      pred = predict(diffusion.model_input(z, t_vec), diffusion.model_t(t_vec), x0_prev, t)
       if self_condition:
         x0_prev = jnp.clip(diffusion.pred_to_x0_eps(z, pred, t_vec)[0], -1.0, 1.0)
       return z + (t_next - t) * diffusion.velocity(z, pred, t_vec), x0_prev
@@ -189,7 +229,8 @@ def sample(diffusion, model_fn, rng, shape, labels, *, sampler, num_steps, eta=0
   def discrete_step(i, carry):
     z, x0_prev = carry
     t_vec = jnp.full((batch,), ts[i], jnp.int32)  # [B]
-    pred = predict(diffusion.model_input(z, t_vec), diffusion.model_t(t_vec), x0_prev)
+    level = ts[i].astype(jnp.float32) / diffusion.num_timesteps
+    pred = predict(diffusion.model_input(z, t_vec), diffusion.model_t(t_vec), x0_prev, level)
     x0_hat, eps_hat = diffusion.pred_to_x0_eps(z, pred, t_vec)  # [B, ...] each
     x0_hat = maybe_clip(x0_hat)
     if self_condition:
@@ -211,20 +252,20 @@ def sample(diffusion, model_fn, rng, shape, labels, *, sampler, num_steps, eta=0
 
 
 def make_sampler(diffusion, model_apply, shape, *, sampler, num_steps, eta=0.0, cfg_scale=1.0,
-                 null_label=None, clip_x0=True):
+                 null_label=None, clip_x0=True, cfg_interval=None):
   """Jitted `fn(params, rng, labels) -> x0 [*shape]` with model_fn = model_apply(params, ...).
 
   model_apply(params, z, t_model, labels) -> prediction. Validation runs now, not at first call.
   """
   shape = tuple(int(d) for d in shape)
   _validate(diffusion, sampler, num_steps, shape, None, eta, cfg_scale, null_label,
-            check_labels=False)
+            check_labels=False, cfg_interval=cfg_interval)
 
   @jax.jit
   def run(params, rng, labels):
     model_fn = functools.partial(model_apply, params)
     return sample(diffusion, model_fn, rng, shape, labels, sampler=sampler,
                   num_steps=num_steps, eta=eta, cfg_scale=cfg_scale, null_label=null_label,
-                  clip_x0=clip_x0)
+                  clip_x0=clip_x0, cfg_interval=cfg_interval)
 
   return run

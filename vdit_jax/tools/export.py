@@ -189,7 +189,8 @@ def make_sampler_fn(model, diffusion, sample_cfg, shape, num_classes: int, treed
     return samplers.sample(diffusion, model_fn, rng, shape, labels,
                            sampler=sample_cfg.sampler, num_steps=sample_cfg.num_steps,
                            eta=sample_cfg.eta, cfg_scale=cfg_scale, null_label=null_label,
-                           init_noise=noise, self_condition=model.spec.self_condition)
+                           init_noise=noise, self_condition=model.spec.self_condition,
+                           cfg_interval=samplers.cfg_interval_of(sample_cfg))
 
   return fn
 
@@ -283,6 +284,7 @@ def export_sampler(export_path: str, out: str, config, *, num_samples: Optional[
       'prng_impl': prng_impl,
       'sampler': {'name': config.sample.sampler, 'num_steps': config.sample.num_steps,
                   'eta': config.sample.eta, 'cfg_scale': config.sample.cfg_scale,
+                  'cfg_interval': list(samplers.cfg_interval_of(config.sample) or (0.0, 1.0)),
                   'shift': diffusion.for_sampling(config.sample.get('shift')).shift},
       'fps': config.sample.fps,
       'inputs': 'weights (list, order of "weights"), noise float32 [B, T, H, W, C], '

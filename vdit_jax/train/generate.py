@@ -17,6 +17,7 @@ from vdit_jax.data import synthetic
 from vdit_jax.data import transforms
 from vdit_jax.data import video_io
 from vdit_jax.diffusion import conditioning as cond_lib
+from vdit_jax.diffusion import samplers
 from vdit_jax.model import axes
 from vdit_jax.model import text as text_lib
 from vdit_jax.parallel import paths
@@ -171,7 +172,8 @@ def make_sample_fn(model, diffusion, config, num_classes: int, shape):
     cfg_scale, null_label = _guidance(config, num_classes, cond)
     return cond_lib.sample(diffusion, apply_fn, rng, shape, cond,
                            sampler=config.sample.sampler, num_steps=config.sample.num_steps,
-                           eta=config.sample.eta, cfg_scale=cfg_scale, null_label=null_label)
+                           eta=config.sample.eta, cfg_scale=cfg_scale, null_label=null_label,
+                           cfg_interval=samplers.cfg_interval_of(config.sample))
 
   return sample_fn
 

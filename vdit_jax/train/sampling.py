@@ -39,7 +39,8 @@ def make_sample_fn(model, diffusion, sample_cfg, data_cfg, num_classes: int, num
     return samplers.sample(diffusion, model_fn, rng, shape, labels,
                            sampler=sample_cfg.sampler, num_steps=sample_cfg.num_steps,
                            eta=sample_cfg.eta, cfg_scale=cfg_scale, null_label=null_label,
-                           self_condition=model.spec.self_condition)
+                           self_condition=model.spec.self_condition,
+                           cfg_interval=samplers.cfg_interval_of(sample_cfg))
 
   return sample_fn
 

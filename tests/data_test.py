@@ -495,6 +495,42 @@ def test_shape_size_in_the_config():
   validate.validate_config(config, num_devices=1)
 
 
+def test_shape_weights_set_each_shapes_share_and_keep_the_rest_of_the_clip():
+  n = 1200
+  plain, weighted = _source(num_examples=n), _source(num_examples=n, shape_weights=(2, 1, 1))
+  assert _source(shape_weights=()).shape_weights is None
+  shares = np.bincount([int(weighted[i]['shape']) for i in range(n)], minlength=3) / n
+  # Squares in half the clips: 0.5 +- 4 standard errors of a share over n clips.
+  np.testing.assert_allclose(shares, [0.5, 0.25, 0.25], atol=4 * np.sqrt(0.25 / n))
+  for i in range(40):
+    a, b = plain[i], weighted[i]
+    for key in ('colour', 'direction'):
+      assert a[key] == b[key], (i, key)
+    if a['shape'] == b['shape']:  # same draws: the same clip
+      np.testing.assert_array_equal(a['video'], b['video'])
+  # A zero weight removes the shape.
+  only = _source(shape_weights=(0, 1, 0))
+  assert {int(only[i]['shape']) for i in range(60)} == {1}
+  assert 'shape_weights=(2.0, 1.0, 1.0)' in repr(weighted)
+  for bad in ((1, 1), (1, -1, 1), (0, 0, 0), 'abc', (1, float('nan'), 1), (True, 1, 1)):
+    with pytest.raises(ValueError, match=r'shape_weights=.* must be \(\) or 3 finite weights'):
+      _source(shape_weights=bad)
+
+
+def test_shape_weights_in_the_config():
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from vdit_jax import validate  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  assert tuple(config.data.shape_weights) == ()
+  config.data.shape_weights = (3, 1, 1)
+  validate.validate_config(config, num_devices=1)
+  source = pipeline._make_source(config.data)  # pylint: disable=protected-access
+  assert source.shape_weights == (3.0, 1.0, 1.0)
+  config.data.shape_weights = (1, 1)
+  with pytest.raises(ValueError, match=r'config.data.shape_weights=\(1, 1\) must be'):
+    validate.validate_config(config, num_devices=1)
+
+
 def _steps_along(example):
   """Centroid steps [T-1] along the labelled direction, and the largest step across it."""
   unit = np.array({0: (1, 0), 1: (-1, 0), 2: (0, 1), 3: (0, -1)}[int(example['direction'])])

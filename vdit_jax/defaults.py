@@ -105,6 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
   dd.colours = ''                   # synthetic: comma list of synthetic.COLOURS ('' = all)
   dd.shape_size = (0.20, 0.35)      # synthetic: (min, max) shape side / shorter frame side
   dd.bounce = True                  # synthetic: reflect off borders (False: paths fit inside)
+  dd.shape_weights = ()             # synthetic: weights of square, circle, triangle (() = equal)
   dd.frame_stride = 1               # files: video frames between clip frames
   dd.clip_start = 'random'          # files: random | center
   dd.crop = 'center'                # files: center | random (after the short-side resize)

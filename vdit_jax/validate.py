@@ -220,6 +220,7 @@ def _check_synthetic_options(data) -> None:
     if data.source == 'synthetic':
       synthetic.colour_subset(colours)
     synthetic.check_shape_size(data.get('shape_size', synthetic.SHAPE_SIZE))
+    synthetic.check_shape_weights(data.get('shape_weights', None))
   except ValueError as e:
     raise ValueError(f'config.data.{e}') from None
   bounce = data.get('bounce', True)

@@ -97,6 +97,10 @@ class SyntheticShapes:
       so a caption's direction holds for their first frames only). The cap depends on
       the duration, so two clips of one idx match across time_stride only when their
       durations are equal. Files and shards sources leave it unread.
+    shape_weights: () or None (the default) draws the three SHAPES equally often, and clip
+      `idx` is the same as before this option existed; else one non-negative weight per
+      shape (e.g. (2, 1, 1): squares in half the clips), normalised. The draw uses the
+      same random number, so a clip keeps its colour, direction, size and motion.
 
   `source[idx]` returns a dict of numpy values:
     video      uint8 [T, H, W, 3]
@@ -110,7 +114,7 @@ class SyntheticShapes:
   def __init__(self, num_frames: int, height: int, width: int,
                num_examples: int = 100_000, seed: int = 0, time_stride: float = 1.0,
                colours=None, captions: bool = False, shape_size=SHAPE_SIZE,
-               bounce: bool = True):
+               bounce: bool = True, shape_weights=None):
     self.num_frames = _check_positive_int('num_frames', num_frames)
     self.height = _check_positive_int('height', height)
     self.width = _check_positive_int('width', width)
@@ -132,6 +136,9 @@ class SyntheticShapes:
     if not isinstance(bounce, (bool, np.bool_)):
       raise ValueError(f'bounce must be True or False, got {bounce!r}.')
     self.bounce = bool(bounce)
+    self.shape_weights = check_shape_weights(shape_weights)
+    self._shape_edges = (None if self.shape_weights is None else
+                         np.cumsum(self.shape_weights) / sum(self.shape_weights))  # [3]
 
     # Pixel-centre coordinates, shared by every clip.
     self._xs = (np.arange(self.width, dtype=np.float32) + 0.5)[None, None, :]  # [1, 1, W]
@@ -146,7 +153,8 @@ class SyntheticShapes:
     return (f'SyntheticShapes(num_frames={self.num_frames}, height={self.height}, '
             f'width={self.width}, num_examples={self.num_examples}, seed={self.seed}, '
             f'time_stride={self.time_stride}{self._colours_repr()}{self._size_repr()}'
-            f'{"" if self.bounce else ", bounce=False"})')
+            f'{"" if self.bounce else ", bounce=False"}'
+            f'{"" if self.shape_weights is None else f", shape_weights={self.shape_weights}"})')
 
   def _size_repr(self) -> str:
     return '' if self.shape_size == SHAPE_SIZE else f', shape_size={self.shape_size}'
@@ -168,7 +176,10 @@ class SyntheticShapes:
 
     # One draw of all random numbers: cheaper than one generator call per quantity.
     u = np.random.default_rng([self.seed, idx]).random(8)  # [8] in [0, 1)
-    shape = min(int(u[0] * len(SHAPES)), len(SHAPES) - 1)
+    if self._shape_edges is None:
+      shape = min(int(u[0] * len(SHAPES)), len(SHAPES) - 1)
+    else:  # the first shape whose cumulative weight exceeds u[0]
+      shape = min(int(np.searchsorted(self._shape_edges, u[0], side='right')), len(SHAPES) - 1)
     direction = min(int(u[1] * len(DIRECTIONS)), len(DIRECTIONS) - 1)
     num_colours = len(self.colour_ids)
     colour = self.colour_ids[min(int(u[2] * num_colours), num_colours - 1)]
@@ -264,7 +275,26 @@ def from_data_config(data, *, num_examples: int, seed: int, num_frames=None,
       time_stride=data.time_stride if time_stride is None else time_stride,
       colours=data.get('colours', ''),
       shape_size=data.get('shape_size', SHAPE_SIZE),
-      bounce=data.get('bounce', True))
+      bounce=data.get('bounce', True),
+      shape_weights=data.get('shape_weights', None))
+
+
+def check_shape_weights(shape_weights):
+  """() or None -> None (equal shares); else a tuple of len(SHAPES) floats >= 0, sum > 0."""
+  if shape_weights is None or (not isinstance(shape_weights, str)
+                               and hasattr(shape_weights, '__len__') and len(shape_weights) == 0):
+    return None
+  try:
+    weights = tuple(float(v) for v in shape_weights)
+    ok = (all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in shape_weights)
+          and len(weights) == len(SHAPES) and all(math.isfinite(w) and w >= 0 for w in weights)
+          and sum(weights) > 0)
+  except (TypeError, ValueError):
+    ok = False
+  if not ok:
+    raise ValueError(f'shape_weights={shape_weights!r} must be () or {len(SHAPES)} finite '
+                     f'weights >= 0 with a positive sum, one per shape of {SHAPES}.')
+  return weights
 
 
 def check_shape_size(shape_size) -> tuple[float, float]:

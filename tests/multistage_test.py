@@ -330,10 +330,11 @@ def test_cli_writes_the_clip_from_checkpoints(tmp_path):
     name = 'interp' if generate.is_keyframes(stage.config) else 'keyframe'
     workdirs[name] = str(tmp_path / name)
     s = loop.build(stage.config, workdirs[name])
-    # A checkpoint whose EMA params (what sampling reads) are the stage's random params;
-    # built from the abstract state, so no init program is compiled.
+    # A checkpoint whose params and EMA params (sampling reads one, as sample.use_ema says)
+    # are the stage's random params; built from the abstract state, so no init program is
+    # compiled.
     state = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), s.abstract_state)
-    state = state.replace(ema_params=stage.params)
+    state = state.replace(params=stage.params, ema_params=stage.params)
     s.checkpointer.save(1, state)
     s.checkpointer.close()
     loaded = multistage.load_stage(stage.config, workdirs[name])

@@ -49,6 +49,10 @@ def get_config(arg=None):
   config.data.width = 32
   config.data.shape_size = (0.4, 0.55)
   config.data.bounce = False
+  # Squares in half the clips (circles and triangles a quarter each): squares drawn right in
+  # 0.90 of 384 clips (two training seeds) against equal shares' 0.73, the class's shape 0.96
+  # against 0.91, the rest equal (BUILD_NOTES, Recipe, seventh round).
+  config.data.shape_weights = (2.0, 1.0, 1.0)
   config.model.class_tokens = 4
   config.diffusion.objective = 'flow'
   config.diffusion.t_sampling = 'logit_normal'

@@ -521,7 +521,8 @@ def test_shape_weights_in_the_config():
   from configs import tiny  # pylint: disable=g-import-not-at-top
   from vdit_jax import validate  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
-  assert tuple(config.data.shape_weights) == ()
+  assert tuple(config.data.shape_weights) == (2.0, 1.0, 1.0)  # squares in half the clips
+  assert pipeline._make_source(config.data).shape_weights == (2.0, 1.0, 1.0)  # pylint: disable=protected-access
   config.data.shape_weights = (3, 1, 1)
   validate.validate_config(config, num_devices=1)
   source = pipeline._make_source(config.data)  # pylint: disable=protected-access

@@ -14,6 +14,8 @@ from vdit_jax.model import dit
 
 RECIPE = {
     ('data', 'bounce'): False,            # straight paths: the label's direction in every frame
+    ('data', 'shape_weights'): (2.0, 1.0, 1.0),  # squares in half the clips: squares 0.90 of
+                                          # 384 clips against equal shares' 0.73
     ('model', 'class_tokens'): 4,         # the label also as cross-attended tokens
     ('diffusion', 'prediction'): 'x0',    # the network outputs the clean clip
     ('diffusion', 'input_scale'): 'signal',  # the noisy input scaled by its signal level
@@ -40,6 +42,7 @@ def test_tiny_config_carries_the_measured_recipe():
   config = tiny.get_config()
   got = {key: config[key[0]][key[1]] for key in RECIPE}
   got[('model', 'mlp_conv')] = tuple(got[('model', 'mlp_conv')])
+  got[('data', 'shape_weights')] = tuple(got[('data', 'shape_weights')])
   assert config.train.optimizer == 'adamw'  # Muon: BUILD_NOTES, third round
   assert got == RECIPE
   dit.check_spec(dit.resolve_spec(config.model))
@@ -70,6 +73,8 @@ def test_configs_measured_with_v_loss_keep_it():
     assert config.train.learning_rate == 1e-3, module    # measured at it (tiny: 2e-3)
     if module is not tiny_keyframes:  # it states its own
       assert config.sample.cfg_scale == 2.0, module      # measured with it (tiny: 1.5)
+    if module is not tiny_latent:  # latent shards: the synthetic shares are not read
+      assert tuple(config.data.shape_weights) == (), module  # measured with equal shares
 
 
 def test_text_config_trains_tinys_flow_recipe_with_its_measured_settings():
@@ -78,7 +83,7 @@ def test_text_config_trains_tinys_flow_recipe_with_its_measured_settings():
   image-to-video training, 4800 steps at peak 1e-3."""
   config, base = tiny_text.get_config(), tiny.get_config()
   for key in RECIPE:
-    if key not in (('model', 'class_tokens'), ('train', 'num_steps'),
+    if key not in (('model', 'class_tokens'), ('train', 'num_steps'), ('data', 'shape_weights'),
                    ('train', 'learning_rate'), ('sample', 'cfg_scale')):
       assert config[key[0]][key[1]] == base[key[0]][key[1]], key
   assert config.sample.use_ema is False and config.data.bounce is False
@@ -86,6 +91,7 @@ def test_text_config_trains_tinys_flow_recipe_with_its_measured_settings():
   assert (config.model.width, config.model.context_frames_max) == (256, 1)
   assert (config.train.num_steps, config.train.learning_rate) == (4800, 1e-3)
   assert config.sample.cfg_scale == 3.0  # guidance 10 (the v recipe's): shape 0.42
+  assert tuple(config.data.shape_weights) == ()  # measured with equal shares (tiny: 2, 1, 1)
   dit.check_spec(dit.resolve_spec(config.model))
 
 

@@ -170,8 +170,7 @@ def sample(diffusion, model_fn, rng, shape, labels, *, sampler, num_steps, eta=0
   interval; None guides every step. Returns float32 [*shape].
   """
   shape = tuple(int(d) for d in shape)
-  _validate(diffusion, sampler, num_steps, shape, labels, eta, cfg_scale, null_label,
-            cfg_interval=cfg_interval)
+  _validate(diffusion, sampler, num_steps, shape, labels, eta, cfg_scale, null_label)
   cfg_interval = validate_cfg_interval(cfg_interval)
   init_rng, step_rng = jax.random.split(rng)
   if init_noise is None:

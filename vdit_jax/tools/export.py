@@ -178,6 +178,7 @@ def make_sampler_fn(model, diffusion, sample_cfg, shape, num_classes: int, treed
   null_label = num_classes if num_classes > 0 else None
   cfg_scale = sample_cfg.cfg_scale if num_classes > 0 else 1.0
   diffusion = diffusion.for_sampling(sample_cfg.get('shift'))
+  cfg_interval = samplers.cfg_interval_of(sample_cfg)
 
   def fn(weights, noise, labels, seed):
     params = jax.tree.unflatten(treedef, weights)
@@ -190,7 +191,7 @@ def make_sampler_fn(model, diffusion, sample_cfg, shape, num_classes: int, treed
                            sampler=sample_cfg.sampler, num_steps=sample_cfg.num_steps,
                            eta=sample_cfg.eta, cfg_scale=cfg_scale, null_label=null_label,
                            init_noise=noise, self_condition=model.spec.self_condition,
-                           cfg_interval=samplers.cfg_interval_of(sample_cfg))
+                           cfg_interval=cfg_interval)
 
   return fn
 

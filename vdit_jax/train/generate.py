@@ -165,6 +165,7 @@ def make_sample_fn(model, diffusion, config, num_classes: int, shape):
   `sample_condition` (or with given frames, see conditioning.given_condition)."""
   shape = tuple(int(d) for d in shape)
   diffusion = diffusion.for_sampling(config.sample.get('shift'))
+  cfg_interval = samplers.cfg_interval_of(config.sample)
 
   def sample_fn(params, rng, cond):
     def apply_fn(z, t, label=None, text=None, frame_mask=None):
@@ -173,7 +174,7 @@ def make_sample_fn(model, diffusion, config, num_classes: int, shape):
     return cond_lib.sample(diffusion, apply_fn, rng, shape, cond,
                            sampler=config.sample.sampler, num_steps=config.sample.num_steps,
                            eta=config.sample.eta, cfg_scale=cfg_scale, null_label=null_label,
-                           cfg_interval=samplers.cfg_interval_of(config.sample))
+                           cfg_interval=cfg_interval)
 
   return sample_fn
 

@@ -32,6 +32,7 @@ def make_sample_fn(model, diffusion, sample_cfg, data_cfg, num_classes: int, num
   null_label = num_classes if num_classes > 0 else None
   cfg_scale = sample_cfg.cfg_scale if num_classes > 0 else 1.0
   diffusion = diffusion.for_sampling(sample_cfg.get('shift'))
+  cfg_interval = samplers.cfg_interval_of(sample_cfg)
 
   def sample_fn(params, rng, labels):
     def model_fn(z, t, y, **kw):
@@ -40,7 +41,7 @@ def make_sample_fn(model, diffusion, sample_cfg, data_cfg, num_classes: int, num
                            sampler=sample_cfg.sampler, num_steps=sample_cfg.num_steps,
                            eta=sample_cfg.eta, cfg_scale=cfg_scale, null_label=null_label,
                            self_condition=model.spec.self_condition,
-                           cfg_interval=samplers.cfg_interval_of(sample_cfg))
+                           cfg_interval=cfg_interval)
 
   return sample_fn
 

@@ -25,7 +25,6 @@ def get_config(arg=None):
   config = tiny_text.get_config(arg)
   recipe = tiny.get_config()
   config.model.width = recipe.model.width       # None: the variant's 128 (tiny_text: 256)
-  config.diffusion.prediction = recipe.diffusion.prediction   # x0
   config.train.num_steps = 1200
   config.checkpoint.every_steps = 400
   config.model.variant = 'Mu/1x4x4'

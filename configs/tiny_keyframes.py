@@ -9,7 +9,7 @@ configs/tiny_text.py as it is (tiny's flow recipe at width 256, captions, image-
 75% of the clips, 4800 steps at peak 1e-3, guidance 3), with every clip the same synthetic
 motion sampled every 4th frame (data.time_stride=4: frame k of a clip is base frame 4k):
 8 keyframes at 2 fps span what configs/tiny_interpolate.py renders at 8 fps in 29 frames
-(3.625 s at most). About 55 minutes on 2 CPU cores. Its 84 prompted keyframe clips take
+(3.625 s at most). About 52 minutes on 2 CPU cores. Its 84 prompted keyframe clips take
 the prompted colour and direction in every clip and the shape in 0.93 (squares 25 of 28;
 BUILD_NOTES.md, "Recipe: what buys quality per unit of compute", seventh round). sample.fps
 is the rate the clips stand for; the pipeline (train/multistage.py) checks that it times

@@ -3,11 +3,12 @@ r"""The pixel refiner's convolution (model.refiner_width, blocks._pixel_conv) th
 python bench/pixel_conv.py [--batch=8 --frames=8 --size=32 --width=32 --kernel=1,3,3]
 
 Forward + backward (kernel gradients) of the refiner's two convolutions at
-configs/tiny.py's shape: the shipped lax.conv_general_dilated in 3-D, a sum of shifted
-matmuls, and lax.conv in 2-D over the B T frames (kernels of one frame only). Prints ms
-per call and each form's time over the shipped one, measured in the same run, then one
-JSON line. The 2-D form is not shipped: under a data x sequence mesh its kernel gradient
-came out twice the one-device value (BUILD_NOTES.md, "Recipe").
+configs/tiny.py's shape: lax.conv_general_dilated in 3-D, a sum of shifted matmuls, and
+lax.conv in 2-D over the B T frames (kernels of one frame only; what blocks._pixel_conv
+runs for such kernels). Prints ms per call and each form's time over the 3-D one, measured
+in the same run, then one JSON line. The 2-D form holds its input and output sharded over
+the batch only: without that, under a data x sequence mesh its kernel gradient came out
+twice the one-device value (BUILD_NOTES.md, "Recipe").
 """
 
 import json
@@ -47,11 +48,9 @@ def shifted_matmuls(x, kernel):
   return out
 
 
-def conv_2d(x, kernel):
-  b, t, h, w, c = x.shape
-  y = jax.lax.conv_general_dilated(x.reshape(b * t, h, w, c), kernel[0], (1, 1), 'SAME',
-                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  return y.reshape(b, t, h, w, -1)
+def conv_3d(x, kernel):
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1, 1), 'SAME',
+                                      dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'))
 
 
 def main(_):
@@ -60,10 +59,10 @@ def main(_):
                                             6))  # the output and the noisy input, 3 + 3
   k1 = 0.1 * jax.random.normal(jax.random.key(1), kernel + (6, FLAGS.width))
   k2 = 0.1 * jax.random.normal(jax.random.key(2), kernel + (FLAGS.width, 3))
-  forms = {'lax 3-D conv (shipped)': blocks._pixel_conv,  # pylint: disable=protected-access
+  forms = {'lax 3-D conv': conv_3d,
            'shifted matmuls': shifted_matmuls}
   if kernel[0] == 1:
-    forms['lax 2-D conv over frames'] = conv_2d
+    forms['lax 2-D conv over frames (blocks._pixel_conv)'] = blocks._pixel_conv  # pylint: disable=protected-access
   out = {}
   for name, conv in forms.items():
     def loss(k1, k2, x, conv=conv):
@@ -74,12 +73,12 @@ def main(_):
     for _ in range(FLAGS.repeats):
       jax.block_until_ready(grad(k1, k2, x))
     out[name] = (time.perf_counter() - t0) / FLAGS.repeats * 1e3
-    np.testing.assert_allclose(conv(x, k1), blocks._pixel_conv(x, k1), rtol=1e-4, atol=1e-4)  # pylint: disable=protected-access
-  base = out['lax 3-D conv (shipped)']
+    np.testing.assert_allclose(conv(x, k1), conv_3d(x, k1), rtol=1e-4, atol=1e-4)
+  base = out['lax 3-D conv']
   print(f'refiner convolutions, forward + backward, x {x.shape}, kernel {kernel}, '
         f'width {FLAGS.width} ({jax.devices()[0].platform}):')
   for name, ms in out.items():
-    print(f'  {name:>28}: {ms:8.1f} ms  ({ms / base:.2f}x the shipped form)')
+    print(f'  {name:>46}: {ms:8.1f} ms  ({ms / base:.2f}x the 3-D form)')
   print(json.dumps({'ms': out, 'kernel': kernel, 'shape': list(x.shape)}))
 
 

@@ -26,8 +26,8 @@ RECIPE = {
     ('sample', 'sampler'): 'euler',
     ('diffusion', 'loss_weighting'): 'none',  # min-SNR-5 measured worse
     ('model', 'mlp_conv'): (3, 3, 3),
-    ('model', 'refiner_width'): 0,        # the pixel refiner: better samples, but 1.6x the
-                                          # CPU step time (BUILD_NOTES)
+    ('model', 'refiner_width'): 0,        # the pixel refiner: crisp 0.45 against 0.47 on
+                                          # the flow recipe, a third more wall time
     ('train', 'num_steps'): 2400,
     ('train', 'batch_size'): 8,
     ('train', 'lr_schedule'): 'wsd',      # warmup-stable-decay: the class's shape 0.86 of

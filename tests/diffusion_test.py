@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from vdit_jax import diffusion as vd
+from vdit_jax.diffusion import objectives
 
 SHAPE = (2, 4, 8, 8, 3)  # [B, T, H, W, C]
 
@@ -754,3 +755,23 @@ def test_min_snr_weighting_weighs_the_x0_error_by_the_capped_snr(objective, pred
                              rtol=1e-4)
   with pytest.raises(ValueError, match=r'min_snr_gamma=0 must be a finite number > 0'):
     _make(objective=objective, loss_weighting='min_snr', min_snr_gamma=0)
+
+
+def test_uncertainty_weighted_mse_is_mse_at_zero_and_least_at_the_log_error():
+  """objectives.uncertainty_weighted_mse: mean_i(L_i / exp(u_i) + u_i) with L_i clip i's MSE;
+  u = 0 gives the plain MSE, u = log L minimises it (value mean(1 + log L), zero gradient)."""
+  rng = np.random.default_rng(0)
+  target = rng.normal(size=(3, 2, 4, 4, 3)).astype(np.float32)
+  pred = (target + rng.normal(size=target.shape) * np.array([0.3, 1.0, 2.0])[:, None, None,
+                                                                           None, None]
+          ).astype(np.float32)
+  per_clip = np.mean((target - pred) ** 2, axis=(1, 2, 3, 4))
+  loss = lambda u: objectives.uncertainty_weighted_mse(target, pred, u)
+  np.testing.assert_allclose(float(loss(jnp.zeros(3))), float(objectives.mse(target, pred)),
+                             rtol=1e-6)
+  u_star = jnp.asarray(np.log(per_clip), jnp.float32)
+  np.testing.assert_allclose(float(loss(u_star)), np.mean(1 + np.log(per_clip)), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(jax.grad(loss)(u_star)), 0.0, atol=1e-6)
+  assert float(loss(u_star + 0.1)) > float(loss(u_star)) < float(loss(u_star - 0.1))
+  with pytest.raises(ValueError, match='log_variance'):
+    loss(jnp.zeros(2))

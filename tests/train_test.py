@@ -11,6 +11,7 @@ import pytest
 from configs import tiny
 from vdit_jax.data import pipeline
 from vdit_jax.data import video_io
+from vdit_jax.model import dit
 from vdit_jax.train import loop
 from vdit_jax.train import metrics as metrics_lib
 from vdit_jax.train import state as state_lib
@@ -163,6 +164,56 @@ def test_self_conditioned_step_trains_on_the_first_passs_estimate_on_its_coin():
       gaps.append(abs(expected - other))
   assert set(coins) == {True, False}, coins
   assert max(gaps[2:]) > 1e-4, gaps  # once the output layer has moved, the estimate counts
+
+
+def test_uncertainty_step_weighs_each_clip_by_its_learnt_log_variance():
+  """model.loss_uncertainty: the step's loss is mean_i(L_i / exp(u_i) + u_i), with L_i each
+  clip's (velocity-weighted x0) error and u the model's sown head at the clip's t,
+  recomputed here from the same draws; the head starts at zero (the plain loss) and is
+  trained by the step."""
+  config = small_config()
+  config.model.loss_uncertainty = True
+  s = loop.build(config, None)
+  state, _ = state_lib.create_state(s.init_fn, jax.random.key(0), s.mesh, s.rules)
+  assert not np.any(np.asarray(state.params['loss_logvar']['proj']['kernel']))
+  train_step = jax.jit(step_lib.make_train_step(
+      s.model, s.diffusion, s.tx, s.schedule, num_classes=s.num_classes, label_dropout=0.1,
+      ema=0.99))
+  batch = jax.tree.map(jnp.asarray, next(pipeline.make_dataset(config.data, 4, seed=0)))
+
+  @jax.jit
+  def losses(params, step):
+    rng = jax.random.fold_in(jax.random.key(0), step)
+    drop_rng, loss_rng = jax.random.split(rng)
+    labels = step_lib.drop_labels(drop_rng, batch['label'], s.num_classes, 0.1)
+    t, noise = s.diffusion.draw(loss_rng, batch['video'])
+    z = s.diffusion.corrupt(batch['video'], noise, t)
+    pred, sown = s.model.apply({'params': params}, s.diffusion.model_input(z, t),
+                               s.diffusion.model_t(t), labels, mutable=['intermediates'])
+    target, weighted = s.diffusion.weigh(s.diffusion.output_target(batch['video'], noise, t),
+                                         pred, t)
+    per_clip = jnp.mean(jnp.square(target - weighted), axis=(1, 2, 3, 4))  # [B]
+    u = sown['intermediates'][dit.LOSS_LOG_VARIANCE][0]  # [B]
+    return jnp.mean(per_clip * jnp.exp(-u) + u), jnp.mean(per_clip), u
+
+  with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
+    for i in range(8):
+      expected, plain, u = losses(state.params, i)
+      if i == 0:
+        np.testing.assert_array_equal(np.asarray(u), 0.0)
+        np.testing.assert_allclose(float(expected), float(plain), rtol=1e-6)
+      state, metrics = train_step(state, batch, jax.random.key(0))
+      np.testing.assert_allclose(float(metrics['loss']), float(expected), rtol=1e-5)
+  assert np.all(np.abs(np.asarray(u)) > 1e-3), u
+
+
+def test_uncertainty_is_refused_for_caption_and_given_frame_models():
+  for field, value in (('conditioning', 'text'), ('context_frames_max', 2)):
+    config = small_config()
+    config.model.loss_uncertainty = True
+    config.model[field] = value
+    with pytest.raises(ValueError, match='loss_uncertainty=True is built for class'):
+      dit.check_spec(dit.resolve_spec(config.model))
 
 
 def test_wsd_schedule_warms_up_holds_the_peak_then_cools_down_as_one_minus_sqrt():

@@ -48,6 +48,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Self-conditioning (Chen et al. 2022): the model also sees its own x0 estimate, from a
   # first pass on half the train steps and from the previous sampler step.
   m.self_condition = False
+  # EDM2's learned loss uncertainty: a head u(t) (zero at init) and the loss L / e^u + u per
+  # clip, so each noise level is weighed by the inverse of its expected loss; class models.
+  m.loss_uncertainty = False
   m.scan_layers = True
   m.remat_policy = 'none'           # none | full | nothing_saveable | dots_saveable |
                                     # dots_with_no_batch_dims_saveable | save_named | ...

@@ -64,6 +64,21 @@ def mse(target, pred):
   return jnp.mean(jnp.square(diff))
 
 
+def uncertainty_weighted_mse(target, pred, log_variance):
+  """EDM2's uncertainty-weighted loss: mean over clips of L_i / exp(u_i) + u_i, where L_i is
+  clip i's mean squared error and u_i = log_variance [B] (model.loss_uncertainty). With
+  u = 0 it is `mse`; for fixed errors it is least at u_i = log L_i."""
+  if target.shape != pred.shape:
+    raise ValueError(
+        f'prediction shape {pred.shape} must equal target shape {target.shape}.')
+  if log_variance.shape != target.shape[:1]:
+    raise ValueError(f'log_variance {log_variance.shape} must be [B]={target.shape[:1]}.')
+  diff = target.astype(jnp.float32) - pred.astype(jnp.float32)
+  per_clip = jnp.mean(jnp.square(diff), axis=tuple(range(1, diff.ndim)))  # [B]
+  u = log_variance.astype(jnp.float32)
+  return jnp.mean(per_clip * jnp.exp(-u) + u)
+
+
 def _bcast(coef, x):
   """Per-example coefficients [B] -> [B, 1, ..., 1] broadcastable against x [B, ...]."""
   if coef.ndim != 1 or coef.shape[0] != x.shape[0]:

@@ -90,6 +90,7 @@ class ModelSpec:
   refiner_width: int = 0        # > 0: blocks.PixelRefiner after the unpatchify, F channels
   refiner_kernel: Tuple[int, ...] = (1, 3, 3)  # its convolutions' (kt, kh, kw)
   self_condition: bool = False  # its own previous x0 estimate as C more input channels
+  loss_uncertainty: bool = False  # a learned log-variance u(t) that weighs the loss (EDM2)
 
 
 def parse_remat_names(names) -> Tuple[str, ...]:
@@ -152,7 +153,8 @@ def resolve_spec(model_cfg) -> ModelSpec:
       class_tokens=model_cfg.get('class_tokens', 0),
       refiner_width=model_cfg.get('refiner_width', 0),
       refiner_kernel=_as_tuple(model_cfg.get('refiner_kernel', (1, 3, 3))),
-      self_condition=model_cfg.get('self_condition', False))
+      self_condition=model_cfg.get('self_condition', False),
+      loss_uncertainty=model_cfg.get('loss_uncertainty', False))
 
 
 def spec_differences(saved_model_cfg, model_cfg, *, label: str = 'saved',
@@ -201,6 +203,13 @@ def check_spec(spec: ModelSpec) -> None:
     raise ValueError(f'model.self_condition={spec.self_condition!r} must be True or False.')
   if spec.self_condition and (spec.conditioning != 'class' or spec.context_frames):
     raise ValueError('model.self_condition=True is built for class-conditional models only: '
+                     f'conditioning={spec.conditioning!r} and context_frames_max='
+                     f'{spec.context_frames} need conditioning=\'class\' and 0.')
+  if not isinstance(spec.loss_uncertainty, bool):
+    raise ValueError(f'model.loss_uncertainty={spec.loss_uncertainty!r} must be True or False.')
+  if spec.loss_uncertainty and (spec.conditioning != 'class' or spec.context_frames):
+    raise ValueError('model.loss_uncertainty=True is built for class-conditional models only '
+                     '(the loss of captions and given frames is a masked one): '
                      f'conditioning={spec.conditioning!r} and context_frames_max='
                      f'{spec.context_frames} need conditioning=\'class\' and 0.')
   if spec.pos_embed not in POS_EMBEDS:
@@ -307,6 +316,9 @@ class VideoDiT(nn.Module):
 
     c = embeddings.TimestepEmbedder(spec.width, dtype=dtype, param_dtype=param_dtype,
                                     name='t_embed')(t)  # [B, D]
+    if spec.loss_uncertainty:  # read by the loss only (apply with mutable=['intermediates'])
+      self.sow('intermediates', LOSS_LOG_VARIANCE,
+               embeddings.LossLogVariance(param_dtype=param_dtype, name='loss_logvar')(t))
     context = None
     if spec.conditioning == 'text':  # (context [B, L, D], mask [B, L]) for cross-attention
       context = text_lib.TextConditioner(spec.text, spec.width, dtype, param_dtype,
@@ -351,6 +363,9 @@ class VideoDiT(nn.Module):
       out = PixelRefiner(spec.refiner_width, spec.refiner_kernel, dtype, param_dtype,
                          name='refiner')(out, video, c)
     return out.astype(jnp.float32)  # [B, T, H, W, C]
+
+
+LOSS_LOG_VARIANCE = 'loss_log_variance'  # the sown u(t) [B] (model.loss_uncertainty)
 
 
 def build_model(model_cfg, channels: int, num_classes: int) -> VideoDiT:

@@ -99,6 +99,25 @@ class TimestepEmbedder(nn.Module):
                     name='mlp_out')(x)  # [B, D]
 
 
+class LossLogVariance(nn.Module):
+  """EDM2's loss uncertainty (Karras et al. 2024): u(t) [B] float32, a linear map of the
+  sinusoidal features of t, zero at init. The loss of a clip at t becomes
+  L / exp(u(t)) + u(t), which the model minimises at u = log E[L | t]: each noise level's
+  loss is weighed by the inverse of its own expected value, learnt along the way."""
+  freq_dim: int = 256
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, t):  # [B]
+    x = timestep_features(t, self.freq_dim).astype(jnp.float32)  # [B, F]
+    u = nn.Dense(1, dtype=jnp.float32, param_dtype=self.param_dtype,
+                 kernel_init=nn.with_logical_partitioning(nn.initializers.zeros,
+                                                          (axes.FREQ, None)),
+                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
+                 name='proj')(x)
+    return u[:, 0]
+
+
 class LabelEmbedder(nn.Module):
   """Class labels -> [B, D]; row `num_classes` is the null label used for CFG."""
   num_classes: int

@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vdit_jax.diffusion import objectives
 from vdit_jax.model import axes
+from vdit_jax.model import dit
 from vdit_jax.train.state import TrainState
 
 
@@ -101,15 +103,28 @@ def make_train_step(model: nn.Module, diffusion, tx: optax.GradientTransformatio
   # estimate to the trained pass (Diffusion.loss_at); class-conditional models only.
   self_condition = bool(getattr(getattr(model, 'spec', None), 'self_condition', False))
 
+  # model.loss_uncertainty: the model sows u(t) [B]; the loss of each clip becomes
+  # L / exp(u) + u (EDM2), read from the last (trained) model call.
+  uncertainty = bool(getattr(getattr(model, 'spec', None), 'loss_uncertainty', False))
+
   def loss_fn(params, inputs, use_estimate=None):
     model_params = params if param_transform is None else param_transform(params)
+    sown = {}
 
     def pred_fn(z, t, **kw):
-      return model.apply({'params': model_params}, z, t, inputs['label'], **kw)
+      if not uncertainty:
+        return model.apply({'params': model_params}, z, t, inputs['label'], **kw)
+      out, state = model.apply({'params': model_params}, z, t, inputs['label'], **kw,
+                               mutable=['intermediates'])
+      sown['u'] = state['intermediates'][dit.LOSS_LOG_VARIANCE][0]  # [B]
+      return out
     if conditioning is not None:
       return conditioning.loss(diffusion, pred_fn, inputs)
+    reduce = objectives.mse
+    if uncertainty:
+      reduce = lambda target, pred: objectives.uncertainty_weighted_mse(target, pred, sown['u'])
     return diffusion.loss_at(pred_fn, inputs['video'], inputs['t'], inputs['noise'],
-                             self_condition=use_estimate)
+                             reduce=reduce, self_condition=use_estimate)
 
   def train_step(state: TrainState, batch, rng):
     check_grad_accum(grad_accum_steps, batch['video'].shape[0])

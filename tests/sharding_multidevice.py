@@ -52,6 +52,8 @@ EXPECTED_PARAM_SPECS = {
     't_embed/mlp_out/kernel': P(MLP, EMBED),
     't_embed/mlp_out/bias': P(EMBED),
     'y_embed/table/embedding': P(None, EMBED),
+    'loss_logvar/proj/kernel': P(None, None),  # model.loss_uncertainty: replicated
+    'loss_logvar/proj/bias': P(None),
     'blocks/adaln/proj/kernel': P(None, EMBED, None),
     'blocks/adaln/proj/bias': P(None, None),
     'blocks/attn/query_kernel': P(None, EMBED, HEADS, None),

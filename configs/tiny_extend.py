@@ -45,6 +45,6 @@ def get_config(arg=None):
   config.sample.cfg_scale = 2.0          # measured with this guidance (tiny: 1.5)
   config.train.learning_rate = 1e-3     # measured at this peak (tiny: 2e-3)
   config.data.shape_weights = ()         # measured with equal shares (tiny: squares 2x)
-  config.model.loss_uncertainty = False  # captions / given frames: a class-model option
+  config.model.loss_uncertainty = False  # measured without it (tiny: EDM2's weighting)
   config.diffusion.shift = 2.0             # measured with shift 2 (tiny: 3)
   return config

@@ -775,3 +775,11 @@ def test_uncertainty_weighted_mse_is_mse_at_zero_and_least_at_the_log_error():
   assert float(loss(u_star + 0.1)) > float(loss(u_star)) < float(loss(u_star - 0.1))
   with pytest.raises(ValueError, match='log_variance'):
     loss(jnp.zeros(2))
+  # keep: only the kept frames enter each clip's mean (here clip 0 keeps its second frame).
+  keep = np.zeros((3, 2, 1, 1, 1), bool)
+  keep[0, 1] = keep[1, :] = keep[2, 0] = True
+  kept = [np.mean((target - pred)[0, 1] ** 2), per_clip[1], np.mean((target - pred)[2, 0] ** 2)]
+  u = jnp.asarray([0.5, -1.0, 0.0], jnp.float32)
+  np.testing.assert_allclose(
+      float(objectives.uncertainty_weighted_mse(target, pred, u, keep=keep)),
+      np.mean(np.asarray(kept) * np.exp(-np.asarray(u)) + np.asarray(u)), rtol=1e-5)

@@ -95,7 +95,7 @@ def test_text_config_trains_tinys_flow_recipe_with_its_measured_settings():
   assert (config.train.num_steps, config.train.learning_rate) == (4800, 1e-3)
   assert config.sample.cfg_scale == 3.0  # guidance 10 (the v recipe's): shape 0.42
   assert tuple(config.data.shape_weights) == ()  # measured with equal shares (tiny: 2, 1, 1)
-  assert config.model.loss_uncertainty is False  # a class-model option
+  assert config.model.loss_uncertainty is False  # measured without it
   dit.check_spec(dit.resolve_spec(config.model))
 
 

@@ -12,6 +12,7 @@ from configs import tiny
 from vdit_jax.data import pipeline
 from vdit_jax.data import video_io
 from vdit_jax.model import dit
+from vdit_jax.train import generate
 from vdit_jax.train import loop
 from vdit_jax.train import metrics as metrics_lib
 from vdit_jax.train import state as state_lib
@@ -207,13 +208,51 @@ def test_uncertainty_step_weighs_each_clip_by_its_learnt_log_variance():
   assert np.all(np.abs(np.asarray(u)) > 1e-3), u
 
 
-def test_uncertainty_is_refused_for_caption_and_given_frame_models():
-  for field, value in (('conditioning', 'text'), ('context_frames_max', 2)):
-    config = small_config()
-    config.model.loss_uncertainty = True
-    config.model[field] = value
-    with pytest.raises(ValueError, match='loss_uncertainty=True is built for class'):
-      dit.check_spec(dit.resolve_spec(config.model))
+def test_uncertainty_step_with_given_frames_weighs_each_clips_generated_frames():
+  """model.loss_uncertainty with given frames (model.context_frames_max): the step's loss is
+  mean_i(L_i / exp(u_i) + u_i) with L_i the mean error over clip i's generated frames only,
+  recomputed here by hand from the same draws (the given frames imposed clean)."""
+  config = small_config()
+  config.model.loss_uncertainty = True
+  config.model.context_frames_max = 2
+  s = loop.build(config, None)
+  state, _ = state_lib.create_state(s.init_fn, jax.random.key(0), s.mesh, s.rules)
+  cond = generate.conditioning(config)
+  train_step = jax.jit(step_lib.make_train_step(
+      s.model, s.diffusion, s.tx, s.schedule, num_classes=s.num_classes, label_dropout=0.1,
+      ema=0.99, conditioning=cond))
+  batch = jax.tree.map(jnp.asarray, next(pipeline.make_dataset(config.data, 4, seed=0)))
+
+  @jax.jit
+  def expected(params, step):
+    rng = jax.random.fold_in(jax.random.key(0), step)
+    drop_rng, loss_rng = jax.random.split(rng)
+    labels = step_lib.drop_labels(drop_rng, batch['label'], s.num_classes, 0.1)
+    t, noise = s.diffusion.draw(loss_rng, batch['video'])
+    mask = cond.draw(jax.random.fold_in(rng, 1), batch)['frame_mask']  # [B, T]
+    x0 = batch['video']
+    z = s.diffusion.corrupt(x0, noise, t)
+    given = mask[:, :, None, None, None]
+    z = jnp.where(given, x0, z)  # the given frames enter clean
+    pred, sown = s.model.apply({'params': params}, s.diffusion.model_input(z, t),
+                               s.diffusion.model_t(t), labels, frame_mask=mask,
+                               mutable=['intermediates'])
+    target, weighted = s.diffusion.weigh(s.diffusion.output_target(x0, noise, t), pred, t)
+    square = jnp.where(given, 0.0, jnp.square(target - weighted))
+    per_clip = jnp.sum(square, axis=(1, 2, 3, 4)) / (
+        jnp.sum(~mask, axis=1) * np.prod(x0.shape[2:]))  # [B]
+    u = sown['intermediates'][dit.LOSS_LOG_VARIANCE][0]  # [B]
+    return jnp.mean(per_clip * jnp.exp(-u) + u), mask
+
+  masks = []
+  with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
+    for i in range(4):
+      want, mask = expected(state.params, i)
+      state, metrics = train_step(state, batch, jax.random.key(0))
+      # x0 output weighs clean-end errors by up to 400: sums in another order differ by ~1e-5.
+      np.testing.assert_allclose(float(metrics['loss']), float(want), rtol=5e-5)
+      masks.append(np.asarray(mask).sum(axis=1))
+  assert np.concatenate(masks).min() < np.concatenate(masks).max(), masks  # frames differ
 
 
 def test_wsd_schedule_warms_up_holds_the_peak_then_cools_down_as_one_minus_sqrt():

@@ -49,7 +49,8 @@ def base_config() -> ml_collections.ConfigDict:
   # first pass on half the train steps and from the previous sampler step.
   m.self_condition = False
   # EDM2's learned loss uncertainty: a head u(t) (zero at init) and the loss L / e^u + u per
-  # clip, so each noise level is weighed by the inverse of its expected loss; class models.
+  # clip (its generated frames where some are given), so each noise level is weighed by the
+  # inverse of its expected loss.
   m.loss_uncertainty = False
   m.scan_layers = True
   m.remat_policy = 'none'           # none | full | nothing_saveable | dots_saveable |

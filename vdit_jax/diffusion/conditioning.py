@@ -204,11 +204,14 @@ class Conditioning:
       out['frame_mask'] = frame_mask(k, t)  # [B, T]
     return out
 
-  def loss(self, diffusion, apply_fn, inputs):
+  def loss(self, diffusion, apply_fn, inputs, log_variance=None):
     """The denoising loss with these conditions.
 
     apply_fn(z [B, T, H, W, C], t_model [B], **kwargs) -> prediction, kwargs being
     text= and/or frame_mask=; `inputs` holds 'video', 't', 'noise' and `draw`'s output.
+    log_variance (optional): a function of no arguments that returns u [B] once apply_fn
+    has run (model.loss_uncertainty: the model sows it); the loss is then
+    objectives.uncertainty_weighted_mse over the same elements (per clip).
     """
     x0 = inputs['video']
     kwargs = {}
@@ -221,6 +224,10 @@ class Conditioning:
       def pred_fn(z_t, t_model):  # the given frames enter clean
         return apply_fn(impose(z_t, x0, mask), t_model, frame_mask=mask, **kwargs)
       reduce = functools.partial(masked_mse, mask=mask)
+    if log_variance is not None:
+      keep = None if mask is None else jnp.logical_not(_frames(mask, x0))  # [B, T, 1, 1, 1]
+      reduce = lambda target, pred: objectives.uncertainty_weighted_mse(
+          target, pred, log_variance(), keep=keep)
     return diffusion.loss_at(pred_fn, x0, inputs['t'], inputs['noise'], reduce=reduce)
 
 

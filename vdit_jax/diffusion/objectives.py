@@ -64,17 +64,27 @@ def mse(target, pred):
   return jnp.mean(jnp.square(diff))
 
 
-def uncertainty_weighted_mse(target, pred, log_variance):
+def uncertainty_weighted_mse(target, pred, log_variance, keep=None):
   """EDM2's uncertainty-weighted loss: mean over clips of L_i / exp(u_i) + u_i, where L_i is
   clip i's mean squared error and u_i = log_variance [B] (model.loss_uncertainty). With
-  u = 0 it is `mse`; for fixed errors it is least at u_i = log L_i."""
+  u = 0 and no `keep` it is `mse`; for fixed errors it is least at u_i = log L_i.
+
+  keep (optional, bool, broadcastable against target, e.g. [B, T, 1, 1, 1]): only these
+  elements enter L_i, its mean over clip i's kept elements (the generated frames when some
+  are given: conditioning.masked_mse's elements, averaged per clip)."""
   if target.shape != pred.shape:
     raise ValueError(
         f'prediction shape {pred.shape} must equal target shape {target.shape}.')
   if log_variance.shape != target.shape[:1]:
     raise ValueError(f'log_variance {log_variance.shape} must be [B]={target.shape[:1]}.')
-  diff = target.astype(jnp.float32) - pred.astype(jnp.float32)
-  per_clip = jnp.mean(jnp.square(diff), axis=tuple(range(1, diff.ndim)))  # [B]
+  square = jnp.square(target.astype(jnp.float32) - pred.astype(jnp.float32))
+  axes_ = tuple(range(1, square.ndim))
+  if keep is None:
+    per_clip = jnp.mean(square, axis=axes_)  # [B]
+  else:
+    keep = jnp.broadcast_to(keep, square.shape)
+    per_clip = (jnp.sum(jnp.where(keep, square, 0.0), axis=axes_)
+                / jnp.maximum(jnp.sum(keep.astype(jnp.float32), axis=axes_), 1.0))  # [B]
   u = log_variance.astype(jnp.float32)
   return jnp.mean(per_clip * jnp.exp(-u) + u)
 

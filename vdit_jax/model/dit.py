@@ -207,11 +207,6 @@ def check_spec(spec: ModelSpec) -> None:
                      f'{spec.context_frames} need conditioning=\'class\' and 0.')
   if not isinstance(spec.loss_uncertainty, bool):
     raise ValueError(f'model.loss_uncertainty={spec.loss_uncertainty!r} must be True or False.')
-  if spec.loss_uncertainty and (spec.conditioning != 'class' or spec.context_frames):
-    raise ValueError('model.loss_uncertainty=True is built for class-conditional models only '
-                     '(the loss of captions and given frames is a masked one): '
-                     f'conditioning={spec.conditioning!r} and context_frames_max='
-                     f'{spec.context_frames} need conditioning=\'class\' and 0.')
   if spec.pos_embed not in POS_EMBEDS:
     raise ValueError(f'model.pos_embed={spec.pos_embed!r} is not one of {POS_EMBEDS}.')
   head_dim = spec.width // spec.num_heads

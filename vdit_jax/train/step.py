@@ -119,7 +119,8 @@ def make_train_step(model: nn.Module, diffusion, tx: optax.GradientTransformatio
       sown['u'] = state['intermediates'][dit.LOSS_LOG_VARIANCE][0]  # [B]
       return out
     if conditioning is not None:
-      return conditioning.loss(diffusion, pred_fn, inputs)
+      return conditioning.loss(diffusion, pred_fn, inputs,
+                               log_variance=(lambda: sown['u']) if uncertainty else None)
     reduce = objectives.mse
     if uncertainty:
       reduce = lambda target, pred: objectives.uncertainty_weighted_mse(target, pred, sown['u'])

@@ -18,6 +18,7 @@ from jax.extend import core as jax_core
 from configs import tiny
 from vdit_jax import validate
 from vdit_jax.data import pipeline
+from vdit_jax.diffusion import objectives
 from vdit_jax.model import blocks
 from vdit_jax.model import dit
 from vdit_jax.train import checkpoint as ckpt_lib
@@ -279,9 +280,17 @@ def test_k_micro_batches_equal_one_big_batch_and_the_state_is_donated(tmp_path):
   # k=1 is `Diffusion.loss` with the step's key: the two cannot drift apart.
   drop_rng, loss_rng = jax.random.split(jax.random.fold_in(rng, 2))
   labels = step_lib.drop_labels(drop_rng, batch['label'], s.num_classes, 0.5)
-  pred_fn = lambda z, t: s.model.apply({'params': jax.tree.map(jnp.asarray, saved.params)}, z,
-                                       t, labels)
-  want, _ = jax.jit(lambda: s.diffusion.loss(pred_fn, batch['video'], loss_rng))()
+  params, sown = jax.tree.map(jnp.asarray, saved.params), {}
+
+  def pred_fn(z, t):  # tiny's learned loss weighting: the model also sows u(t)
+    out, variables = s.model.apply({'params': params}, z, t, labels, mutable=['intermediates'])
+    sown['u'] = variables['intermediates'][dit.LOSS_LOG_VARIANCE][0]  # [B]
+    return out
+  reduce = lambda target, pred: objectives.uncertainty_weighted_mse(target, pred, sown['u'])
+  t, noise = s.diffusion.draw(loss_rng, batch['video'])
+  want = jax.jit(lambda: s.diffusion.loss_at(pred_fn, batch['video'], t, noise,
+                                             reduce=reduce))()
+  assert config.model.loss_uncertainty
   np.testing.assert_allclose(m1['loss'], want, rtol=1e-6)
 
   # Donated: the whole state (aliased in place), and nothing else the loop still uses.

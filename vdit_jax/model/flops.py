@@ -25,6 +25,7 @@ Counted the way MFU is usually counted (PaLM appendix B; MaxText's
     per token, like a token-wise weight;
   * the pixel refiner (model.refiner_width = F > 0, kernel k taps) uses its k (C + Cin) F
     input and k F C output taps once per pixel, and its adaLN (2 F) once per clip;
+  * the learned loss weighting (model.loss_uncertainty): its head's F weights once per clip;
   * self-conditioning (model.self_condition) adds the earlier estimate's C channels to the
     patch embedding, and its first, gradient-free forward pass on half the steps: a sixth
     of the step on average (a forward is a third of forward + backward);
@@ -113,6 +114,9 @@ def train_step_flops(spec, data_shape: Sequence[int], batch_size: int) -> FlopCo
       context_params += int(text.embed_dim) * d  # precomputed embeddings -> width
     if text.pooled:
       clip_params += 2 * d * d  # the pooled caption's MLP (model.text.pooled), once per clip
+
+  if spec.loss_uncertainty:
+    clip_params += TIMESTEP_FREQ_DIM  # the loss's log-variance head u(t), once per clip
 
   pixel_params = 0
   if spec.refiner_width:  # the pixel refiner: weights used once per pixel, adaLN per clip

@@ -131,6 +131,29 @@ def test_muon_orthogonalises_block_updates_at_adamws_rms():
                              rtol=1e-4)
 
 
+def _stepper(config, conditioning=None):
+  """(setup, fresh state, the jitted train step with label dropout 0.1, a batch of 4): for
+  the tests below that recompute a step's loss by hand from `_step_draws`."""
+  s = loop.build(config, None)
+  state, _ = state_lib.create_state(s.init_fn, jax.random.key(0), s.mesh, s.rules)
+  train_step = jax.jit(step_lib.make_train_step(
+      s.model, s.diffusion, s.tx, s.schedule, num_classes=s.num_classes, label_dropout=0.1,
+      ema=0.99, conditioning=conditioning))
+  batch = jax.tree.map(jnp.asarray, next(pipeline.make_dataset(config.data, 4, seed=0)))
+  return s, state, train_step, batch
+
+
+def _step_draws(s, batch, step):
+  """What `_stepper`'s train step draws at `step` when called with jax.random.key(0): the
+  step's key (its conditions come from fold_in(key, 1)), the labels after dropout, and the
+  loss's t and noise."""
+  rng = jax.random.fold_in(jax.random.key(0), step)
+  drop_rng, loss_rng = jax.random.split(rng)
+  labels = step_lib.drop_labels(drop_rng, batch['label'], s.num_classes, 0.1)
+  t, noise = s.diffusion.draw(loss_rng, batch['video'])
+  return rng, labels, t, noise
+
+
 def test_self_conditioned_step_trains_on_the_first_passs_estimate_on_its_coin():
   """model.self_condition: each step's loss is Diffusion.loss_at with the step's coin
   (the first pass's estimate, or zeros), recomputed here from the same draws; over 8
@@ -138,19 +161,11 @@ def test_self_conditioned_step_trains_on_the_first_passs_estimate_on_its_coin():
   config = small_config()
   config.model.self_condition = True
   config.model.loss_uncertainty = False  # the plain loss, recomputed below
-  s = loop.build(config, None)
-  state, _ = state_lib.create_state(s.init_fn, jax.random.key(0), s.mesh, s.rules)
-  train_step = jax.jit(step_lib.make_train_step(
-      s.model, s.diffusion, s.tx, s.schedule, num_classes=s.num_classes, label_dropout=0.1,
-      ema=0.99))
-  batch = jax.tree.map(jnp.asarray, next(pipeline.make_dataset(config.data, 4, seed=0)))
+  s, state, train_step, batch = _stepper(config)
 
   @jax.jit
   def loss_with(params, step, coin):
-    rng = jax.random.fold_in(jax.random.key(0), step)
-    drop_rng, loss_rng = jax.random.split(rng)
-    labels = step_lib.drop_labels(drop_rng, batch['label'], s.num_classes, 0.1)
-    t, noise = s.diffusion.draw(loss_rng, batch['video'])
+    _, labels, t, noise = _step_draws(s, batch, step)
     pred_fn = lambda z, tm, **kw: s.model.apply({'params': params}, z, tm, labels, **kw)
     return s.diffusion.loss_at(pred_fn, batch['video'], t, noise, self_condition=coin)
 
@@ -175,20 +190,12 @@ def test_uncertainty_step_weighs_each_clip_by_its_learnt_log_variance():
   trained by the step."""
   config = small_config()
   config.model.loss_uncertainty = True
-  s = loop.build(config, None)
-  state, _ = state_lib.create_state(s.init_fn, jax.random.key(0), s.mesh, s.rules)
+  s, state, train_step, batch = _stepper(config)
   assert not np.any(np.asarray(state.params['loss_logvar']['proj']['kernel']))
-  train_step = jax.jit(step_lib.make_train_step(
-      s.model, s.diffusion, s.tx, s.schedule, num_classes=s.num_classes, label_dropout=0.1,
-      ema=0.99))
-  batch = jax.tree.map(jnp.asarray, next(pipeline.make_dataset(config.data, 4, seed=0)))
 
   @jax.jit
   def losses(params, step):
-    rng = jax.random.fold_in(jax.random.key(0), step)
-    drop_rng, loss_rng = jax.random.split(rng)
-    labels = step_lib.drop_labels(drop_rng, batch['label'], s.num_classes, 0.1)
-    t, noise = s.diffusion.draw(loss_rng, batch['video'])
+    _, labels, t, noise = _step_draws(s, batch, step)
     z = s.diffusion.corrupt(batch['video'], noise, t)
     pred, sown = s.model.apply({'params': params}, s.diffusion.model_input(z, t),
                                s.diffusion.model_t(t), labels, mutable=['intermediates'])
@@ -216,20 +223,12 @@ def test_uncertainty_step_with_given_frames_weighs_each_clips_generated_frames()
   config = small_config()
   config.model.loss_uncertainty = True
   config.model.context_frames_max = 2
-  s = loop.build(config, None)
-  state, _ = state_lib.create_state(s.init_fn, jax.random.key(0), s.mesh, s.rules)
   cond = generate.conditioning(config)
-  train_step = jax.jit(step_lib.make_train_step(
-      s.model, s.diffusion, s.tx, s.schedule, num_classes=s.num_classes, label_dropout=0.1,
-      ema=0.99, conditioning=cond))
-  batch = jax.tree.map(jnp.asarray, next(pipeline.make_dataset(config.data, 4, seed=0)))
+  s, state, train_step, batch = _stepper(config, conditioning=cond)
 
   @jax.jit
   def expected(params, step):
-    rng = jax.random.fold_in(jax.random.key(0), step)
-    drop_rng, loss_rng = jax.random.split(rng)
-    labels = step_lib.drop_labels(drop_rng, batch['label'], s.num_classes, 0.1)
-    t, noise = s.diffusion.draw(loss_rng, batch['video'])
+    rng, labels, t, noise = _step_draws(s, batch, step)
     mask = cond.draw(jax.random.fold_in(rng, 1), batch)['frame_mask']  # [B, T]
     x0 = batch['video']
     z = s.diffusion.corrupt(x0, noise, t)

@@ -62,6 +62,9 @@ def parse_variant(variant: str) -> dict:
   return dict(width=width, depth=depth, num_heads=heads, mlp_dim=4 * width, patch_size=patch)
 
 
+LOSS_LOG_VARIANCE = 'loss_log_variance'  # the sown u(t) [B] (model.loss_uncertainty)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
   """Fully resolved model hyper-parameters (variant table + explicit overrides)."""
@@ -358,9 +361,6 @@ class VideoDiT(nn.Module):
       out = PixelRefiner(spec.refiner_width, spec.refiner_kernel, dtype, param_dtype,
                          name='refiner')(out, video, c)
     return out.astype(jnp.float32)  # [B, T, H, W, C]
-
-
-LOSS_LOG_VARIANCE = 'loss_log_variance'  # the sown u(t) [B] (model.loss_uncertainty)
 
 
 def build_model(model_cfg, channels: int, num_classes: int) -> VideoDiT:

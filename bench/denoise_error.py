@@ -30,7 +30,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from vdit_jax import validate
+from vdit_jax.config import validate
 from vdit_jax.data import pipeline
 from vdit_jax.diffusion import samplers
 from vdit_jax.train import loop, state as state_lib

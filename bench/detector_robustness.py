@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vdit_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-from vdit_jax.tools import detect
+from vdit_jax.eval import detect
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('num_clips', 150, 'Data clips per shape size.')

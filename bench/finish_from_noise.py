@@ -5,7 +5,7 @@ python bench/finish_from_noise.py --config=configs/tiny.py --workdir=runs/tiny \
 
 Noises held-out clips of the config's synthetic data to a start step t0 (the same noise for
 every t0), then runs DDIM with the config's guidance from t0 down to 0 (25 steps, each
-clip with its own label), and scores the results with `vdit_jax.tools.detect` as the
+clip with its own label), and scores the results with `vdit_jax.eval.detect` as the
 learning curve does: one object per frame, the shape fit (IoU with the ideal shape, and the
 share of crisp clips) and whether the detected shape and direction are the label's. From
 a low t0 the clip's own layout is still visible, so the scores say how well the model
@@ -26,9 +26,11 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from vdit_jax import modes
+
 from vdit_jax.data import synthetic
 from vdit_jax.diffusion import samplers
-from vdit_jax.tools import detect
+from vdit_jax.eval import detect
 from vdit_jax.train import loop
 
 FLAGS = flags.FLAGS
@@ -67,7 +69,7 @@ def main(_):
     raise SystemExit('finish_from_noise runs DDIM: use a discrete objective (eps or v).')
   s = loop.build(config, FLAGS.workdir)
   try:  # the params --mode=sample reads (EMA unless sample.use_ema=False)
-    params, step, _ = loop._params_to_sample(  # pylint: disable=protected-access
+    params, step, _ = modes.params_to_sample(
         s, FLAGS.workdir, None)
   finally:
     s.checkpointer.close()

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from vdit_jax import modes
+
 from vdit_jax.data import synthetic
 from vdit_jax.train import loop
 
@@ -74,7 +76,7 @@ def main(_):
                      f'model.conditioning={config.model.get("conditioning", "class")!r}).')
   s = loop.build(config, FLAGS.workdir)
   try:  # the params --mode=sample reads (EMA unless sample.use_ema=False)
-    params, step, _ = loop._params_to_sample(  # pylint: disable=protected-access
+    params, step, _ = modes.params_to_sample(
         s, FLAGS.workdir, None, FLAGS.step)
   finally:
     s.checkpointer.close()

@@ -5,7 +5,7 @@ python bench/latent_e2e.py [--workdir=runs/latent_e2e] [--vae_steps=60] [--num_e
     [--dit_steps=200] [--heldout=16]
 
 Runs, in --workdir (replaced):
-  python -m vdit_jax.vae.train --config=configs/vae_tiny.py --workdir=W/vae_run
+  python -m vdit_jax.train.vae --config=configs/vae_tiny.py --workdir=W/vae_run
   python -m vdit_jax.tools.encode_latents --videos=synthetic ... --vae=W/vae_run/vae --out=W/latents
   python -m vdit_jax.main --config=configs/tiny_latent.py:W/latents --workdir=W/dit
   python -m vdit_jax.main --config=configs/tiny_latent.py:W/latents --workdir=W/dit --mode=sample
@@ -83,7 +83,7 @@ def main(argv):
   vae_run, latents, dit = (os.path.join(w, d) for d in ('vae_run', 'latents', 'dit'))
   seconds = {}
   seconds['vae_train'] = _run('vae', [
-      'vdit_jax.vae.train', '--config=configs/vae_tiny.py', f'--workdir={vae_run}',
+      'vdit_jax.train.vae', '--config=configs/vae_tiny.py', f'--workdir={vae_run}',
       f'--config.train.num_steps={FLAGS.vae_steps}'])
   seconds['encode'] = _run('encode', [
       'vdit_jax.tools.encode_latents', '--videos=synthetic',

@@ -18,7 +18,7 @@ power-function EMA of relative width S: decay (1 - 1/u)^(gamma + 1) at update u)
 (train.ema_decay) from the snapshots and prints its distance to the stored ema_params
 relative to the stored EMA's distance from the raw params: the error of the snapshot
 approximation. Each profile is sampled with the same noise and labels as
-bench/learning_curve.py uses, so its scores pair with that harness's. A measurement: it
+vdit_jax/eval/learning_curve.py uses, so its scores pair with that harness's. A measurement: it
 never fails on a number.
 """
 
@@ -35,11 +35,11 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from bench import learning_curve
+from vdit_jax.eval import learning_curve
 from vdit_jax.data import synthetic
 from vdit_jax.parallel import paths
 from vdit_jax.train import loop
-from vdit_jax.train import sampling
+from vdit_jax.generate import sampling
 
 FLAGS = flags.FLAGS
 

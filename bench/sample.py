@@ -47,7 +47,7 @@ import numpy as np
 from vdit_jax.data import synthetic
 from vdit_jax.diffusion import samplers
 from vdit_jax.train import loop
-from vdit_jax.train import sampling
+from vdit_jax.generate import sampling
 from vdit_jax.train import state as state_lib
 
 FLAGS = flags.FLAGS

@@ -35,11 +35,13 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from vdit_jax import modes
+
 from vdit_jax.data import synthetic
 from vdit_jax.diffusion import conditioning as cond_lib
 from vdit_jax.diffusion import samplers
 from vdit_jax.model import text as text_lib
-from vdit_jax.tools import detect
+from vdit_jax.eval import detect
 from vdit_jax.train import loop
 
 FLAGS = flags.FLAGS
@@ -115,7 +117,7 @@ def main(argv):
   config = FLAGS.config
   _check(config)
   s = loop.build(config, FLAGS.workdir)
-  params, step, _ = loop._params_to_sample(s, FLAGS.workdir, None)
+  params, step, _ = modes.params_to_sample(s, FLAGS.workdir, None)
   s.checkpointer.close()
   d = s.diffusion
   tokenizer = text_lib.Tokenizer(text_lib.resolve_spec(config.model.text).max_length)

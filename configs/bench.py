@@ -13,7 +13,7 @@ source is configured: the built-in synthetic clips are RGB and rejected with cha
 (`--config.data.source=shards --config.data.path=...` with 4-channel latent shards).
 """
 
-from vdit_jax.defaults import base_config
+from vdit_jax.config.defaults import base_config
 
 
 def get_config(arg=None):

@@ -25,7 +25,7 @@ v5p:4x4x8  mesh data 16 x fsdp 8, 2 clips/chip, 17.5 GiB of 95 GiB per chip;
 v6e:16x16  mesh data 32 x fsdp 8, 1 clip/chip,   8.2 GiB of 32 GiB per chip.
 """
 
-from vdit_jax.defaults import base_config
+from vdit_jax.config.defaults import base_config
 
 
 def get_config(arg=None):

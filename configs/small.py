@@ -6,7 +6,7 @@ python -m vdit_jax.main --config=configs/small.py --workdir=/tmp/vdit_small
 (~ 33 M parameters), bf16 compute with f32 params.
 """
 
-from vdit_jax.defaults import base_config
+from vdit_jax.config.defaults import base_config
 
 
 def get_config(arg=None):

@@ -40,7 +40,7 @@ The extension, keyframe, interpolation and bucket configs build on this recipe; 
 recipe before it is the flags of BUILD_NOTES.md's ablation table ("the old recipe").
 """
 
-from vdit_jax.defaults import base_config
+from vdit_jax.config.defaults import base_config
 
 
 def get_config(arg=None):

@@ -4,7 +4,7 @@ python -m vdit_jax.main --config=configs/tiny_latent.py:runs/tiny_latents \
     --workdir=runs/tiny_latent_dit [--mode=sample]
 
 The whole chain on a CPU (bench/latent_e2e.py runs it and prints the numbers):
-  python -m vdit_jax.vae.train --config=configs/vae_tiny.py --workdir=runs/vae_tiny
+  python -m vdit_jax.train.vae --config=configs/vae_tiny.py --workdir=runs/vae_tiny
   python -m vdit_jax.tools.encode_latents --videos=synthetic --num_examples=512 \
       --num_frames=9 --height=32 --width=32 --vae=runs/vae_tiny/vae --out=runs/tiny_latents
   python -m vdit_jax.main --config=configs/tiny_latent.py:runs/tiny_latents \

@@ -28,7 +28,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding
 
-from vdit_jax.model import attention, axes
+from vdit_jax.model import attention
+from vdit_jax.parallel import axes
 from vdit_jax.parallel import mesh as mesh_lib
 from vdit_jax.parallel import sequence_attention as sa
 

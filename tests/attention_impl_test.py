@@ -20,10 +20,11 @@ import numpy as np
 import pytest
 
 from tests import multidevice
-from vdit_jax import defaults
-from vdit_jax import validate
+from vdit_jax.config import defaults
+from vdit_jax.config import validate
 from vdit_jax.model import attention
-from vdit_jax.model import axes
+from vdit_jax.model import blocks
+from vdit_jax.parallel import axes
 from vdit_jax.model import blockwise_attention
 from vdit_jax.model import dit
 from vdit_jax.model import embeddings
@@ -76,7 +77,7 @@ def _module_run(impl, qk_norm):
   grid = (2, 6, 10)  # N = 120 tokens: not a multiple of the tiles
   x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 120, 48)), jnp.float32)
   rope = embeddings.rope_3d(grid, 16)
-  module = attention.Attention(num_heads=3, qk_norm=qk_norm, attention_impl=impl)
+  module = blocks.Attention(num_heads=3, qk_norm=qk_norm, attention_impl=impl)
   params = module.init(jax.random.key(0), x, rope)  # the same for every impl
 
   def loss(params, x):

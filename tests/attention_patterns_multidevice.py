@@ -28,7 +28,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from vdit_jax.model import attention_patterns as ap
-from vdit_jax.model import axes, dit
+from vdit_jax.model import dit
+from vdit_jax.parallel import axes
 from vdit_jax.parallel import mesh as mesh_lib
 
 RULES = axes.DEFAULT_RULES

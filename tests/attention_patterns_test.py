@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from vdit_jax import defaults, validate
+from vdit_jax.config import defaults, validate
 from vdit_jax.model import attention, attention_patterns as ap, blocks, dit, flops
 
 TOL = dict(rtol=1e-5, atol=1e-5)

@@ -10,7 +10,7 @@ import pytest
 from array_record.python import array_record_module
 
 from configs import tiny
-from vdit_jax import validate
+from vdit_jax.config import validate
 from vdit_jax.data import buckets
 from vdit_jax.data import pipeline
 from vdit_jax.data import shards

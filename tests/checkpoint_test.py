@@ -22,11 +22,12 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from vdit_jax import validate
+from vdit_jax import modes
+from vdit_jax.config import validate
 from vdit_jax.data import pipeline
 from vdit_jax.data import video_io
 from vdit_jax.train import checkpoint as ckpt_lib
-from vdit_jax.train import export as export_lib
+from vdit_jax.generate import export as export_lib
 from vdit_jax.train import loop
 from vdit_jax.train import metrics as metrics_lib
 from vdit_jax.train import preemption
@@ -610,7 +611,7 @@ def test_export_holds_ema_params_only_and_samples_without_train_state(tmp_path, 
   shutil.copytree(path, export_lib.export_dir(only_export, NUM_STEPS))
   s = loop.build(get_config(), only_export)
   # pylint: disable-next=protected-access
-  params, step, name = loop._params_to_sample(s, only_export, None)
+  params, step, name = modes.params_to_sample(s, only_export, None)
   s.checkpointer.close()
   assert (step, name) == (NUM_STEPS, f'sample_export_step_{NUM_STEPS:07d}')
   _assert_trees_equal(jax.device_get(params), straight[1].ema_params)
@@ -620,9 +621,9 @@ def test_sample_without_checkpoint_or_complete_export_names_what_is_missing(tmp_
   empty = str(tmp_path / 'empty')
   with pytest.raises(FileNotFoundError,
                      match='no export in .*export and no checkpoint in .*checkpoints: train first'):
-    loop.sample(get_config(), empty)
+    modes.sample(get_config(), empty)
   unfinished = os.path.join(empty, 'export', '7')
   os.makedirs(os.path.join(unfinished, 'params'))
   assert export_lib.latest(empty) is None  # no export.json: never read
   with pytest.raises(FileNotFoundError, match=f'{unfinished} is not a complete export'):
-    loop.sample(get_config(), empty, checkpoint=unfinished)
+    modes.sample(get_config(), empty, checkpoint=unfinished)

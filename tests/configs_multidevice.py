@@ -34,6 +34,8 @@ import importlib  # pylint: disable=g-import-not-at-top
 import jax
 import numpy as np
 
+from vdit_jax import modes
+
 from vdit_jax.train import loop
 from vdit_jax.train import metrics as metrics_lib
 
@@ -112,7 +114,7 @@ def run(name, mesh_name, out_dir, data_dir, workdirs):
   assert [r['step'] for r in records] == list(range(1, NUM_STEPS + 1)), records
   assert np.all(np.isfinite(losses)), losses
   config.sample.num_samples = FEW_SAMPLES
-  videos, paths = loop.sample(config, workdir)
+  videos, paths = modes.sample(config, workdir)
   videos = np.asarray(jax.device_get(videos), np.float64)
   assert videos.shape[0] == FEW_SAMPLES and np.all(np.isfinite(videos)), videos.shape
   assert paths and all(os.path.getsize(p) > 0 for p in paths), paths

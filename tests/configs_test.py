@@ -27,7 +27,7 @@ from vdit_jax.data import shards
 from vdit_jax.tools import encode_latents
 from vdit_jax.train import metrics as metrics_lib
 from vdit_jax.vae import checkpoint as vae_checkpoint
-from vdit_jax.vae import train as vae_train
+from vdit_jax.train import vae as vae_train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FULL = os.environ.get('VDIT_FULL_CONFIG_MATRIX') == '1'
@@ -130,7 +130,7 @@ def _vae_run(workdir, num_devices):
                       f' --xla_force_host_platform_device_count={num_devices}')
   env['PYTHONPATH'] = os.pathsep.join(p for p in (REPO, env.get('PYTHONPATH')) if p)
   proc = subprocess.run(
-      [sys.executable, '-m', 'vdit_jax.vae.train', '--config=configs/vae_tiny.py',
+      [sys.executable, '-m', 'vdit_jax.train.vae', '--config=configs/vae_tiny.py',
        f'--workdir={workdir}', f'--config.train.num_steps={matrix.NUM_STEPS}',
        '--config.train.log_every=1', '--config.train.stats_batches=1'],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=1800, check=False)

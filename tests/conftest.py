@@ -13,7 +13,7 @@ os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
 # One persistent compilation cache for the session, empty at its start (as on a clean CI
 # machine), removed at its end: the tests' runs and their subprocesses (which inherit the
 # variable) share compiled programs, and nothing is written to ~/.cache. Runs take JAX's
-# variable as their config's default cache (vdit_jax/defaults.py). Every program is cached,
+# variable as their config's default cache (vdit_jax/config/defaults.py). Every program is cached,
 # whatever its compile time (vdit_jax/train/compile_cache.py's thresholds).
 _SESSION_CACHE = tempfile.mkdtemp(prefix='vdit_tests_jax_cache_')
 os.environ['JAX_COMPILATION_CACHE_DIR'] = _SESSION_CACHE
@@ -33,7 +33,7 @@ def pytest_configure(config):
   # ignored in <coroutine _read_array_index_and_device_put>" / "Event loop is closed"
   # inside whichever test runs then. Harmless (the restore already raised, and the
   # tests check that error), and out of our reach (Orbax's asyncio); a run prints
-  # none of it (vdit_jax/fatal.py exits before the interpreter's teardown).
+  # none of it (vdit_jax/parallel/fatal.py exits before the interpreter's teardown).
   # (A ':' separates the fields of a filter, so '.' stands for the colons below.)
   for pattern in (r'Exception ignored in. <coroutine object _read_array_index_and_device_put',
                   r'(?s)Exception ignored in. None.*RuntimeError. Event loop is closed'):

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from vdit_jax import validate
+from vdit_jax.config import validate
 from vdit_jax.data import pipeline
 from vdit_jax.data import shards
 from vdit_jax.data import synthetic

@@ -476,7 +476,7 @@ def test_shape_size_sets_the_box_side():
 
 def test_shape_size_in_the_config():
   from configs import tiny  # pylint: disable=g-import-not-at-top
-  from vdit_jax import validate  # pylint: disable=g-import-not-at-top
+  from vdit_jax.config import validate  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
   config.data.shape_size = (0.5, 0.6)
   validate.validate_config(config, num_devices=1)
@@ -519,7 +519,7 @@ def test_shape_weights_set_each_shapes_share_and_keep_the_rest_of_the_clip():
 
 def test_shape_weights_in_the_config():
   from configs import tiny  # pylint: disable=g-import-not-at-top
-  from vdit_jax import validate  # pylint: disable=g-import-not-at-top
+  from vdit_jax.config import validate  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
   assert tuple(config.data.shape_weights) == (2.0, 1.0, 1.0)  # squares in half the clips
   assert pipeline._make_source(config.data).shape_weights == (2.0, 1.0, 1.0)  # pylint: disable=protected-access
@@ -581,8 +581,8 @@ def test_bounce_false_keeps_every_path_inside_and_in_the_labelled_direction():
 
 def test_bounce_in_the_config_and_the_held_out_clips():
   from configs import tiny  # pylint: disable=g-import-not-at-top
-  from vdit_jax import validate  # pylint: disable=g-import-not-at-top
-  from vdit_jax.train import generate  # pylint: disable=g-import-not-at-top
+  from vdit_jax.config import validate  # pylint: disable=g-import-not-at-top
+  from vdit_jax.generate import conditional  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
   config.data.bounce = False
   validate.validate_config(config, num_devices=1)
@@ -593,7 +593,7 @@ def test_bounce_in_the_config_and_the_held_out_clips():
                                      shape_size=(0.4, 0.55), bounce=False)
   for idx in range(4):
     np.testing.assert_array_equal(held_out[idx]['video'], direct[idx]['video'])
-  video, captions, _ = generate.synthetic_clips(config, 4, seed=7)
+  video, captions, _ = conditional.synthetic_clips(config, 4, seed=7)
   np.testing.assert_array_equal(
       video, np.stack([direct[i]['video'] for i in range(4)]) / np.float32(127.5) - 1.0)
   assert captions == [direct[i]['caption'] for i in range(4)]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from vdit_jax.data import synthetic
-from vdit_jax.tools import detect
+from vdit_jax.eval import detect
 
 
 def test_detector_recovers_the_synthetic_labels():

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from tests.train_test import small_config
-from vdit_jax import validate
+from vdit_jax.config import validate
 from vdit_jax.data import pipeline
 from vdit_jax.train import checkpoint as ckpt_lib
 from vdit_jax.tools import plot

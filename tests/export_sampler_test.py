@@ -14,13 +14,13 @@ import pytest
 
 from configs import tiny
 from tests.gcs_emulator import gcs  # pylint: disable=unused-import  # the fixture
-from vdit_jax import serving
+from vdit_jax.generate import serving
 from vdit_jax.data import video_io
 from vdit_jax.diffusion import objectives
 from vdit_jax.tools import export as export_tool
-from vdit_jax.train import export as export_lib
+from vdit_jax.generate import export as export_lib
 from vdit_jax.train import loop
-from vdit_jax.train import sampling
+from vdit_jax.generate import sampling
 from vdit_jax.train import state as state_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,7 +109,7 @@ def test_tool_writes_params_export_then_sampler(exported):
   assert manifest['label_names'][1] == 'square moving left'
   config = _config()
   assert manifest['sampler']['shift'] == (config.sample.shift or config.diffusion.shift)
-  assert 'python -m vdit_jax.serving' in exported['stdout']
+  assert 'python -m vdit_jax.generate.serving' in exported['stdout']
 
 
 def test_exported_sampler_reproduces_in_process_sampler(exported):
@@ -132,7 +132,7 @@ def test_exported_sampler_reproduces_in_process_sampler(exported):
   script = f'''
 import sys
 import numpy as np
-from vdit_jax import serving
+from vdit_jax.generate import serving
 sampler = serving.load({exported['sampler_dir']!r})
 videos = sampler.sample(['square moving left', 5, 'triangle moving up'], seed={SEED})
 np.save({out!r}, videos)

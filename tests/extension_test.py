@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from configs import tiny_extend
-from vdit_jax import defaults
-from vdit_jax import validate
+from vdit_jax.config import defaults
+from vdit_jax.config import validate
 from vdit_jax.data import video_io
 from vdit_jax.diffusion import conditioning as cond_lib
 from vdit_jax.diffusion import objectives
 from vdit_jax.model import dit
-from vdit_jax.train import generate
+from vdit_jax.generate import conditional
 
 SHAPE = (2, 4, 8, 8, 3)  # [B, T, H, W, C]
 
@@ -98,7 +98,7 @@ def test_sampler_returns_the_given_frames_exactly(objective, input_scale):
   context, mask = cond_lib.given_condition(given, SHAPE[1])
   mask = mask.at[1, 1].set(False)  # 2 given frames in the first clip, 1 in the second
   cond = {'label': jnp.array([1, 5]), 'context': context, 'frame_mask': mask}
-  sample_fn = jax.jit(generate.make_sample_fn(model, diffusion, config, 12, SHAPE))
+  sample_fn = jax.jit(conditional.make_sample_fn(model, diffusion, config, 12, SHAPE))
   out = np.asarray(sample_fn(params, jax.random.key(0), cond))
   np.testing.assert_array_equal(out[0, :2], np.asarray(given[0]))
   np.testing.assert_array_equal(out[1, :1], np.asarray(given[1, :1]))
@@ -216,7 +216,7 @@ def test_extension_loop_length_and_overlap():
 def test_extend_clip_with_a_model_keeps_the_overlap():
   config, model, params, diffusion = built()
   frames = np.asarray(random_clip((2, 1, 8, 8, 3), seed=8))  # one frame: image-to-video
-  clip, windows = generate.extend_clip(model, diffusion, config, params, frames, 7,
+  clip, windows = conditional.extend_clip(model, diffusion, config, params, frames, 7,
                                        rng=jax.random.key(0), num_classes=12)
   assert clip.shape == (2, 7, 8, 8, 3) and len(windows) == 3  # 1 + 3 + 2 + 2 >= 7
   np.testing.assert_array_equal(clip[:, :1], frames)
@@ -224,30 +224,30 @@ def test_extend_clip_with_a_model_keeps_the_overlap():
   for previous, window in zip(windows, windows[1:]):
     np.testing.assert_array_equal(window[:, :2], previous[:, -2:])
   with pytest.raises(ValueError, match=r'must be \[B, F, 8, 8, 3\]'):
-    generate.extend_clip(model, diffusion, config, params, frames[:, :, :4], 7,
+    conditional.extend_clip(model, diffusion, config, params, frames[:, :, :4], 7,
                          rng=jax.random.key(0))
   with pytest.raises(ValueError, match="needs model.conditioning='text'"):
-    generate.extend_clip(model, diffusion, config, params, frames, 7, rng=jax.random.key(0),
+    conditional.extend_clip(model, diffusion, config, params, frames, 7, rng=jax.random.key(0),
                          prompt='a red square')
   no_frames = small_config(k_max=0)
   with pytest.raises(ValueError, match=r'model.context_frames_max > 0'):
-    generate.extend_clip(model, diffusion, no_frames, params, frames, 7, rng=jax.random.key(0))
+    conditional.extend_clip(model, diffusion, no_frames, params, frames, 7, rng=jax.random.key(0))
 
 
 def test_read_input_images_and_videos(tmp_path):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   rgb = np.random.default_rng(0).integers(0, 256, (3, 12, 16, 3), np.uint8)
   Image.fromarray(rgb[0]).save(tmp_path / 'frame.png')
-  frames = generate.read_input(str(tmp_path / 'frame.png'), 8, 8)
+  frames = conditional.read_input(str(tmp_path / 'frame.png'), 8, 8)
   assert frames.shape == (1, 8, 8, 3) and frames.dtype == np.float32
   assert -1.0 <= frames.min() and frames.max() <= 1.0
   video_io.write_video(str(tmp_path / 'clip.gif'), rgb)
-  assert generate.read_input(str(tmp_path / 'clip.gif'), 8, 8).shape == (3, 8, 8, 3)
+  assert conditional.read_input(str(tmp_path / 'clip.gif'), 8, 8).shape == (3, 8, 8, 3)
   with pytest.raises(FileNotFoundError, match='no such file'):
-    generate.read_input(str(tmp_path / 'missing.mp4'), 8, 8)
+    conditional.read_input(str(tmp_path / 'missing.mp4'), 8, 8)
   (tmp_path / 'notes.txt').write_text('hello')
   with pytest.raises(ValueError, match='the extension must be an image'):
-    generate.read_input(str(tmp_path / 'notes.txt'), 8, 8)
+    conditional.read_input(str(tmp_path / 'notes.txt'), 8, 8)
 
 
 def test_config_errors_are_clear():

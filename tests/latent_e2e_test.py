@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from configs import tiny_latent
+from vdit_jax import modes
 from vdit_jax.data import video_io
 from vdit_jax.tools import encode_latents
 from vdit_jax.train import loop
@@ -83,7 +84,7 @@ def test_latent_training_samples_decode_through_the_vae(latents, tmp_path, monke
     assert np.load(os.path.join(samples, f'step_{step:07d}_latents.npy')).shape == (
         NUM_SAMPLES, *LATENT_SHAPE)
 
-  videos, paths = loop.sample(config, workdir)  # --mode=sample: newest checkpoint
+  videos, paths = modes.sample(config, workdir)  # --mode=sample: newest checkpoint
   assert len(loads) == 2
   assert [os.path.basename(p) for p in paths] == ['sample_step_0000004.mp4',
                                                   'sample_step_0000004_latents.npy']

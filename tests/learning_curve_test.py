@@ -1,5 +1,5 @@
-"""bench/learning_curve.py: a point per kept checkpoint, placed by training FLOPs and wall
-clock, each score a mean with its standard error; and loop.sample(step=...) under it."""
+"""vdit_jax/eval/learning_curve.py: a point per kept checkpoint, placed by training FLOPs and wall
+clock, each score a mean with its standard error; and modes.sample(step=...) under it."""
 
 import json
 import os
@@ -9,7 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from bench import learning_curve
+from vdit_jax import modes
+
+from vdit_jax.eval import learning_curve
 from tests.train_test import small_config
 from vdit_jax.data import synthetic
 from vdit_jax.model import dit
@@ -73,7 +75,7 @@ def test_curve_of_a_run(tmp_path):
   workdir = str(tmp_path / 'run')
   loop.train_and_evaluate(config, workdir)
   with pytest.raises(FileNotFoundError, match=r'no checkpoint of step 3 .* steps \[2, 4\]'):
-    loop.sample(config, workdir, step=3)
+    modes.sample(config, workdir, step=3)
 
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   env['PYTHONPATH'] = os.pathsep.join(p for p in (REPO, env.get('PYTHONPATH')) if p)

@@ -133,7 +133,7 @@ def test_peer_timeout_default_and_off():
 _WORKER = textwrap.dedent('''
     import os, sys, time
     from absl import app
-    from vdit_jax import fatal
+    from vdit_jax.parallel import fatal
     from vdit_jax.parallel import distributed, liveness
 
     def main(argv):

@@ -11,13 +11,14 @@ import pytest
 from flax import traverse_util
 
 from configs import lora_finetune, small, tiny
-from vdit_jax import validate
+from vdit_jax import modes
+from vdit_jax.config import validate
 from vdit_jax.data import pipeline
 from vdit_jax.data import synthetic
 from vdit_jax.model import dit
 from vdit_jax.model import lora
 from vdit_jax.train import compile_cache
-from vdit_jax.train import export as export_lib
+from vdit_jax.generate import export as export_lib
 from vdit_jax.train import loop
 from vdit_jax.train import metrics as metrics_lib
 from vdit_jax.train import state as state_lib
@@ -376,11 +377,11 @@ def test_lora_end_to_end_resume_export_sample(base_run, jax_cache):
                         for d, _, fs in os.walk(base_dir / 'checkpoints') for f in fs}
 
   # Export = the EMA adapters alone; sampling from it merges them into the base.
-  path = loop.export(config, workdir)
+  path = modes.export(config, workdir)
   adapters, info = export_lib.read(path, s.abstract_state.ema_params)
   assert info == {'step': 4, 'params': 'ema_params'}
   jax.tree.map(np.testing.assert_array_equal, adapters, state.ema_params)
-  videos, paths = loop.sample(config, workdir, checkpoint=path)
+  videos, paths = modes.sample(config, workdir, checkpoint=path)
   assert videos.shape == (2, 4, 16, 16, 3) and np.isfinite(np.asarray(videos)).all()
   assert paths and os.path.isfile(paths[0])
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from vdit_jax import validate
+from vdit_jax.config import validate
 from vdit_jax.parallel import mesh as mesh_lib
 
 

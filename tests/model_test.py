@@ -79,14 +79,14 @@ def test_qk_norm_gives_unit_rms_per_head_before_scale():
 def test_attention_uses_normalised_q_and_k():
   # With QK-norm, scaling the input's q/k projections does not change the output.
   x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 6, 16)), jnp.float32)
-  mod = attention.Attention(num_heads=2, qk_norm=True)
+  mod = blocks.Attention(num_heads=2, qk_norm=True)
   params = nn.unbox(jax.jit(mod.init)(jax.random.key(0), x)['params'])
   out = jax.jit(mod.apply)({'params': params}, x)
   scaled = dict(params)
   for name in ('query_kernel', 'query_bias', 'key_kernel', 'key_bias'):
     scaled[name] = params[name] * 10.0
   np.testing.assert_allclose(jax.jit(mod.apply)({'params': scaled}, x), out, rtol=1e-4, atol=1e-5)
-  plain = attention.Attention(num_heads=2, qk_norm=False)
+  plain = blocks.Attention(num_heads=2, qk_norm=False)
   p2 = nn.unbox(jax.jit(plain.init)(jax.random.key(0), x)['params'])
   s2 = dict(p2)
   for name in ('query_kernel', 'query_bias', 'key_kernel', 'key_bias'):

@@ -12,14 +12,15 @@ import pytest
 
 from configs import tiny_interpolate
 from configs import tiny_keyframes
-from vdit_jax import validate
+from vdit_jax import modes
+from vdit_jax.config import validate
 from vdit_jax.data import synthetic
 from vdit_jax.data import video_io
 from vdit_jax.diffusion import conditioning as cond_lib
 from vdit_jax.diffusion import objectives
 from vdit_jax.model import dit
-from vdit_jax.train import generate
-from vdit_jax.train import multistage
+from vdit_jax.generate import conditional
+from vdit_jax.generate import multistage
 
 H = W = 8
 KEY_FRAMES = 6          # keyframe clip: 6 frames at 2 fps
@@ -162,7 +163,7 @@ def test_config_errors_are_clear():
   extend_cfg = interp_config()
   _, interp = stages()
   with pytest.raises(ValueError, match=r"model.given_frames='prefix'.*not 'keyframes'"):
-    generate.extend_clip(interp.model, interp.diffusion, extend_cfg, interp.params,
+    conditional.extend_clip(interp.model, interp.diffusion, extend_cfg, interp.params,
                          random_clip((1, 1, H, W, 3)), 7, rng=jax.random.key(0))
 
 
@@ -305,13 +306,13 @@ def test_interpolate_pads_the_last_window_batch_and_takes_a_prompt_per_clip():
 
 def test_sample_grid_of_an_interpolation_model_interpolates_synthetic_keyframes():
   config = interp_config()
-  cond = generate.sample_condition(config, 12, 3)
-  clips, captions, _ = generate.synthetic_clips(config, 3)
+  cond = conditional.sample_condition(config, 12, 3)
+  clips, captions, _ = conditional.synthetic_clips(config, 3)
   np.testing.assert_array_equal(np.asarray(cond['frame_mask']),
                                 np.tile([[1, 0, 0, 0, 1]], (3, 1)).astype(bool))
   np.testing.assert_array_equal(np.asarray(cond['context'][:, [0, 4]]), clips[:, [0, 4]])
   assert not np.asarray(cond['context'][:, 1:4]).any()
-  ids, _ = generate.text_lib.Tokenizer(config.model.text.max_length).encode_batch(captions)
+  ids, _ = conditional.text_lib.Tokenizer(config.model.text.max_length).encode_batch(captions)
   np.testing.assert_array_equal(np.asarray(cond['text']['tokens']), ids)
 
 
@@ -327,7 +328,7 @@ def test_cli_writes_the_clip_from_checkpoints(tmp_path):
   from vdit_jax.tools import generate_video  # pylint: disable=g-import-not-at-top
   workdirs = {}
   for stage in stages():
-    name = 'interp' if generate.is_keyframes(stage.config) else 'keyframe'
+    name = 'interp' if conditional.is_keyframes(stage.config) else 'keyframe'
     workdirs[name] = str(tmp_path / name)
     s = loop.build(stage.config, workdirs[name])
     # A checkpoint whose params and EMA params (sampling reads one, as sample.use_ema says)
@@ -337,7 +338,7 @@ def test_cli_writes_the_clip_from_checkpoints(tmp_path):
     state = state.replace(params=stage.params, ema_params=stage.params)
     s.checkpointer.save(1, state)
     s.checkpointer.close()
-    loaded = multistage.load_stage(stage.config, workdirs[name])
+    loaded = modes.load_stage(stage.config, workdirs[name])
     jax.tree.map(np.testing.assert_array_equal, loaded.params, stage.params)
   out = str(tmp_path / 'clip.mp4')
   summary = generate_video.run(

@@ -16,7 +16,7 @@ import pytest
 from jax.extend import core as jax_core
 
 from configs import tiny
-from vdit_jax import validate
+from vdit_jax.config import validate
 from vdit_jax.data import pipeline
 from vdit_jax.diffusion import objectives
 from vdit_jax.model import blocks

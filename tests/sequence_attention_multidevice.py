@@ -25,7 +25,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tests.multidevice import all_gather_shapes
-from vdit_jax.model import axes, dit
+from vdit_jax.model import dit
+from vdit_jax.parallel import axes
 from vdit_jax.parallel import mesh as mesh_lib
 from vdit_jax.parallel import sequence_attention as sa
 

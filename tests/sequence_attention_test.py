@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from tests import multidevice
-from vdit_jax import defaults
-from vdit_jax.model import attention, axes, dit
+from vdit_jax.config import defaults
+from vdit_jax.model import attention, dit
+from vdit_jax.parallel import axes
 from vdit_jax.parallel import mesh as mesh_lib
 from vdit_jax.parallel import sequence_attention as sa
 

@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing import event_file_loader
 from tensorboard.util import tensor_util
 
 from configs import tiny
-from vdit_jax import validate
+from vdit_jax.config import validate
 from vdit_jax.train import loop
 from vdit_jax.train import metrics as metrics_lib
 from vdit_jax.train import tensorboard

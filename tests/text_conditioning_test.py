@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from configs import tiny_text
-from vdit_jax import defaults
-from vdit_jax import validate
+from vdit_jax.config import defaults
+from vdit_jax.config import validate
 from vdit_jax.data import captions
 from vdit_jax.data import pipeline
 from vdit_jax.data import synthetic
@@ -22,7 +22,7 @@ from vdit_jax.diffusion import samplers
 from vdit_jax.model import blocks
 from vdit_jax.model import dit
 from vdit_jax.model import text as text_lib
-from vdit_jax.train import generate
+from vdit_jax.generate import conditional
 from vdit_jax.train import state as state_lib
 from vdit_jax.train import step as step_lib
 
@@ -311,7 +311,7 @@ def test_train_step_trains_the_text_encoder():
                                opt_state=tx.init(params), ema_params=params)
   cfg = defaults.base_config()
   cfg.model = config
-  conditioning = generate.conditioning(cfg)
+  conditioning = conditional.conditioning(cfg)
   assert conditioning.caption_dropout == 0.1 and conditioning.text_encoder == 'builtin'
   step = jax.jit(step_lib.make_train_step(
       model, diffusion, tx, state_lib.learning_rate_schedule(train), num_classes=12,
@@ -339,7 +339,7 @@ def test_image_to_video_with_a_prompt_keeps_the_frame_and_reads_the_words():
   config.model = model_cfg(context_frames_max=1, context_none_prob=0.25)
   config.data.update(dict(num_frames=4, height=8, width=8))
   config.sample.update(dict(num_steps=3, cfg_scale=3.0))
-  conditioning = generate.conditioning(config)
+  conditioning = conditional.conditioning(config)
   batch = {'video': jnp.zeros((64, 4, 8, 8, 3)), 'tokens': jnp.ones((64, L), jnp.int32),
            'text_mask': jnp.ones((64, L), bool)}
   drawn = conditioning.draw(jax.random.key(0), batch)
@@ -351,7 +351,7 @@ def test_image_to_video_with_a_prompt_keeps_the_frame_and_reads_the_words():
   model = dit.build_model(config.model, 3, num_classes=12)
   params = random_params(model, jnp.zeros(shape), jnp.zeros(2))
   diffusion = objectives.Diffusion.create('v', schedule='cosine')
-  sample_fn = jax.jit(generate.make_sample_fn(model, diffusion, config, 12, shape))
+  sample_fn = jax.jit(conditional.make_sample_fn(model, diffusion, config, 12, shape))
   first = jnp.asarray(np.random.default_rng(3).uniform(-1, 1, (2, 1, 8, 8, 3)), jnp.float32)
   context, frame_mask = cond_lib.given_at(first, (0,), 4)
   cond = {'text': tokens('a red square moving left', 'a blue circle moving up'),
@@ -397,17 +397,17 @@ def test_config_errors_are_clear():
   with pytest.raises(ValueError, match=r'caption_dropout=1.0 must be in \[0, 1\)'):
     check(model__caption_dropout=1.0)
   with pytest.raises(ValueError, match=r"--prompt='a red square' needs a text-conditioned"):
-    generate.check_prompt_flag(defaults.base_config(), 'a red square')
+    conditional.check_prompt_flag(defaults.base_config(), 'a red square')
   with pytest.raises(ValueError, match=r"'sideways'"):
-    generate.check_prompt_flag(tiny_text.get_config(), 'a red square moving sideways')
+    conditional.check_prompt_flag(tiny_text.get_config(), 'a red square moving sideways')
 
 
 def test_sample_condition_cycles_prompts_over_the_grid():
   config = tiny_text.get_config()
-  cond = generate.sample_condition(config, 12, 4, 'a red square moving left; a blue circle')
+  cond = conditional.sample_condition(config, 12, 4, 'a red square moving left; a blue circle')
   tok = text_lib.Tokenizer(config.model.text.max_length)
   texts = [tok.decode(i, m) for i, m in zip(cond['text']['tokens'], cond['text']['mask'])]
   assert texts == ['a red square moving left', 'a blue circle'] * 2
-  default = generate.sample_condition(config, 12, 12)
+  default = conditional.sample_condition(config, 12, 12)
   texts = {tok.decode(i, m) for i, m in zip(default['text']['tokens'], default['text']['mask'])}
   assert len(texts) == 12  # the default grid shows 12 different captions

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from vdit_jax import modes
 from vdit_jax.data import pipeline
 from vdit_jax.data import video_io
 from vdit_jax.model import dit
-from vdit_jax.train import generate
+from vdit_jax.generate import conditional
 from vdit_jax.train import loop
 from vdit_jax.train import metrics as metrics_lib
 from vdit_jax.train import state as state_lib
@@ -223,7 +224,7 @@ def test_uncertainty_step_with_given_frames_weighs_each_clips_generated_frames()
   config = small_config()
   config.model.loss_uncertainty = True
   config.model.context_frames_max = 2
-  cond = generate.conditioning(config)
+  cond = conditional.conditioning(config)
   s, state, train_step, batch = _stepper(config, conditioning=cond)
 
   @jax.jit
@@ -352,7 +353,7 @@ def test_main_job_writes_checkpoints_metrics_and_video(tmp_path):
     frames = video_io.read_video(path)
     assert frames.shape[0] >= 2 and frames.shape[-1] == 3
   # Sample mode restores the newest checkpoint and writes another video.
-  videos, paths = loop.sample(config, workdir)
+  videos, paths = modes.sample(config, workdir)
   assert videos.shape == (4, 4, 16, 16, 3)
   assert np.isfinite(np.asarray(videos)).all()
   assert all(os.path.exists(p) for p in paths)
@@ -360,4 +361,4 @@ def test_main_job_writes_checkpoints_metrics_and_video(tmp_path):
 
 def test_sample_without_checkpoint_names_the_directory(tmp_path):
   with pytest.raises(FileNotFoundError, match='no checkpoint in .*checkpoints: train first'):
-    loop.sample(small_config(), str(tmp_path))
+    modes.sample(small_config(), str(tmp_path))

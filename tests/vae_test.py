@@ -10,17 +10,17 @@ import jax
 import numpy as np
 import pytest
 
-from vdit_jax import defaults
+from vdit_jax.config import defaults
 from vdit_jax.data import pipeline
 from vdit_jax.data import shards
 from vdit_jax.data import synthetic
-from vdit_jax.tools import convert_wan_vae
+from vdit_jax.convert import wan_vae
 from vdit_jax.tools import encode_latents
 from vdit_jax.vae import checkpoint
 from vdit_jax.vae import chunked
 from vdit_jax.vae.config import VAEConfig
 from vdit_jax.vae.config import check_clip_shape
-from vdit_jax.vae import train
+from vdit_jax.train import vae
 from vdit_jax.vae.model import WanVAE
 
 # Wan 2.1's layout (8x spatial, 4x temporal, first frame alone) at a tiny width. Every
@@ -143,24 +143,24 @@ def test_vae_train_config_is_checked():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
-  cfg = train.check_config(config)
+  cfg = vae.check_config(config)
   assert cfg.latent_shape(config.data.num_frames, config.data.height, config.data.width) == (
       3, 4, 4, 16)
   config.data.num_frames = 16
   with pytest.raises(ValueError, match='num_frames=16 does not fit the VAE'):
-    train.check_config(config)
+    vae.check_config(config)
   config = module.get_config()
   config.train.kl_weight = -1.0
-  with pytest.raises(ValueError, match='train.kl_weight must be a number >= 0'):
-    train.check_config(config)
+  with pytest.raises(ValueError, match='vae.kl_weight must be a number >= 0'):
+    vae.check_config(config)
 
 
 def test_vae_trainer_splits_the_batch_over_the_devices_that_divide_it():
   devices = ['d0', 'd1', 'd2', 'd3', 'd4', 'd5', 'd6', 'd7']  # stand-ins: only counted
-  assert train.data_mesh(4, devices).devices.tolist() == devices[:4]
-  assert train.data_mesh(6, devices).devices.tolist() == devices[:6]
-  assert train.data_mesh(16, devices).devices.tolist() == devices
-  assert train.data_mesh(7, devices[:2]).devices.tolist() == devices[:1]
+  assert vae.data_mesh(4, devices).devices.tolist() == devices[:4]
+  assert vae.data_mesh(6, devices).devices.tolist() == devices[:6]
+  assert vae.data_mesh(16, devices).devices.tolist() == devices
+  assert vae.data_mesh(7, devices[:2]).devices.tolist() == devices[:1]
 
 
 # ---- against the reference (torch + diffusers) ------------------------------------------
@@ -196,7 +196,7 @@ def reference(tmp_path_factory):
             str(folder / 'diffusion_pytorch_model.safetensors'))
   with open(folder / 'config.json', 'w') as f:
     json.dump(dict(ref.config), f)
-  out = convert_wan_vae.convert(str(folder / 'diffusion_pytorch_model.safetensors'),
+  out = wan_vae.convert(str(folder / 'diffusion_pytorch_model.safetensors'),
                                 str(folder / 'config.json'), str(folder / 'converted'))
   cfg, params = checkpoint.load(out)
   assert cfg == VAEConfig(**SMALL, latents_mean=(0.1, -0.2, 0.3, 0.0),
@@ -253,7 +253,7 @@ def test_convert_cli_rejects_mismatched_weights(tmp_path, reference):
   del state['decoder.conv_out.bias']
   save_file(state, str(tmp_path / 'w.safetensors'))
   with pytest.raises(ValueError, match='lack 1 parameter.*decoder/conv_out/bias'):
-    convert_wan_vae.convert(str(tmp_path / 'w.safetensors'), str(tmp_path / 'config.json'),
+    wan_vae.convert(str(tmp_path / 'w.safetensors'), str(tmp_path / 'config.json'),
                             str(tmp_path / 'out'))
   assert not os.path.exists(tmp_path / 'out' / checkpoint.INFO_NAME)
 
@@ -268,7 +268,7 @@ def test_convert_names_a_truncated_or_foreign_weights_file(tmp_path, damage):
   path.write_bytes(data[:len(data) // 2] if damage == 'truncated' else b'<html>' * 40)
   (tmp_path / 'config.json').write_text('{}')
   with pytest.raises(ValueError, match=f'{path} is not a readable .safetensors file'):
-    convert_wan_vae.convert(str(path), str(tmp_path / 'config.json'), str(tmp_path / 'out'))
+    wan_vae.convert(str(path), str(tmp_path / 'config.json'), str(tmp_path / 'out'))
   (tmp_path / 'config.json').write_text('{"base_dim": 9')
   with pytest.raises(ValueError, match='config.json is not a JSON file'):
-    convert_wan_vae.convert(str(path), str(tmp_path / 'config.json'), str(tmp_path / 'out'))
+    wan_vae.convert(str(path), str(tmp_path / 'config.json'), str(tmp_path / 'out'))

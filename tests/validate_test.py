@@ -9,7 +9,7 @@ import pytest
 
 from configs import dit_xl_video, small, tiny
 from tests import configs_multidevice
-from vdit_jax import validate
+from vdit_jax.config import validate
 from vdit_jax.train import loop
 
 

@@ -40,7 +40,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from vdit_jax import fatal
+from vdit_jax.parallel import fatal
 from vdit_jax.parallel import distributed
 from vdit_jax.parallel import liveness
 
@@ -81,6 +81,7 @@ def main(argv):
     # lines unless the user asks for more (-v 0).
     logging.set_verbosity(logging.WARNING)
   from vdit_jax.train import compile_cache  # pylint: disable=g-import-not-at-top
+  from vdit_jax import modes  # pylint: disable=g-import-not-at-top
   from vdit_jax.train import loop  # pylint: disable=g-import-not-at-top
   # Before the first compile, so that every program of the run is cached.
   compile_cache.configure(FLAGS.config.train.compilation_cache_dir)
@@ -88,22 +89,22 @@ def main(argv):
   if FLAGS.checkpoint is not None and FLAGS.mode not in ('sample', 'extend'):
     raise app.UsageError(f'--checkpoint={FLAGS.checkpoint} is for --mode=sample or extend, '
                          f'not --mode={FLAGS.mode}.')
-  for name, modes in (('prompt', ('sample', 'extend')), ('input', ('extend',)),
+  for name, allowed in (('prompt', ('sample', 'extend')), ('input', ('extend',)),
                       ('num_frames', ('extend',))):
-    if FLAGS[name].value is not None and FLAGS.mode not in modes:
-      raise app.UsageError(f'--{name} is for --mode={" or ".join(modes)}, not '
+    if FLAGS[name].value is not None and FLAGS.mode not in allowed:
+      raise app.UsageError(f'--{name} is for --mode={" or ".join(allowed)}, not '
                            f'--mode={FLAGS.mode}.')
   if FLAGS.mode == 'train':
     loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   elif FLAGS.mode == 'extend':
     if FLAGS.input is None or FLAGS.num_frames is None:
       raise app.UsageError('--mode=extend needs --input=VIDEO_OR_IMAGE and --num_frames=N.')
-    loop.extend(FLAGS.config, FLAGS.workdir, FLAGS.input, FLAGS.num_frames,
+    modes.extend(FLAGS.config, FLAGS.workdir, FLAGS.input, FLAGS.num_frames,
                 checkpoint=FLAGS.checkpoint, prompt=FLAGS.prompt)
   elif FLAGS.mode == 'export':
-    loop.export(FLAGS.config, FLAGS.workdir)
+    modes.export(FLAGS.config, FLAGS.workdir)
   else:
-    loop.sample(FLAGS.config, FLAGS.workdir, checkpoint=FLAGS.checkpoint, prompt=FLAGS.prompt)
+    modes.sample(FLAGS.config, FLAGS.workdir, checkpoint=FLAGS.checkpoint, prompt=FLAGS.prompt)
   # Done: the other processes stop waiting for this one's beat (parallel/liveness.py).
   liveness.finish()
 

@@ -55,8 +55,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# attention.py imports this module for its Attention class; this module only
-# reads attention.dot_product_attention at call time, so the cycle is harmless.
 from vdit_jax.model import attention as attention_lib
 
 PATTERNS = ('full', 'factorised', 'windowed', 'hierarchical')

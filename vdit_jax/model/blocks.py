@@ -7,10 +7,11 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from vdit_jax.model import attention
 from vdit_jax.model import attention_patterns
-from vdit_jax.model import axes
+from vdit_jax.model import embeddings
 from vdit_jax.model import text as text_lib
-from vdit_jax.model.attention import Attention
+from vdit_jax.parallel import axes
 
 TOKENS = (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED)
 
@@ -22,6 +23,70 @@ TOKENS = (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED)
 #   mlp_hidden [B, N, F]  fc1 output before the GELU (the largest activation of a block)
 #   mlp_out    [B, N, D]  fc2 output, before the gate
 CHECKPOINT_NAMES = ('attn_in', 'attn_out', 'mlp_in', 'mlp_hidden', 'mlp_out')
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention over tokens [B, N, D] with optional QK-norm and RoPE.
+
+  `grouping` (attention_patterns.Grouping; None = full) says which tokens each
+  query attends to: within frames, positions or windows of the token grid
+  `grid` (T', H', W'), which every pattern but full needs. The parameters are
+  the same for every pattern.
+  """
+  num_heads: int
+  qk_norm: bool = True
+  attention_impl: str = 'xla'
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  sequence_parallel: str = 'none'
+  grouping: Optional['attention_patterns.Grouping'] = None
+
+  @nn.compact
+  def __call__(self, x, rope: Optional[Tuple[jnp.ndarray, jnp.ndarray]] = None,
+               grid: Optional[Tuple[int, int, int]] = None):
+    width = x.shape[-1]
+    head_dim = width // self.num_heads
+    kernel_in = nn.initializers.xavier_uniform(in_axis=-3, out_axis=(-2, -1))
+
+    def proj(name):
+      # Kernel [D, K, Dh] (fan-in D, fan-out K*Dh), declared unflattened so that
+      # its logical names match its rank.
+      kernel = self.param(name + '_kernel', nn.with_logical_partitioning(
+          kernel_in, (axes.EMBED, axes.HEADS, axes.HEAD_DIM)),
+          (width, self.num_heads, head_dim), self.param_dtype)
+      bias = self.param(name + '_bias', nn.with_logical_partitioning(
+          nn.initializers.zeros, (axes.HEADS, axes.HEAD_DIM)),
+          (self.num_heads, head_dim), self.param_dtype)
+      x_ = x.astype(self.dtype)
+      return (jnp.einsum('bnd,dkh->bnkh', x_, kernel.astype(self.dtype))
+              + bias.astype(self.dtype))  # [B, N, K, Dh]
+
+    q, k, v = proj('query'), proj('key'), proj('value')
+    if self.qk_norm:
+      q = attention.RMSNorm(param_dtype=self.param_dtype, name='q_norm')(q)
+      k = attention.RMSNorm(param_dtype=self.param_dtype, name='k_norm')(k)
+    if rope is not None:
+      q = embeddings.apply_rope(q, *rope)
+      k = embeddings.apply_rope(k, *rope)
+    names = (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_HEADS, axes.ACT_KV)
+    q = nn.with_logical_constraint(q, names)
+    k = nn.with_logical_constraint(k, names)
+    v = nn.with_logical_constraint(v, names)
+    if self.grouping is None or self.grouping.kind == 'full':
+      out = attention.dot_product_attention(q, k, v, self.attention_impl,
+                                            self.sequence_parallel)  # [B, N, K, Dh]
+    else:  # regroup onto frames / positions / windows of the grid, attend, put back
+      out = attention_patterns.attend(q, k, v, grid, self.grouping, self.attention_impl,
+                                      self.sequence_parallel)  # [B, N, K, Dh]
+    out = nn.with_logical_constraint(out, names)
+    kernel = self.param('out_kernel', nn.with_logical_partitioning(
+        nn.initializers.xavier_uniform(in_axis=(-3, -2), out_axis=-1),
+        (axes.HEADS, axes.HEAD_DIM, axes.EMBED)),
+        (self.num_heads, head_dim, width), self.param_dtype)
+    bias = self.param('out_bias', nn.with_logical_partitioning(
+        nn.initializers.zeros, (axes.EMBED,)), (width,), self.param_dtype)
+    return (jnp.einsum('bnkh,khd->bnd', out, kernel.astype(self.dtype))
+            + bias.astype(self.dtype))  # [B, N, D]
 
 
 def modulate(x, shift, scale):

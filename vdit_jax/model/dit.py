@@ -13,7 +13,7 @@ import ml_collections
 
 from vdit_jax.model import attention
 from vdit_jax.model import attention_patterns
-from vdit_jax.model import axes
+from vdit_jax.parallel import axes
 from vdit_jax.model import embeddings
 from vdit_jax.model import patching
 from vdit_jax.model import text as text_lib

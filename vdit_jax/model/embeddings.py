@@ -10,7 +10,7 @@ from typing import Sequence, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
-from vdit_jax.model import axes
+from vdit_jax.parallel import axes
 
 
 def split_three(dim: int) -> Tuple[int, int, int]:

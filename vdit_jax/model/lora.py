@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from vdit_jax.model import axes
+from vdit_jax.parallel import axes
 
 
 @dataclasses.dataclass(frozen=True)

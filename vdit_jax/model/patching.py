@@ -6,7 +6,7 @@ import einops
 import flax.linen as nn
 import jax.numpy as jnp
 
-from vdit_jax.model import axes
+from vdit_jax.parallel import axes
 
 
 def check_patch(shape_thw: Sequence[int], patch: Sequence[int]) -> None:

@@ -25,7 +25,7 @@ from jax import lax
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec
 
-from vdit_jax.model import axes
+from vdit_jax.parallel import axes
 from vdit_jax.parallel import mesh as mesh_lib
 
 LANES = 128  # block sizes must be multiples of the TPU lane width

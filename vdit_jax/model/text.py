@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdit_jax.model import axes
+from vdit_jax.parallel import axes
 from vdit_jax.model.attention import RMSNorm
 
 ENCODERS = ('builtin', 'precomputed')

@@ -213,3 +213,9 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
   liveness.start(jax_distributed.global_state.client, jax.process_index(),
                  jax.process_count(), timeout_s)
   return p
+
+
+def log_line(line: str) -> None:
+  """Prints a progress line on process 0 (the absl log stays for library detail)."""
+  if jax.process_index() == 0:
+    print(line, flush=True)

@@ -28,6 +28,8 @@ import threading
 import time
 from typing import Dict, List, Optional
 
+from vdit_jax.parallel import fatal
+
 _PREFIX = 'vdit'
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_INTERVAL_S = 2.0
@@ -186,10 +188,23 @@ class Monitor:
 
 
 def _exit_naming(monitor: Monitor, lost: List[str]) -> None:
-  from vdit_jax import fatal  # pylint: disable=g-import-not-at-top
   monitor.record_failure(f'stopped because {lost[0]}')
   fatal.exit_with(f'FATAL PeerLost: process {monitor.process_id} stops because '
                   + '; '.join(lost))
+
+
+def _report_failure(summary: str) -> str:
+  """fatal.py's hook: records this process's failure for the others, then names the
+  peers that failed or went quiet ('' when none, or with no monitor)."""
+  monitor = current()
+  if monitor is None:
+    return ''
+  monitor.record_failure(summary)
+  lost = peers_lost(wait_s=3 * monitor.interval_s)
+  return f'FATAL PeerLost: {"; ".join(lost)}\n' if lost else ''
+
+
+fatal.on_failure(_report_failure)
 
 
 def start(client, process_id: int, num_processes: int,

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vdit_jax.model import axes
+from vdit_jax.parallel import axes
 
 
 def dcn_sizes(mesh_cfg) -> Dict[str, int]:

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec
 
-from vdit_jax.model import axes
+from vdit_jax.parallel import axes
 from vdit_jax.parallel import mesh as mesh_lib
 
 SEQUENCE_PARALLEL = ('none', 'all_gather', 'ring', 'ulysses')

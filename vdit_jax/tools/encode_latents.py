@@ -45,7 +45,7 @@ from absl import logging
 import jax
 import numpy as np
 
-from vdit_jax import fatal
+from vdit_jax.parallel import fatal
 from vdit_jax.data import shards
 from vdit_jax.data import synthetic
 from vdit_jax.data import video_files

@@ -6,7 +6,7 @@ python -m vdit_jax.tools.export --workdir=runs/tiny [--out=DIR] [--config=config
 Builds on `--mode=export` (train/export.py): when WORKDIR holds a checkpoint newer than its
 newest export, that export is written first (EMA params + config in WORKDIR/export/<step>/),
 then the sampler goes beside it, in WORKDIR/export/<step>/sampler/ unless --out says where.
-`vdit_jax.serving` runs it with jax and numpy only (see that module for the files).
+`vdit_jax.generate.serving` runs it with jax and numpy only (see that module for the files).
 
 What is exported: the whole sampling loop of `diffusion.samplers.sample` (the `fori_loop`
 over the steps, classifier-free guidance on the doubled batch, x0 clipping), with the model
@@ -44,9 +44,10 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from vdit_jax import defaults
-from vdit_jax import fatal
-from vdit_jax import serving
+
+from vdit_jax.config import defaults
+from vdit_jax.parallel import fatal
+from vdit_jax.generate import serving
 from vdit_jax.data import pipeline
 from vdit_jax.data import shards
 from vdit_jax.data import synthetic
@@ -56,7 +57,7 @@ from vdit_jax.diffusion import samplers
 from vdit_jax.model import dit
 from vdit_jax.parallel import paths
 from vdit_jax.train import checkpoint as ckpt_lib
-from vdit_jax.train import export as export_lib
+from vdit_jax.generate import export as export_lib
 from vdit_jax.train import state as state_lib
 
 SAMPLER_DIRNAME = 'sampler'
@@ -123,8 +124,8 @@ def newest_export(workdir: str, config) -> str:
       raise ValueError(
           f'{workdir} has checkpoint {checkpoint_step} but no export of it, and no config to '
           f'build the model for the export: pass --config, or keep WORKDIR/config.json.')
-    from vdit_jax.train import loop  # pylint: disable=g-import-not-at-top
-    return loop.export(config, workdir)
+    from vdit_jax import modes  # pylint: disable=g-import-not-at-top (imports the trainer)
+    return modes.export(config, workdir)
   if path is None:
     raise FileNotFoundError(
         f'{paths.normalize(workdir)} has no checkpoint and no export: train first '
@@ -323,7 +324,7 @@ def main(argv):
         f'{manifest["sampler"]["num_steps"]} steps, batch {manifest["video_shape"][0]}, '
         f'{manifest["compute_dtype"]} compute, platforms {manifest["platforms"]}) to {out} '
         f'in {time.perf_counter() - t0:.1f}s\n'
-        f'run it: python -m vdit_jax.serving --sampler={out} --labels=0 --out=sample.gif',
+        f'run it: python -m vdit_jax.generate.serving --sampler={out} --labels=0 --out=sample.gif',
         flush=True)
 
 

@@ -26,16 +26,18 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from vdit_jax import fatal
+from vdit_jax import modes
+
+from vdit_jax.parallel import fatal
 from vdit_jax.data import video_io
-from vdit_jax.train import multistage
+from vdit_jax.generate import multistage
 
 FLAGS = flags.FLAGS
 
 
 def define_stage_flags() -> None:
   """--keyframe_config/--interp_config and the two workdirs (also used by
-  bench/multistage_eval.py)."""
+  vdit_jax/eval/multistage.py)."""
   config_flags.DEFINE_config_file('keyframe_config', 'configs/tiny_keyframes.py',
                                   'Config the keyframe model was trained with.')
   config_flags.DEFINE_config_file('interp_config', 'configs/tiny_interpolate.py',
@@ -83,8 +85,8 @@ def run(keyframe_config, interp_config, *, keyframe_workdir, interp_workdir, pro
   plan = multistage.plan_for(keyframe_config, interp_config, duration_s, fps)  # fail fast
   for line in multistage.describe(plan):
     print(line)
-  keyframe = multistage.load_stage(keyframe_config, keyframe_workdir)
-  interp = multistage.load_stage(interp_config, interp_workdir)
+  keyframe = modes.load_stage(keyframe_config, keyframe_workdir)
+  interp = modes.load_stage(interp_config, interp_workdir)
   t0 = time.perf_counter()
   result = multistage.generate(prompt, duration_s, fps, keyframe, interp,
                                rng=jax.random.key(seed), num_samples=num_samples)

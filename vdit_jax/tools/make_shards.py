@@ -34,7 +34,7 @@ import time
 from absl import app
 from absl import flags
 
-from vdit_jax import fatal
+from vdit_jax.parallel import fatal
 from vdit_jax.data import shards
 from vdit_jax.data import video_files
 from vdit_jax.data import video_io

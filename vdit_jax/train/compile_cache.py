@@ -5,7 +5,7 @@ Set once at start-up, before the first compile (`vdit_jax.main`; `train_and_eval
 same program for the same devices (a restart, a resume after preemption, the next run
 of a sweep with the same shapes, the tests) loads the executable instead of compiling.
 
-Default directory: JAX's own JAX_COMPILATION_CACHE_DIR when that is set (vdit_jax/defaults.py),
+Default directory: JAX's own JAX_COMPILATION_CACHE_DIR when that is set (vdit_jax/config/defaults.py),
 else ~/.cache/vdit_jax/jax_compilation_cache, one per user and host, not
 per workdir: executables are keyed by program, devices and JAX version, not by run, so
 every run of the same shapes shares them; and a workdir may be a bucket (slow for many

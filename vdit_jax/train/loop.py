@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from vdit_jax import validate
+from vdit_jax.config import validate
 from vdit_jax.data import buckets as buckets_lib
 from vdit_jax.data import captions as captions_lib
 from vdit_jax.data import pipeline
@@ -22,13 +22,13 @@ from vdit_jax.parallel import mesh as mesh_lib
 from vdit_jax.parallel import paths
 from vdit_jax.train import checkpoint as ckpt_lib
 from vdit_jax.train import compile_cache
-from vdit_jax.train import export as export_lib
-from vdit_jax.train import generate
+from vdit_jax.generate import export as export_lib
+from vdit_jax.generate import conditional
 from vdit_jax.train import lora as lora_lib
 from vdit_jax.train import metrics as metrics_lib
 from vdit_jax.train import mfu as mfu_lib
 from vdit_jax.train import preemption
-from vdit_jax.train import sampling
+from vdit_jax.generate import sampling
 from vdit_jax.train import state as state_lib
 from vdit_jax.train import step as step_lib
 from vdit_jax.train import tensorboard
@@ -107,7 +107,7 @@ def batch_shardings(mesh, rules, extra_ndims=None):
   """Shardings of the train step's batch {'video': [B, T, H, W, C], 'label': [B]}."""
   shardings = {'video': mesh_lib.batch_sharding(mesh, rules, 5),
                'label': mesh_lib.batch_sharding(mesh, rules, 1)}
-  for key, ndim in (extra_ndims or {}).items():  # captions: generate.batch_ndims
+  for key, ndim in (extra_ndims or {}).items():  # captions: conditional.batch_ndims
     shardings[key] = mesh_lib.batch_sharding(mesh, rules, ndim)
   return shardings
 
@@ -126,10 +126,10 @@ def jit_train_step(s: Setup):
                                     label_dropout=s.config.model.label_dropout,
                                     ema=s.config.train.ema_decay,
                                     grad_accum_steps=s.config.train.get('grad_accum_steps', 1),
-                                    conditioning=generate.conditioning(s.config),
+                                    conditioning=conditional.conditioning(s.config),
                                     param_transform=param_transform)
 
-  batch = batch_shardings(s.mesh, s.rules, generate.batch_ndims(s.config))
+  batch = batch_shardings(s.mesh, s.rules, conditional.batch_ndims(s.config))
   if s.lora is not None:  # trains the adapters; the frozen base is the step's 2nd input
     return s.lora.jit_train_step(make_step, s.state_shardings, batch)
   return jax.jit(
@@ -184,10 +184,10 @@ def jit_sampler(s: Setup, prompts: Optional[str] = None):
   samples run, sample.num_samples clips of the first bucket's shape; the clips come back
   replicated. Call (and lower) it inside the mesh and rules, as `jit_train_step`."""
   cfg = buckets_lib.sample_config(s.config)  # data.buckets: the first bucket's shape
-  if generate.needs_conditions(cfg):  # captions (prompts) and / or given frames
-    sample_fn = generate.make_sample_fn(s.model, s.diffusion, cfg, s.num_classes,
-                                        generate.sample_shape(cfg, cfg.sample.num_samples))
-    condition = generate.sample_condition(cfg, s.num_classes, cfg.sample.num_samples, prompts)
+  if conditional.needs_conditions(cfg):  # captions (prompts) and / or given frames
+    sample_fn = conditional.make_sample_fn(s.model, s.diffusion, cfg, s.num_classes,
+                                        conditional.sample_shape(cfg, cfg.sample.num_samples))
+    condition = conditional.sample_condition(cfg, s.num_classes, cfg.sample.num_samples, prompts)
   else:
     sample_fn = sampling.make_sample_fn(s.model, s.diffusion, cfg.sample, cfg.data,
                                         s.num_classes, cfg.sample.num_samples)
@@ -195,7 +195,12 @@ def jit_sampler(s: Setup, prompts: Optional[str] = None):
   return jax.jit(sample_fn, out_shardings=mesh_lib.replicated(s.mesh)), condition
 
 
-def _sample_and_write(s: Setup, params, step: int, workdir: str, name: Optional[str] = None,
+def sample_params(state, config):
+  """The params that sample: the EMA params unless sample.use_ema=False."""
+  return state.ema_params if config.sample.use_ema else state.params
+
+
+def sample_and_write(s: Setup, params, step: int, workdir: str, name: Optional[str] = None,
                       prompts: Optional[str] = None):
   cfg = buckets_lib.sample_config(s.config)
   if s.lora is not None:  # params are the adapters
@@ -390,7 +395,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at: Optional[int] = None):
           if preempted:
             break
           if config.sample.every_steps and step % config.sample.every_steps == 0:
-            board.samples(step, _sample_and_write(s, _sample_params(state, config), step,
+            board.samples(step, sample_and_write(s, sample_params(state, config), step,
                                                   workdir)[0])
       except (NonFiniteError, ckpt_lib.NonFiniteStateError):
         s.checkpointer.close()  # the saves under way complete; nothing more is written
@@ -405,7 +410,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at: Optional[int] = None):
                            f'{s.checkpointer.step_dir(step)}; stopping (run again to resume).')
       return state
     if not (config.sample.every_steps and step % config.sample.every_steps == 0):
-      board.samples(step, _sample_and_write(s, _sample_params(state, config), step, workdir)[0])
+      board.samples(step, sample_and_write(s, sample_params(state, config), step, workdir)[0])
     s.checkpointer.close()
     return state
 
@@ -458,103 +463,3 @@ class NonFiniteGuard:
           "data, or resume from an earlier checkpoint; train.nonfinite='skip' with a larger "
           'train.max_nonfinite_steps rides over rare bad batches.')
     return self.total
-
-
-def _sample_params(state, config):
-  return state.ema_params if config.sample.use_ema else state.params
-
-
-def _restore_latest(s: Setup, workdir: str):
-  latest = s.checkpointer.latest_step()
-  if latest is None:
-    raise FileNotFoundError(
-        f'no checkpoint in {s.checkpointer.directory}: train first '
-        f'(--mode=train --workdir={workdir}).')
-  return _restore(s, latest), latest
-
-
-def _params_to_sample(s: Setup, workdir: str, checkpoint: Optional[str],
-                      step: Optional[int] = None):
-  """(params, step, sample file name) from the export `checkpoint`, else see `sample`."""
-  if step is not None:
-    if checkpoint is not None:
-      raise ValueError(f'--checkpoint={checkpoint} is an export and step={step} a train '
-                       'checkpoint: give one of them.')
-    steps = sorted(s.checkpointer.all_steps())
-    if step not in steps:
-      raise FileNotFoundError(f'no checkpoint of step {step} in {s.checkpointer.directory}; '
-                              f'it holds steps {steps}.')
-    state = _restore(s, step)
-    return _sample_params(state, s.config), step, f'sample_step_{step:07d}'
-  if checkpoint is None and s.checkpointer.latest_step() is None:
-    checkpoint = export_lib.latest(workdir)
-    if checkpoint is None:
-      raise FileNotFoundError(
-          f'no export in {paths.join(workdir, export_lib.EXPORT_DIRNAME)} '
-          f'and no checkpoint in {s.checkpointer.directory}: train first '
-          f'(--mode=train --workdir={workdir}).')
-  if checkpoint is None:
-    state, step = _restore_latest(s, workdir)
-    return _sample_params(state, s.config), step, f'sample_step_{step:07d}'
-  abstract = state_lib.abstract_with_shardings(s.abstract_state, s.state_shardings)
-  params, info = export_lib.read(checkpoint, abstract.ema_params)  # same shapes as params
-  metrics_lib.log_line(f'sampling from the {info["params"]} exported in {checkpoint}')
-  return params, info['step'], f'sample_export_step_{info["step"]:07d}'
-
-
-def sample(config, workdir: str, checkpoint: Optional[str] = None,
-           prompt: Optional[str] = None, step: Optional[int] = None):
-  """Writes a sample video to WORKDIR/samples from the params of a checkpoint or export.
-
-  `checkpoint` is an export directory (WORKDIR/export/<step>, from `export`); no
-  optimizer state is read then. Without it: the train checkpoint of `step` in
-  WORKDIR/checkpoints if given, else the newest one, else the newest export in
-  WORKDIR/export (so a workdir that holds only an export samples too). `prompt` (text
-  models): the caption of every sample ('a; b' cycles through several), instead of
-  sample.prompts.
-  """
-  generate.check_prompt_flag(config, prompt)
-  compile_cache.configure(config.train.get('compilation_cache_dir', ''))
-  workdir = paths.normalize(workdir)
-  s = build(config, workdir)
-  try:
-    params, step, name = _params_to_sample(s, workdir, checkpoint, step)
-  finally:
-    s.checkpointer.close()
-  return _sample_and_write(s, params, step, workdir, name=name, prompts=prompt)
-
-
-def extend(config, workdir: str, input_path: str, num_frames: int,
-           checkpoint: Optional[str] = None, prompt: Optional[str] = None):
-  """--mode=extend: continues the clip (or image) at `input_path` to `num_frames` frames
-  with the params `sample` would use; writes WORKDIR/samples/extend_*.{mp4,gif}."""
-  generate.check_prompt_flag(config, prompt)
-  workdir = paths.normalize(workdir)
-  s = build(config, workdir)
-  try:
-    params, step, _ = _params_to_sample(s, workdir, checkpoint)
-  finally:
-    s.checkpointer.close()
-  if s.lora is not None:  # params are the adapters
-    params = s.lora.merged(params)
-  with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
-    clip, _, written = generate.extend_and_write(s, params, input_path, num_frames, workdir,
-                                                 generate.extend_name(input_path, step), prompt)
-  metrics_lib.log_line(f'extended {input_path} to {num_frames} frames: {written}')
-  return clip, written
-
-
-def export(config, workdir: str) -> str:
-  """Writes the newest checkpoint's sampling params (EMA unless sample.use_ema=False)
-  and the config to WORKDIR/export/<step>/; returns that directory."""
-  workdir = paths.normalize(workdir)
-  s = build(config, workdir)
-  try:
-    state, step = _restore_latest(s, workdir)
-  finally:
-    s.checkpointer.close()
-  which = 'ema_params' if config.sample.use_ema else 'params'
-  path = export_lib.write(export_lib.export_dir(workdir, step), getattr(state, which), config,
-                          step=step, which=which)
-  metrics_lib.log_line(f'exported the {which} of step {step} to {path}')
-  return path

@@ -32,7 +32,7 @@ from vdit_jax.model import lora
 from vdit_jax.parallel import mesh as mesh_lib
 from vdit_jax.parallel import paths
 from vdit_jax.train import checkpoint as ckpt_lib
-from vdit_jax.train import export as export_lib
+from vdit_jax.generate import export as export_lib
 from vdit_jax.train import metrics as metrics_lib
 from vdit_jax.train import state as state_lib
 

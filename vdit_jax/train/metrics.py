@@ -9,6 +9,7 @@ import numpy as np
 
 from vdit_jax.parallel import paths
 from vdit_jax.train import mfu as mfu_lib
+from vdit_jax.parallel import distributed
 
 
 METRICS_FILENAME = 'metrics.jsonl'
@@ -133,7 +134,4 @@ def format_line(step: int, num_steps: int, metrics: Dict[str, float]) -> str:
   return ' | '.join(parts)
 
 
-def log_line(line: str) -> None:
-  """Prints a progress line on process 0 (the absl log stays for library detail)."""
-  if jax.process_index() == 0:
-    print(line, flush=True)
+log_line = distributed.log_line  # progress lines, printed by process 0

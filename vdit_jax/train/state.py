@@ -11,6 +11,8 @@ import optax
 from optax import contrib as optax_contrib
 from jax.sharding import Mesh
 
+from vdit_jax.config import defaults
+
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -18,9 +20,6 @@ class TrainState(flax.struct.PyTreeNode):
   params: Any
   opt_state: Any
   ema_params: Any
-
-
-LR_SCHEDULES = ('cosine', 'wsd')
 
 
 def learning_rate_schedule(train_cfg) -> optax.Schedule:
@@ -31,17 +30,14 @@ def learning_rate_schedule(train_cfg) -> optax.Schedule:
   peak = train_cfg.learning_rate
   end = peak * train_cfg.end_lr_fraction
   kind = train_cfg.get('lr_schedule', 'cosine')
-  if kind not in LR_SCHEDULES:
-    raise ValueError(f'train.lr_schedule={kind!r} must be one of {LR_SCHEDULES}.')
+  if kind not in defaults.LR_SCHEDULES:  # config/validate.py refuses it before this
+    raise ValueError(f'train.lr_schedule={kind!r} must be one of {defaults.LR_SCHEDULES}.')
   warmup, total = train_cfg.warmup_steps, max(train_cfg.num_steps, train_cfg.warmup_steps + 1)
   if kind == 'cosine':
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=total,
         end_value=end)
   fraction = train_cfg.get('decay_fraction', 0.2)
-  if not 0.0 < fraction <= 1.0:
-    raise ValueError(f'train.decay_fraction={fraction!r} must be in (0, 1]: the share of '
-                     'the steps that the wsd cooldown takes.')
   decay_start = max(warmup, total - int(round(fraction * total)))
   decay_len = max(total - decay_start, 1)
 
@@ -94,9 +90,6 @@ def muon_dimension_numbers(params):
       lambda path, x: dims(path, x.value if is_box(x) else x), params, is_leaf=is_box)
 
 
-OPTIMIZERS = ('adamw', 'muon')
-
-
 def make_optimizer(train_cfg) -> optax.GradientTransformation:
   """Global-norm clipping (grad_clip=0 turns it off), then AdamW or Muon.
 
@@ -118,7 +111,7 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
         adam_b1=train_cfg.b1, adam_b2=train_cfg.b2, adam_weight_decay=train_cfg.weight_decay,
         muon_weight_dimension_numbers=muon_dimension_numbers, consistent_rms=0.2))
   else:
-    raise ValueError(f'train.optimizer={name!r} is not one of {OPTIMIZERS}.')
+    raise ValueError(f'train.optimizer={name!r} is not one of {defaults.OPTIMIZERS}.')
   return optax.chain(*parts)
 
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from vdit_jax.diffusion import objectives
-from vdit_jax.model import axes
+from vdit_jax.parallel import axes
 from vdit_jax.model import dit
 from vdit_jax.train.state import TrainState
 

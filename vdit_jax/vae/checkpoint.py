@@ -118,7 +118,7 @@ def read_info(directory) -> dict:
     found = paths.listdir(directory) if paths.isdir(directory) else None
     raise FileNotFoundError(
         f'{directory} is not a VAE folder: it has no {INFO_NAME} (contents: {found}). Make '
-        'one with python -m vdit_jax.tools.convert_wan_vae or python -m vdit_jax.vae.train.')
+        'one with python -m vdit_jax.convert.wan_vae or python -m vdit_jax.train.vae.')
   info = json.loads(paths.read_text(path))
   if info.get('format') != FORMAT:
     raise ValueError(f'{path}: format={info.get("format")!r}, expected {FORMAT!r}.')

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from vdit_jax.model import axes
+from vdit_jax.parallel import axes
 
 # Logical axis names of the VAE's weights. No default rule mentions them, so they stay
 # replicated (a VAE is small; data parallelism is what it needs) unless a config's

@@ -9,7 +9,7 @@ A clip of T = 1 + 4k frames of H x W becomes latents [B, 1 + k, H/8, W/8, z_dim]
 Wan 2.1's layout): the first frame is encoded on its own, then every 4 frames, causally.
 Parameter names follow diffusers' `AutoencoderKLWan` (`encoder/down_blocks_3/conv1`,
 `decoder/up_blocks_0/upsamplers_0/time_conv`, ...), so its weights map one to one
-(`vdit_jax.tools.convert_wan_vae`). Whole clips run in one call; `vae/chunked.py` runs long
+(`vdit_jax.convert.wan_vae`). Whole clips run in one call; `vae/chunked.py` runs long
 clips in chunks through the layers' frame caches, with the same result.
 """
 

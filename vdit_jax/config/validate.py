@@ -12,13 +12,13 @@ from vdit_jax.data import synthetic
 from vdit_jax.diffusion import objectives, samplers
 from vdit_jax.model import attention
 from vdit_jax.model import attention_patterns
-from vdit_jax.model import axes
+from vdit_jax.parallel import axes
 from vdit_jax.model import dit
 from vdit_jax.model import lora
 from vdit_jax.model import patching
 from vdit_jax.parallel import mesh as mesh_lib
-from vdit_jax.train import generate
-from vdit_jax.train import state as state_lib
+from vdit_jax.generate import conditional
+from vdit_jax.config import defaults
 from vdit_jax.vae import latents as vae_latents
 
 OBJECTIVE_SAMPLERS = {'eps': ('ddpm', 'ddim'), 'v': ('ddpm', 'ddim'), 'flow': ('euler',)}
@@ -94,11 +94,7 @@ def validate_config(config, num_devices: int, process_count: int = 1,
 
   _check_checkpoint(config.checkpoint)
   _check_nonfinite_policy(config.train)
-  state_lib.learning_rate_schedule(config.train)  # lr_schedule name, decay_fraction
-  optimizer = config.train.get('optimizer', 'adamw')
-  if optimizer not in state_lib.OPTIMIZERS:
-    raise ValueError(f'config.train.optimizer={optimizer!r} must be '
-                     f'{" or ".join(map(repr, state_lib.OPTIMIZERS))}.')
+  _check_optimizer(config.train)
   tensorboard = config.train.get('tensorboard', False)
   if not isinstance(tensorboard, bool):
     raise ValueError(f'config.train.tensorboard={tensorboard!r} must be True or False '
@@ -106,7 +102,7 @@ def validate_config(config, num_devices: int, process_count: int = 1,
 
   spec = dit.resolve_spec(config.model)
   dit.check_spec(spec)
-  generate.check_config(config)  # captions, prompts, given frames
+  conditional.check_config(config)  # captions, prompts, given frames
   if platform is None and spec.attention_impl in ('cudnn', 'splash'):
     platform = jax.default_backend()  # only those two kernels are platform-specific
   attention.check_impl(dit.attention_impl(spec), dtype=spec.dtype,
@@ -166,7 +162,7 @@ def validate_config(config, num_devices: int, process_count: int = 1,
        pt * ph * pw * config.data.channels, axes.PATCH),
       (f'tokens per clip {tokens} (T/pt * H/ph * W/pw)', tokens, axes.ACT_LENGTH),
   ]
-  dims += generate.sharded_dims(config)  # the text encoder's widths and heads
+  dims += conditional.sharded_dims(config)  # the text encoder's widths and heads
   seq_ways = _ways(rules, axes.ACT_LENGTH, sizes)[1]
   # sample.num_samples need not divide the batch axes: the sampler's batch splits where it
   # can, and the shard_map'd kernels (splash, sequence-parallel attention) run a batch
@@ -226,6 +222,21 @@ def _check_synthetic_options(data) -> None:
   bounce = data.get('bounce', True)
   if not isinstance(bounce, bool):
     raise ValueError(f'config.data.bounce={bounce!r} must be True or False.')
+
+
+def _check_optimizer(train) -> None:
+  """The optimizer and learning-rate schedule names, and the wsd cooldown's share."""
+  kind = train.get('lr_schedule', 'cosine')
+  if kind not in defaults.LR_SCHEDULES:
+    raise ValueError(f'train.lr_schedule={kind!r} must be one of {defaults.LR_SCHEDULES}.')
+  fraction = train.get('decay_fraction', 0.2)
+  if kind == 'wsd' and not 0.0 < fraction <= 1.0:
+    raise ValueError(f'train.decay_fraction={fraction!r} must be in (0, 1]: the share of '
+                     'the steps that the wsd cooldown takes.')
+  optimizer = train.get('optimizer', 'adamw')
+  if optimizer not in defaults.OPTIMIZERS:
+    raise ValueError(f'config.train.optimizer={optimizer!r} must be '
+                     f'{" or ".join(map(repr, defaults.OPTIMIZERS))}.')
 
 
 def _check_nonfinite_policy(train) -> None:

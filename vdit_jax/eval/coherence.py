@@ -1,11 +1,11 @@
 r"""Do a trained model's samples show one solid object per frame, or fragments?
 
-python bench/sample_coherence.py --config=configs/tiny.py --workdir=runs/tiny \
+python vdit_jax/eval/coherence.py --config=configs/tiny.py --workdir=runs/tiny \
     [--num_samples=16] [--config.x.y=... as the run was trained]
 
 Samples --num_samples clips from the newest checkpoint (or export) in WORKDIR with the
 config's sampler, exactly as `--mode=sample` would (it also writes them to
-WORKDIR/samples/), and scores each with `vdit_jax.tools.detect.coherence`: foreground
+WORKDIR/samples/), and scores each with `vdit_jax.eval.detect.coherence`: foreground
 components per frame, the share of the foreground in the largest one, the share of frames
 that hold exactly one object, empty frames, and the IoU of the object between consecutive
 frames; for class-conditioned models also the share of samples whose detected shape and
@@ -25,10 +25,11 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from vdit_jax import modes
+
 from vdit_jax.data import synthetic
-from vdit_jax.tools import detect
-from vdit_jax.train import loop
-from vdit_jax.train import sampling
+from vdit_jax.eval import detect
+from vdit_jax.generate import sampling
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'The config the model was trained with.')
@@ -64,7 +65,7 @@ def main(_):
   print(json.dumps({'clips': 'data', **data}))
   with config.unlocked():
     config.sample.num_samples = FLAGS.num_samples
-  videos, paths = loop.sample(config, FLAGS.workdir)
+  videos, paths = modes.sample(config, FLAGS.workdir)
   videos = np.asarray(videos, np.float32)[..., :3]
   samples = _mean_scores(videos)
   if config.model.get('conditioning', 'class') == 'class':

@@ -14,8 +14,8 @@ import numpy as np
 
 from vdit_jax.data import video_io
 from vdit_jax.diffusion import samplers
+from vdit_jax.parallel import distributed
 from vdit_jax.parallel import paths
-from vdit_jax.train import metrics as metrics_lib
 from vdit_jax.vae import latents as latents_lib
 
 
@@ -52,7 +52,7 @@ def latent_decoder(config) -> Optional[latents_lib.LatentDecoder]:
     return None
   decoder = latents_lib.LatentDecoder.load(config)
   cfg = decoder.cfg
-  metrics_lib.log_line(
+  distributed.log_line(
       f'samples decode through the VAE in {decoder.space.vae_path} (z_dim {cfg.z_dim}, '
       f'{cfg.temporal_factor}x time, {cfg.spatial_factor}x space), un-normalised with the '
       f'statistics of {decoder.space.stats_from}')
@@ -79,7 +79,7 @@ def write_samples(videos, directory: str, name: str, formats: str, fps: int,
   videos = np.asarray(jax.device_get(videos))
   n, _, h, _, c = videos.shape
   if c not in (1, 3):
-    metrics_lib.log_line(
+    distributed.log_line(
         f'samples have {c} channels (latents) and no VAE decodes them '
         '(config.data.latents=False): writing them as .npy, not video; decode them with '
         'their VAE (or train with data.latents=True on tools.encode_latents shards).')

@@ -11,17 +11,17 @@ r"""Runs an exported video sampler with jax and numpy only: no flax, no vdit_jax
 
 Serve it anywhere jax runs (the export names its platforms, cpu, cuda and tpu by default):
 
-  from vdit_jax import serving
+  from vdit_jax.generate import serving
   sampler = serving.load('runs/tiny/export/600/sampler')
   videos = sampler.sample(['square moving left', 3], seed=0)  # float32 [2, T, H, W, C] in [-1, 1]
 
-  python -m vdit_jax.serving --sampler=runs/tiny/export/600/sampler \
+  python -m vdit_jax.generate.serving --sampler=runs/tiny/export/600/sampler \
       --labels='square moving left,circle moving up' --seed=0 --out=left.gif
 
 The exported function is `fn(weights, noise [B, T, H, W, C] float32, labels [B] int32,
 seed [] uint32) -> videos [B, T, H, W, C] float32`, B fixed at export time. With the noise
 from `initial_noise(seed)` (the default) it returns exactly what the training code's sampler
-(vdit_jax.train.sampling) returns for `jax.random.key(seed)`: the noise is drawn from the first
+(vdit_jax.generate.sampling) returns for `jax.random.key(seed)`: the noise is drawn from the first
 half of `jax.random.split(key)` and the steps' noise (DDPM, DDIM with eta > 0) from the second,
 as in vdit_jax.diffusion.samplers.sample.
 """

@@ -1,6 +1,6 @@
 r"""Convert diffusers' Wan 2.1 VAE weights (safetensors) into a vdit_jax VAE folder (Orbax).
 
-python -m vdit_jax.tools.convert_wan_vae \
+python -m vdit_jax.convert.wan_vae \
     --safetensors=Wan2.1-T2V-1.3B-Diffusers/vae/diffusion_pytorch_model.safetensors \
     [--config=Wan2.1-T2V-1.3B-Diffusers/vae/config.json] --out=checkpoints/wan21_vae [--overwrite]
 
@@ -31,7 +31,7 @@ import jax
 import ml_dtypes  # noqa: F401  # pylint: disable=unused-import  # registers numpy bfloat16
 import numpy as np
 
-from vdit_jax import fatal
+from vdit_jax.parallel import fatal
 from vdit_jax.vae import checkpoint
 from vdit_jax.vae.config import VAEConfig
 

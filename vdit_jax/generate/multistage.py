@@ -28,7 +28,7 @@ import numpy as np
 
 from vdit_jax.diffusion import conditioning as cond_lib
 from vdit_jax.model import text as text_lib
-from vdit_jax.train import generate as generate_lib
+from vdit_jax.generate import conditional as generate_lib
 
 _RATE_TOLERANCE = 1e-6
 
@@ -45,21 +45,6 @@ class Stage:
   rules: Tuple = ()
   # Jitted samplers by sample shape: every call of a shape after the first reuses its program.
   samplers: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
-
-
-def load_stage(config, workdir: str, checkpoint: Optional[str] = None) -> Stage:
-  """The params `--mode=sample` would use (the export `checkpoint`, else the newest
-  checkpoint's EMA params, else the newest export in `workdir`), LoRA adapters merged."""
-  from vdit_jax.train import loop  # pylint: disable=g-import-not-at-top (loop imports a lot)
-  s = loop.build(config, workdir)
-  try:
-    # pylint: disable-next=protected-access
-    params, _, _ = loop._params_to_sample(s, workdir, checkpoint)
-  finally:
-    s.checkpointer.close()
-  if s.lora is not None:  # params are the adapters
-    params = s.lora.merged(params)
-  return Stage(config, s.model, s.diffusion, params, s.num_classes, s.mesh, s.rules)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,11 +1,11 @@
 r"""Does a trained model follow its prompt / continue the given motion? Measured with the
 detector of tools/detect.py on generated clips.
 
-python bench/generation_eval.py --task=text --config=configs/tiny_text.py \
+python vdit_jax/eval/generation.py --task=text --config=configs/tiny_text.py \
     --workdir=runs/tiny_text [--num_prompts=84 --num_steps=25]
-python bench/generation_eval.py --task=extend --config=configs/tiny_extend.py \
+python vdit_jax/eval/generation.py --task=extend --config=configs/tiny_extend.py \
     --workdir=runs/tiny_extend [--num_clips=24 --total_frames=28]
-python bench/generation_eval.py --task=image_to_video --config=configs/tiny_text.py \
+python vdit_jax/eval/generation.py --task=image_to_video --config=configs/tiny_text.py \
     --config.model.context_frames_max=1 --workdir=runs/tiny_text_i2v [--num_clips=24]
 
 text: samples one clip per prompt 'a {colour} {shape} moving {direction}' (the prompts
@@ -71,12 +71,14 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import learning_curve  # pylint: disable=g-import-not-at-top
+from vdit_jax import modes
+
+from vdit_jax.eval import learning_curve  # pylint: disable=g-import-not-at-top
 from vdit_jax.data import synthetic
 from vdit_jax.diffusion import conditioning as cond_lib
 from vdit_jax.model import text as text_lib
-from vdit_jax.tools import detect
-from vdit_jax.train import generate
+from vdit_jax.eval import detect
+from vdit_jax.generate import conditional
 from vdit_jax.train import loop
 
 FLAGS = flags.FLAGS
@@ -112,8 +114,8 @@ def whole_batches(rows):
 
 def sample_batches(s, params, conds, rng):
   cfg = s.config
-  fn = jax.jit(generate.make_sample_fn(s.model, s.diffusion, cfg, s.num_classes,
-                                       generate.sample_shape(cfg, FLAGS.batch)))
+  fn = jax.jit(conditional.make_sample_fn(s.model, s.diffusion, cfg, s.num_classes,
+                                       conditional.sample_shape(cfg, FLAGS.batch)))
   return [np.asarray(fn(params, jax.random.fold_in(rng, i), c)) for i, c in enumerate(conds)]
 
 
@@ -291,7 +293,7 @@ def shape_confusion(found, truth):
 
 
 def judged(clips, found, truth):
-  """The prompted clips judged as the main job's samples (bench/learning_curve.py): one
+  """The prompted clips judged as the main job's samples (vdit_jax/eval/learning_curve.py): one
   object per frame, empty frames, fit to the ideal shape, crisp clips, and colour, shape
   and direction (whole path) against the prompt, each a mean and its standard error over
   the clips. Printed and returned."""
@@ -319,7 +321,7 @@ def _print_scores(name, acc, tail=''):
 
 def gives_first_frame(cfg) -> bool:
   """A text model trained with the first frames given (it can do image-to-video)."""
-  return (generate.is_text(cfg) and int(cfg.model.get('context_frames_max', 0) or 0) >= 1
+  return (conditional.is_text(cfg) and int(cfg.model.get('context_frames_max', 0) or 0) >= 1
           and cfg.model.get('given_frames', 'prefix') == 'prefix')
 
 
@@ -543,7 +545,7 @@ def eval_extend(s, params):
   t0 = time.perf_counter()
   clips = []
   for b in range(0, FLAGS.num_clips, FLAGS.batch):
-    clip, _ = generate.extend_clip(s.model, s.diffusion, cfg, params, given[b:b + FLAGS.batch],
+    clip, _ = conditional.extend_clip(s.model, s.diffusion, cfg, params, given[b:b + FLAGS.batch],
                                    total, rng=jax.random.key(FLAGS.seed + b),
                                    num_classes=s.num_classes)
     clips.append(clip)
@@ -590,7 +592,7 @@ def main(argv):
   s = loop.build(config, FLAGS.workdir)
   try:
     # The params --mode=sample would use (newest checkpoint's EMA, else the newest export).
-    params, step, _ = loop._params_to_sample(  # pylint: disable=protected-access
+    params, step, _ = modes.params_to_sample(
         s, FLAGS.workdir, None)
   finally:
     s.checkpointer.close()

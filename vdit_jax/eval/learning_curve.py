@@ -5,12 +5,12 @@ whatever checkpoint.keep says), then score them all:
 
   python -m vdit_jax.main --config=configs/tiny.py --workdir=runs/curve \
       --config.checkpoint.every_steps=300 --config.checkpoint.keep_period=300
-  python bench/learning_curve.py --config=configs/tiny.py --workdir=runs/curve \
+  python vdit_jax/eval/learning_curve.py --config=configs/tiny.py --workdir=runs/curve \
       [--num_samples=24] [--config.x.y=... as the run was trained]
 
 For each checkpoint step, samples --num_samples clips from its params with the config's
 sampler (the same noise and labels at every step, so the points differ only by the
-params), and scores each clip with `vdit_jax.tools.detect`: the coherence scores (one
+params), and scores each clip with `vdit_jax.eval.detect`: the coherence scores (one
 object per frame, empty frames, IoU frame to frame) and, for class-conditioned models,
 whether the detected shape and direction are the label's. Each point has the mean and
 its standard error over the clips, and its position on two axes that compare any two
@@ -30,15 +30,16 @@ from absl import app, flags
 from ml_collections import config_flags
 import numpy as np
 
+from vdit_jax import modes
+
 from vdit_jax.data import synthetic
 from vdit_jax.model import dit
 from vdit_jax.model import flops as flops_lib
 from vdit_jax.parallel import paths
-from vdit_jax.tools import detect
+from vdit_jax.eval import detect
 from vdit_jax.train import checkpoint as ckpt_lib
-from vdit_jax.train import loop
 from vdit_jax.train import metrics as metrics_lib
-from vdit_jax.train import sampling
+from vdit_jax.generate import sampling
 
 FLAGS = flags.FLAGS
 
@@ -141,7 +142,7 @@ def main(_):
     labels = np.asarray(sampling.sample_labels(FLAGS.num_samples, synthetic.NUM_CLASSES))
   points = []
   for step in steps:
-    videos, _ = loop.sample(config, workdir, step=step)
+    videos, _ = modes.sample(config, workdir, step=step)
     videos = np.asarray(videos, np.float32)[..., :3]
     points.append(curve_point(step, step_flops, wall_s, score(videos, labels,
                                                               FLAGS.threshold)))

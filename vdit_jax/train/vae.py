@@ -1,7 +1,7 @@
 r"""Train a causal video VAE from scratch on the configured clips (the synthetic shapes by
 default), so that latent diffusion runs end to end with no download.
 
-python -m vdit_jax.vae.train --config=configs/vae_tiny.py --workdir=runs/vae_tiny \
+python -m vdit_jax.train.vae --config=configs/vae_tiny.py --workdir=runs/vae_tiny \
     [--config.train.num_steps=300 ...]
 
 Loss: mean squared error of the reconstruction (clips in [-1, 1], z sampled from the
@@ -37,8 +37,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vdit_jax import defaults
-from vdit_jax import fatal
+from vdit_jax.config import defaults
+from vdit_jax.parallel import fatal
 from vdit_jax.data import pipeline
 from vdit_jax.parallel import paths
 from vdit_jax.train import metrics as metrics_lib

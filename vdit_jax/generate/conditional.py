@@ -18,10 +18,10 @@ from vdit_jax.data import transforms
 from vdit_jax.data import video_io
 from vdit_jax.diffusion import conditioning as cond_lib
 from vdit_jax.diffusion import samplers
-from vdit_jax.model import axes
+from vdit_jax.parallel import axes
 from vdit_jax.model import text as text_lib
 from vdit_jax.parallel import paths
-from vdit_jax.train import sampling
+from vdit_jax.generate import sampling
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
 PROMPT_SEPARATOR = ';'

@@ -10,7 +10,11 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
-from vdit_jax.model import axes
+from vdit_jax.parallel import axes
+
+
+LR_SCHEDULES = ('cosine', 'wsd')   # train.lr_schedule (train/state.py)
+OPTIMIZERS = ('adamw', 'muon')     # train.optimizer
 
 
 def base_config() -> ml_collections.ConfigDict:

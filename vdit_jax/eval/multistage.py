@@ -1,7 +1,7 @@
 r"""Does the two-stage pipeline make a full-rate clip that follows the prompt, with the
 frames between keyframes where they belong? Measured with tools/detect.py.
 
-python bench/multistage_eval.py --keyframe_workdir=runs/key --interp_workdir=runs/interp \
+python vdit_jax/eval/multistage.py --keyframe_workdir=runs/key --interp_workdir=runs/interp \
     [--keyframe_config=configs/tiny_keyframes.py --interp_config=configs/tiny_interpolate.py
      --keyframe_config.data.height=16 ...] [--duration_s=3 --fps=8 --num_prompts=21]
 
@@ -9,7 +9,7 @@ pipeline: `multistage.generate(prompt, duration_s, fps)` for --num_prompts promp
 'a {colour} {shape} moving {direction}' (every colour, cycling shapes and directions).
 Per clip: the frame count against round(duration_s * fps); the detected colour of the
 clip, of its keyframes and of its interpolated frames against the prompt; the clip judged
-as the main job's samples are (bench/learning_curve.py): one object per frame, empty
+as the main job's samples are (vdit_jax/eval/learning_curve.py): one object per frame, empty
 frames, the object's fit to its ideal shape, crisp clips, and the detected shape and
 direction against the prompt's, each with its standard error over the clips. For every
 frame between two keyframes: the distance (px) of its detected centroid from the point
@@ -39,11 +39,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import learning_curve  # pylint: disable=g-import-not-at-top
+from vdit_jax import modes
+
+from vdit_jax.eval import learning_curve  # pylint: disable=g-import-not-at-top
 from vdit_jax.data import synthetic
-from vdit_jax.tools import detect
+from vdit_jax.eval import detect
 from vdit_jax.tools import generate_video
-from vdit_jax.train import multistage
+from vdit_jax.generate import multistage
 
 FLAGS = flags.FLAGS
 generate_video.define_stage_flags()  # --keyframe_config/--interp_config, the workdirs
@@ -218,8 +220,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
   for config in (FLAGS.keyframe_config, FLAGS.interp_config):
     config.sample.num_steps = FLAGS.num_steps
-  keyframe = multistage.load_stage(FLAGS.keyframe_config, FLAGS.keyframe_workdir)
-  interp = multistage.load_stage(FLAGS.interp_config, FLAGS.interp_workdir)
+  keyframe = modes.load_stage(FLAGS.keyframe_config, FLAGS.keyframe_workdir)
+  interp = modes.load_stage(FLAGS.interp_config, FLAGS.interp_workdir)
   fps = FLAGS.fps or FLAGS.interp_config.sample.fps
   print(f'{FLAGS.num_steps} sampler steps per stage (shared, contended CPU: times are '
         'indicative only)')

@@ -2,7 +2,7 @@ r"""A simple detector for clips of one coloured shape on a dark background (the 
 data, and what models trained on it generate): dominant colour, a shape guess, and the
 centroid's motion.
 
-python -m vdit_jax.tools.detect clip.mp4      # prints one JSON line
+python -m vdit_jax.eval.detect clip.mp4      # prints one JSON line
 
 Per frame, the background colour is the median of the border pixels; foreground pixels
 differ from it by more than `threshold` (0..255 units, summed over RGB as a Euclidean
@@ -288,7 +288,7 @@ def coherence(frames, threshold: float = 60.0, min_pixels: int = 3) -> dict:
 
 def main(argv):
   if len(argv) != 2:
-    raise SystemExit('usage: python -m vdit_jax.tools.detect CLIP.(mp4|gif)')
+    raise SystemExit('usage: python -m vdit_jax.eval.detect CLIP.(mp4|gif)')
   from vdit_jax.data import video_io  # pylint: disable=g-import-not-at-top
   print(json.dumps(detect(video_io.read_video(argv[1])).summary()))
 

@@ -29,6 +29,16 @@ def summary_line(error: BaseException) -> str:
   return f'FATAL {type(error).__name__}: {lines[0] if lines else "(no message)"}'
 
 
+_failure_hooks = []
+
+
+def on_failure(hook) -> None:
+  """Registers hook(summary) -> text, called on an uncaught exception; its text follows
+  the summary line (parallel/liveness.py registers one; nothing here imports it)."""
+  if hook not in _failure_hooks:
+    _failure_hooks.append(hook)
+
+
 def exit_with(text: str) -> None:
   """Writes `text` as the last output of the process, then exits with status 1 at once."""
   logging.flush()
@@ -59,16 +69,11 @@ def with_summary(main):
     except Exception as e:  # pylint: disable=broad-except
       summary = summary_line(e)
       text = ''.join(traceback.format_exception(e)) + summary + '\n'
-      # In a multi-process run, tell the others why this one stops, then name any
-      # process that failed or went quiet: a lost peer is the usual cause of a
-      # collective's "connection closed" here, so it is printed last.
-      from vdit_jax.parallel import liveness  # pylint: disable=g-import-not-at-top
-      monitor = liveness.current()
-      if monitor is not None:
-        monitor.record_failure(summary)
-        lost = liveness.peers_lost(wait_s=3 * monitor.interval_s)
-        if lost:
-          text += f'FATAL PeerLost: {"; ".join(lost)}\n'
+      # In a multi-process run, parallel/liveness.py tells the others why this one stops
+      # and names any process that failed or went quiet (a lost peer is the usual cause
+      # of a collective's "connection closed"), so its line is printed last.
+      for hook in _failure_hooks:
+        text += hook(summary)
       exit_with(text)
 
   return wrapped

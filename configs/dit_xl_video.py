@@ -21,8 +21,10 @@ python -m vdit_jax.tools.plan --config=configs/dit_xl_video.py --topology=v6e:16
 Global batch 256 (a multiple of both device counts), mesh data=-1 x fsdp=8, remat
 dots_with_no_batch_dims_saveable (keeps the weight matmuls' outputs, recomputes the
 attention logits that xla attention would otherwise keep as [B, K, N, N] per layer):
-v5p:4x4x8  mesh data 16 x fsdp 8, 2 clips/chip, 17.5 GiB of 95 GiB per chip;
-v6e:16x16  mesh data 32 x fsdp 8, 1 clip/chip,   8.2 GiB of 32 GiB per chip.
+v5p:4x4x8  mesh data 16 x fsdp 8, 2 clips/chip, 9.8 GiB of 95 GiB per chip;
+v6e:16x16  mesh data 32 x fsdp 8, 1 clip/chip,  6.0 GiB of 32 GiB per chip,
+with model.attention_impl=auto, which takes the splash kernel on TPU (with xla attention:
+17.5 and 8.2 GiB). Figures: docs/results.md, "Pod-scale plans".
 """
 
 from vdit_jax.config.defaults import base_config

@@ -13,26 +13,46 @@ width: 2.0% for DiT-S (configs/small.py), 0.9% with the default targets='attn').
 every shape and direction drawn in red only (data.colours), a colour the base saw in
 one clip of seven. WORKDIR/checkpoints holds the adapters, their optimizer state and
 EMA; --mode=export writes the EMA adapters alone; samples use the merged weights.
+
+The model and diffusion sections are configs/tiny.py's, taken whole: the adapters sit on
+its checkpoint and train on its objective. The data, training and sampling sections are
+this run's own, stated here.
 """
 
 from configs import tiny
+from vdit_jax.config.defaults import base_config
 
 
 def get_config(arg=None):
-  config = tiny.get_config(arg)
+  del arg
+  config = base_config()
+  base = tiny.get_config()
+  config.model = base.model
+  config.diffusion = base.diffusion
   config.lora.rank = 8
   config.lora.alpha = 8.0
   config.lora.targets = 'attn,mlp'
   config.lora.base_checkpoint = ''  # required: --config.lora.base_checkpoint=BASE_WORKDIR
+  # tiny's clips (8 frames of 32x32, shapes 40-55% of the side on straight paths), red only,
+  # in equal shares.
+  config.data.num_frames = 8
+  config.data.height = 32
+  config.data.width = 32
+  config.data.shape_size = (0.4, 0.55)
+  config.data.bounce = False
   config.data.colours = 'red'
+  config.data.shape_weights = ()
   config.train.num_steps = 300
+  config.train.batch_size = 8
   config.train.learning_rate = 1e-3
   config.train.warmup_steps = 20
+  config.train.lr_schedule = 'cosine'
   config.train.log_every = 25
   config.checkpoint.every_steps = 100
   config.checkpoint.keep = 2
-  config.sample.use_ema = True   # measured with the EMA; tiny samples its raw params
-  config.train.lr_schedule = 'cosine'  # measured with cosine decay (tiny: wsd)
-  config.sample.cfg_scale = 2.0          # measured with this guidance (tiny: 1.5)
-  config.data.shape_weights = ()         # measured with equal shares (tiny: squares 2x)
+  config.sample.every_steps = 0
+  config.sample.num_samples = 8
+  config.sample.sampler = 'euler'   # tiny's objective is rectified flow
+  config.sample.cfg_scale = 2.0
+  config.sample.use_ema = True
   return config

@@ -11,8 +11,8 @@ motion sampled every 4th frame (data.time_stride=4: frame k of a clip is base fr
 8 keyframes at 2 fps span what configs/tiny_interpolate.py renders at 8 fps in 29 frames
 (3.625 s at most). About 52 minutes on 2 CPU cores. Its 84 prompted keyframe clips take
 the prompted colour and direction in every clip and the shape in 0.93 (squares 25 of 28;
-BUILD_NOTES.md, "Recipe: what buys quality per unit of compute", seventh round). sample.fps
-is the rate the clips stand for; the pipeline (train/multistage.py) checks that it times
+docs/results.md, "Interpolation and keyframes"). sample.fps
+is the rate the clips stand for; the pipeline (generate/multistage.py) checks that it times
 tiny_interpolate's keyframe spacing gives that model's rate.
 """
 
@@ -22,7 +22,8 @@ RATE_RATIO = 4   # full-rate frames per keyframe interval (tiny_interpolate's sp
 
 
 def get_config(arg=None):
-  config = tiny_text.get_config(arg)
+  del arg
+  config = tiny_text.get_config()
   config.data.time_stride = float(RATE_RATIO)  # base-motion frames between keyframes
   config.sample.fps = 2                        # = tiny_interpolate's 8 fps / 4
   return config

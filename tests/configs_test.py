@@ -1,15 +1,21 @@
-"""The shipped configs on the meshes README.md shows: each mesh's losses equal one device's.
+"""The shipped configs: each one loads, validates and builds its model (the smoke tests, a
+few seconds, over every file in configs/ and every variant it names), and on the meshes
+README.md shows each mesh's losses equal one device's.
 
 configs_multidevice.py trains every config a few steps with its own defaults (it lists the
 few departures) in a fresh process, once with 1 CPU device and once with 8 fake ones on
 each mesh, and samples fewer clips than the batch axes split. The suite runs CI_MATRIX
 on the data x fsdp x tensor mesh that the default attention once broke (splash traced at
 init on a batch of 1); VDIT_FULL_CONFIG_MATRIX=1 runs
-every config on every mesh and through the 2-process launcher (BUILD_NOTES.md, "Pod road:
-...", "Every config on every mesh", has the last run and its time).
+every config on every mesh and through the 2-process launcher (docs/results.md, "Every
+config on every mesh", has the last run and its time).
 """
 
 import concurrent.futures
+import glob
+import importlib
+import json
+import math
 import os
 import subprocess
 import sys
@@ -23,9 +29,14 @@ from configs import tiny_latent
 from configs import vae_tiny
 from tests import configs_multidevice as matrix
 from tests import multidevice
+from vdit_jax.config import validate
+from vdit_jax.data import pipeline
 from vdit_jax.data import shards
+from vdit_jax.model import dit
+from vdit_jax.model import spec as spec_lib
 from vdit_jax.tools import encode_latents
 from vdit_jax.train import metrics as metrics_lib
+from vdit_jax.train import state as state_lib
 from vdit_jax.vae import checkpoint as vae_checkpoint
 from vdit_jax.train import vae as vae_train
 
@@ -40,6 +51,86 @@ CONFIGS, MESHES = ((matrix.CONFIGS, tuple(m for m in matrix.MESHES if m != 'one'
 # Losses of the same batches on another mesh: the same sums in another order (fp32;
 # measured differences are below 1e-6, bf16 configs included).
 RTOL = 1e-4
+
+
+# Smoke tests: every configs/*.py (found by glob, so a new file is covered) and every variant
+# its VARIANTS tuple names loads, passes the checks a run makes before compiling, and builds
+# its model's params abstractly (jax.eval_shape: no FLOPs). Nothing trains here; the
+# matrix below and tests/cli_test.py train them.
+CONFIG_NAMES = tuple(sorted(
+    os.path.basename(path)[:-3] for path in glob.glob(os.path.join(REPO, 'configs', '*.py'))
+    if not os.path.basename(path).startswith('_')))
+CONFIG_CASES = tuple(
+    (name, variant) for name in CONFIG_NAMES
+    for variant in getattr(importlib.import_module(f'configs.{name}'), 'VARIANTS', ('',)))
+
+
+def _fewest_devices(mesh_cfg) -> int:
+  """The smallest device count the config's mesh takes (-1 axes take what is left)."""
+  sizes = [mesh_cfg[axis] * mesh_cfg.get(f'dcn_{axis}', 1)
+           for axis in ('data', 'fsdp', 'tensor', 'sequence')]
+  return math.prod(abs(size) for size in sizes)
+
+
+def _latent_folder(directory):
+  """What configs/tiny_latent.py's argument names, as validation reads it: latent shards
+  [3, 4, 4, 16] whose index.json records the VAE folder, and that folder's vae.json for
+  configs/vae_tiny.py's architecture (no params: nothing here decodes)."""
+  cfg = vae_train.vae_config(vae_tiny.get_config())
+  vae_dir = os.path.join(directory, 'vae')
+  os.makedirs(vae_dir)
+  with open(os.path.join(vae_dir, vae_checkpoint.INFO_NAME), 'w') as f:
+    json.dump({'format': vae_checkpoint.FORMAT, 'config': cfg.to_dict()}, f)
+  latents = os.path.join(directory, 'latents')
+  _write_latent_shards(latents, (3, 4, 4), cfg.z_dim, count=2)
+  index = shards.read_index(latents)
+  index['vae'] = {'path': vae_dir, 'config': cfg.to_dict(), 'normalized': True}
+  shards.write_index(latents, index)
+  return latents
+
+
+def _smoke_config(name, variant, tmp_path):
+  """configs/NAME.py:VARIANT as the command line loads it, with what its run needs on
+  disk: tiny_latent's argument is a latent folder, lora_finetune needs a base run, and a
+  latent-shaped config on the synthetic (RGB) source (bench, dit_xl_video) trains on the
+  shards its docstring's command names."""
+  module = importlib.import_module(f'configs.{name}')
+  if name == 'tiny_latent':
+    assert not variant
+    return module.get_config(_latent_folder(str(tmp_path)))
+  config = module.get_config(variant or None)
+  if name == 'lora_finetune':
+    config.lora.base_checkpoint = str(tmp_path / 'base_run')  # read when training starts
+  data = config.get('data')
+  if data is not None and data.source == 'synthetic' and data.channels != 3:
+    path = str(tmp_path / 'latent_shards')
+    _write_latent_shards(path, (data.num_frames, data.height, data.width), data.channels,
+                         count=2)
+    data.source, data.path = 'shards', path
+  return config
+
+
+def test_smoke_cases_cover_every_config_file():
+  assert CONFIG_NAMES, 'no configs/*.py found'
+  assert {name for name, _ in CONFIG_CASES} == set(CONFIG_NAMES)
+  assert ('tiny', 'c1') in CONFIG_CASES  # a named variant is a case of its own
+
+
+@pytest.mark.parametrize('name,variant', CONFIG_CASES,
+                         ids=[f'{n}:{v}' if v else n for n, v in CONFIG_CASES])
+def test_config_loads_validates_and_builds_its_model(name, variant, tmp_path):
+  config = _smoke_config(name, variant, tmp_path)
+  if 'vae' in config:  # the VAE trainer's config (vdit_jax.train.vae)
+    cfg = vae_train.check_config(config)
+    params = vae_checkpoint.abstract_params(cfg)
+  else:
+    validate.validate_config(config, num_devices=_fewest_devices(config.mesh),
+                             process_count=1)
+    spec = spec_lib.from_config(config.model)
+    model = dit.build_model(spec, config.data.channels, pipeline.num_classes(config.data))
+    params = jax.eval_shape(model.init, jax.random.key(0),
+                            *state_lib.model_inputs(config.data, 1))['params']
+  assert sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params)) > 0
 
 
 def _write_latent_shards(directory, shape, channels, count=16, seed=0):

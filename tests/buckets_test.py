@@ -4,12 +4,12 @@
 import os
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 from array_record.python import array_record_module
 
 from configs import tiny
+from vdit_jax.config import defaults
 from vdit_jax.config import validate
 from vdit_jax.data import buckets
 from vdit_jax.data import pipeline
@@ -25,7 +25,8 @@ TWO = ((4, 16, 16, 4), (2, 16, 32, 2))  # (T, H, W, global batch)
 
 
 def _data_config(**overrides):
-  config = ml_collections.ConfigDict(dict(
+  config = defaults.base_config().data  # every field, then this test's values
+  config.update(dict(
       source='synthetic', num_frames=4, height=16, width=16, channels=3, num_examples=24,
       num_workers=0, time_stride=1.0, buckets=TWO, bucket_weights=()))
   config.update(overrides)

@@ -16,11 +16,11 @@ import sys
 
 from array_record.python import array_record_module
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
 from configs import tiny
+from vdit_jax.config import defaults
 from vdit_jax.config import validate
 from vdit_jax.data import pipeline
 from vdit_jax.data import shards
@@ -77,7 +77,8 @@ def _spec(**kwargs):
 
 
 def _data_config(source, path, **overrides):
-  config = ml_collections.ConfigDict(dict(
+  config = defaults.base_config().data  # every field, then this test's values
+  config.update(dict(
       source=source, path=path, num_frames=4, height=16, width=16, channels=3,
       num_examples=64, num_workers=0, time_stride=1.0, frame_stride=1, clip_start='random',
       crop='center', source_seed=0))

@@ -8,6 +8,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from vdit_jax.config import defaults
 from vdit_jax.data import pipeline
 from vdit_jax.data import synthetic
 from vdit_jax.data import video_io
@@ -37,7 +38,8 @@ def _centroids(video):
 
 
 def _data_config(**overrides):
-  config = ml_collections.ConfigDict(dict(
+  config = defaults.base_config().data  # every field, then this test's values
+  config.update(dict(
       source='synthetic', num_frames=4, height=16, width=16, channels=3, num_examples=64,
       num_workers=0, time_stride=1.0))
   config.update(overrides)

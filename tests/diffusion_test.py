@@ -5,20 +5,22 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from vdit_jax import diffusion as vd
+from vdit_jax.config import defaults
 from vdit_jax.diffusion import objectives
 
 SHAPE = (2, 4, 8, 8, 3)  # [B, T, H, W, C]
 
 
 def _cfg(**kw):
-  return ml_collections.ConfigDict(dict(
+  config = defaults.base_config().diffusion  # every field, then this test's values
+  config.update(dict(
       objective='eps', schedule='linear', num_timesteps=1000, t_sampling='uniform',
       logit_mean=0.0, logit_std=1.0, shift=1.0) | kw)
+  return config
 
 
 def _make(**kw):
@@ -753,7 +755,8 @@ def test_min_snr_weighting_weighs_the_x0_error_by_the_capped_snr(objective, pred
   want = np.mean([min(snr[i], 5.0) * per_clip[i] for i in range(2)])
   np.testing.assert_allclose(float(d.loss_at(lambda z_, t_: pred, x0, t, noise)), want,
                              rtol=1e-4)
-  with pytest.raises(ValueError, match=r'min_snr_gamma=0 must be a finite number > 0'):
+  # The config's float field holds the 0 as 0.0.
+  with pytest.raises(ValueError, match=r'min_snr_gamma=0\.0 must be a finite number > 0'):
     _make(objective=objective, loss_weighting='min_snr', min_snr_gamma=0)
 
 

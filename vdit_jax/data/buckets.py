@@ -99,7 +99,7 @@ def _is_int(value) -> bool:
 
 def parse(data_config) -> tuple[Bucket, ...]:
   """data.buckets as Buckets (() when unset); raises ValueError naming a bad entry."""
-  raw = data_config.get('buckets', ()) or ()
+  raw = data_config.buckets or ()
   if not isinstance(raw, (tuple, list)):
     raise ValueError(f'config.data.buckets={raw!r} must be a tuple of (T, H, W, global_batch) '
                      'tuples, or () for no bucketing.')
@@ -119,12 +119,12 @@ def parse(data_config) -> tuple[Bucket, ...]:
 
 
 def enabled(data_config) -> bool:
-  return bool(data_config.get('buckets', ()) or ())
+  return bool(data_config.buckets)
 
 
 def weights(data_config, buckets: Sequence[Bucket]) -> tuple[float, ...]:
   """data.bucket_weights (synthetic only), checked; equal weights when unset."""
-  raw = tuple(data_config.get('bucket_weights', ()) or ())
+  raw = tuple(data_config.bucket_weights or ())
   if not raw:
     return (1.0,) * len(buckets)
   if data_config.source != 'synthetic':
@@ -157,8 +157,8 @@ def check_config(config, spec, process_count: int, batch_ways, length_ways) -> N
   weights(data, buckets)
   if not buckets:
     return
-  k_max = config.model.get('context_frames_max', 0) or 0
-  accum = config.train.get('grad_accum_steps', 1)
+  k_max = config.model.context_frames_max or 0
+  accum = config.train.grad_accum_steps
   batch_axes, batch_n = batch_ways
   length_axes, length_n = length_ways
   for i, b in enumerate(buckets):
@@ -382,7 +382,7 @@ def _assign(data_config, buckets, bucket_weights, captions: bool):
   """(bucket of each source index [N], per-bucket sources, a line on what was assigned)."""
   source = data_config.source
   if source == 'synthetic':
-    seed = data_config.get('source_seed', 0)
+    seed = data_config.source_seed
     assignment = assign_synthetic(data_config.num_examples, bucket_weights, seed)
     sources = [pipeline._make_source(_with_shape(data_config, b), captions=captions)
                for b in buckets]
@@ -390,7 +390,7 @@ def _assign(data_config, buckets, bucket_weights, captions: bool):
   if source == 'files':
     base = pipeline._make_source(data_config)
     sizes = probe_frame_sizes(base.paths)
-    stride = data_config.get('frame_stride', 1)
+    stride = data_config.frame_stride
     assignment = np.array([best_bucket(n, h, w, buckets, stride)
                            for n, (h, w) in zip(base.frame_counts, sizes)], np.int64)  # [N]
     sources = []

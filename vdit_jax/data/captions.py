@@ -65,7 +65,6 @@ class CaptionInputs:
 def from_config(config) -> CaptionInputs | None:
   """The transform model.conditioning='text' needs, else None."""
   m = config.model
-  if m.get('conditioning', 'class') != 'text':
+  if m.conditioning != 'text':
     return None
-  return CaptionInputs(m.text.get('encoder', 'builtin'), m.text.max_length,
-                       m.text.get('embed_dim', 0) or 0)
+  return CaptionInputs(m.text.encoder, m.text.max_length, m.text.embed_dim or 0)

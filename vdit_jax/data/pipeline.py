@@ -33,25 +33,25 @@ Data config fields:
                 processes (`mp_prefetch`), still checkpointable
   time_stride   'synthetic': base-motion frames between consecutive clip frames
                 (0.5 = double frame rate)
-  source_seed   optional, default 0: which clips the synthetic source holds, and the
-                draws of `files` source[idx]; the `seed` argument only orders them
-  colours       'synthetic', optional: comma list of synthetic.COLOURS to paint the
-                clips with ('' = all, the default)
+  source_seed   which clips the synthetic source holds, and the draws of `files`
+                source[idx]; the `seed` argument only orders them
+  colours       'synthetic': comma list of synthetic.COLOURS to paint the clips with
+                ('' = all)
   path          'files': folder or glob of videos; 'shards': the folder holding index.json;
                 local (a plain path or file://) or a bucket (gs://bucket/...); one that does
                 not exist is reported naming data.path before anything compiles (`num_classes`)
-  frame_stride  'files': source frames between consecutive clip frames (default 1)
-  clip_start    'files': 'random' (default) or 'center' start of the clip in the video
-  crop          'files': 'center' (default) or 'random' crop after the short-side resize
+  frame_stride  'files': source frames between consecutive clip frames
+  clip_start    'files': 'random' or 'center' start of the clip in the video
+  crop          'files': 'center' or 'random' crop after the short-side resize
   buckets, bucket_weights
-                optional: several clip shapes, bucket-pure batches; built by
+                several clip shapes, bucket-pure batches; built by
                 `buckets.make_dataset`, not here (see data/buckets.py)
-The optional fields take their defaults when absent, so a data config written before they
-existed still works for 'synthetic'. A 'files' clip shorter than (T - 1) * frame_stride + 1
-frames is padded with its last frame; unreadable files are skipped and logged (see
-video_files.py). 'shards' clips are used as stored: their shape must equal
-[num_frames, height, width, channels]. uint8 clips are normalised to [-1, 1]; float clips
-(latents) reach the model unchanged.
+Every field is present: the entry point completes the config (`config.resolve.complete`)
+from config/defaults.py, which holds each default. A 'files' clip shorter than
+(T - 1) * frame_stride + 1 frames is padded with its last frame; unreadable files are
+skipped and logged (see video_files.py). 'shards' clips are used as stored: their shape
+must equal [num_frames, height, width, channels]. uint8 clips are normalised to [-1, 1];
+float clips (latents) reach the model unchanged.
 
 With 'files' the random draws (clip start, crop) come from grain's `random_map`, seeded
 from `seed` and the position in the shuffled, repeated stream: each epoch cuts new clips,
@@ -76,10 +76,8 @@ from vdit_jax.data import video_files
 SOURCES = ('synthetic', 'files', 'shards')
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
 _REQUIRED_FIELDS = ('source', 'num_frames', 'height', 'width', 'channels', 'num_examples',
-                    'num_workers', 'time_stride')
-# Optional fields and their defaults (absent in data configs older than the file sources).
-_OPTIONAL_FIELDS = {'path': '', 'frame_stride': 1, 'clip_start': 'random', 'crop': 'center',
-                    'source_seed': 0}
+                    'num_workers', 'time_stride', 'path', 'frame_stride', 'clip_start', 'crop',
+                    'source_seed')
 _RGB_SOURCES = ('synthetic', 'files')
 
 
@@ -87,10 +85,6 @@ def _check_int(name: str, value, minimum: int) -> int:
   if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
     raise ValueError(f'{name} must be an integer >= {minimum}, got {value!r}.')
   return int(value)
-
-
-def _field(data_config, name):
-  return data_config.get(name, _OPTIONAL_FIELDS[name])
 
 
 def check_data_config(data_config) -> None:
@@ -102,26 +96,27 @@ def check_data_config(data_config) -> None:
   missing = [f for f in _REQUIRED_FIELDS if f not in data_config]
   if missing:
     raise ValueError(f'data config is missing field(s) {missing}; it needs all of '
-                     f'{list(_REQUIRED_FIELDS)}.')
+                     f'{list(_REQUIRED_FIELDS)} (start from config/defaults.py, or pass '
+                     'the config through config.resolve.complete).')
   source = data_config.source
   if source not in SOURCES:
     raise ValueError(f'data.source={source!r} is not supported; allowed: {list(SOURCES)}.')
   _check_int('data.num_workers', data_config.num_workers, 0)
   if source == 'synthetic':
     return
-  path = _field(data_config, 'path')
+  path = data_config.path
   if not isinstance(path, str) or not path:
     what = ('a folder or glob of video files' if source == 'files'
             else 'a folder made by python -m vdit_jax.tools.make_shards')
     raise ValueError(f'data.path={path!r} must name {what} for data.source={source!r}.')
   if source == 'files':
-    _check_int('data.frame_stride', _field(data_config, 'frame_stride'), 1)
-    _check_int('data.source_seed', _field(data_config, 'source_seed'), 0)
-    if _field(data_config, 'clip_start') not in transforms.CLIP_STARTS:
-      raise ValueError(f'data.clip_start={_field(data_config, "clip_start")!r} is not one '
+    _check_int('data.frame_stride', data_config.frame_stride, 1)
+    _check_int('data.source_seed', data_config.source_seed, 0)
+    if data_config.clip_start not in transforms.CLIP_STARTS:
+      raise ValueError(f'data.clip_start={data_config.clip_start!r} is not one '
                        f'of {transforms.CLIP_STARTS}.')
-    if _field(data_config, 'crop') not in transforms.CROPS:
-      raise ValueError(f'data.crop={_field(data_config, "crop")!r} is not one of '
+    if data_config.crop not in transforms.CROPS:
+      raise ValueError(f'data.crop={data_config.crop!r} is not one of '
                        f'{transforms.CROPS}.')
 
 
@@ -140,7 +135,7 @@ def _validate(data_config) -> None:
     want = [data_config.num_frames, data_config.height, data_config.width,
             data_config.channels]
     # With data.buckets (data/buckets.py) clips are cut to each bucket's shape instead.
-    if list(index['clip_shape']) != want and not data_config.get('buckets', ()):
+    if list(index['clip_shape']) != want and not data_config.buckets:
       raise ValueError(
           f'data.path={data_config.path!r} holds clips of shape [T, H, W, C] = '
           f'{index["clip_shape"]}, but the data config asks for {want} (data.num_frames, '
@@ -180,14 +175,14 @@ def _make_source(data_config, captions: bool = False):
   if data_config.source == 'files':
     spec = video_files.ClipSpec(
         num_frames=data_config.num_frames, height=data_config.height,
-        width=data_config.width, frame_stride=_field(data_config, 'frame_stride'),
-        clip_start=_field(data_config, 'clip_start'), crop=_field(data_config, 'crop'))
+        width=data_config.width, frame_stride=data_config.frame_stride,
+        clip_start=data_config.clip_start, crop=data_config.crop)
     return video_files.VideoFiles(data_config.path, spec,
-                                  seed=_field(data_config, 'source_seed'))
+                                  seed=data_config.source_seed)
   if data_config.source == 'shards':
     return shards.ShardSource(data_config.path)
   return synthetic.from_data_config(data_config, num_examples=data_config.num_examples,
-                                    seed=_field(data_config, 'source_seed'),
+                                    seed=data_config.source_seed,
                                     captions=captions)
 
 
@@ -214,7 +209,7 @@ def make_dataset(data_config, batch_size: int, *, seed: int,
     A grain `DatasetIterator` yielding {'video': np.float32 [b, T, H, W, C] in [-1, 1],
     'label': np.int32 [b]} forever, with `get_state()` / `set_state()`.
   """
-  if data_config.get('buckets', ()):
+  if data_config.buckets:
     raise ValueError(f'data.buckets={tuple(data_config.buckets)!r} is set: build the bucketed '
                      'iterator with vdit_jax.data.buckets.make_dataset (one batch size per '
                      'bucket), or set data.buckets=() for one clip shape.')

@@ -267,16 +267,15 @@ def from_data_config(data, *, num_examples: int, seed: int, num_frames=None,
   """The clips `config.data` describes (size, colours, shape sizes, bounce), with
   `num_examples` clips from `seed`: the training source (data/pipeline.py) and the
   held-out clips of sampling and the benches, so both read every option the same way.
-  `num_frames` and `time_stride` default to the config's; options a config lacks take
-  the constructor's defaults."""
+  `num_frames` and `time_stride` default to the config's."""
   return SyntheticShapes(
       data.num_frames if num_frames is None else num_frames, data.height, data.width,
       num_examples=num_examples, seed=seed, captions=captions,
       time_stride=data.time_stride if time_stride is None else time_stride,
-      colours=data.get('colours', ''),
-      shape_size=data.get('shape_size', SHAPE_SIZE),
-      bounce=data.get('bounce', True),
-      shape_weights=data.get('shape_weights', None))
+      colours=data.colours,
+      shape_size=data.shape_size,
+      bounce=data.bounce,
+      shape_weights=data.shape_weights)
 
 
 def check_shape_weights(shape_weights):

@@ -163,18 +163,18 @@ class Conditioning:
   @classmethod
   def from_config(cls, config) -> Optional['Conditioning']:
     m = config.model
-    text = m.get('conditioning', 'class') == 'text'
-    k_max = int(m.get('context_frames_max', 0) or 0)
+    text = m.conditioning == 'text'
+    k_max = int(m.context_frames_max or 0)
     if not text and k_max == 0:
       return None
-    keyframes = m.get('given_frames', 'prefix') == 'keyframes'
-    return cls(text_encoder=m.text.get('encoder', 'builtin') if text else None,
-               caption_dropout=float(m.get('caption_dropout', 0.0)) if text else 0.0,
+    keyframes = m.given_frames == 'keyframes'
+    return cls(text_encoder=m.text.encoder if text else None,
+               caption_dropout=float(m.caption_dropout) if text else 0.0,
                context_frames_max=k_max,
-               context_none_prob=(float(m.get('context_none_prob', 0.0))
+               context_none_prob=(float(m.context_none_prob)
                                   if k_max and not keyframes else 0.0),
                given_frames='keyframes' if keyframes else 'prefix',
-               keyframe_stride=int(m.get('keyframe_stride', 0) or 0))
+               keyframe_stride=int(m.keyframe_stride or 0))
 
   def batch_keys(self) -> Tuple[str, ...]:
     """Keys the batch must hold besides 'video' and 'label'."""

@@ -174,23 +174,20 @@ class Diffusion(flax.struct.PyTreeNode):
 
   @classmethod
   def from_config(cls, dcfg):
-    """Build from a ConfigDict with `objective` and optional schedule/num_timesteps/
-    t_sampling/logit_mean/logit_std/shift/loss_weighting/input_scale/prediction (defaults:
-    linear, 1000, uniform, 0, 1, 1, none, none, target)."""
-    if 'objective' not in dcfg:
-      raise ValueError(f"diffusion config must set 'objective' (one of {OBJECTIVES}).")
+    """Build from a complete `config.diffusion` (every field; its defaults live in
+    config/defaults.py)."""
     return cls.create(
         dcfg.objective,
-        schedule=dcfg.get('schedule', 'linear'),
-        num_timesteps=dcfg.get('num_timesteps', 1000),
-        t_sampling=dcfg.get('t_sampling', 'uniform'),
-        logit_mean=dcfg.get('logit_mean', 0.0),
-        logit_std=dcfg.get('logit_std', 1.0),
-        shift=dcfg.get('shift', 1.0),
-        loss_weighting=dcfg.get('loss_weighting', 'none'),
-        input_scale=dcfg.get('input_scale', 'none'),
-        prediction=dcfg.get('prediction', 'target'),
-        min_snr_gamma=dcfg.get('min_snr_gamma', 5.0))
+        schedule=dcfg.schedule,
+        num_timesteps=dcfg.num_timesteps,
+        t_sampling=dcfg.t_sampling,
+        logit_mean=dcfg.logit_mean,
+        logit_std=dcfg.logit_std,
+        shift=dcfg.shift,
+        loss_weighting=dcfg.loss_weighting,
+        input_scale=dcfg.input_scale,
+        prediction=dcfg.prediction,
+        min_snr_gamma=dcfg.min_snr_gamma)
 
   def for_sampling(self, shift=None):
     """The process a sampler walks: flow's Euler grid time-shifted by `shift` (None: the

@@ -45,7 +45,7 @@ def validate_cfg_interval(cfg_interval, name='cfg_interval'):
 
 def cfg_interval_of(sample_cfg):
   """config.sample.cfg_interval as `sample` takes it: () (every step) -> None, else (lo, hi)."""
-  value = sample_cfg.get('cfg_interval', ())
+  value = sample_cfg.cfg_interval
   if value is None or len(value) == 0:
     return None
   return validate_cfg_interval(value, name='sample.cfg_interval')

@@ -27,6 +27,7 @@ from ml_collections import config_flags
 
 from vdit_jax import modes
 
+from vdit_jax.config import resolve
 from vdit_jax.data import synthetic
 from vdit_jax.eval import detect
 from vdit_jax.generate import sampling
@@ -53,8 +54,8 @@ def _label_accuracy(videos, labels) -> dict:
 def main(_):
   if FLAGS.num_samples < 1:
     raise SystemExit(f'--num_samples={FLAGS.num_samples} must be at least 1.')
-  config = FLAGS.config
-  if config.data.source != 'synthetic' or config.data.get('latents', False):
+  config = resolve.complete(FLAGS.config)  # every default from config/defaults.py
+  if config.data.source != 'synthetic' or config.data.latents:
     raise SystemExit(f'data.source={config.data.source!r}: the coherence score reads clips '
                      f'of one shape on a dark background: train on the synthetic data.')
   source = synthetic.from_data_config(config.data, num_examples=FLAGS.num_samples,
@@ -68,7 +69,7 @@ def main(_):
   videos, paths = modes.sample(config, FLAGS.workdir)
   videos = np.asarray(videos, np.float32)[..., :3]
   samples = _mean_scores(videos)
-  if config.model.get('conditioning', 'class') == 'class':
+  if config.model.conditioning == 'class':
     # --mode=sample cycles the labels through the classes (sampling.sample_labels).
     labels = np.asarray(sampling.sample_labels(len(videos), synthetic.NUM_CLASSES))
     samples.update(_label_accuracy(videos, labels))

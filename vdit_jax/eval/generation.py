@@ -74,6 +74,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from vdit_jax import modes
 
 from vdit_jax.eval import learning_curve  # pylint: disable=g-import-not-at-top
+from vdit_jax.config import resolve
 from vdit_jax.data import synthetic
 from vdit_jax.diffusion import conditioning as cond_lib
 from vdit_jax.model import text as text_lib
@@ -321,8 +322,8 @@ def _print_scores(name, acc, tail=''):
 
 def gives_first_frame(cfg) -> bool:
   """A text model trained with the first frames given (it can do image-to-video)."""
-  return (conditional.is_text(cfg) and int(cfg.model.get('context_frames_max', 0) or 0) >= 1
-          and cfg.model.get('given_frames', 'prefix') == 'prefix')
+  return (conditional.is_text(cfg) and int(cfg.model.context_frames_max or 0) >= 1
+          and cfg.model.given_frames == 'prefix')
 
 
 def caption_conds(tok, prompts, use_caption=True, first=None, num_frames=None):
@@ -441,9 +442,9 @@ def eval_image_to_video(s, params):
     raise ValueError(
         "--task=image_to_video needs a text model trained with the first frames given "
         "(model.conditioning='text', model.context_frames_max >= 1, model.given_frames="
-        f"'prefix'); this config has conditioning={cfg.model.get('conditioning')!r}, "
-        f"context_frames_max={cfg.model.get('context_frames_max', 0)!r}, "
-        f"given_frames={cfg.model.get('given_frames', 'prefix')!r}.")
+        f"'prefix'); this config has conditioning={cfg.model.conditioning!r}, "
+        f"context_frames_max={cfg.model.context_frames_max!r}, "
+        f"given_frames={cfg.model.given_frames!r}.")
   tok = text_lib.Tokenizer(text_lib.resolve_spec(cfg.model.text).max_length)
   results = {'loss': caption_losses(s, params, tok, given=1)}
   n = FLAGS.num_clips
@@ -586,7 +587,7 @@ def eval_extend(s, params):
 
 def main(argv):
   del argv
-  config = FLAGS.config
+  config = resolve.complete(FLAGS.config)  # every default from config/defaults.py
   config.sample.num_steps = FLAGS.num_steps
   config.sample.num_samples = FLAGS.batch
   s = loop.build(config, FLAGS.workdir)

@@ -32,6 +32,7 @@ import numpy as np
 
 from vdit_jax import modes
 
+from vdit_jax.config import resolve
 from vdit_jax.data import synthetic
 from vdit_jax.model import dit
 from vdit_jax.model import flops as flops_lib
@@ -102,11 +103,11 @@ def curve_point(step: int, step_flops: int, wall_s: dict, scores: dict) -> dict:
 
 
 def main(_):
-  config = FLAGS.config
+  config = resolve.complete(FLAGS.config)  # every default from config/defaults.py
   if FLAGS.num_samples < 2:
     raise SystemExit(f'--num_samples={FLAGS.num_samples} must be at least 2 (a standard '
                      'error needs two clips).')
-  if config.data.source != 'synthetic' or config.data.get('latents', False):
+  if config.data.source != 'synthetic' or config.data.latents:
     raise SystemExit(f'data.source={config.data.source!r}: the detector reads clips of one '
                      'shape on a dark background: train on the synthetic data.')
   workdir = paths.normalize(FLAGS.workdir)
@@ -137,7 +138,7 @@ def main(_):
   with config.unlocked():
     config.sample.num_samples = FLAGS.num_samples
   labels = None
-  if config.model.get('conditioning', 'class') == 'class':
+  if config.model.conditioning == 'class':
     # --mode=sample cycles the labels through the classes (sampling.sample_labels).
     labels = np.asarray(sampling.sample_labels(FLAGS.num_samples, synthetic.NUM_CLASSES))
   points = []

@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from vdit_jax import modes
 
 from vdit_jax.eval import learning_curve  # pylint: disable=g-import-not-at-top
+from vdit_jax.config import resolve
 from vdit_jax.data import synthetic
 from vdit_jax.eval import detect
 from vdit_jax.tools import generate_video
@@ -218,11 +219,14 @@ def main(argv):
   del argv
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
-  for config in (FLAGS.keyframe_config, FLAGS.interp_config):
+  # Every default from config/defaults.py.
+  keyframe_config = resolve.complete(FLAGS.keyframe_config)
+  interp_config = resolve.complete(FLAGS.interp_config)
+  for config in (keyframe_config, interp_config):
     config.sample.num_steps = FLAGS.num_steps
-  keyframe = modes.load_stage(FLAGS.keyframe_config, FLAGS.keyframe_workdir)
-  interp = modes.load_stage(FLAGS.interp_config, FLAGS.interp_workdir)
-  fps = FLAGS.fps or FLAGS.interp_config.sample.fps
+  keyframe = modes.load_stage(keyframe_config, FLAGS.keyframe_workdir)
+  interp = modes.load_stage(interp_config, FLAGS.interp_workdir)
+  fps = FLAGS.fps or interp_config.sample.fps
   print(f'{FLAGS.num_steps} sampler steps per stage (shared, contended CPU: times are '
         'indicative only)')
   result = {'pipeline': eval_pipeline(keyframe, interp, fps),

@@ -45,7 +45,7 @@ from ml_collections import config_flags
 import numpy as np
 
 
-from vdit_jax.config import defaults
+from vdit_jax.config import resolve
 from vdit_jax.parallel import fatal
 from vdit_jax.generate import serving
 from vdit_jax.data import pipeline
@@ -87,15 +87,11 @@ def define_flags() -> None:
 
 
 def config_from_json(path: str) -> ml_collections.ConfigDict:
-  """A config saved as JSON (config.json of a run or an export) over today's defaults.
-
-  Keys the saved config lacks keep their defaults; JSON lists become the tuples the
-  defaults hold.
+  """A config saved as JSON (config.json of a run or an export), completed over today's
+  defaults (config/resolve.py): keys the saved config lacks keep their defaults, keys this
+  version no longer reads are skipped, and JSON lists become the tuples the defaults hold.
   """
-  saved = json.loads(paths.read_text(path))
-  config = defaults.base_config()
-  config.update(saved)
-  return config
+  return resolve.complete(json.loads(paths.read_text(path)), strict=False)
 
 
 def _workdir_config(workdir: str) -> Optional[ml_collections.ConfigDict]:
@@ -178,7 +174,7 @@ def make_sampler_fn(model, diffusion, sample_cfg, shape, num_classes: int, treed
   """
   null_label = num_classes if num_classes > 0 else None
   cfg_scale = sample_cfg.cfg_scale if num_classes > 0 else 1.0
-  diffusion = diffusion.for_sampling(sample_cfg.get('shift'))
+  diffusion = diffusion.for_sampling(sample_cfg.shift)
   cfg_interval = samplers.cfg_interval_of(sample_cfg)
 
   def fn(weights, noise, labels, seed):
@@ -218,14 +214,14 @@ def _weight_names(params) -> list:
 def check_supported(config) -> None:
   """The export takes class labels: text / given-frame conditioning and LoRA runs are not
   exported yet (their sampler takes a condition pytree; a LoRA export holds adapters)."""
-  conditioning = config.model.get('conditioning', 'class')
-  context_frames = int(config.model.get('context_frames_max', 0) or 0)
+  conditioning = config.model.conditioning
+  context_frames = int(config.model.context_frames_max or 0)
   if conditioning != 'class' or context_frames > 0:
     raise ValueError(
         f'tools.export exports class-conditioned samplers; this model has '
         f'model.conditioning={conditioning!r}, model.context_frames_max={context_frames} '
         '(text or given-frame conditions are not exported yet).')
-  if config.get('lora') is not None and config.lora.get('rank', 0) > 0:
+  if config.lora.rank > 0:
     raise ValueError(f'config.lora.rank={config.lora.rank}: a LoRA run\'s export holds the '
                      'adapters, not a whole model; tools.export does not merge them yet.')
 
@@ -287,7 +283,7 @@ def export_sampler(export_path: str, out: str, config, *, num_samples: Optional[
       'sampler': {'name': config.sample.sampler, 'num_steps': config.sample.num_steps,
                   'eta': config.sample.eta, 'cfg_scale': config.sample.cfg_scale,
                   'cfg_interval': list(samplers.cfg_interval_of(config.sample) or (0.0, 1.0)),
-                  'shift': diffusion.for_sampling(config.sample.get('shift')).shift},
+                  'shift': diffusion.for_sampling(config.sample.shift).shift},
       'fps': config.sample.fps,
       'inputs': 'weights (list, order of "weights"), noise float32 [B, T, H, W, C], '
                 'labels int32 [B], seed uint32 []',
@@ -303,7 +299,9 @@ def main(argv):
     raise app.UsageError('--workdir (or --export_dir) is required.')
   t0 = time.perf_counter()
   config = FLAGS.config
-  if config is None and FLAGS.workdir is not None:
+  if config is not None:
+    config = resolve.complete(config)  # every default from config/defaults.py
+  elif FLAGS.workdir is not None:
     config = _workdir_config(FLAGS.workdir)
   export_path = FLAGS.export_dir or newest_export(FLAGS.workdir, config)
   if not export_lib.is_complete(export_path):

@@ -28,6 +28,7 @@ from ml_collections import config_flags
 
 from vdit_jax import modes
 
+from vdit_jax.config import resolve
 from vdit_jax.parallel import fatal
 from vdit_jax.data import video_io
 from vdit_jax.generate import multistage
@@ -75,6 +76,9 @@ def run(keyframe_config, interp_config, *, keyframe_workdir, interp_workdir, pro
   """Loads both stages, generates, writes `out`; returns the summary printed as JSON."""
   if os.path.splitext(out)[1].lower() not in ('.mp4', '.gif'):
     raise ValueError(f'--out={out!r} must end in .mp4 or .gif.')
+  # Every default from config/defaults.py, in new configs (the flags' stay as given).
+  keyframe_config = resolve.complete(keyframe_config)
+  interp_config = resolve.complete(interp_config)
   for name, config in (('keyframe', keyframe_config), ('interp', interp_config)):
     if config.data.channels != 3:
       raise ValueError(f'--{name}_config has data.channels={config.data.channels} '

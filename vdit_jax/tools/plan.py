@@ -251,6 +251,7 @@ def plan(config, devices: Sequence[Any], *, topology: str = 'cpu',
   with _TRACE_LOCK:
     # Validation first (in build), for this device and host count; no pipeline, no checkpointer.
     s = loop.build(config, None, devices=devices, process_count=hosts, num_classes=num_classes)
+    config = s.config  # complete: every default from config/defaults.py
     state, batch, rng = abstract_inputs(s, config)
     # The sampler's condition (labels, or captions and given frames) as shapes: made here on
     # the host's CPU, since the mesh's devices may be abstract.

@@ -38,7 +38,7 @@ from vdit_jax.vae.config import VAEConfig
 
 
 def enabled(data_config) -> bool:
-  return bool(data_config.get('latents', False))
+  return bool(data_config.latents)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +79,8 @@ def resolve(data_config) -> Optional[LatentSpace]:
   index.json or given as data.vae) whose z_dim is data.channels and whose architecture is
   the one that encoded them.
   """
-  latents = data_config.get('latents', False)
-  vae = data_config.get('vae', '') or ''
+  latents = data_config.latents
+  vae = data_config.vae or ''
   if not isinstance(latents, bool):
     raise ValueError(f'config.data.latents={latents!r} must be True or False.')
   if not isinstance(vae, str):
@@ -89,7 +89,7 @@ def resolve(data_config) -> Optional[LatentSpace]:
     if vae:
       raise ValueError(f'config.data.vae={vae!r} is only read with data.latents=True (the '
                        'DiT trains on VAE latents and samples decode through the VAE).')
-    path = data_config.get('path', '') or ''
+    path = data_config.path or ''
     if (data_config.source == 'shards' and path
         and paths.isfile(paths.join(path, shards.INDEX_NAME))):
       if shards.read_index(path).get('vae'):
@@ -141,11 +141,11 @@ def resolve(data_config) -> Optional[LatentSpace]:
 
 def _decode_settings(sample_config):
   """(latents_per_chunk, Tiling or None) from sample.vae_latents_per_chunk / vae_tile."""
-  chunk = sample_config.get('vae_latents_per_chunk', 1)
+  chunk = sample_config.vae_latents_per_chunk
   if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
     raise ValueError(f'config.sample.vae_latents_per_chunk={chunk!r} must be a positive '
                      'integer (latent frames per VAE decode call).')
-  tile = tuple(sample_config.get('vae_tile', ()) or ())
+  tile = tuple(sample_config.vae_tile or ())
   if not tile:
     return int(chunk), None
   if len(tile) != 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Integral)

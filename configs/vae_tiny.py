@@ -8,12 +8,12 @@ with one residual block per level. Writes runs/vae_tiny/vae, which
 `vdit_jax.vae.checkpoint.load` and `python -m vdit_jax.tools.encode_latents --vae=...` read.
 """
 
-from vdit_jax.train import vae
+from vdit_jax.config import defaults
 
 
 def get_config(arg=None):
   del arg
-  config = vae.default_config()
+  config = defaults.vae_base_config()
   config.vae.base_dim = 8
   config.vae.num_res_blocks = 1
   config.vae.z_dim = 16

@@ -10,6 +10,7 @@ from typing import Optional
 import flax.linen as nn
 import jax
 
+from vdit_jax.config import resolve
 from vdit_jax.generate import conditional
 from vdit_jax.generate import export as export_lib
 from vdit_jax.generate import multistage
@@ -69,8 +70,9 @@ def sample(config, workdir: str, checkpoint: Optional[str] = None,
   models): the caption of every sample ('a; b' cycles through several), instead of
   sample.prompts.
   """
+  config = resolve.complete(config)
   conditional.check_prompt_flag(config, prompt)
-  compile_cache.configure(config.train.get('compilation_cache_dir', ''))
+  compile_cache.configure(config.train.compilation_cache_dir)
   workdir = paths.normalize(workdir)
   s = loop.build(config, workdir)
   try:
@@ -84,6 +86,7 @@ def extend(config, workdir: str, input_path: str, num_frames: int,
            checkpoint: Optional[str] = None, prompt: Optional[str] = None):
   """--mode=extend: continues the clip (or image) at `input_path` to `num_frames` frames
   with the params `sample` would use; writes WORKDIR/samples/extend_*.{mp4,gif}."""
+  config = resolve.complete(config)
   conditional.check_prompt_flag(config, prompt)
   workdir = paths.normalize(workdir)
   s = loop.build(config, workdir)

@@ -120,7 +120,7 @@ _START_TIME_VARS = ('LD_PRELOAD', 'GLIBC_TUNABLES')
 
 
 @dataclasses.dataclass
-class Plan:
+class HostEnvPlan:
   """What `setup` would do: the variables to set and one note per decision."""
   changes: Dict[str, str]
   notes: List[str]
@@ -207,7 +207,7 @@ def cpu_only_host() -> Optional[str]:
 def compose_env(environ: Mapping[str, str], *, platform: str = sys.platform,
                 find: Optional[Callable[[Sequence[str]], Optional[str]]] = None,
                 glibc: Optional[Tuple[int, int]] = (),
-                cpu_only: Optional[str] = None) -> Plan:
+                cpu_only: Optional[str] = None) -> HostEnvPlan:
   """The variables to set for a fast CPU run, given the current environment.
 
   Pure (reads the file system only through `find`, which maps library file names to a
@@ -223,12 +223,12 @@ def compose_env(environ: Mapping[str, str], *, platform: str = sys.platform,
     find = lambda names: find_library(names, dirs)
   switch = environ.get(ENV_SWITCH, '').strip().lower()
   if switch in _OFF:
-    return Plan({}, [f'{ENV_SWITCH}={environ[ENV_SWITCH]}: left the environment as it is'],
+    return HostEnvPlan({}, [f'{ENV_SWITCH}={environ[ENV_SWITCH]}: left the environment as it is'],
                 False)
   if ENV_MARKER in environ:
-    return Plan({}, [f'already set up ({environ[ENV_MARKER]})'], False)
+    return HostEnvPlan({}, [f'already set up ({environ[ENV_MARKER]})'], False)
   if not platform.startswith('linux'):
-    return Plan({}, [f'platform {platform}: nothing to set'], False)
+    return HostEnvPlan({}, [f'platform {platform}: nothing to set'], False)
 
   choice = environ.get(ENV_ALLOCATOR, 'auto').strip().lower() or 'auto'
   if choice not in ALLOCATOR_CHOICES:
@@ -286,16 +286,16 @@ def compose_env(environ: Mapping[str, str], *, platform: str = sys.platform,
                  'errors')
   start_vars = set(_START_TIME_VARS) | {v for a in ALLOCATORS.values() for v, _ in a.env}
   needs_reexec = any(v in start_vars for v in changes)
-  return Plan(changes, notes, needs_reexec)
+  return HostEnvPlan(changes, notes, needs_reexec)
 
 
-def describe(plan: Plan) -> str:
+def describe(plan: HostEnvPlan) -> str:
   sets = ' '.join(f'{k}={v}' for k, v in plan.changes.items()) or 'nothing set'
   return f'{sets} ({"; ".join(plan.notes)})'
 
 
 def setup(argv: Optional[Sequence[str]] = None, environ=None,
-          execv: Callable[[str, Sequence[str]], None] = os.execv) -> Plan:
+          execv: Callable[[str, Sequence[str]], None] = os.execv) -> HostEnvPlan:
   """Applies `compose_env` to this process; re-executes it once if that needs a restart.
 
   Call it before jax (or anything large) is imported. `argv` defaults to the command line

@@ -5,12 +5,14 @@ key added here is known to every experiment and can be overridden from the
 command line (`--config.train.num_steps=100`).
 """
 
+import copy
 import os
 
 import ml_collections
 from ml_collections import config_dict
 
 from vdit_jax.parallel import axes
+from vdit_jax.vae.config import VAEConfig
 
 
 LR_SCHEDULES = ('cosine', 'wsd')   # train.lr_schedule (train/state.py)
@@ -67,16 +69,16 @@ def base_config() -> ml_collections.ConfigDict:
   m.conditioning = 'class'          # class | text
   m.class_tokens = 0                # class: also K label tokens read by cross-attention
   m.caption_dropout = 0.1           # text: p(caption -> learned null caption), for CFG
-  m.text = tx = ml_collections.ConfigDict()
-  tx.encoder = 'builtin'            # builtin (word tokens + small transformer, trained with the
+  m.text = text = ml_collections.ConfigDict()
+  text.encoder = 'builtin'          # builtin (word tokens + small transformer, trained with the
                                     # model) | precomputed (shards' caption_embedding [L, E])
-  tx.max_length = 16                # caption tokens / embedding rows L
-  tx.width = 128                    # builtin encoder width, depth, heads, MLP (None: 4 x width)
-  tx.depth = 2
-  tx.num_heads = 4
-  tx.mlp_dim = config_dict.placeholder(int)
-  tx.embed_dim = 0                  # precomputed: E (T5-XXL / UMT5-XXL: 4096)
-  tx.pooled = False                 # also add the caption's masked mean (an MLP of it) to the
+  text.max_length = 16              # caption tokens / embedding rows L
+  text.width = 128                  # builtin encoder width, depth, heads, MLP (None: 4 x width)
+  text.depth = 2
+  text.num_heads = 4
+  text.mlp_dim = config_dict.placeholder(int)
+  text.embed_dim = 0                # precomputed: E (T5-XXL / UMT5-XXL: 4096)
+  text.pooled = False               # also add the caption's masked mean (an MLP of it) to the
                                     # timestep embedding that drives adaLN, as SD3 / Flux do
   # Given frames (diffusion/conditioning.py): video extension, image-to-video.
   m.context_frames_max = 0          # train with the first k in [1, this] frames given; 0 = off
@@ -205,4 +207,36 @@ def base_config() -> ml_collections.ConfigDict:
   mesh.dcn_tensor = 1
   mesh.dcn_sequence = 1
   c.logical_axis_rules = axes.DEFAULT_RULES
+  return c
+
+
+def vae_base_config() -> ml_collections.ConfigDict:
+  """Every key VAE training reads, with its default (configs/vae_*.py start from this)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.vae = v = ml_collections.ConfigDict()  # VAEConfig fields (vae/config.py)
+  arch = VAEConfig()
+  v.base_dim = arch.base_dim
+  v.decoder_base_dim = config_dict.placeholder(int)  # None: base_dim
+  v.z_dim = arch.z_dim
+  v.dim_mult = arch.dim_mult
+  v.num_res_blocks = arch.num_res_blocks
+  v.temporal_downsample = arch.temporal_downsample
+  v.dtype = 'float32'
+  # The DiT trainer's data config: same sources, fields and checks.
+  c.data = copy.deepcopy(base_config().data)
+  c.data.num_frames = 17  # 1 + 4k
+  c.train = t = ml_collections.ConfigDict()
+  t.num_steps = 1000
+  t.batch_size = 8
+  t.learning_rate = 1e-3
+  t.warmup_steps = 50
+  t.end_lr_fraction = 0.1
+  t.weight_decay = 0.0
+  t.b1 = 0.9
+  t.b2 = 0.99
+  t.grad_clip = 1.0
+  t.kl_weight = 1e-4     # x mean KL per latent value, next to the per-pixel MSE
+  t.log_every = 25
+  t.stats_batches = 8    # batches that measure the latents' mean / std at the end
   return c

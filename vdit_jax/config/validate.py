@@ -10,10 +10,10 @@ from vdit_jax.data import buckets
 from vdit_jax.data import pipeline
 from vdit_jax.data import synthetic
 from vdit_jax.diffusion import objectives, samplers
+from vdit_jax.model import spec as spec_lib
 from vdit_jax.model import attention
 from vdit_jax.model import attention_patterns
 from vdit_jax.parallel import axes
-from vdit_jax.model import dit
 from vdit_jax.model import lora
 from vdit_jax.model import patching
 from vdit_jax.parallel import mesh as mesh_lib
@@ -66,8 +66,9 @@ def _in_range(config, path, low, high, high_open=True):
 
 
 def validate_config(config, num_devices: int, process_count: int = 1,
-                    platform: Optional[str] = None) -> None:
-  """Raises ValueError naming the first value that breaks a rule.
+                    platform: Optional[str] = None) -> spec_lib.ModelSpec:
+  """Raises ValueError naming the first value that breaks a rule; returns the model's
+  spec, built and checked here (config/resolve.py hands it on).
 
   `platform` is the devices' jax platform ('cpu', 'gpu', 'tpu'; default: the
   default backend's), for the rules of platform-specific kernels.
@@ -100,12 +101,12 @@ def validate_config(config, num_devices: int, process_count: int = 1,
     raise ValueError(f'config.train.tensorboard={tensorboard!r} must be True or False '
                      '(write WORKDIR/tensorboard event files or not).')
 
-  spec = dit.resolve_spec(config.model)
-  dit.check_spec(spec)
+  spec = spec_lib.from_config(config.model)
+  spec_lib.check_spec(spec)
   conditional.check_config(config)  # captions, prompts, given frames
   if platform is None and spec.attention_impl in ('cudnn', 'splash'):
     platform = jax.default_backend()  # only those two kernels are platform-specific
-  attention.check_impl(dit.attention_impl(spec), dtype=spec.dtype,
+  attention.check_impl(spec_lib.attention_impl(spec), dtype=spec.dtype,
                        head_dim=spec.width // spec.num_heads, platform=platform)
   lora.check_config(config.get('lora'), spec.width, spec.mlp_dim)
   patching.check_patch((config.data.num_frames, config.data.height, config.data.width),
@@ -162,7 +163,7 @@ def validate_config(config, num_devices: int, process_count: int = 1,
        pt * ph * pw * config.data.channels, axes.PATCH),
       (f'tokens per clip {tokens} (T/pt * H/ph * W/pw)', tokens, axes.ACT_LENGTH),
   ]
-  dims += conditional.sharded_dims(config)  # the text encoder's widths and heads
+  dims += conditional.sharded_dims(spec.text)  # the text encoder's widths and heads
   seq_ways = _ways(rules, axes.ACT_LENGTH, sizes)[1]
   # sample.num_samples need not divide the batch axes: the sampler's batch splits where it
   # can, and the shard_map'd kernels (splash, sequence-parallel attention) run a batch
@@ -182,6 +183,7 @@ def validate_config(config, num_devices: int, process_count: int = 1,
           f'device, num_heads={spec.num_heads} / {head_ways} = {spec.num_heads // head_ways}, '
           f'must be divisible by the sequence-sharding mesh size {seq_ways}.')
   _check_train_speed(config.train, rules, sizes)
+  return spec
 
 
 def _check_train_speed(train, rules, sizes) -> None:

@@ -423,7 +423,7 @@ def _seed(seed: int, stream: int, bucket: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
+class BucketPlan:
   """What `make_dataset` built: the buckets, their clips and the batch schedule."""
   buckets: tuple[Bucket, ...]
   clips: tuple[int, ...]  # clips assigned to each bucket
@@ -455,7 +455,7 @@ class Plan:
 
 def make_dataset(data_config, *, seed: int, process_index: int | None = None,
                  process_count: int | None = None, captions=None):
-  """This process's endless iterator of bucket-pure batches, and the `Plan`.
+  """This process's endless iterator of bucket-pure batches, and the `BucketPlan`.
 
   Args: as `pipeline.make_dataset`, without `batch_size` (each bucket has its own).
 
@@ -513,7 +513,7 @@ def make_dataset(data_config, *, seed: int, process_index: int | None = None,
       ds = grain.MapDataset.source(members).shuffle(seed=_seed(seed, 2, i)).repeat(None)
     ds = ds.map(to_inputs).batch(b.batch_size // process_count, drop_remainder=True)
     parents.append(ds[process_index::process_count])  # this process's rows of each batch
-  plan = Plan(buckets, clips, Schedule(schedule_weights(buckets, clips)))
+  plan = BucketPlan(buckets, clips, Schedule(schedule_weights(buckets, clips)))
 
   iter_ds = _Interleave(parents, plan.schedule).to_iter_dataset(pipeline._READ_OPTIONS)
   if data_config.num_workers > 0:  # as pipeline.make_dataset: absl flags for the workers

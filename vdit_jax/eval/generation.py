@@ -161,7 +161,7 @@ def caption_losses(s, params, tok, given=0):
     for b in range(0, n, FLAGS.batch):
       sl = slice(b, b + FLAGS.batch)
       if texts is None:
-        text = text_lib.null_text(text_lib.resolve_spec(cfg.model.text), FLAGS.batch)
+        text = text_lib.null_text(text_lib.spec_from_config(cfg.model.text), FLAGS.batch)
       else:
         ids, mask = tok.encode_batch(texts[sl])
         text = {'tokens': ids, 'mask': mask}
@@ -343,7 +343,7 @@ def caption_conds(tok, prompts, use_caption=True, first=None, num_frames=None):
 
 def eval_text(s, params):
   cfg = s.config
-  spec = text_lib.resolve_spec(cfg.model.text)
+  spec = text_lib.spec_from_config(cfg.model.text)
   tok = text_lib.Tokenizer(spec.max_length)
   # Held-out clips of the data, rendered once: the noisiest-step reference and the
   # detector's own scores below.
@@ -445,7 +445,7 @@ def eval_image_to_video(s, params):
         f"'prefix'); this config has conditioning={cfg.model.conditioning!r}, "
         f"context_frames_max={cfg.model.context_frames_max!r}, "
         f"given_frames={cfg.model.given_frames!r}.")
-  tok = text_lib.Tokenizer(text_lib.resolve_spec(cfg.model.text).max_length)
+  tok = text_lib.Tokenizer(text_lib.spec_from_config(cfg.model.text).max_length)
   results = {'loss': caption_losses(s, params, tok, given=1)}
   n = FLAGS.num_clips
   source = synthetic.from_data_config(cfg.data, num_examples=n, seed=FLAGS.seed + 2,

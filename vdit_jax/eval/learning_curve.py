@@ -34,6 +34,7 @@ from vdit_jax import modes
 
 from vdit_jax.config import resolve
 from vdit_jax.data import synthetic
+from vdit_jax.model import spec as spec_lib
 from vdit_jax.model import dit
 from vdit_jax.model import flops as flops_lib
 from vdit_jax.parallel import paths
@@ -132,7 +133,7 @@ def main(_):
     steps = wanted
   d = config.data
   step_flops = flops_lib.train_step_flops(
-      dit.resolve_spec(config.model), (d.num_frames, d.height, d.width, d.channels),
+      spec_lib.from_config(config.model), (d.num_frames, d.height, d.width, d.channels),
       config.train.batch_size).total
   wall_s = wall_s_by_step(paths.join(workdir, 'metrics.jsonl'))
   with config.unlocked():

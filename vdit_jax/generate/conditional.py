@@ -33,12 +33,12 @@ def conditioning(config) -> Optional[cond_lib.Conditioning]:
 
 
 def is_text(config) -> bool:
-  return config.model.get('conditioning', 'class') == 'text'
+  return config.model.conditioning == 'text'
 
 
 def needs_conditions(config) -> bool:
   """True when sampling needs a condition dict (captions or given frames), not labels."""
-  return is_text(config) or int(config.model.get('context_frames_max', 0) or 0) > 0
+  return is_text(config) or int(config.model.context_frames_max) > 0
 
 
 def parse_prompts(prompts) -> List[str]:
@@ -62,10 +62,10 @@ def check_config(config) -> None:
   m, data = config.model, config.data
   text = is_text(config)
   if text:
-    p = m.get('caption_dropout', 0.0)
+    p = m.caption_dropout
     if not 0.0 <= p < 1.0:
       raise ValueError(f'config.model.caption_dropout={p} must be in [0, 1).')
-    encoder = m.text.get('encoder', 'builtin')
+    encoder = m.text.encoder
     if encoder == 'builtin' and data.source == 'files':
       raise ValueError("model.conditioning='text' with model.text.encoder='builtin' needs a "
                        "caption per clip; data.source='files' has none (use 'synthetic', or "
@@ -74,46 +74,45 @@ def check_config(config) -> None:
       raise ValueError("model.text.encoder='precomputed' reads each clip's caption_embedding "
                        "from data.source='shards'; data.source='synthetic' has none (use "
                        "encoder='builtin').")
-  prompts = parse_prompts(config.sample.get('prompts', ''))
+  prompts = parse_prompts(config.sample.prompts)
   if prompts:
     if not text:
       raise ValueError(f'config.sample.prompts={config.sample.prompts!r} needs '
                        "model.conditioning='text'.")
     check_prompts(config, prompts)
-  k_max = m.get('context_frames_max', 0) or 0
+  k_max = m.context_frames_max
   if isinstance(k_max, bool) or not isinstance(k_max, int) or k_max < 0:
     raise ValueError(f'config.model.context_frames_max={k_max!r} must be an integer >= 0.')
   if k_max >= data.num_frames:
     raise ValueError(f'config.model.context_frames_max={k_max} must be < data.num_frames='
                      f'{data.num_frames} (frames per clip; latent frames for latent data), '
                      'so that every clip keeps a frame to generate.')
-  none_prob = m.get('context_none_prob', 0.0)
+  none_prob = m.context_none_prob
   if not 0.0 <= none_prob <= 1.0:
     raise ValueError(f'config.model.context_none_prob={none_prob} must be in [0, 1].')
-  given, stride = m.get('given_frames', 'prefix'), m.get('keyframe_stride', 0)
+  given, stride = m.given_frames, m.keyframe_stride
   cond_lib.check_given_frames(given, stride, data.num_frames, k_max)  # keyframes: interpolation
-  for bucket in (data.get('buckets', ()) or ()) if given == 'keyframes' else ():
+  for bucket in (data.buckets or ()) if given == 'keyframes' else ():
     try:
       cond_lib.keyframe_positions(int(bucket[0]), stride)
     except ValueError as e:
       raise ValueError(f'data.buckets entry {tuple(bucket)}: {e}') from None
-  overlap = config.sample.get('overlap', 0)
+  overlap = config.sample.overlap
   if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
     raise ValueError(f'config.sample.overlap={overlap!r} must be an integer >= 0 '
                      '(0: model.context_frames_max).')
   if overlap > k_max:
     raise ValueError(f'config.sample.overlap={overlap} exceeds model.context_frames_max='
                      f'{k_max}, the most given frames the model was trained with.')
-  lora = config.get('lora')
-  if lora is not None and lora.get('rank', 0) > 0 and (text or k_max > 0):
-    raise ValueError(f'config.lora.rank={lora.rank}: LoRA fine-tuning does not feed captions '
+  if config.lora.rank > 0 and (text or k_max > 0):
+    raise ValueError(f'config.lora.rank={config.lora.rank}: LoRA fine-tuning does not feed captions '
                      "or given frames to the train step yet; use model.conditioning='class' "
                      'and model.context_frames_max=0 with LoRA.')
 
 
 def check_prompts(config, prompts: Sequence[str]) -> None:
   """Each prompt tokenises (builtin encoder): raises naming an unknown word."""
-  if config.model.text.get('encoder', 'builtin') != 'builtin':
+  if config.model.text.encoder != 'builtin':
     raise ValueError("prompts need model.text.encoder='builtin'; a 'precomputed' model takes "
                      'embeddings from your own text encoder, not words.')
   tokenizer = text_lib.Tokenizer(int(config.model.text.max_length))
@@ -131,11 +130,11 @@ def check_prompt_flag(config, prompt: Optional[str]) -> None:
   check_prompts(config, parse_prompts(prompt) or [prompt])
 
 
-def sharded_dims(config):
-  """(what, size, logical axis) of the text encoder's sharded dims, for validate.py."""
-  if not is_text(config):
+def sharded_dims(spec: Optional[text_lib.TextSpec]):
+  """(what, size, logical axis) of the text encoder's sharded dims (the model spec's
+  `text`; None: no text encoder), for validate.py."""
+  if spec is None:
     return []
-  spec = text_lib.resolve_spec(config.model.text)
   if spec.encoder == 'precomputed':
     return [(f'model.text.embed_dim={spec.embed_dim}', spec.embed_dim, axes.MLP)]
   return [(f'model.text.width={spec.width}', spec.width, axes.EMBED),
@@ -164,7 +163,7 @@ def make_sample_fn(model, diffusion, config, num_classes: int, shape):
   """sample_fn(params, rng, cond) -> clips [*shape] (the caller jits it); cond from
   `sample_condition` (or with given frames, see conditioning.given_condition)."""
   shape = tuple(int(d) for d in shape)
-  diffusion = diffusion.for_sampling(config.sample.get('shift'))
+  diffusion = diffusion.for_sampling(config.sample.shift)
   cfg_interval = samplers.cfg_interval_of(config.sample)
 
   def sample_fn(params, rng, cond):
@@ -195,11 +194,11 @@ def sample_condition(config, num_classes: int, num_samples: int,
   clips = None
   if is_keyframes(config) and config.data.source == 'synthetic':
     clips, captions, labels = synthetic_clips(config, num_samples)
-    prompts = prompts or config.sample.get('prompts', '') or captions
+    prompts = prompts or config.sample.prompts or captions
   if is_text(config):
-    spec = text_lib.resolve_spec(config.model.text)
+    spec = text_lib.spec_from_config(config.model.text)
     if spec.encoder == 'builtin':
-      prompts = parse_prompts(prompts or config.sample.get('prompts', '')) or default_prompts(
+      prompts = parse_prompts(prompts or config.sample.prompts) or default_prompts(
           num_samples)
       check_prompts(config, prompts)
       chosen = [prompts[i % len(prompts)] for i in range(num_samples)]
@@ -212,12 +211,12 @@ def sample_condition(config, num_classes: int, num_samples: int,
   elif num_classes > 0:
     cond['label'] = (sampling.sample_labels(num_samples, num_classes) if clips is None
                      else jnp.asarray(labels))
-  if int(config.model.get('context_frames_max', 0) or 0) > 0:
+  if int(config.model.context_frames_max) > 0:
     shape = sample_shape(config, num_samples)
     cond['context'] = jnp.zeros(shape, jnp.float32)
     cond['frame_mask'] = jnp.zeros(shape[:2], bool)
     if clips is not None:
-      positions = cond_lib.keyframe_positions(shape[1], config.model.get('keyframe_stride', 0))
+      positions = cond_lib.keyframe_positions(shape[1], config.model.keyframe_stride)
       cond['context'], cond['frame_mask'] = cond_lib.given_at(
           clips[:, list(positions)], positions, shape[1])
   return cond
@@ -225,8 +224,8 @@ def sample_condition(config, num_classes: int, num_samples: int,
 
 def is_keyframes(config) -> bool:
   """An interpolation model: trained with the keyframes given (model.given_frames)."""
-  return (int(config.model.get('context_frames_max', 0) or 0) > 0
-          and config.model.get('given_frames', 'prefix') == 'keyframes')
+  return (int(config.model.context_frames_max) > 0
+          and config.model.given_frames == 'keyframes')
 
 
 def synthetic_clips(config, num: int, seed: Optional[int] = None):
@@ -272,11 +271,11 @@ def extend_clip(model, diffusion, config, params, frames, num_frames: int, *, rn
   unconditionally (null label), a text model toward `prompt` (None: no caption).
   Returns (clip [B, num_frames, H, W, C], list of windows [B, T, H, W, C]).
   """
-  k_max = int(config.model.get('context_frames_max', 0) or 0)
+  k_max = int(config.model.context_frames_max)
   if k_max < 1:
     raise ValueError('extending a clip needs a model trained with given frames: '
                      'model.context_frames_max > 0 (see configs/tiny_extend.py).')
-  if config.model.get('given_frames', 'prefix') != 'prefix':
+  if config.model.given_frames != 'prefix':
     raise ValueError(f"extending a clip needs a model trained with model.given_frames="
                      f"'prefix' (the first frames given), not "
                      f"{config.model.given_frames!r}; an interpolation model fills the "
@@ -291,11 +290,11 @@ def extend_clip(model, diffusion, config, params, frames, num_frames: int, *, rn
     raise ValueError(f'--num_frames={num_frames!r} must be an integer larger than the '
                      f'{frames.shape[1]} frame(s) of the input: the result holds the input '
                      'and its continuation.')
-  overlap = int(config.sample.get('overlap', 0) or 0) or k_max
+  overlap = int(config.sample.overlap) or k_max
   batch = frames.shape[0]
   cond = {}
   if is_text(config):
-    spec = text_lib.resolve_spec(config.model.text)
+    spec = model.spec.text
     if prompt:
       check_prompts(config, [prompt])
       ids, mask = text_lib.Tokenizer(spec.max_length).encode_batch([prompt] * batch)

@@ -48,7 +48,7 @@ class Stage:
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
+class FramePlan:
   """How `generate` makes `num_frames` frames at `fps` from the two stages."""
   num_frames: int              # N, frames returned: round(duration_s * fps)
   fps: float
@@ -87,7 +87,7 @@ def _integer_ratio(a: float, b: float) -> Optional[int]:
 
 
 def make_plan(duration_s, fps, *, keyframe_frames: int, keyframe_fps, window: int,
-              positions, full_fps) -> Plan:
+              positions, full_fps) -> FramePlan:
   """Checks that round(duration_s * fps) frames at `fps` are reachable and says how.
 
   keyframe_frames: frames of the keyframe model's clip, at keyframe_fps; window and
@@ -134,7 +134,7 @@ def make_plan(duration_s, fps, *, keyframe_frames: int, keyframe_fps, window: in
         f'the keyframe model makes {keyframe_frames} (its data.num_frames) at '
         f'{keyframe_fps:g} fps, enough for at most {max_frames} frames at fps={fps:g}: '
         f'duration_s <= {max_frames / fps:g}.')
-  return Plan(num_frames=num_frames, fps=fps, keyframe_fps=keyframe_fps, full_fps=full_fps,
+  return FramePlan(num_frames=num_frames, fps=fps, keyframe_fps=keyframe_fps, full_fps=full_fps,
               ratio=ratio, subsample=subsample, window=window, positions=positions,
               num_windows=num_windows, num_keyframes=num_keyframes)
 
@@ -145,8 +145,8 @@ def check_stages(keyframe_config, interp_config) -> Tuple[int, ...]:
     raise ValueError("the interpolation stage needs a model trained with "
                      "model.given_frames='keyframes' and model.context_frames_max > 0 "
                      '(configs/tiny_interpolate.py); its config has given_frames='
-                     f"{interp_config.model.get('given_frames', 'prefix')!r}, "
-                     f"context_frames_max={interp_config.model.get('context_frames_max', 0)}.")
+                     f"{interp_config.model.given_frames!r}, "
+                     f"context_frames_max={interp_config.model.context_frames_max}.")
   if generate_lib.is_keyframes(keyframe_config):
     raise ValueError("the keyframe stage generates from a prompt; its config has "
                      "model.given_frames='keyframes' (an interpolation model).")
@@ -157,7 +157,7 @@ def check_stages(keyframe_config, interp_config) -> Tuple[int, ...]:
                        f'{idata[key]}: the interpolation model must take the keyframes as '
                        'they are.')
   window = int(idata.num_frames)
-  positions = cond_lib.keyframe_positions(window, interp_config.model.get('keyframe_stride', 0))
+  positions = cond_lib.keyframe_positions(window, interp_config.model.keyframe_stride)
   ratio = positions[1] - positions[0]
   if kd.source == 'synthetic' and idata.source == 'synthetic':
     if _integer_ratio(float(kd.time_stride), float(idata.time_stride)) != ratio:
@@ -168,7 +168,7 @@ def check_stages(keyframe_config, interp_config) -> Tuple[int, ...]:
   return positions
 
 
-def plan_for(keyframe_config, interp_config, duration_s, fps) -> Plan:
+def plan_for(keyframe_config, interp_config, duration_s, fps) -> FramePlan:
   """`make_plan` with the frame counts and rates of the two stages' configs."""
   positions = check_stages(keyframe_config, interp_config)
   return make_plan(duration_s, fps, keyframe_frames=int(keyframe_config.data.num_frames),
@@ -215,7 +215,7 @@ def stage_condition(stage: Stage, prompt, batch: int) -> dict:
       raise ValueError(f'{len(prompt)} prompts for {batch} samples: give one prompt, or '
                        'one per sample.')
   if generate_lib.is_text(stage.config):
-    spec = text_lib.resolve_spec(stage.config.model.text)
+    spec = stage.model.spec.text
     if prompt:
       prompts = [prompt] * batch if isinstance(prompt, str) else prompt
       generate_lib.check_prompts(stage.config, sorted(set(prompts)))
@@ -252,7 +252,7 @@ def _check_count(name: str, value) -> int:
 class Result:
   video: np.ndarray        # [B, N, H, W, C] float32 in [-1, 1], N = plan.num_frames
   keyframes: np.ndarray    # [B, M, H, W, C] the keyframes the windows were given
-  plan: Plan
+  plan: FramePlan
 
 
 def generate(prompt: Optional[str], duration_s, fps, keyframe: Stage, interp: Stage, *,
@@ -272,7 +272,7 @@ def generate(prompt: Optional[str], duration_s, fps, keyframe: Stage, interp: St
   kcfg = keyframe.config
   key_shape = generate_lib.sample_shape(kcfg, num_samples)
   cond = stage_condition(keyframe, prompt, num_samples)
-  if int(kcfg.model.get('context_frames_max', 0) or 0) > 0:  # an extension model: none given
+  if int(kcfg.model.context_frames_max) > 0:  # an extension model: none given
     cond['context'] = jnp.zeros(key_shape, jnp.float32)
     cond['frame_mask'] = jnp.zeros(key_shape[:2], bool)
   keyframes = np.asarray(jax.device_get(sample_stage(keyframe, key_shape, cond, key_rng)),
@@ -291,7 +291,7 @@ def interpolate(interp: Stage, keyframes, *, rng, prompt=None,
   windows per sampler call (default sample.num_samples; the last call padded by
   repeating its last window). prompt: one for all clips, or one per clip (text models)."""
   positions = cond_lib.keyframe_positions(int(interp.config.data.num_frames),
-                                          interp.config.model.get('keyframe_stride', 0))
+                                          interp.config.model.keyframe_stride)
   keyframes = np.asarray(keyframes, np.float32)
   b = keyframes.shape[0]
   batch = _check_count('window_batch', window_batch or int(interp.config.sample.num_samples))
@@ -319,7 +319,7 @@ def interpolate(interp: Stage, keyframes, *, rng, prompt=None,
   return stitch(keyframes, window_fn, positions, int(interp.config.data.num_frames))
 
 
-def describe(plan: Plan) -> List[str]:
+def describe(plan: FramePlan) -> List[str]:
   """Human-readable lines of a plan, for logs."""
   return [f'{plan.num_frames} frames at {plan.fps:g} fps ({plan.num_frames / plan.fps:g} s)',
           f'{plan.num_keyframes} keyframes at {plan.keyframe_fps:g} fps -> '

@@ -31,7 +31,7 @@ def make_sample_fn(model, diffusion, sample_cfg, data_cfg, num_classes: int, num
   shape = (num_samples, data_cfg.num_frames, data_cfg.height, data_cfg.width, data_cfg.channels)
   null_label = num_classes if num_classes > 0 else None
   cfg_scale = sample_cfg.cfg_scale if num_classes > 0 else 1.0
-  diffusion = diffusion.for_sampling(sample_cfg.get('shift'))
+  diffusion = diffusion.for_sampling(sample_cfg.shift)
   cfg_interval = samplers.cfg_interval_of(sample_cfg)
 
   def sample_fn(params, rng, labels):

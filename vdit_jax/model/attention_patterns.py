@@ -116,15 +116,11 @@ def _tupled(value):
 
 
 def spec_from_config(model_cfg) -> PatternSpec:
-  """config.model -> PatternSpec (defaults for absent keys); checked by check_spec."""
-  default = PatternSpec()
+  """A complete config.model section -> PatternSpec; checked by check_spec."""
   return PatternSpec(
-      name=model_cfg.get('attention_pattern', default.name),
-      factorised_mode=model_cfg.get('factorised_mode', default.factorised_mode),
-      window_size=_tupled(model_cfg.get('window_size', default.window_size)),
-      window_shift=model_cfg.get('window_shift', default.window_shift),
-      hierarchical_windows=_tupled(
-          model_cfg.get('hierarchical_windows', default.hierarchical_windows)))
+      name=model_cfg.attention_pattern, factorised_mode=model_cfg.factorised_mode,
+      window_size=_tupled(model_cfg.window_size), window_shift=model_cfg.window_shift,
+      hierarchical_windows=_tupled(model_cfg.hierarchical_windows))
 
 
 def block_groupings(pattern: PatternSpec, layer: int) -> Tuple[Grouping, ...]:

@@ -1,260 +1,20 @@
 """The video diffusion transformer: tubelets -> DiT blocks -> tubelets."""
 
-import dataclasses
 import functools
-import re
-from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 from absl import logging
-import jax
 import jax.numpy as jnp
-import ml_collections
 
-from vdit_jax.model import attention
 from vdit_jax.model import attention_patterns
 from vdit_jax.parallel import axes
 from vdit_jax.model import embeddings
 from vdit_jax.model import patching
+from vdit_jax.model import spec as spec_lib
 from vdit_jax.model import text as text_lib
-from vdit_jax.model.blocks import BlockCycle, CHECKPOINT_NAMES, DiTBlock, FinalLayer, PixelRefiner
-
-# name -> (width, depth, heads); MLP is 4 x width. DiT's table plus two small ones.
-VARIANTS = {
-    'Mu': (128, 4, 4),
-    'Ti': (192, 12, 3),
-    'S': (384, 12, 6),
-    'B': (768, 12, 12),
-    'L': (1024, 24, 16),
-    'XL': (1152, 28, 16),
-}
-
-REMAT_POLICIES = {
-    'none': None,
-    'full': jax.checkpoint_policies.nothing_saveable,
-    'nothing_saveable': jax.checkpoint_policies.nothing_saveable,
-    'dots_saveable': jax.checkpoint_policies.dots_saveable,
-    'dots_with_no_batch_dims_saveable':
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    'everything_saveable': jax.checkpoint_policies.everything_saveable,
-}
-# Keeps only the block activations named in model.remat_names (blocks.CHECKPOINT_NAMES)
-# and recomputes the rest in the backward pass.
-SAVE_NAMED = 'save_named'
-REMAT_POLICY_NAMES = tuple(REMAT_POLICIES) + (SAVE_NAMED,)
-POS_EMBEDS = ('sincos', 'rope')
-CONDITIONINGS = ('class', 'text')  # model.conditioning
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
-
-
-def parse_variant(variant: str) -> dict:
-  """'S/2' -> S sizes with patch (1, 2, 2); 'S/2x4x4' -> patch (2, 4, 4)."""
-  m = re.fullmatch(r'([A-Za-z]+)/(\d+)(?:x(\d+)x(\d+))?', variant or '')
-  if not m or m.group(1) not in VARIANTS:
-    raise ValueError(
-        f"model.variant={variant!r} is not NAME/P or NAME/PTxPHxPW with NAME one of "
-        f"{sorted(VARIANTS)} (e.g. 'S/2', 'B/2x4x4').")
-  width, depth, heads = VARIANTS[m.group(1)]
-  if m.group(3):
-    patch = (int(m.group(2)), int(m.group(3)), int(m.group(4)))
-  else:
-    patch = (1, int(m.group(2)), int(m.group(2)))
-  return dict(width=width, depth=depth, num_heads=heads, mlp_dim=4 * width, patch_size=patch)
-
+from vdit_jax.model.blocks import BlockCycle, DiTBlock, FinalLayer, PixelRefiner
 
 LOSS_LOG_VARIANCE = 'loss_log_variance'  # the sown u(t) [B] (model.loss_uncertainty)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-  """Fully resolved model hyper-parameters (variant table + explicit overrides)."""
-  width: int
-  depth: int
-  num_heads: int
-  mlp_dim: int
-  patch_size: Tuple[int, int, int]
-  pos_embed: str
-  qk_norm: bool
-  attention_impl: str
-  scan_layers: bool
-  remat_policy: str
-  dtype: str
-  param_dtype: str
-  sequence_parallel: str = 'none'
-  remat_names: Tuple[str, ...] = ()  # for remat_policy='save_named'
-  pattern: attention_patterns.PatternSpec = attention_patterns.PatternSpec()
-  conditioning: str = 'class'   # 'text': cross-attention to captions (model/text.py)
-  text: Optional[text_lib.TextSpec] = None  # conditioning='text'
-  context_frames: int = 0       # model.context_frames_max; > 0: a given-frames mask channel
-  attention_block_q: Optional[int] = None   # blockwise / splash tiles; None: kernel default
-  attention_block_kv: Optional[int] = None
-  mlp_conv: Tuple[int, ...] = ()  # depthwise conv kernel (kt, kh, kw) at each MLP input
-  class_tokens: int = 0         # conditioning='class': K label tokens read by cross-attention
-  refiner_width: int = 0        # > 0: blocks.PixelRefiner after the unpatchify, F channels
-  refiner_kernel: Tuple[int, ...] = (1, 3, 3)  # its convolutions' (kt, kh, kw)
-  self_condition: bool = False  # its own previous x0 estimate as C more input channels
-  loss_uncertainty: bool = False  # a learned log-variance u(t) that weighs the loss (EDM2)
-
-
-def parse_remat_names(names) -> Tuple[str, ...]:
-  """'attn_out, mlp_hidden' (or a sequence of names) -> ('attn_out', 'mlp_hidden')."""
-  if names is None:
-    return ()
-  if isinstance(names, str):
-    names = names.split(',')
-  return tuple(n.strip() for n in names if n.strip())
-
-
-def remat_policy(spec: 'ModelSpec'):
-  """The jax.checkpoint policy of spec.remat_policy (None for 'none')."""
-  if spec.remat_policy == SAVE_NAMED:
-    return jax.checkpoint_policies.save_only_these_names(*spec.remat_names)
-  return REMAT_POLICIES[spec.remat_policy]
-
-
-def attention_impl(spec: 'ModelSpec') -> attention.AttentionImpl:
-  """model.attention_impl with its tile sizes (attention_block_q / attention_block_kv)."""
-  return attention.AttentionImpl(spec.attention_impl, spec.attention_block_q,
-                                 spec.attention_block_kv)
-
-
-def _as_tuple(value):
-  return tuple(value) if isinstance(value, (tuple, list)) else value
-
-
-def resolve_spec(model_cfg) -> ModelSpec:
-  """Config -> ModelSpec. Explicit fields (not None) override the variant's."""
-  sizes = parse_variant(model_cfg.variant) if model_cfg.get('variant') else {}
-  for key in ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size'):
-    if model_cfg.get(key) is not None:
-      sizes[key] = model_cfg[key]
-  missing = [k for k in ('width', 'depth', 'num_heads', 'patch_size') if k not in sizes]
-  if missing:
-    raise ValueError(f'model config needs a variant or explicit {missing}.')
-  sizes.setdefault('mlp_dim', 4 * sizes['width'])
-  return ModelSpec(
-      width=int(sizes['width']), depth=int(sizes['depth']),
-      num_heads=int(sizes['num_heads']), mlp_dim=int(sizes['mlp_dim']),
-      patch_size=tuple(int(p) for p in sizes['patch_size']),
-      pos_embed=model_cfg.get('pos_embed', 'sincos'),
-      qk_norm=bool(model_cfg.get('qk_norm', True)),
-      attention_impl=model_cfg.get('attention_impl', 'xla'),
-      attention_block_q=model_cfg.get('attention_block_q'),
-      attention_block_kv=model_cfg.get('attention_block_kv'),
-      scan_layers=bool(model_cfg.get('scan_layers', True)),
-      remat_policy=model_cfg.get('remat_policy', 'none'),
-      dtype=model_cfg.get('dtype', 'float32'),
-      param_dtype=model_cfg.get('param_dtype', 'float32'),
-      sequence_parallel=model_cfg.get('sequence_parallel', 'none'),
-      remat_names=parse_remat_names(model_cfg.get('remat_names', '')),
-      pattern=attention_patterns.spec_from_config(model_cfg),
-      conditioning=model_cfg.get('conditioning', 'class'),
-      text=(text_lib.resolve_spec(model_cfg.get('text') or {})
-            if model_cfg.get('conditioning', 'class') == 'text' else None),
-      context_frames=model_cfg.get('context_frames_max', 0),
-      mlp_conv=_as_tuple(model_cfg.get('mlp_conv') or ()),
-      class_tokens=model_cfg.get('class_tokens', 0),
-      refiner_width=model_cfg.get('refiner_width', 0),
-      refiner_kernel=_as_tuple(model_cfg.get('refiner_kernel', (1, 3, 3))),
-      self_condition=model_cfg.get('self_condition', False),
-      loss_uncertainty=model_cfg.get('loss_uncertainty', False))
-
-
-def spec_differences(saved_model_cfg, model_cfg, *, label: str = 'saved',
-                     fields: Optional[Tuple[str, ...]] = None) -> list:
-  """'field: <label> X, this config Y' for each ModelSpec field (all, or `fields`) where
-  the model section `saved_model_cfg` (e.g. a run's config.json, as a dict) and the
-  config's `model_cfg` resolve to different values."""
-  saved = resolve_spec(ml_collections.ConfigDict(dict(saved_model_cfg)))
-  spec = resolve_spec(model_cfg)
-  names = fields or tuple(f.name for f in dataclasses.fields(ModelSpec))
-  return [f'{k}: {label} {getattr(saved, k)!r}, this config {getattr(spec, k)!r}'
-          for k in names if getattr(saved, k) != getattr(spec, k)]
-
-
-def _odd_kernel(kernel) -> bool:
-  """Whether `kernel` is a tuple of three odd positive ints (kt, kh, kw): a convolution
-  kernel whose 'same' padding is symmetric."""
-  return (isinstance(kernel, tuple) and len(kernel) == 3
-          and all(isinstance(k, int) and not isinstance(k, bool) and k > 0 and k % 2
-                  for k in kernel))
-
-
-def check_spec(spec: ModelSpec) -> None:
-  """Raises ValueError naming the first field that breaks a rule."""
-  for key in ('width', 'depth', 'num_heads', 'mlp_dim'):
-    if getattr(spec, key) <= 0:
-      raise ValueError(f'model.{key}={getattr(spec, key)} must be positive.')
-  if len(spec.patch_size) != 3 or min(spec.patch_size) <= 0:
-    raise ValueError(f'model.patch_size={spec.patch_size} must be 3 positive ints (pt, ph, pw).')
-  if spec.width % spec.num_heads:
-    raise ValueError(f'model.width={spec.width} is not divisible by '
-                     f'model.num_heads={spec.num_heads}.')
-  if spec.mlp_conv != () and not _odd_kernel(spec.mlp_conv):
-    raise ValueError(f'model.mlp_conv={spec.mlp_conv!r} must be () (no convolution) or three '
-                     'odd positive ints (kt, kh, kw): the depthwise kernel over the token grid, '
-                     "odd so that its 'same' padding is symmetric, e.g. (3, 3, 3).")
-  if (isinstance(spec.refiner_width, bool) or not isinstance(spec.refiner_width, int)
-      or spec.refiner_width < 0):
-    raise ValueError(f'model.refiner_width={spec.refiner_width!r} must be an integer >= 0 '
-                     '(0: no pixel refiner).')
-  if spec.refiner_width and not _odd_kernel(spec.refiner_kernel):
-    raise ValueError(f'model.refiner_kernel={spec.refiner_kernel!r} must be three odd '
-                     "positive ints (kt, kh, kw), odd so that its 'same' padding is "
-                     'symmetric, e.g. (1, 3, 3).')
-  if not isinstance(spec.self_condition, bool):
-    raise ValueError(f'model.self_condition={spec.self_condition!r} must be True or False.')
-  if spec.self_condition and (spec.conditioning != 'class' or spec.context_frames):
-    raise ValueError('model.self_condition=True is built for class-conditional models only: '
-                     f'conditioning={spec.conditioning!r} and context_frames_max='
-                     f'{spec.context_frames} need conditioning=\'class\' and 0.')
-  if not isinstance(spec.loss_uncertainty, bool):
-    raise ValueError(f'model.loss_uncertainty={spec.loss_uncertainty!r} must be True or False.')
-  if spec.pos_embed not in POS_EMBEDS:
-    raise ValueError(f'model.pos_embed={spec.pos_embed!r} is not one of {POS_EMBEDS}.')
-  head_dim = spec.width // spec.num_heads
-  if spec.pos_embed == 'sincos' and (spec.width % 2 or spec.width < 6):
-    raise ValueError(f'model.width={spec.width} must be even and >= 6 for sincos positions.')
-  if spec.pos_embed == 'rope' and (head_dim % 2 or head_dim < 6):
-    raise ValueError(f'head dim {head_dim} (width/num_heads) must be even and >= 6 for 3-D RoPE.')
-  attention.check_impl(attention_impl(spec), dtype=spec.dtype, head_dim=head_dim)
-  if spec.sequence_parallel not in attention.SEQUENCE_PARALLEL:
-    raise ValueError(f'model.sequence_parallel={spec.sequence_parallel!r} is not one of '
-                     f'{attention.SEQUENCE_PARALLEL}.')
-  if spec.remat_policy not in REMAT_POLICY_NAMES:
-    raise ValueError(f'model.remat_policy={spec.remat_policy!r} is not one of '
-                     f'{sorted(REMAT_POLICY_NAMES)}.')
-  unknown = [n for n in spec.remat_names if n not in CHECKPOINT_NAMES]
-  if unknown:
-    raise ValueError(f'model.remat_names={",".join(spec.remat_names)!r} names {unknown}, '
-                     f'which are not block activations; known names: {CHECKPOINT_NAMES}.')
-  if spec.remat_policy == SAVE_NAMED and not spec.remat_names:
-    raise ValueError(f"model.remat_policy='{SAVE_NAMED}' needs model.remat_names, a comma "
-                     f'list of the activations to keep, from {CHECKPOINT_NAMES}.')
-  if spec.remat_policy != SAVE_NAMED and spec.remat_names:
-    raise ValueError(f'model.remat_names={",".join(spec.remat_names)!r} is only read by '
-                     f"model.remat_policy='{SAVE_NAMED}', not {spec.remat_policy!r}.")
-  for key in ('dtype', 'param_dtype'):
-    if getattr(spec, key) not in DTYPES:
-      raise ValueError(f'model.{key}={getattr(spec, key)!r} is not one of {sorted(DTYPES)}.')
-  attention_patterns.check_spec(
-      spec.pattern, num_heads=spec.num_heads, depth=spec.depth, scan_layers=spec.scan_layers,
-      attention_impl=spec.attention_impl, sequence_parallel=spec.sequence_parallel)
-  if spec.conditioning not in CONDITIONINGS:
-    raise ValueError(f'model.conditioning={spec.conditioning!r} is not one of {CONDITIONINGS}.')
-  if spec.conditioning == 'text':
-    text_lib.check_spec(spec.text)
-  if (isinstance(spec.context_frames, bool) or not isinstance(spec.context_frames, int)
-      or spec.context_frames < 0):
-    raise ValueError(f'model.context_frames_max={spec.context_frames!r} must be an integer '
-                     '>= 0 (0: no given frames).')
-  if (isinstance(spec.class_tokens, bool) or not isinstance(spec.class_tokens, int)
-      or spec.class_tokens < 0):
-    raise ValueError(f'model.class_tokens={spec.class_tokens!r} must be an integer >= 0 '
-                     '(0: the class only in adaLN).')
-  if spec.class_tokens and spec.conditioning != 'class':
-    raise ValueError(f'model.class_tokens={spec.class_tokens} is read only with '
-                     f"model.conditioning='class', not {spec.conditioning!r}: set it to 0.")
 
 
 class VideoDiT(nn.Module):
@@ -277,14 +37,14 @@ class VideoDiT(nn.Module):
   alternating factorised, shifted windows) scan as 'blocks/block_0' and
   'blocks/block_1', each stacked over depth / 2 (model/attention_patterns.py).
   """
-  spec: ModelSpec
+  spec: spec_lib.ModelSpec
   channels: int
   num_classes: int
 
   @nn.compact
   def __call__(self, video, t, labels=None, text=None, frame_mask=None, x0_prev=None):
     spec = self.spec
-    dtype, param_dtype = DTYPES[spec.dtype], DTYPES[spec.param_dtype]
+    dtype, param_dtype = spec_lib.DTYPES[spec.dtype], spec_lib.DTYPES[spec.param_dtype]
     if spec.self_condition:  # the earlier x0 estimate: C more channels (zeros: none yet)
       if x0_prev is None:
         x0_prev = jnp.zeros(video.shape, video.dtype)
@@ -334,9 +94,9 @@ class VideoDiT(nn.Module):
 
     block = DiTBlock
     if spec.remat_policy != 'none':
-      block = nn.remat(DiTBlock, policy=remat_policy(spec), prevent_cse=not spec.scan_layers)
+      block = nn.remat(DiTBlock, policy=spec_lib.remat_policy(spec), prevent_cse=not spec.scan_layers)
     kwargs = dict(num_heads=spec.num_heads, mlp_dim=spec.mlp_dim, qk_norm=spec.qk_norm,
-                  attention_impl=attention_impl(spec).key(), dtype=dtype,
+                  attention_impl=spec_lib.attention_impl(spec).key(), dtype=dtype,
                   param_dtype=param_dtype, sequence_parallel=spec.sequence_parallel,
                   pattern=spec.pattern, grid=grid, mlp_conv=spec.mlp_conv)
     if spec.scan_layers:
@@ -363,9 +123,9 @@ class VideoDiT(nn.Module):
     return out.astype(jnp.float32)  # [B, T, H, W, C]
 
 
-def build_model(model_cfg, channels: int, num_classes: int) -> VideoDiT:
-  spec = resolve_spec(model_cfg)
-  check_spec(spec)
+def build_model(spec: spec_lib.ModelSpec, channels: int, num_classes: int) -> VideoDiT:
+  """The DiT of `spec` (checked here) for `channels`-channel clips and `num_classes` labels."""
+  spec_lib.check_spec(spec)
   patch_dim = spec.patch_size[0] * spec.patch_size[1] * spec.patch_size[2] * channels
   if spec.width < patch_dim:
     # Measured on the tiny config: width 128 with 4x4x4x3 = 192-value tubelets

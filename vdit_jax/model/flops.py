@@ -73,7 +73,7 @@ def _check_shape(data_shape: Sequence[int], batch_size: int) -> None:
 def train_step_flops(spec, data_shape: Sequence[int], batch_size: int) -> FlopCount:
   """Model FLOPs of one train step on `batch_size` clips of shape (T, H, W, C).
 
-  `spec` is a resolved `dit.ModelSpec`; the counts follow VideoDiT's layers.
+  `spec` is a resolved `spec_lib.ModelSpec`; the counts follow VideoDiT's layers.
   """
   _check_shape(data_shape, batch_size)
   t, h, w, c = (int(x) for x in data_shape)

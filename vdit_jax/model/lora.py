@@ -90,23 +90,23 @@ def check_config(lora_cfg, width: int, mlp_dim: int) -> None:
   of every target kernel, and a base checkpoint. Raises ValueError naming the value."""
   if lora_cfg is None:
     return
-  rank = lora_cfg.get('rank', 0)
+  rank = lora_cfg.rank
   if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 0:
     raise ValueError(f'config.lora.rank={rank!r} must be an integer >= 0 (0 = LoRA off).')
   if rank == 0:
     return
-  alpha = lora_cfg.get('alpha')
+  alpha = lora_cfg.alpha
   if (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)
       or not math.isfinite(alpha) or alpha <= 0):
     raise ValueError(f'config.lora.alpha={alpha!r} must be a finite number > 0 '
                      '(the adapters are scaled by alpha / rank).')
-  for name in parse_targets(lora_cfg.get('targets')):
+  for name in parse_targets(lora_cfg.targets):
     fan_in, fan_out = target_sizes(name, width, mlp_dim)
     if rank > min(fan_in, fan_out):
       raise ValueError(f'config.lora.rank={rank} exceeds min(in, out) = {min(fan_in, fan_out)} '
                        f'of the {name} kernel ({fan_in} -> {fan_out}): a rank-{rank} update '
                        'of it is not low-rank.')
-  base = lora_cfg.get('base_checkpoint')
+  base = lora_cfg.base_checkpoint
   if not isinstance(base, str) or not base.strip():
     raise ValueError(f'config.lora.rank={rank} needs config.lora.base_checkpoint, the workdir '
                      f'or export directory of the trained model to adapt (got {base!r}).')

@@ -116,16 +116,14 @@ class TextSpec:
   vocab_size: int = len(VOCABULARY)
 
 
-def resolve_spec(text_cfg) -> TextSpec:
-  """model.text ConfigDict -> TextSpec (mlp_dim None: 4 x width)."""
-  width = int(text_cfg.get('width', 128))
-  mlp = text_cfg.get('mlp_dim')
-  return TextSpec(encoder=text_cfg.get('encoder', 'builtin'),
-                  max_length=int(text_cfg.get('max_length', 16)), width=width,
-                  depth=int(text_cfg.get('depth', 2)), num_heads=int(text_cfg.get('num_heads', 4)),
+def spec_from_config(text_cfg) -> TextSpec:
+  """A complete model.text section -> TextSpec (mlp_dim None: 4 x width)."""
+  width = int(text_cfg.width)
+  mlp = text_cfg.mlp_dim
+  return TextSpec(encoder=text_cfg.encoder, max_length=int(text_cfg.max_length), width=width,
+                  depth=int(text_cfg.depth), num_heads=int(text_cfg.num_heads),
                   mlp_dim=int(4 * width if mlp is None else mlp),
-                  embed_dim=int(text_cfg.get('embed_dim', 0) or 0),
-                  pooled=text_cfg.get('pooled', False))
+                  embed_dim=int(text_cfg.embed_dim or 0), pooled=text_cfg.pooled)
 
 
 def check_spec(spec: TextSpec) -> None:

@@ -40,7 +40,7 @@ ENV_PEER_TIMEOUT_S = 'VDIT_PEER_TIMEOUT_S'
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
+class InitPlan:
   """What `initialize` will do: `mode` is 'single', 'explicit' or 'auto'."""
   mode: str
   reason: str
@@ -108,8 +108,8 @@ def _auto_reason(env: Mapping[str, str]) -> Optional[str]:
 def plan(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
          process_id: Optional[int] = None,
          local_device_ids: Union[None, str, Sequence[int]] = None,
-         env: Optional[Mapping[str, str]] = None) -> Plan:
-  """Resolves arguments, then env, then auto-detection into a validated `Plan`."""
+         env: Optional[Mapping[str, str]] = None) -> InitPlan:
+  """Resolves arguments, then env, then auto-detection into a validated `InitPlan`."""
   env = os.environ if env is None else env
   fields = {}
   for name, value, var in (('coordinator_address', coordinator_address, ENV_COORDINATOR_ADDRESS),
@@ -124,8 +124,8 @@ def plan(coordinator_address: Optional[str] = None, num_processes: Optional[int]
   if not fields:
     reason = _auto_reason(env)
     if reason is None:
-      return Plan('single', 'no coordinator given and no multi-process cluster detected')
-    return Plan('auto', reason, local_device_ids=device_ids)
+      return InitPlan('single', 'no coordinator given and no multi-process cluster detected')
+    return InitPlan('auto', reason, local_device_ids=device_ids)
 
   if 'num_processes' not in fields:
     given = ', '.join(f'{src}={val!r}' for val, src in fields.values())
@@ -146,14 +146,14 @@ def plan(coordinator_address: Optional[str] = None, num_processes: Optional[int]
     value, src = fields['coordinator_address']
     address = check_address(value, src)
   if count == 1:
-    return Plan('single', 'num_processes=1', address, 1, index or 0, device_ids)
+    return InitPlan('single', 'num_processes=1', address, 1, index or 0, device_ids)
   missing = [n for n, v in (('coordinator_address', address), ('process_id', index))
              if v is None]
   if missing:
     raise ValueError(f'num_processes={count} needs {" and ".join(missing)} too (flags '
                      f'--{" and --".join(missing)}, or env {ENV_COORDINATOR_ADDRESS} / '
                      f'{ENV_PROCESS_ID}).')
-  return Plan('explicit', f'process {index} of {count} via {address}', address, count, index,
+  return InitPlan('explicit', f'process {index} of {count} via {address}', address, count, index,
               device_ids)
 
 
@@ -179,7 +179,7 @@ def peer_timeout(value: Union[None, str, float] = None,
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
                process_id: Optional[int] = None,
                local_device_ids: Union[None, str, Sequence[int]] = None,
-               peer_timeout_s: Union[None, str, float] = None) -> Plan:
+               peer_timeout_s: Union[None, str, float] = None) -> InitPlan:
   """Joins the processes of this run; call before any other JAX call. Returns the plan.
 
   For more than one process, CPU collectives are switched to gloo first: the setting

@@ -20,7 +20,7 @@ def dcn_sizes(mesh_cfg) -> Dict[str, int]:
   so the config states it (and validation, which sees only a device count, can resolve
   the mesh without the devices).
   """
-  sizes = {name: int(mesh_cfg.get(f'dcn_{name}', 1)) for name in axes.MESH_AXES}
+  sizes = {name: int(mesh_cfg[f'dcn_{name}']) for name in axes.MESH_AXES}
   bad = [f'mesh.dcn_{n}={s}' for n, s in sizes.items() if s < 1]
   if bad:
     raise ValueError(
@@ -66,7 +66,7 @@ def hybrid_shape(mesh_cfg, num_devices: int, num_slices: Optional[int] = None
   per_slice = num_devices // slices
   where = (f'{num_devices} devices' if slices == 1 else
            f'{per_slice} devices per slice ({num_devices} devices / {slices} slices)')
-  ici = {name: int(mesh_cfg.get(name, 1)) for name in axes.MESH_AXES}
+  ici = {name: int(mesh_cfg[name]) for name in axes.MESH_AXES}
   free = [n for n, s in ici.items() if s == -1]
   bad = [f'mesh.{n}={s}' for n, s in ici.items() if s == 0 or s < -1]
   if bad:

@@ -54,6 +54,7 @@ from vdit_jax.data import synthetic
 from vdit_jax.data import video_files
 from vdit_jax.diffusion import objectives
 from vdit_jax.diffusion import samplers
+from vdit_jax.model import spec as spec_lib
 from vdit_jax.model import dit
 from vdit_jax.parallel import paths
 from vdit_jax.train import checkpoint as ckpt_lib
@@ -158,7 +159,7 @@ def sampler_model(config, num_classes: int, *, compute_dtype: str = 'bfloat16',
   model_cfg.attention_impl = attention_impl
   model_cfg.sequence_parallel = 'none'
   model_cfg.remat_policy = 'none'
-  return dit.build_model(model_cfg, config.data.channels, num_classes)
+  return dit.build_model(spec_lib.from_config(model_cfg), config.data.channels, num_classes)
 
 
 def to_bfloat16(params):
@@ -197,7 +198,7 @@ def restore_params(export_path: str, config, num_classes: int):
   """(params as saved, on one device; export.json) from an export written on any mesh."""
   model_cfg = config.model.copy_and_resolve_references()
   model_cfg.sequence_parallel = 'none'  # the same params; init runs plain attention
-  model = dit.build_model(model_cfg, config.data.channels, num_classes)
+  model = dit.build_model(spec_lib.from_config(model_cfg), config.data.channels, num_classes)
   shapes = jax.eval_shape(lambda: nn.unbox(
       model.init(jax.random.key(0), *state_lib.model_inputs(config.data, 1))['params']))
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])

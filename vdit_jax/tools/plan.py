@@ -87,7 +87,7 @@ flags.DEFINE_float('hbm_gib', None,
 
 
 @dataclasses.dataclass
-class Plan:
+class StepPlan:
   """Figures of one AOT-compiled train step. Bytes and compiler FLOPs are per device."""
   topology: str
   device_kind: str
@@ -235,7 +235,7 @@ def abstract_inputs(s, config):
 
 
 def plan(config, devices: Sequence[Any], *, topology: str = 'cpu',
-         num_classes: Optional[int] = None, hbm_gib: Optional[float] = None) -> Plan:
+         num_classes: Optional[int] = None, hbm_gib: Optional[float] = None) -> StepPlan:
   """Validates the config, then AOT-compiles the trainer's jitted step for `devices`."""
   devices = list(devices)
   if num_classes is None:
@@ -276,7 +276,7 @@ def plan(config, devices: Sequence[Any], *, topology: str = 'cpu',
   d = config.data
   model_flops = flops_lib.train_step_flops(
       spec, (d.num_frames, d.height, d.width, d.channels), config.train.batch_size)
-  return Plan(
+  return StepPlan(
       topology=topology, device_kind=devices[0].device_kind, num_devices=len(devices),
       num_chips=_chips(devices), num_hosts=hosts, mesh=dict(s.mesh.shape),
       param_count=state_lib.param_count(s.abstract_state.params),
@@ -297,7 +297,7 @@ def plan(config, devices: Sequence[Any], *, topology: str = 'cpu',
 
 
 def _dcn_fields(s, config, compiled, devices) -> dict:
-  """The Plan's DCN fields: the compiled step's cross-slice bytes and the analytic figure."""
+  """The StepPlan's DCN fields: the compiled step's cross-slice bytes and the analytic figure."""
   slices = mesh_lib.count_slices(devices)
   _, dcn = mesh_lib.hybrid_shape(config.mesh, len(devices), slices)
   fields = dict(num_slices=slices, mesh_dcn=dict(dcn))
@@ -340,7 +340,7 @@ def _gib(n) -> str:
   return f'{n / GIB:8.3f} GiB ({n:,} B)'
 
 
-def report(p: Plan) -> str:
+def report(p: StepPlan) -> str:
   """Human-readable lines, then the JSON object as the last line."""
   lines = [
       f'topology        {p.topology}: {p.num_devices} x {p.device_kind!r} devices, '

@@ -11,11 +11,12 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from vdit_jax.config import validate
+from vdit_jax.config import resolve
 from vdit_jax.data import buckets as buckets_lib
 from vdit_jax.data import captions as captions_lib
 from vdit_jax.data import pipeline
 from vdit_jax.diffusion import objectives
+from vdit_jax.model import spec as spec_lib
 from vdit_jax.model import dit
 from vdit_jax.model import patching
 from vdit_jax.parallel import mesh as mesh_lib
@@ -61,7 +62,8 @@ class Setup:
 
 def build(config, workdir: Optional[str], *, devices: Optional[Sequence[Any]] = None,
           process_count: Optional[int] = None, num_classes: Optional[int] = None) -> Setup:
-  """Validates the config and builds mesh, model, optimizer, checkpointer (no compile).
+  """Resolves the config (config/resolve.py: every default filled in, validated) and
+  builds mesh, model, optimizer, checkpointer (no compile); `Setup.config` is the result.
 
   The keywords let `tools.plan` build the same setup for abstract devices (a TPU
   topology) without the data pipeline: `devices` defaults to `jax.devices()`,
@@ -69,15 +71,13 @@ def build(config, workdir: Optional[str], *, devices: Optional[Sequence[Any]] = 
   source produces; `workdir=None` builds no checkpointer.
   """
   devices = list(jax.devices() if devices is None else devices)
-  if process_count is None:
-    process_count = jax.process_count()
-  validate.validate_config(config, len(devices), process_count,
-                           platform=devices[0].platform)
+  resolved = resolve.resolve(config, devices=devices, process_count=process_count)
+  config = resolved.config
   mesh = mesh_lib.make_mesh(config.mesh, devices=devices)
   rules = tuple(tuple(r) for r in config.logical_axis_rules)
   if num_classes is None:
     num_classes = pipeline.num_classes(config.data)
-  model = dit.build_model(config.model, config.data.channels, num_classes)
+  model = dit.build_model(resolved.model, config.data.channels, num_classes)
   diffusion = objectives.Diffusion.from_config(config.diffusion)
   schedule = state_lib.learning_rate_schedule(config.train)
   tx = state_lib.make_optimizer(config.train)
@@ -125,7 +125,7 @@ def jit_train_step(s: Setup):
                                     num_classes=s.num_classes,
                                     label_dropout=s.config.model.label_dropout,
                                     ema=s.config.train.ema_decay,
-                                    grad_accum_steps=s.config.train.get('grad_accum_steps', 1),
+                                    grad_accum_steps=s.config.train.grad_accum_steps,
                                     conditioning=conditional.conditioning(s.config),
                                     param_transform=param_transform)
 
@@ -139,7 +139,7 @@ def jit_train_step(s: Setup):
       donate_argnums=0)
 
 
-def tokens_per_clip(config, spec: dit.ModelSpec) -> int:
+def tokens_per_clip(config, spec: spec_lib.ModelSpec) -> int:
   grid = patching.token_grid((config.data.num_frames, config.data.height, config.data.width),
                              spec.patch_size)
   return int(np.prod(grid))
@@ -234,7 +234,7 @@ def restore_or_init(s: Setup, data_iter=None):
   if latest is None:
     state, _ = state_lib.create_state(s.init_fn, jax.random.key(s.config.seed), s.mesh, s.rules)
     return state, None
-  if s.config.checkpoint.get('resume', 'latest') == 'latest':
+  if s.config.checkpoint.resume == 'latest':
     return _restore(s, latest, data_iter), latest
   # 'latest_good': the newest step that restores and verifies; the damaged ones are named
   # and left in place (retention removes them as newer steps are saved).
@@ -276,13 +276,13 @@ def restore_step(s: Setup, step: int):
 
 
 def _saved_model_differences(path: str, config) -> list:
-  """dit.spec_differences between the model of the config.json at `path` and `config`'s;
+  """resolve.model_differences between the model of the config.json at `path` and `config`'s;
   [] when there is no such file or it cannot be read as a model section."""
   try:
     if not paths.isfile(path):
       return []
     saved = json.loads(paths.read_text(path))['model']
-    return dit.spec_differences(saved, config.model)
+    return resolve.model_differences(saved, config)
   except (OSError, ValueError, KeyError, TypeError, AttributeError):
     return []  # not a model section this version reads: the plain restore error stands
 
@@ -314,8 +314,10 @@ def train_and_evaluate(config, workdir: str, *, stop_at: Optional[int] = None):
   the final sample.
   """
   workdir = paths.normalize(workdir)
-  compile_cache.configure(config.train.get('compilation_cache_dir', ''))  # before any compile
+  config = resolve.complete(config)
+  compile_cache.configure(config.train.compilation_cache_dir)  # before any compile
   s = build(config, workdir)
+  config = s.config  # resolved: complete, validated, locked
   spec = s.model.spec
   plan = None  # data.buckets: bucket-pure batches of several shapes (data/buckets.py)
   if buckets_lib.enabled(config.data):
@@ -341,7 +343,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at: Optional[int] = None):
   writer = metrics_lib.MetricsWriter(workdir)
   if latest is not None:
     writer.resumed(latest)
-  board = tensorboard.TrainBoard(workdir, config.train.get('tensorboard', False))
+  board = tensorboard.TrainBoard(workdir, config.train.tensorboard)
   board.start(config, int(jax.device_get(state.step)), resumed=latest is not None)
   # Closed however the run ends: in a bucket they hold the lines not yet uploaded.
   with _closing(writer), _closing(board):
@@ -426,8 +428,8 @@ class NonFiniteGuard:
   train.max_nonfinite_steps of them come in a row."""
 
   def __init__(self, train_cfg):
-    self.policy = train_cfg.get('nonfinite', 'skip')
-    self.limit = int(train_cfg.get('max_nonfinite_steps', 20))
+    self.policy = train_cfg.nonfinite
+    self.limit = int(train_cfg.max_nonfinite_steps)
     self.learning_rate = train_cfg.learning_rate
     self.total = 0            # skipped steps so far, as of the last check
     self._count = None        # device scalar: skipped steps since the last check

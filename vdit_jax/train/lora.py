@@ -27,7 +27,9 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from vdit_jax.model import dit
+from vdit_jax.config import resolve
+from vdit_jax.model import spec as spec_lib
+
 from vdit_jax.model import lora
 from vdit_jax.parallel import mesh as mesh_lib
 from vdit_jax.parallel import paths
@@ -42,7 +44,7 @@ _SHARED_MODEL_FIELDS = ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size', 
 
 
 def enabled(config) -> bool:
-  return config.get('lora') is not None and config.lora.get('rank', 0) > 0
+  return config.lora.rank > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,16 +101,17 @@ def check_base_config(source: BaseSource, config) -> None:
   run (whose checkpoints and exports hold adapters only)."""
   if source.config_path is None:
     return
-  base = json.loads(paths.read_text(source.config_path))
-  if (base.get('lora') or {}).get('rank', 0) > 0:
+  saved = json.loads(paths.read_text(source.config_path))
+  base = resolve.complete(saved, strict=False)
+  if base.lora.rank > 0:
     raise ValueError(
         f'config.lora.base_checkpoint: {source.config_path} is the config of a LoRA run '
-        f'(lora.rank={base["lora"]["rank"]}), whose checkpoints and exports hold adapters '
+        f'(lora.rank={base.lora.rank}), whose checkpoints and exports hold adapters '
         "only; fine-tune from that run's base, "
-        f'{base["lora"].get("base_checkpoint")!r}, instead.')
-  diffs = dit.spec_differences(base['model'], config.model, label='base',
-                               fields=_SHARED_MODEL_FIELDS)
-  base_channels = base.get('data', {}).get('channels', config.data.channels)
+        f'{base.lora.base_checkpoint!r}, instead.')
+  diffs = resolve.model_differences(saved.get('model', {}), config, label='base',
+                                    fields=_SHARED_MODEL_FIELDS)
+  base_channels = saved.get('data', {}).get('channels', config.data.channels)
   if base_channels != config.data.channels:
     diffs.append(f'data.channels: base {base_channels}, this config {config.data.channels}')
   if diffs:
@@ -235,7 +238,7 @@ def make_setup(model, tx, config, mesh, rules) -> LoraSetup:
   targets = lora.parse_targets(lora_cfg.targets)
   rank = int(lora_cfg.rank)
   specs = lora.adapter_specs(boxed, targets, rank)
-  dtype = dit.DTYPES[model.spec.param_dtype]
+  dtype = spec_lib.DTYPES[model.spec.param_dtype]
 
   def init(rng):
     adapters = lora.init_adapters(rng, boxed, targets, rank, dtype)

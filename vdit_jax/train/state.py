@@ -29,7 +29,7 @@ def learning_rate_schedule(train_cfg) -> optax.Schedule:
   "Scaling Laws and Compute-Optimal Training beyond Fixed Training Durations")."""
   peak = train_cfg.learning_rate
   end = peak * train_cfg.end_lr_fraction
-  kind = train_cfg.get('lr_schedule', 'cosine')
+  kind = train_cfg.lr_schedule
   if kind not in defaults.LR_SCHEDULES:  # config/validate.py refuses it before this
     raise ValueError(f'train.lr_schedule={kind!r} must be one of {defaults.LR_SCHEDULES}.')
   warmup, total = train_cfg.warmup_steps, max(train_cfg.num_steps, train_cfg.warmup_steps + 1)
@@ -37,7 +37,7 @@ def learning_rate_schedule(train_cfg) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=total,
         end_value=end)
-  fraction = train_cfg.get('decay_fraction', 0.2)
+  fraction = train_cfg.decay_fraction
   decay_start = max(warmup, total - int(round(fraction * total)))
   decay_len = max(total - decay_start, 1)
 
@@ -101,7 +101,7 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
   if train_cfg.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(train_cfg.grad_clip))
   schedule = learning_rate_schedule(train_cfg)
-  name = train_cfg.get('optimizer', 'adamw')
+  name = train_cfg.optimizer
   if name == 'adamw':
     parts.append(optax.adamw(schedule, b1=train_cfg.b1, b2=train_cfg.b2,
                              weight_decay=train_cfg.weight_decay))

@@ -20,24 +20,21 @@ this size takes minutes (see configs/vae_tiny.py).
 
 from __future__ import annotations
 
-import copy
 import numbers
+from typing import Dict
 import time
-from typing import Any, Dict
 
 from absl import app
 from absl import flags
 from absl import logging
 import jax
 import jax.numpy as jnp
-import ml_collections
-from ml_collections import config_dict
 from ml_collections import config_flags
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vdit_jax.config import defaults
+from vdit_jax.config import resolve
 from vdit_jax.parallel import fatal
 from vdit_jax.data import pipeline
 from vdit_jax.parallel import paths
@@ -51,36 +48,6 @@ from vdit_jax.vae.config import check_clip_shape
 VAE_DIRNAME = 'vae'
 
 
-def default_config() -> ml_collections.ConfigDict:
-  """Every key VAE training reads, with its default (configs/vae_*.py start from this)."""
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.vae = v = ml_collections.ConfigDict()  # VAEConfig fields (vae/config.py)
-  arch = VAEConfig()
-  v.base_dim = arch.base_dim
-  v.decoder_base_dim = config_dict.placeholder(int)  # None: base_dim
-  v.z_dim = arch.z_dim
-  v.dim_mult = arch.dim_mult
-  v.num_res_blocks = arch.num_res_blocks
-  v.temporal_downsample = arch.temporal_downsample
-  v.dtype = 'float32'
-  # The DiT trainer's data config: same sources, fields and checks.
-  c.data = copy.deepcopy(defaults.base_config().data)
-  c.data.num_frames = 17  # 1 + 4k
-  c.train = t = ml_collections.ConfigDict()
-  t.num_steps = 1000
-  t.batch_size = 8
-  t.learning_rate = 1e-3
-  t.warmup_steps = 50
-  t.end_lr_fraction = 0.1
-  t.weight_decay = 0.0
-  t.b1 = 0.9
-  t.b2 = 0.99
-  t.grad_clip = 1.0
-  t.kl_weight = 1e-4     # x mean KL per latent value, next to the per-pixel MSE
-  t.log_every = 25
-  t.stats_batches = 8    # batches that measure the latents' mean / std at the end
-  return c
 
 
 def vae_config(config) -> VAEConfig:
@@ -159,6 +126,7 @@ def latent_statistics(cfg: VAEConfig, params, batches) -> Dict[str, np.ndarray]:
 
 def train_and_evaluate(config, workdir: str) -> str:
   """Trains, writes WORKDIR/metrics.jsonl and the VAE folder WORKDIR/vae; returns its path."""
+  config = resolve.complete(config)  # every default from config/defaults.py
   cfg = check_config(config)
   workdir = paths.check_writable(workdir, '--workdir')
   rng = jax.random.PRNGKey(config.seed)

@@ -20,11 +20,11 @@ import time
 
 from absl import app
 from absl import flags
-import ml_collections
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vdit_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+from vdit_jax.config import defaults  # pylint: disable=g-import-not-at-top
+from vdit_jax.data import pipeline
 from vdit_jax.data import synthetic
 from vdit_jax.data import video_io
 from vdit_jax.tools import make_shards as make_shards_lib
@@ -54,10 +54,12 @@ def _write_videos(root: str) -> float:
 
 
 def _data_config(source: str, path: str, num_workers: int):
-  return ml_collections.ConfigDict(dict(
-      source=source, path=path, num_frames=T, height=H, width=W, channels=3,
-      num_examples=FLAGS.num_videos, num_workers=num_workers, time_stride=1.0,
-      frame_stride=1, clip_start='random', crop='center', source_seed=0))
+  """The trainer's data defaults (every field the pipeline reads) with this case's values."""
+  data = defaults.base_config().data
+  data.update(dict(source=source, path=path, num_frames=T, height=H, width=W, channels=3,
+                   num_examples=FLAGS.num_videos, num_workers=num_workers, time_stride=1.0,
+                   frame_stride=1, clip_start='random', crop='center', source_seed=0))
+  return data
 
 
 def _time_case(source: str, path: str, num_workers: int) -> dict:

@@ -2,7 +2,7 @@ r"""Latent video diffusion end to end on a CPU: VAE training -> latent shards ->
 on the latents -> --mode=sample -> mp4, each stage through its real command line.
 
 python bench/latent_e2e.py [--workdir=runs/latent_e2e] [--vae_steps=60] [--num_examples=256] \
-    [--dit_steps=200] [--heldout=16]
+    [--dit_steps=200] [--heldout=16] [--vae_set=train.batch_size=2 --dit_set=model.depth=1 ...]
 
 Runs, in --workdir (replaced):
   python -m vdit_jax.train.vae --config=configs/vae_tiny.py --workdir=W/vae_run
@@ -13,7 +13,9 @@ then prints each stage's wall time, the VAE's PSNR (last training batch, and on 
 synthetic clips of another seed, encoded to the posterior mean and decoded in chunks), the
 DiT's loss at the start and end (mean of the first / last 5 logged steps), and the sample
 mp4's path and frame shape. Ends with one JSON line. Budgets are small: the figures show
-that the chain works, not how good a trained model gets.
+that the chain works, not how good a trained model gets. --vae_set / --dit_set KEY=VALUE
+(repeatable) pass --config.KEY=VALUE to the VAE trainer / to both DiT commands (the smoke
+test in tests/bench_test.py shrinks both models with them).
 """
 
 import json
@@ -37,6 +39,8 @@ flags.DEFINE_integer('dit_steps', 200, 'DiT training steps on the latents.')
 flags.DEFINE_integer('dit_batch', 16, 'DiT global batch size.')
 flags.DEFINE_integer('sample_steps', 25, 'DDIM steps of --mode=sample.')
 flags.DEFINE_integer('heldout', 16, 'Held-out synthetic clips for the VAE PSNR.')
+flags.DEFINE_multi_string('vae_set', [], 'KEY=VALUE: --config.KEY=VALUE for the VAE trainer.')
+flags.DEFINE_multi_string('dit_set', [], 'KEY=VALUE: --config.KEY=VALUE for the DiT commands.')
 FLAGS = flags.FLAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,7 +88,7 @@ def main(argv):
   seconds = {}
   seconds['vae_train'] = _run('vae', [
       'vdit_jax.train.vae', '--config=configs/vae_tiny.py', f'--workdir={vae_run}',
-      f'--config.train.num_steps={FLAGS.vae_steps}'])
+      f'--config.train.num_steps={FLAGS.vae_steps}'] + [f'--config.{s}' for s in FLAGS.vae_set])
   seconds['encode'] = _run('encode', [
       'vdit_jax.tools.encode_latents', '--videos=synthetic',
       f'--num_examples={FLAGS.num_examples}', '--num_frames=9', '--height=32', '--width=32',
@@ -94,6 +98,7 @@ def main(argv):
                f'--config.train.batch_size={FLAGS.dit_batch}',
                f'--config.sample.num_steps={FLAGS.sample_steps}',
                f'--config.train.log_every={LOG_EVERY}', '--config.train.tensorboard=False']
+  dit_flags += [f'--config.{s}' for s in FLAGS.dit_set]
   seconds['dit_train'] = _run('dit', ['vdit_jax.main'] + dit_flags)
   seconds['sample'] = _run('sample', ['vdit_jax.main', '--mode=sample'] + dit_flags)
 

@@ -34,7 +34,7 @@ unit of compute", the rounds that led to it in docs/history/recipe-rounds.md):
 - the class label as 4 tokens that every block cross-attends to (model.class_tokens=4),
   beside its adaLN vector.
 Alone, none of the last three moves the samples' direction off chance; together the
-model's x0 error at the noisiest step reaches what the label allows (bench/label_use.py)
+model's x0 error at the noisiest step reaches what the label allows (vdit_jax.eval.label_use)
 and the samples move in the label's direction.
 
 Variants (`--config=configs/tiny.py:VARIANT`):

@@ -80,7 +80,7 @@ def test_curve_of_a_run(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   env['PYTHONPATH'] = os.pathsep.join(p for p in (REPO, env.get('PYTHONPATH')) if p)
   proc = subprocess.run(
-      [sys.executable, os.path.join(REPO, 'bench', 'learning_curve.py'),
+      [sys.executable, '-m', 'vdit_jax.eval.learning_curve',
        f'--config={os.path.abspath(__file__)}', f'--workdir={workdir}', '--num_samples=3'],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,10 +1,10 @@
-"""bench/posthoc_ema.py: EMA profiles rebuilt from kept params."""
+"""vdit_jax/eval/posthoc_ema.py: EMA profiles rebuilt from kept params."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bench import posthoc_ema
+from vdit_jax.eval import posthoc_ema
 from vdit_jax.train import step as step_lib
 
 

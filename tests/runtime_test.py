@@ -264,7 +264,7 @@ def test_sample_bench_json(bench_outputs):
 
 
 def test_denoise_error_diagnostic_writes_its_grid_and_probe(tmp_path):
-  """bench/denoise_error.py on a 2-step model: per-t errors, the PNG grid and the probe."""
+  """vdit_jax.eval.denoise_error on a 2-step model: per-t errors, the PNG grid and the probe."""
   from PIL import Image
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   common = ['--config=configs/tiny.py', f'--workdir={tmp_path}', *_TINY,
@@ -275,7 +275,8 @@ def test_denoise_error_diagnostic_writes_its_grid_and_probe(tmp_path):
                          capture_output=True, text=True, timeout=600)
   assert train.returncode == 0, train.stderr[-3000:]
   image = tmp_path / 'x0.png'
-  p = subprocess.run([sys.executable, 'bench/denoise_error.py', *common, '--batch=2',
+  p = subprocess.run([sys.executable, '-m', 'vdit_jax.eval.denoise_error', *common,
+                      '--batch=2',
                       f'--image={image}', '--probe'], cwd=REPO, env=env, capture_output=True,
                      text=True, timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]

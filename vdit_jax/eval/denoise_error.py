@@ -1,6 +1,6 @@
 r"""Per-timestep error of a trained model, and how its samples saturate.
 
-python bench/denoise_error.py --config=configs/tiny.py --workdir=runs/tiny \
+python -m vdit_jax.eval.denoise_error --config=configs/tiny.py --workdir=runs/tiny \
     [--image=/tmp/x0.png] [--probe]
 
 Restores the newest checkpoint in WORKDIR, noises a batch of real clips at
@@ -22,7 +22,9 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The repository root, for `python vdit_jax/eval/<name>.py`; `python -m vdit_jax.eval.<name>`
+# needs none.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import jax
 import jax.numpy as jnp

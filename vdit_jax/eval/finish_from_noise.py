@@ -1,6 +1,6 @@
 r"""At which noise level does a trained model decide a clip's shape and direction?
 
-python bench/finish_from_noise.py --config=configs/tiny.py --workdir=runs/tiny \
+python -m vdit_jax.eval.finish_from_noise --config=configs/tiny.py --workdir=runs/tiny \
     [--num_clips=16] [--config.x.y=... as the run was trained]
 
 Noises held-out clips of the config's synthetic data to a start step t0 (the same noise for
@@ -18,7 +18,9 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The repository root, for `python vdit_jax/eval/<name>.py`; `python -m vdit_jax.eval.<name>`
+# needs none.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from absl import app, flags
 import jax
@@ -63,7 +65,7 @@ def ddim_from(d, predict, z, t0: int, num_steps: int):
 
 def main(_):
   config = FLAGS.config
-  if config.data.source != 'synthetic' or config.model.get('conditioning', 'class') != 'class':
+  if config.data.source != 'synthetic' or config.model.conditioning != 'class':
     raise SystemExit('finish_from_noise reads class-conditioned models of the synthetic data.')
   if config.diffusion.objective == 'flow':
     raise SystemExit('finish_from_noise runs DDIM: use a discrete objective (eps or v).')

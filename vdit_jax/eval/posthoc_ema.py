@@ -8,7 +8,7 @@ to the first snapshot at or after it), sample, and score each with the detector:
 
   python -m vdit_jax.main --config=configs/tiny.py --workdir=runs/snap \
       --config.checkpoint.every_steps=50 --config.checkpoint.keep_period=50
-  python bench/posthoc_ema.py --config=configs/tiny.py --workdir=runs/snap \
+  python -m vdit_jax.eval.posthoc_ema --config=configs/tiny.py --workdir=runs/snap \
       [--profiles=raw,exp:0.99,exp:0.999,power:0.05,...] [--num_samples=96]
 
 Profiles: `raw` (the last params), `exp:D` (the trainer's EMA with decay D, warmed up as
@@ -26,7 +26,9 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The repository root, for `python vdit_jax/eval/<name>.py`; `python -m vdit_jax.eval.<name>`
+# needs none.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from absl import app, flags
 import flax.linen as nn
@@ -139,7 +141,7 @@ def main(_):
   print(json.dumps({'approximation': check}), flush=True)
 
   labels = None
-  if config.model.get('conditioning', 'class') == 'class':
+  if config.model.conditioning == 'class':
     labels = np.asarray(sampling.sample_labels(FLAGS.num_samples, synthetic.NUM_CLASSES))
   rng = jax.random.key(config.sample.seed)
   results = []

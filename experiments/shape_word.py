@@ -1,6 +1,13 @@
-r"""Does a text model draw the shape its caption names? Two probes on held-out clips.
+r"""Showed: tiny_text's model reads the shape word, but knows 'square' only as "not a triangle".
 
-python bench/shape_word.py --config=configs/tiny_text.py --workdir=runs/tiny_text \
+Figures: docs/history/text-and-extension.md, "Where the square is lost" (2026-12-03).
+It steps a discrete chain, so it needs a model of objective eps or v: configs/tiny_text.py
+was v then and is flow now (train with --config.diffusion.objective=v
+--config.diffusion.t_sampling=uniform --config.diffusion.shift=1 --config.sample.sampler=ddim).
+
+Does a text model draw the shape its caption names? Two probes on held-out clips.
+
+python experiments/shape_word.py --config=configs/tiny_text.py --workdir=runs/tiny_text \
     [--num_clips=24] [--t_starts=400,600,800,999] [--scales=1,10]
 
 For a model trained on the built-in synthetic shapes with captions (model.conditioning=
@@ -14,7 +21,7 @@ source's data.source_seed) of each shape, with their own captions:
 2. Re-denoising: each clip noised to t_start and taken back to t = 0 by DDIM (eta 0) over
    the steps of the config's sample.num_steps chain that lie below t_start (the sampler's
    respacing, x0 clipped), guided at each of --scales, with its own caption and with the
-   shape word swapped; the tools/detect.py reading of the results (shape counts, median
+   shape word swapped; the vdit_jax/eval/detect.py reading of the results (shape counts, median
    fill and object box). t_start = 999 starts from pure noise: plain text-to-video.
    Clips that come back as their own shape whatever the word say the noisy input already
    fixes the shape at that t; clips that follow the word say the model uses it there.
@@ -59,13 +66,17 @@ HELD_OUT_SEED = 777
 
 
 def _check(config):
-  if config.model.get('conditioning') != 'text' or text_lib.resolve_spec(
+  if config.model.conditioning != 'text' or text_lib.spec_from_config(
       config.model.text).encoder != 'builtin':
-    raise ValueError('bench/shape_word.py needs a model with model.conditioning=\'text\' and '
+    raise ValueError('experiments/shape_word.py needs a model with model.conditioning=\'text\' and '
                      f"model.text.encoder='builtin', got conditioning="
-                     f'{config.model.get("conditioning")!r}.')
+                     f'{config.model.conditioning!r}.')
+  if config.diffusion.objective not in ('eps', 'v'):
+    raise ValueError(f'experiments/shape_word.py steps a discrete DDIM chain: it needs '
+                     f"diffusion.objective 'eps' or 'v', got {config.diffusion.objective!r} "
+                     '(configs/tiny_text.py was v when it ran, flow since).')
   if config.data.source != 'synthetic':
-    raise ValueError(f'bench/shape_word.py needs data.source=\'synthetic\', got '
+    raise ValueError(f'experiments/shape_word.py needs data.source=\'synthetic\', got '
                      f'{config.data.source!r}.')
   for name in FLAGS.shapes:
     if name not in synthetic.SHAPES:
@@ -120,7 +131,7 @@ def main(argv):
   params, step, _ = modes.params_to_sample(s, FLAGS.workdir, None)
   s.checkpointer.close()
   d = s.diffusion
-  tokenizer = text_lib.Tokenizer(text_lib.resolve_spec(config.model.text).max_length)
+  tokenizer = text_lib.Tokenizer(text_lib.spec_from_config(config.model.text).max_length)
 
   def encode(captions):
     ids, mask = tokenizer.encode_batch(captions)

@@ -1,6 +1,6 @@
 r"""How much a class-conditioned model uses its label, against how much the data says it can.
 
-python bench/label_use.py --config=configs/tiny.py --workdir=runs/tiny \
+python -m vdit_jax.eval.label_use --config=configs/tiny.py --workdir=runs/tiny \
     [--step=N] [--num_clips=32] [--config.x.y=... as the run was trained]
 
 For held-out clips of the config's synthetic data, noised at several t, prints the x0-estimate
@@ -18,7 +18,9 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The repository root, for `python vdit_jax/eval/<name>.py`; `python -m vdit_jax.eval.<name>`
+# needs none.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from absl import app, flags
 import jax
@@ -58,7 +60,7 @@ def data_best(data_cfg, clips, labels, num_train: int = 2048) -> dict:
   """MSE of each clip [N, T, H, W, C] in [-1, 1] against its label's mean clip (and the wrong
   ones', and the mean of all clips), the means taken over `num_train` training clips."""
   source = synthetic.from_data_config(data_cfg, num_examples=num_train,
-                                      seed=data_cfg.get('source_seed', 0))
+                                      seed=data_cfg.source_seed)
   train = [source[i] for i in range(num_train)]
   x = np.stack([e['video'] for e in train]).astype(np.float32) / 127.5 - 1.0
   y = np.array([e['label'] for e in train])
@@ -70,10 +72,10 @@ def data_best(data_cfg, clips, labels, num_train: int = 2048) -> dict:
 
 def main(_):
   config = FLAGS.config
-  if config.data.source != 'synthetic' or config.model.get('conditioning', 'class') != 'class':
+  if config.data.source != 'synthetic' or config.model.conditioning != 'class':
     raise SystemExit('label_use reads class-conditioned models of the synthetic data '
                      f'(data.source={config.data.source!r}, '
-                     f'model.conditioning={config.model.get("conditioning", "class")!r}).')
+                     f'model.conditioning={config.model.conditioning!r}).')
   s = loop.build(config, FLAGS.workdir)
   try:  # the params --mode=sample reads (EMA unless sample.use_ema=False)
     params, step, _ = modes.params_to_sample(

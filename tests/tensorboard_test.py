@@ -1,10 +1,13 @@
-"""TensorBoard event files from train/tensorboard.py, read back with TensorBoard's own loaders."""
+"""TensorBoard event files from train/tensorboard.py (tensorboardX's records, written through
+parallel.paths), read back with TensorBoard's own loaders."""
 
 import glob
 import io
 import json
 import os
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,7 +17,9 @@ from tensorboard.backend.event_processing import event_file_loader
 from tensorboard.util import tensor_util
 
 from configs import tiny
+from tests.gcs_emulator import gcs  # pylint: disable=unused-import  # the fixture
 from vdit_jax.config import validate
+from vdit_jax.parallel import paths
 from vdit_jax.train import loop
 from vdit_jax.train import metrics as metrics_lib
 from vdit_jax.train import tensorboard
@@ -29,13 +34,45 @@ def _accumulator(logdir):
   return acc
 
 
-def test_crc32c_and_record_framing():
-  # The CRC-32C check value, and a record that TensorBoard's own reader parses back.
-  assert tensorboard.crc32c(b'123456789') == 0xE3069283
-  assert tensorboard.crc32c(b'') == 0
-  record = tensorboard.tfrecord(b'abc')
-  assert struct.unpack('<Q', record[:8])[0] == 3
-  assert len(record) == 8 + 4 + 3 + 4
+def test_records_are_tensorboardx_framing_through_paths(tmp_path):
+  # tensorboardX frames the records (its RecordWriter, its CRC-32C); the file they land in
+  # is this module's, and tensorboardX's own gs:// and s3:// writers stay registered.
+  from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+  writer = tensorboard.EventFileWriter(str(tmp_path))
+  writer.scalars(1, {'a': 1.0})
+  data = open(writer.path, 'rb').read()  # written at once, before any flush or close
+  length = struct.unpack('<Q', data[:8])[0]
+  assert struct.unpack('<I', data[8:12])[0] == record_writer.masked_crc32c(data[:8])
+  assert struct.unpack('<I', data[12 + length:16 + length])[0] == record_writer.masked_crc32c(
+      data[12:12 + length])
+  writer.close()
+  assert [e.step for e in event_file_loader.EventFileLoader(writer.path).Load()] == [0, 1]
+  ours = record_writer.REGISTERED_FACTORIES[tensorboard._PREFIX]  # pylint: disable=protected-access
+  assert not isinstance(record_writer.REGISTERED_FACTORIES['gs'], type(ours))
+  assert not isinstance(record_writer.REGISTERED_FACTORIES['s3'], type(ours))
+
+
+def test_writer_in_a_bucket_through_paths(gcs, tmp_path):
+  """Event files in a bucket (the GCS emulator, reached by etils.epath like every other
+  file of a run): rewritten on flush and close, a new file past max_remote_bytes."""
+  logdir = f'gs://{gcs.new_bucket()}/run/tensorboard'
+  writer = tensorboard.EventFileWriter(logdir, flush_interval_s=3600, max_remote_bytes=300)
+  first = writer.path
+  written = len(paths.read_bytes(first))  # the file version, uploaded at the first append
+  writer.text(0, 'config', 'x' * 200)
+  assert len(paths.read_bytes(first)) == written  # not yet: at most every flush_interval_s
+  writer.flush()
+  assert len(paths.read_bytes(first)) > written + 200
+  for step in (1, 2, 3):
+    writer.scalars(step, {'loss': float(step)})
+  writer.close()
+  names = paths.listdir(logdir)
+  assert len(names) == 2 and os.path.basename(first) in names  # rolled over past 300 bytes
+  for name in names:
+    (tmp_path / name).write_bytes(paths.read_bytes(paths.join(logdir, name)))
+  acc = _accumulator(str(tmp_path))
+  assert [(e.step, e.value) for e in acc.Scalars('loss')] == [(1, 1.0), (2, 2.0), (3, 3.0)]
+  assert acc.Tensors('config')[0].tensor_proto.string_val == [b'x' * 200]
 
 
 def test_png_round_trip_exact():
@@ -87,6 +124,17 @@ def test_disabled_board_writes_nothing(tmp_path):
   board.samples(1, np.zeros((1, 2, 4, 4, 3), np.float32))
   board.close()
   assert not os.path.exists(os.path.join(tmp_path, tensorboard.LOG_DIRNAME))
+
+
+def test_tensorboardx_is_imported_by_the_first_writer_only():
+  """Its import takes seconds (google-cloud-storage, and torch where installed): a run
+  without TensorBoard, or a process other than 0, does not pay for it."""
+  code = ('import sys; from vdit_jax.train import tensorboard; '
+          "tensorboard.TrainBoard(sys.argv[1], enabled=False).close(); "
+          "print('tensorboardX' in sys.modules)")
+  out = subprocess.run([sys.executable, '-c', code, '/nonexistent'], capture_output=True,
+                       text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert out.stdout.strip() == 'False', out.stderr
 
 
 def test_config_key_must_be_a_bool():

@@ -10,9 +10,9 @@ by their path relative to the root, so the index of a file does not depend on th
 system's listing order. A bucket folder is listed folder by folder (one request per
 folder, through etils.epath); a bucket glob lists the folder before its first wildcard the
 same way and matches each name with glob's rules (`*`, `?`, `[...]` within a name, `**`
-any number of folders; hidden folders are not searched). Bucket videos are downloaded for
-each read (see video_io), so the probe below fetches every file once on every host: for
-large data sets, make shards (tools/make_shards.py).
+any number of folders; hidden folders are not searched). Bucket videos are read in place
+(ranged reads through etils.epath, see video_io), but the probe below decodes every file
+once on every host: for large data sets, make shards (tools/make_shards.py).
 
 Labels: the root is the folder itself, or for a glob the folder part before the first
 wildcard. A video in a sub-folder of the root belongs to the class named by that first
@@ -53,7 +53,7 @@ from vdit_jax.data import video_io
 from vdit_jax.parallel import paths
 
 _MAX_SUBSTITUTES = 16  # read-time failures in a row before giving up
-_PROBE_THREADS = 8     # ffmpeg probes are subprocesses: threads overlap them
+_PROBE_THREADS = 8     # probes overlap their bucket reads (and PyAV's decoding) on threads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,8 +225,8 @@ def list_videos(path) -> VideoList:
 
 
 def describe_error(error: Exception) -> str:
-  """One line: the error's type, and the first and last lines of its message (ffmpeg's
-  errors carry pages of log between the two)."""
+  """One line: the error's type, and the first and last lines of its message (decoders'
+  errors can carry pages of log between the two)."""
   lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
   if not lines:
     return type(error).__name__

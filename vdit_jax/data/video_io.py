@@ -3,21 +3,25 @@
     frames = make_grid(to_uint8(samples), ncols=4, scale=4)   # [T, H', W', C]
     write_video('samples/step_1000.mp4', frames, fps=8)
     n = count_frames('clip.webm')                             # decodes once, raises if broken
-    clip = read_frames('clip.webm', [0, 2, 4, 6])             # [4, H, W, 3] uint8
+    clip = read_frames('clip.webm', [30, 32, 34, 36])         # [4, H, W, 3] uint8
 
 Writing handles .mp4 and .gif; reading (`count_frames`, `read_frames`) handles every
-extension in READ_EXTENSIONS: .gif through Pillow, the rest through the ffmpeg binary that
-imageio-ffmpeg ships (run directly by `subprocess.run`, one process per call, never with a
-`preexec_fn`: that would fork the multi-threaded JAX process, which JAX warns about).
+extension in READ_EXTENSIONS: .gif through Pillow, the rest through PyAV (FFmpeg's
+libraries inside this process: no ffmpeg binary, no subprocess, nothing forked).
 
-Paths may be local or bucket URLs (gs://, through `parallel.paths`). ffmpeg needs a seekable
-file (an mp4's index may sit at its end), so a bucket video is downloaded whole to a local
-temporary file for each call and removed after it: the bytes ffmpeg would read anyway, plus
-one local write. A video written to a bucket is encoded into a local temporary file and
-uploaded as one object.
+`read_frames` seeks: for a clip that starts past the first keyframe it lists the stream's
+packets (demuxing reads the file but decodes nothing), seeks to the last keyframe at or
+before the first frame asked for, and decodes from there. Frame n is the n-th frame in
+presentation order, as when decoding from the start; where the packets cannot say which
+frame is which (no timestamps, repeated ones) it decodes from the start instead.
 
-imageio-ffmpeg (for its ffmpeg binary) and Pillow are optional: they are imported only when
-a file is written or read, and installed with `pip install 'vdit_jax[video]'`.
+Paths may be local or bucket URLs (gs://, through `parallel.paths`). A bucket video is read
+through the file object that `paths` opens: PyAV reads and seeks it (ranged reads), so no
+local copy is made. A video written to a bucket is encoded into a local temporary file (the
+mp4 muxer seeks back to write its index) and uploaded as one object.
+
+PyAV is required (its wheels carry FFmpeg with libx264). Pillow is optional: it is
+imported only for .gif, and installed with `pip install 'vdit_jax[video]'`.
 """
 
 from __future__ import annotations
@@ -27,8 +31,7 @@ import fractions
 import math
 import numbers
 import os
-import subprocess
-from typing import Iterator, Optional
+from typing import Iterator
 
 import numpy as np
 
@@ -46,6 +49,15 @@ def _import_pil_image():
   except ImportError as e:
     raise ImportError(f'Reading and writing gif needs Pillow: {_INSTALL_HINT}') from e
   return Image
+
+
+def _import_av():
+  try:
+    import av  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError('Reading and writing mp4 (and reading other videos) needs PyAV: '
+                      'pip install av') from e
+  return av
 
 
 def _extension(path) -> str:
@@ -137,18 +149,25 @@ def _pad_to_macro_block(frames: np.ndarray) -> np.ndarray:
 
 
 def _write_mp4(path: str, frames: np.ndarray, fps: float) -> None:
-  """H.264 at CRF 5 (imageio's quality 9), the raw RGB frames piped to ffmpeg's stdin by
-  `_run_ffmpeg`: imageio's writer starts ffmpeg with a preexec_fn, which forks the whole
-  (multi-threaded) process and made JAX warn that os.fork() was called."""
+  """H.264 (libx264, yuv420p, CRF 5: imageio's quality 9) through PyAV, in this process.
+
+  RGB becomes yuv420p by swscale's bicubic filter, as the ffmpeg command's scale filter did
+  (the same bytes); PyAV's default, bilinear, left 13% more error on a sample grid."""
+  av = _import_av()
   if frames.shape[-1] == 1:
     frames = np.repeat(frames, 3, axis=-1)  # [T, H, W, 3]
   frames = _pad_to_macro_block(frames)  # [T, H16, W16, 3]
   _, h, w, _ = frames.shape
-  rate = str(fractions.Fraction(fps).limit_denominator())
-  _run_ffmpeg(['-y', '-f', 'rawvideo', '-vcodec', 'rawvideo', '-s', f'{w}x{h}',
-               '-pix_fmt', 'rgb24', '-r', rate, '-i', '-', '-an', '-vcodec', 'libx264',
-               '-pix_fmt', 'yuv420p', '-crf', '5', path],
-              stdin_bytes=np.ascontiguousarray(frames, np.uint8).tobytes())
+  with av.open(path, mode='w', format='mp4') as container:
+    stream = container.add_stream('libx264', rate=fractions.Fraction(fps).limit_denominator())
+    stream.width, stream.height, stream.pix_fmt = w, h, 'yuv420p'
+    stream.options = {'crf': '5'}
+    bicubic = av.video.reformatter.Interpolation.BICUBIC
+    for frame in frames:
+      yuv = av.VideoFrame.from_ndarray(frame, format='rgb24').reformat(
+          format='yuv420p', interpolation=bicubic)
+      container.mux(stream.encode(yuv))
+    container.mux(stream.encode())  # the frames the encoder still holds
 
 
 def _write_gif(path: str, frames: np.ndarray, fps: float) -> None:
@@ -165,7 +184,7 @@ def _write_gif(path: str, frames: np.ndarray, fps: float) -> None:
 def write_video(path, frames, fps: float = 8) -> str:
   """Writes uint8 frames [T, H, W, C] (C = 1 or 3) to `path` (.mp4 or .gif); returns the path.
 
-  - .mp4: H.264 (libx264, yuv420p, CRF 5) through imageio-ffmpeg's binary. H and W are padded with
+  - .mp4: H.264 (libx264, yuv420p, CRF 5) through PyAV. H and W are padded with
     black at the bottom/right up to multiples of 16 so every player opens the file (upscale
     small clips first with `make_grid(..., scale=k)` to make them watchable).
   - .gif: Pillow, looping forever. Pillow merges consecutive identical frames into one
@@ -190,39 +209,149 @@ def write_video(path, frames, fps: float = 8) -> str:
 
 
 @contextlib.contextmanager
-def _local_video(path: str) -> Iterator[str]:
-  """A local file holding the video at `path`: the file itself, or for a bucket URL a
-  download removed after the block. Raises FileNotFoundError naming `path` if it is none."""
-  if not paths.is_remote(path) and not paths.isfile(path):
-    raise FileNotFoundError(f'No video file at {path!r}.')
-  with contextlib.ExitStack() as stack:
-    try:
-      local = stack.enter_context(paths.local_copy(path))  # a missing object raises here
-    except FileNotFoundError:
-      raise FileNotFoundError(f'No video file at {path!r}.') from None
-    yield local
+def _open_file(path: str) -> Iterator:
+  """The video at `path`: a local file name, or for a bucket URL a file object that
+  `paths` opens (read in ranges as the decoder asks). Raises FileNotFoundError naming
+  `path` if there is none."""
+  if not paths.is_remote(path):
+    if not paths.isfile(path):
+      raise FileNotFoundError(f'No video file at {path!r}.')
+    yield paths.normalize(path)
+    return
+  try:
+    f = paths.path(path).open('rb')  # a missing object raises here
+  except FileNotFoundError:
+    raise FileNotFoundError(f'No video file at {path!r}.') from None
+  with f:
+    yield f
+
+
+@contextlib.contextmanager
+def _open_video(path: str) -> Iterator:
+  """(PyAV input container, its first video stream) of the video at `path`."""
+  av = _import_av()
+  with _open_file(path) as source:
+    with av.open(source, mode='r') as container:
+      if not container.streams.video:
+        raise ValueError(f'Video file {path!r} holds no video stream.')
+      yield container, container.streams.video[0]
+
+
+def _rgb(frame) -> np.ndarray:
+  return frame.to_ndarray(format='rgb24')  # [H, W, 3] uint8
+
+
+def _decode_from_start(stream_frames, wanted: list) -> dict:
+  """{index: [H, W, 3]} of the `wanted` (sorted, unique) frames, counted from frame 0."""
+  last, want = wanted[-1], set(wanted)
+  found = {}
+  for n, frame in enumerate(stream_frames):
+    if n in want:
+      found[n] = _rgb(frame)
+    if n >= last:
+      break
+  return found
+
+
+def _packet_table(container, stream):
+  """(every frame's pts in presentation order, the keyframes' pts), from the packets
+  alone (nothing decoded); None when the packets cannot name the frames: one without a
+  timestamp, or two with the same."""
+  pts, keyframes = [], []
+  for packet in container.demux(stream):
+    if packet.size == 0:  # the demuxer's final empty packet
+      continue
+    if packet.pts is None:
+      return None
+    if packet.is_discard:  # the decoder drops its frame (an edit list cuts it)
+      continue
+    pts.append(packet.pts)
+    if packet.is_keyframe:
+      keyframes.append(packet.pts)
+  if len(set(pts)) != len(pts):
+    return None
+  return sorted(pts), sorted(keyframes)
+
+
+def _one_keyframe(container, stream) -> bool:
+  """True when an mp4 / mov holds a single keyframe: a seek could only land on frame 0.
+  Their demuxer reads every sample into its index with the header; others (Matroska,
+  whose cues come later) may not, so for them this says False."""
+  return ('mp4' in container.format.name.split(',')
+          and sum(1 for entry in stream.index_entries if entry.is_keyframe) == 1)
+
+
+def _decode_after_seek(container, stream, wanted: list):
+  """{index: [H, W, 3]} of the `wanted` (sorted, unique) frames, decoded from the last
+  keyframe at or before the first of them; None where that cannot be done exactly (the
+  caller then decodes from the start).
+
+  Each decoded frame is named by its pts's rank among all the packets' pts. Frames before
+  the keyframe in presentation order (an open GOP's leading frames, which would be decoded
+  from missing references) are dropped. A seek that lands past the first wanted frame (a
+  demuxer that compares decode timestamps) is retried from the keyframe before."""
+  table = _packet_table(container, stream)
+  if table is None:
+    return None
+  order, keyframes = table
+  if wanted[-1] >= len(order):
+    return None  # asks past the end: decoding from the start says how far it got
+  rank = {p: i for i, p in enumerate(order)}
+  want = set(wanted)
+  starts = [p for p in keyframes if p <= order[wanted[0]]]
+  for start in reversed(starts[-4:]):  # the last keyframe first, then up to 3 before it
+    if rank[start] == 0:
+      return None  # that is decoding from the start
+    container.seek(start, stream=stream, backward=True, any_frame=False)
+    found, first = {}, None
+    for frame in container.decode(stream):
+      index = rank.get(frame.pts)
+      if index is None:
+        return None
+      if index < rank[start]:
+        continue
+      if first is None:
+        first = index
+        if first > wanted[0]:
+          break  # landed too late: try the keyframe before
+      if index in want:
+        found[index] = _rgb(frame)
+      if index >= wanted[-1]:
+        break
+    if first is not None and first <= wanted[0]:
+      return found if len(found) == len(wanted) else None
+  return None
 
 
 def read_video(path) -> np.ndarray:
   """Reads an .mp4 or .gif into uint8 [T, H, W, 3] (grey gifs come back as RGB)."""
   path = os.fspath(path)
   ext = _extension(path)
-  with _local_video(path) as local:
-    if ext == '.mp4':  # every frame as PPM images through `_run_ffmpeg` (no fork)
-      frames = _parse_ppm_stream(_run_ffmpeg(['-i', local, '-map', '0:v:0',
-                                              '-fps_mode', 'passthrough', '-f', 'image2pipe',
-                                              '-c:v', 'ppm', '-']))
-      if not frames:
-        raise ValueError(f'Video file {path!r} holds no frames.')
-    else:
-      image_lib = _import_pil_image()
-      frames = []
-      with image_lib.open(local) as image:
-        for i in range(getattr(image, 'n_frames', 1)):
-          image.seek(i)
-          frames.append(np.asarray(image.convert('RGB')))
+  if ext == '.mp4':
+    with _open_video(path) as (container, stream):
+      frames = [_rgb(frame) for frame in container.decode(stream)]
+    if not frames:
+      raise ValueError(f'Video file {path!r} holds no frames.')
+  else:
+    frames = _read_gif(path, None)
   video = np.stack(frames)  # [T, H, W, 3]
   return video.astype(np.uint8)
+
+
+def _read_gif(path: str, wanted) -> list:
+  """The frames of a gif as uint8 [H, W, 3]: all, or those numbered `wanted` (sorted,
+  unique) that it holds."""
+  image_lib = _import_pil_image()
+  frames = []
+  with _open_file(path) as source:
+    with image_lib.open(source) as image:
+      available = int(getattr(image, 'n_frames', 1))
+      for i in range(available) if wanted is None else wanted:
+        if i >= available:
+          break
+        image.seek(i)
+        frames.append(np.asarray(image.convert('RGB')))  # [H, W, 3]
+  return frames
 
 
 def _read_extension(path: str) -> str:
@@ -233,89 +362,37 @@ def _read_extension(path: str) -> str:
   return ext
 
 
-def _run_ffmpeg(args, stdin_bytes: Optional[bytes] = None) -> bytes:
-  """Runs the ffmpeg binary of imageio-ffmpeg; returns stdout, raises with its error log.
-
-  Called through plain `subprocess.run` (no `preexec_fn`, unlike imageio-ffmpeg's own
-  readers and writer), so starting it from a multi-threaded process (JAX, grain threads)
-  is safe. `stdin_bytes`: what ffmpeg reads as input `-` (else its stdin is closed).
-  """
-  try:
-    import imageio_ffmpeg  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError(f'Reading videos needs imageio-ffmpeg: {_INSTALL_HINT}') from e
-  if stdin_bytes is None:
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), '-nostdin', '-hide_banner', '-v', 'error', *args]
-    result = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, check=False)
-  else:
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), '-hide_banner', '-v', 'error', *args]
-    result = subprocess.run(cmd, input=stdin_bytes, capture_output=True, check=False)
-  if result.returncode != 0:
-    log = result.stderr.decode(errors='replace').strip().splitlines()
-    raise RuntimeError(f'ffmpeg exited with status {result.returncode}: '
-                       f'{log[-1] if log else "(no message)"}')
-  return result.stdout
-
-
 def count_frames(path) -> int:
   """Number of frames of a video file, found by decoding it once (raises if it cannot).
 
-  Serves as the readability probe of a file: a file that ffmpeg (or Pillow, for .gif)
-  cannot open or decode raises (RuntimeError, OSError, ...), one with no frames raises
-  ValueError.
+  Serves as the readability probe of a file: a file that PyAV (or Pillow, for .gif)
+  cannot open or decode raises (av's errors, which are ValueError or OSError, ...), one
+  with no frames raises ValueError.
   """
   path = os.fspath(path)
   ext = _read_extension(path)
-  with _local_video(path) as local:
-    if ext == '.gif':
-      image_lib = _import_pil_image()
-      with image_lib.open(local) as image:
+  if ext == '.gif':
+    image_lib = _import_pil_image()
+    with _open_file(path) as source:
+      with image_lib.open(source) as image:
         count = int(getattr(image, 'n_frames', 1))
         image.seek(count - 1)
         image.load()  # decodes the last frame: a truncated file fails here
-    else:
-      # -progress writes key=value lines; the last 'frame=' is the number decoded.
-      out = _run_ffmpeg(['-i', local, '-map', '0:v:0', '-f', 'null', '-progress', 'pipe:1',
-                         '-nostats', '-'])
-      counts = [line[6:] for line in out.decode(errors='replace').splitlines()
-                if line.startswith('frame=')]
-      count = int(counts[-1]) if counts else 0
+  else:
+    with _open_video(path) as (container, stream):
+      count = sum(1 for _ in container.decode(stream))
   if count < 1:
     raise ValueError(f'Video file {path!r} holds no frames.')
   return count
-
-
-def _parse_ppm_stream(data: bytes) -> list:
-  """Binary PPM images (P6, maxval 255) one after another -> list of uint8 [H, W, 3]."""
-  frames, pos = [], 0
-  while pos < len(data):
-    fields = []
-    while len(fields) < 4:  # magic, width, height, maxval, separated by whitespace
-      while data[pos:pos + 1].isspace():
-        pos += 1
-      end = pos
-      while end < len(data) and not data[end:end + 1].isspace():
-        end += 1
-      fields.append(data[pos:end])
-      pos = end
-    pos += 1  # the single whitespace byte before the pixels
-    if fields[0] != b'P6' or fields[3] != b'255':
-      raise ValueError(f'unexpected frame header {fields!r} from ffmpeg (wanted P6, 255).')
-    width, height = int(fields[1]), int(fields[2])
-    size = width * height * 3
-    if pos + size > len(data):
-      raise ValueError('ffmpeg output ends inside a frame.')
-    frames.append(np.frombuffer(data, np.uint8, size, pos).reshape(height, width, 3))
-    pos += size
-  return frames
 
 
 def read_frames(path, indices) -> np.ndarray:
   """Decodes the frames numbered `indices` of a video: uint8 [len(indices), H, W, 3].
 
   Indices may repeat and come in any order; every index must be < the file's frame count
-  (`count_frames`), otherwise this raises. Decodes from the start up to the largest
-  index; ffmpeg passes on only the frames asked for (its `select` filter), as PPM images.
+  (`count_frames`), otherwise this raises. Decodes from the last keyframe at or before the
+  smallest index (see the module doc) up to the largest, converting only the frames asked
+  for to RGB.
   """
   path = os.fspath(path)
   ext = _read_extension(path)
@@ -324,23 +401,18 @@ def read_frames(path, indices) -> np.ndarray:
     raise ValueError(f'read_frames needs a non-empty 1-D list of frame numbers >= 0, got '
                      f'{indices.tolist()!r}.')
   unique = sorted(set(indices.tolist()))
-  with _local_video(path) as local:
-    if ext == '.gif':
-      image_lib = _import_pil_image()
-      frames = []
-      with image_lib.open(local) as image:
-        available = int(getattr(image, 'n_frames', 1))
-        for i in unique:
-          if i >= available:
-            break
-          image.seek(i)
-          frames.append(np.asarray(image.convert('RGB')))  # [H, W, 3]
-    else:
-      select = '+'.join(f'eq(n\\,{i})' for i in unique)
-      out = _run_ffmpeg(['-i', local, '-map', '0:v:0', '-vf', f'select={select}',
-                         '-fps_mode', 'passthrough', '-frames:v', str(len(unique)),
-                         '-f', 'image2pipe', '-c:v', 'ppm', '-'])
-      frames = _parse_ppm_stream(out)
+  if ext == '.gif':
+    frames = _read_gif(path, unique)
+  else:
+    with _open_video(path) as (container, stream):
+      if unique[0] == 0 or _one_keyframe(container, stream):
+        found = _decode_from_start(container.decode(stream), unique)
+      else:
+        found = _decode_after_seek(container, stream, unique)
+    if found is None:  # the packets could not name the frames: count them from the start
+      with _open_video(path) as (container, stream):
+        found = _decode_from_start(container.decode(stream), unique)
+    frames = [found[i] for i in unique if i in found]  # decoded in order: a prefix
   if len(frames) != len(unique):
     raise ValueError(f'Video file {path!r} has no frame {unique[len(frames)]} (it ended '
                      f'after {len(frames)} of the {len(unique)} frames asked for).')

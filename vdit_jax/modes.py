@@ -31,7 +31,7 @@ def _restore_latest(s: loop.Setup, workdir: str):
 
 
 def params_to_sample(s: loop.Setup, workdir: str, checkpoint: Optional[str],
-                      step: Optional[int] = None):
+                     step: Optional[int] = None):
   """(params, step, sample file name) from the export `checkpoint`, else see `sample`."""
   if step is not None:
     if checkpoint is not None:

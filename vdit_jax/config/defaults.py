@@ -232,6 +232,9 @@ def vae_base_config() -> ml_collections.ConfigDict:
   t.learning_rate = 1e-3
   t.warmup_steps = 50
   t.end_lr_fraction = 0.1
+  t.lr_schedule = 'cosine'          # the DiT trainer's schedules and optimizers (train/state.py)
+  t.decay_fraction = 0.2
+  t.optimizer = 'adamw'
   t.weight_decay = 0.0
   t.b1 = 0.9
   t.b2 = 0.99

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from tests import multidevice
+from tests.conftest import shrink
 from vdit_jax.config import defaults
 from vdit_jax.config import validate
 from vdit_jax.model import attention
@@ -273,10 +274,9 @@ def test_check_impl_accepts():
 
 
 def _config(**model):
+  """configs/tiny.py (its own sizes: the validation of its attention settings)."""
   from configs import tiny  # pylint: disable=g-import-not-at-top
-  config = tiny.get_config()
-  config.model.update(model)
-  return config
+  return shrink(tiny.get_config(), small=(), model=model)
 
 
 @pytest.mark.parametrize('model,message', [

@@ -9,6 +9,7 @@ import pytest
 from array_record.python import array_record_module
 
 from configs import tiny
+from tests.conftest import shrink
 from vdit_jax.config import defaults
 from vdit_jax.config import validate
 from vdit_jax.data import buckets
@@ -40,31 +41,11 @@ def _make(config, seed=3, process_index=0, process_count=1):
 
 def _small_config(**data):
   """A tiny model (1 x 4 x 4 tubelets) on two synthetic buckets."""
-  config = tiny.get_config()
-  config.model.variant = None
-  config.model.width = 64
-  config.model.depth = 2
-  config.model.num_heads = 2
-  config.model.mlp_dim = 128
-  config.model.patch_size = (1, 4, 4)
-  config.data.num_frames = 8        # not a bucket's T: samples must take bucket 0's
-  config.data.height = 16
-  config.data.width = 16
-  config.data.num_examples = 32
-  config.data.buckets = TWO
-  config.train.batch_size = 4
-  config.train.num_steps = 5
-  config.train.warmup_steps = 2
-  config.train.log_every = 1
-  config.train.tensorboard = False
-  config.checkpoint.every_steps = 3
-  config.checkpoint.async_save = False
-  config.sample.num_steps = 2
-  config.sample.num_samples = 2
-  config.sample.formats = 'gif'
-  for key, value in data.items():
-    config.data[key] = value
-  return config
+  return shrink(tiny.get_config(), model=dict(width=64, depth=2, mlp_dim=128),
+                data={'num_frames': 8,  # not a bucket's T: samples must take bucket 0's
+                      'num_examples': 32, 'buckets': TWO, **data},
+                train=dict(num_steps=5, warmup_steps=2, tensorboard=False),
+                checkpoint=dict(every_steps=3))
 
 
 # ------------------------------------------------------------------------- assignment

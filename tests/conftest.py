@@ -1,32 +1,46 @@
-"""Test session setup: CPU only, quiet logs."""
+"""Test session setup (CPU only, quiet logs, one compilation cache) and what many test
+files share: `shrink` (a configs/*.py config made small enough to train in seconds).
+
+Importing this module does nothing else: the session's settings are made in
+pytest_configure, so test modules and scripts that run without pytest import from here
+(`from tests.conftest import shrink`).
+"""
 
 import os
 import shutil
 import tempfile
 
-os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-# XLA's optimisation passes dominate the compile time of the small programs the tests
-# build (about 2.5x on the tiny train step) and buy nothing at these shapes; the
-# variable reaches every subprocess the tests start, too.
-os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
-# One persistent compilation cache for the session, empty at its start (as on a clean CI
-# machine), removed at its end: the tests' runs and their subprocesses (which inherit the
-# variable) share compiled programs, and nothing is written to ~/.cache. Runs take JAX's
-# variable as their config's default cache (vdit_jax/config/defaults.py). Every program is cached,
-# whatever its compile time (vdit_jax/train/compile_cache.py's thresholds).
-_SESSION_CACHE = tempfile.mkdtemp(prefix='vdit_tests_jax_cache_')
-os.environ['JAX_COMPILATION_CACHE_DIR'] = _SESSION_CACHE
-os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
-os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
+_SESSION_CACHE = None
+
+
+def _session_environment():
+  global _SESSION_CACHE
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  # XLA's optimisation passes dominate the compile time of the small programs the tests
+  # build (about 2.5x on the tiny train step) and buy nothing at these shapes; the
+  # variable reaches every subprocess the tests start, too.
+  os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
+  # One persistent compilation cache for the session, empty at its start (as on a clean CI
+  # machine), removed at its end: the tests' runs and their subprocesses (which inherit the
+  # variable) share compiled programs, and nothing is written to ~/.cache. Runs take JAX's
+  # variable as their config's default cache (vdit_jax/config/defaults.py). Every program is
+  # cached, whatever its compile time (vdit_jax/train/compile_cache.py's thresholds).
+  _SESSION_CACHE = tempfile.mkdtemp(prefix='vdit_tests_jax_cache_')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _SESSION_CACHE
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
 
 
 def pytest_unconfigure(config):
   del config
-  shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+  if _SESSION_CACHE:
+    shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 def pytest_configure(config):
+  # Before any test module is collected, so before jax is imported.
+  _session_environment()
   # Tests that damage checkpoints on purpose make Orbax's restore fail part-way; the read
   # coroutines of the other arrays are then dropped unawaited and, when the garbage
   # collector finds them after their event loop closed, Python reports "Exception
@@ -42,3 +56,29 @@ def pytest_configure(config):
   for name in ('_read_array_index_and_device_put', 'Store._get_array_metadatas'):
     config.addinivalue_line(  # the same dropped coroutines, collected before the loop ends
         'filterwarnings', f"ignore:coroutine '{name}' was never awaited:RuntimeWarning")
+
+
+# --------------------------------------------------------------------- a small config
+
+# The small model, clips and run that the tests train: configs/*.py are sized for real
+# runs. `shrink` sets the sections named in its `small` argument to these values.
+SMALL = {
+    'model': dict(variant=None, width=48, depth=1, num_heads=2, mlp_dim=96,
+                  patch_size=(1, 4, 4)),          # 4 x 16 x 16 clips -> 64 tokens
+    'data': dict(num_frames=4, height=16, width=16),
+    'train': dict(batch_size=4, num_steps=4, warmup_steps=1, log_every=1),
+    'checkpoint': dict(every_steps=2, async_save=False),
+    'sample': dict(num_steps=2, num_samples=2, formats='gif'),
+}
+
+
+def shrink(config, small=tuple(SMALL), **sections):
+  """`config` (a configs/*.py config; changed in place and returned) with SMALL's values in
+  the sections named in `small` (all of them unless given), then each of `sections`
+  (model=dict(width=64), mesh=dict(data=2), ...: any section) updated with its dict."""
+  for name in small:
+    config[name].update(SMALL[name])
+  for name, fields in sections.items():
+    config[name].update(fields)
+  return config
+

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from tests.conftest import shrink
 from vdit_jax.config import defaults
 from vdit_jax.config import validate
 from vdit_jax.data import pipeline
@@ -396,20 +397,12 @@ def test_source_checks_channels_and_process_count(videos):
 
 
 def _tiny_train_config(source, path):
-  config = tiny.get_config()
-  config.model.variant = None
-  config.model.width = 32
-  config.model.depth = 1
-  config.model.num_heads = 2
-  config.model.mlp_dim = 64
-  config.model.patch_size = (2, 4, 4)  # 96 values per tubelet: width 32 is a test shape
-  config.model.scan_layers = False     # one block: compiles faster unrolled
-  config.data.update(dict(source=source, path=path, num_frames=4, height=16, width=16,
-                          frame_stride=2))
-  config.train.update(dict(batch_size=2, num_steps=2, warmup_steps=1, log_every=1))
-  config.checkpoint.update(dict(every_steps=2, async_save=False))
-  config.sample.update(dict(num_steps=2, num_samples=2, formats='gif'))
-  return config
+  return shrink(tiny.get_config(),
+                # 96 values per tubelet: width 32 is a test shape; one block, unrolled: it
+                # compiles faster
+                model=dict(width=32, mlp_dim=64, patch_size=(2, 4, 4), scan_layers=False),
+                data=dict(source=source, path=path, frame_stride=2),
+                train=dict(batch_size=2, num_steps=2))
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from tests.conftest import shrink
 from tests.gcs_emulator import gcs  # pylint: disable=unused-import  # the fixture
 from vdit_jax.generate import serving
 from vdit_jax.data import video_io
@@ -30,21 +31,10 @@ SEED = 3
 
 
 def _config():
-  config = tiny.get_config()
-  config.model.variant = None
-  config.model.width = 48
-  config.model.depth = 1
-  config.model.num_heads = 2
-  config.model.mlp_dim = 64
-  config.model.patch_size = (1, 4, 4)
-  config.data.num_frames = 3
-  config.data.height = 16
-  config.data.width = 16
-  config.checkpoint.async_save = False
-  config.sample.num_steps = 3
-  config.sample.num_samples = 3
-  config.sample.use_ema = True  # the checkpoint below perturbs the EMA params (tiny: raw)
-  return config
+  return shrink(tiny.get_config(), small=('model', 'data'), model=dict(mlp_dim=64),
+                data=dict(num_frames=3), checkpoint=dict(async_save=False),
+                # use_ema: the checkpoint below perturbs the EMA params (tiny: raw)
+                sample=dict(num_steps=3, num_samples=3, use_ema=True))
 
 
 def _env():

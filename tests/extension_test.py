@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from configs import tiny_extend
+from tests.conftest import shrink
 from vdit_jax.config import defaults
 from vdit_jax.config import validate
 from vdit_jax.data import video_io
@@ -22,12 +23,10 @@ SHAPE = (2, 4, 8, 8, 3)  # [B, T, H, W, C]
 
 
 def small_config(k_max=2):
-  config = tiny_extend.get_config()
-  config.model.update(dict(variant=None, width=48, depth=1, num_heads=4, mlp_dim=96,
-                           patch_size=(1, 4, 4), context_frames_max=k_max))
-  config.data.update(dict(num_frames=SHAPE[1], height=SHAPE[2], width=SHAPE[3]))
-  config.sample.update(dict(num_steps=3, overlap=k_max, num_samples=2))
-  return config
+  return shrink(tiny_extend.get_config(), small=('model',),
+                model=dict(num_heads=4, context_frames_max=k_max),
+                data=dict(num_frames=SHAPE[1], height=SHAPE[2], width=SHAPE[3]),
+                sample=dict(num_steps=3, overlap=k_max, num_samples=2))
 
 
 def random_params(model, *inputs, seed=1):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from configs import tiny_latent
+from tests.conftest import shrink
 from vdit_jax import modes
 from vdit_jax.data import video_io
 from vdit_jax.tools import encode_latents
@@ -50,20 +51,12 @@ def latents(tmp_path_factory):
 
 
 def _config(path, **data):
-  config = tiny_latent.get_config(path)
-  config.model.variant = None
-  config.model.width = 32
-  config.model.depth = 1
-  config.model.num_heads = 2
-  config.model.mlp_dim = 64
-  config.model.patch_size = (1, 2, 2)  # 12 tokens of 16 values
   t, h, w, c = LATENT_SHAPE
-  config.data.update({'num_frames': t, 'height': h, 'width': w, 'channels': c, **data})
-  config.train.update(num_steps=4, batch_size=4, warmup_steps=1, log_every=1,
-                      tensorboard=False)
-  config.checkpoint.update(every_steps=2, async_save=False)
-  config.sample.update(every_steps=2, num_steps=2, num_samples=NUM_SAMPLES, formats='mp4')
-  return config
+  return shrink(tiny_latent.get_config(path),
+                model=dict(width=32, mlp_dim=64, patch_size=(1, 2, 2)),  # 12 tokens of 16 values
+                data={'num_frames': t, 'height': h, 'width': w, 'channels': c, **data},
+                train=dict(tensorboard=False),
+                sample=dict(every_steps=2, num_samples=NUM_SAMPLES, formats='mp4'))
 
 
 def test_latent_training_samples_decode_through_the_vae(latents, tmp_path, monkeypatch):

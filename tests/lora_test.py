@@ -11,6 +11,7 @@ import pytest
 from flax import traverse_util
 
 from configs import lora_finetune, small, tiny
+from tests.conftest import shrink
 from vdit_jax import modes
 from vdit_jax.config import validate
 from vdit_jax.data import pipeline
@@ -30,28 +31,11 @@ SCALE = ALPHA / RANK
 def tiny_config(scan_layers=True):
   """4 frames of 16x16, tubelets 1x4x4 (64 tokens), width 48, depth 2 scanned (1 unrolled,
   which compiles per layer and takes the first layer of the scanned params): fast on a CPU."""
-  config = tiny.get_config()
-  config.model.variant = None
-  config.model.width = 48
-  config.model.depth = 2 if scan_layers else 1
-  config.model.num_heads = 2
-  config.model.mlp_dim = 96
-  config.model.patch_size = (1, 4, 4)
-  config.model.scan_layers = scan_layers
-  config.data.num_frames = 4
-  config.data.height = 16
-  config.data.width = 16
-  config.train.batch_size = 4
-  config.train.num_steps = 4
-  config.train.warmup_steps = 1
-  config.train.log_every = 2
-  config.checkpoint.every_steps = 2
-  config.checkpoint.async_save = False
-  config.sample.num_steps = 2
-  config.sample.num_samples = 2
-  config.sample.use_ema = True  # as configs/lora_finetune.py (tiny samples its raw params)
-  config.sample.formats = 'gif'
-  return config
+  return shrink(tiny.get_config(),
+                model=dict(depth=2 if scan_layers else 1, scan_layers=scan_layers),
+                train=dict(log_every=2),
+                # use_ema: as configs/lora_finetune.py (tiny samples its raw params)
+                sample=dict(use_ema=True))
 
 
 def lora_config(base, **lora_fields):

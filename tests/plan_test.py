@@ -17,6 +17,7 @@ import pytest
 
 from configs import tiny
 from configs import tiny_text
+from tests.conftest import shrink
 from vdit_jax.model import dit
 from vdit_jax.model import flops as flops_lib
 from vdit_jax.model import text as text_lib
@@ -29,14 +30,9 @@ TOPOLOGY = 'v5p:2x2x1'  # 4 chips, one host
 
 def small_config(**mesh):
   """configs/tiny.py shrunk for compile speed: 2 layers (still scanned), 16 tokens/clip."""
-  config = tiny.get_config()
-  config.data.num_frames = 4
-  config.data.height = 16
-  config.data.width = 16
-  config.model.depth = 2
-  config.train.batch_size = 4
-  config.mesh.update(dict(data=1, fsdp=1, tensor=1, sequence=1), **mesh)
-  return config
+  return shrink(tiny.get_config(), small=('data',), model=dict(depth=2),
+                train=dict(batch_size=4),
+                mesh={'data': 1, 'fsdp': 1, 'tensor': 1, 'sequence': 1, **mesh})
 
 
 MESHES = {

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from tests.conftest import shrink
 from vdit_jax import modes
 from vdit_jax.data import pipeline
 from vdit_jax.data import video_io
@@ -21,28 +22,9 @@ from vdit_jax.train import step as step_lib
 
 
 def small_config(**train):
-  config = tiny.get_config()
-  config.model.variant = None
-  config.model.width = 64           # > the 1*4*4*3 = 48 values of a tubelet
-  config.model.depth = 2
-  config.model.num_heads = 2
-  config.model.mlp_dim = 128
-  config.model.patch_size = (1, 4, 4)
-  config.data.num_frames = 4
-  config.data.height = 16
-  config.data.width = 16
-  config.train.batch_size = 4
-  config.train.num_steps = 4
-  config.train.warmup_steps = 2
-  config.train.log_every = 2
-  config.checkpoint.every_steps = 2
-  config.checkpoint.async_save = False
-  config.sample.num_steps = 3
-  config.sample.num_samples = 2
-  config.sample.formats = 'gif'
-  for key, value in train.items():
-    config.train[key] = value
-  return config
+  """configs/tiny.py shrunk, width 64 (> the 1*4*4*3 = 48 values of a tubelet), 2 layers."""
+  return shrink(tiny.get_config(), model=dict(width=64, depth=2, mlp_dim=128),
+                train={'warmup_steps': 2, 'log_every': 2, **train}, sample=dict(num_steps=3))
 
 
 def test_overfitting_one_batch_drives_loss_down():

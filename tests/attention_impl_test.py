@@ -7,11 +7,10 @@ without QK-norm; blockwise keeps float32 softmax statistics for bfloat16 inputs 
 compiled forward + backward memory grows linearly where XLA's grows quadratically; splash and
 auto lower to the Mosaic kernel for a TPU topology; auto's choices and the validation errors.
 Multi-device checks (splash in shard_map, ulysses running the chosen kernel per device) run in
-`attention_impl_multidevice.py` under 8 fake CPU devices.
+tests/multidevice/attention_impl.py under 8 fake CPU devices.
 """
 
 import functools
-import os
 
 import flax.linen as nn
 import jax
@@ -19,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests import multidevice
 from tests.conftest import shrink
 from vdit_jax.config import defaults
 from vdit_jax.config import validate
@@ -64,7 +62,7 @@ def assert_all_close(got, want, rtol, atol):
     (37, 70, 'blockwise:16x32'),    # cross lengths, both padded
     (50, 50, 'blockwise:512x512'),  # tiles larger than the sequence: one tile
     (200, 200, 'splash:128x128'),   # padded to 256, padded keys masked by segment ids
-    # (splash with tiles that divide N: 'ulysses/splash' in attention_impl_multidevice.py)
+    # (splash with tiles that divide N: 'ulysses/splash' in multidevice/attention_impl.py)
 ])
 def test_kernel_equals_xla_in_float32(n, m, impl):
   args = qkv_do(n, m)
@@ -309,19 +307,7 @@ MULTIDEVICE_CHECKS = (
     'ulysses/blockwise', 'ulysses/splash')
 
 
-@pytest.fixture(scope='module')
-def multidevice_results():
-  return multidevice.run_checks('attention_impl_multidevice.py', num_devices=8, timeout=600)
-
-
 @pytest.mark.parametrize('check', MULTIDEVICE_CHECKS)
-def test_multidevice(multidevice_results, check):
-  assert multidevice_results.get(check) == 'ok', multidevice_results.get(check)
-
-
-def test_multidevice_checks_are_listed():
-  here = os.path.dirname(os.path.abspath(__file__))
-  with open(os.path.join(here, 'attention_impl_multidevice.py')) as f:
-    text = f.read()
-  for check in MULTIDEVICE_CHECKS:
-    assert f"'{check}'" in text, check
+def test_multidevice(multidevice, check):
+  results = multidevice.run('multidevice/attention_impl.py', timeout=600)
+  multidevice.assert_ok(results, MULTIDEVICE_CHECKS, check)

@@ -1,4 +1,5 @@
-"""Attention patterns: each equals masked full attention; VideoDiT with each pattern.
+"""Attention patterns: each equals masked full attention; VideoDiT with each pattern; the
+same with the tokens sharded over `sequence` (8 fake devices, in a subprocess).
 
 The oracle is plain softmax attention over all N tokens with a boolean mask
 built from the token coordinates (same frame, same position, same window,
@@ -424,3 +425,20 @@ def test_flops_count_every_matmul_weight_of_within_block():
                 if 'kernel' in jax.tree_util.keystr(path))
   f = flops.train_step_flops(model.spec, (8, 16, 16, 3), batch_size=1)
   assert f.token_matmul_params + f.clip_matmul_params == kernels
+
+
+# --- tokens sharded over `sequence` on 8 devices --------------------------------------------
+
+# tests/multidevice/attention_patterns.py: each pattern's values and gradients, and a
+# VideoDiT with shifted windows, on data=2 x sequence=4 equal one device's, and spatial
+# attention on whole-frame shards compiles without collectives.
+MULTIDEVICE_CHECKS = (
+    [f'pattern/data2_seq4/{name}'
+     for name in ('spatial', 'temporal', 'windowed_shift', 'hierarchical')]
+    + ['hlo/spatial_without_collectives', 'model/data2_seq4/windowed_shift'])
+
+
+@pytest.mark.parametrize('check', MULTIDEVICE_CHECKS)
+def test_multidevice(multidevice, check):
+  results = multidevice.run('multidevice/attention_patterns.py')
+  multidevice.assert_ok(results, MULTIDEVICE_CHECKS, check)

@@ -1,15 +1,25 @@
 """Test session setup (CPU only, quiet logs, one compilation cache) and what many test
-files share: `shrink` (a configs/*.py config made small enough to train in seconds).
+files share: `shrink` (a configs/*.py config made small enough to train in seconds) and the
+multi-device runner (`run_checks`, and the `multidevice` fixture that runs each check script
+once per session).
 
 Importing this module does nothing else: the session's settings are made in
-pytest_configure, so test modules and scripts that run without pytest import from here
-(`from tests.conftest import shrink`).
+pytest_configure, so test modules and the check scripts (tests/multidevice/*.py, which run
+without pytest) import `shrink` and `run_checks` from here (`from tests.conftest import
+shrink`).
 """
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import threading
 
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 _SESSION_CACHE = None
 
 
@@ -82,3 +92,69 @@ def shrink(config, small=tuple(SMALL), **sections):
     config[name].update(fields)
   return config
 
+
+# --------------------------------------------------------------------- multi-device checks
+
+# XLA:CPU aborts the process when one fake device reaches a collective 40 s after
+# the others (the default); on a 2-core machine under load that is a scheduling
+# delay, not a hang, so the checks give it 10 minutes.
+CPU_COLLECTIVE_TIMEOUT_FLAGS = ('--xla_cpu_collective_call_terminate_timeout_seconds=600 '
+                                '--xla_cpu_collective_call_warn_stuck_timeout_seconds=120')
+
+
+def run_checks(script: str, args=(), num_devices: int = 8, timeout: int = 900) -> dict:
+  """Runs `script ARGS...` (a path under tests/) under `num_devices` fake CPU devices in a
+  fresh process (the device count must be set before jax starts; the suite has one), and
+  returns the JSON of its last stdout line: {check name: 'ok' | the failure}."""
+  from vdit_jax import runtime  # pylint: disable=g-import-not-at-top  # imports jax
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' + CPU_COLLECTIVE_TIMEOUT_FLAGS +
+                      f' --xla_force_host_platform_device_count={num_devices}').strip()
+  env['JAX_PLATFORMS'] = 'cpu'
+  # What vdit_jax.runtime gives every run with several CPU devices (the scripts do not go
+  # through runtime.setup): XLA:CPU threads enough for waiting collectives.
+  env.setdefault(runtime.ENV_PJRT_NPROC, str(runtime.cpu_pool_threads(num_devices)))
+  env['PYTHONPATH'] = os.pathsep.join(
+      p for p in (os.path.dirname(HERE), env.get('PYTHONPATH')) if p)
+  proc = subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, args)],
+                        env=env, capture_output=True, text=True, timeout=timeout, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+class MultideviceRuns:
+  """The `multidevice` fixture: check scripts run once per session, their results shared
+  by the parametrised tests that report each check (a failed run fails each of them)."""
+
+  def __init__(self):
+    self._runs = {}
+    self._lock = threading.Lock()
+
+  def run(self, script, args=(), num_devices=8, timeout=900):
+    """run_checks(...)'s results, from the first call with these arguments."""
+    key = (script, tuple(map(str, args)), num_devices)
+    with self._lock:
+      entry = self._runs.setdefault(key, {'lock': threading.Lock()})
+    with entry['lock']:  # runs with other arguments go on side by side
+      if 'results' not in entry and 'error' not in entry:
+        try:
+          entry['results'] = run_checks(script, args, num_devices=num_devices,
+                                        timeout=timeout)
+        except Exception as e:  # pylint: disable=broad-except
+          entry['error'] = e
+    if 'error' in entry:
+      raise entry['error']
+    return entry['results']
+
+  @staticmethod
+  def assert_ok(results, expected, check):
+    """`results` reports exactly the checks `expected`, and `check` passed."""
+    unlisted, missing = sorted(set(results) - set(expected)), sorted(set(expected) - set(results))
+    assert not unlisted and not missing, (
+        f'checks reported but not expected: {unlisted}; expected, not reported: {missing}')
+    assert results[check] == 'ok', f'{check}:\n{results[check]}'
+
+
+@pytest.fixture(scope='session')
+def multidevice():
+  return MultideviceRuns()

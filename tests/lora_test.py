@@ -431,3 +431,10 @@ def test_synthetic_colour_subset():
   config.data.colours = 'red,purple'
   with pytest.raises(ValueError, match=r"config.data.colours='red,purple' must name"):
     validate.validate_config(config, num_devices=1)
+
+
+def test_sharded_lora_steps_match_one_device(multidevice):
+  """LoRA training on data x fsdp x tensor (8 fake devices, tests/multidevice/lora.py)
+  equals one device, with the planned adapter shardings."""
+  check = 'data2_fsdp2_tensor2'
+  multidevice.assert_ok(multidevice.run('multidevice/lora.py'), [check], check)

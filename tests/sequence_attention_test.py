@@ -3,7 +3,7 @@
 The multi-device checks (each strategy == plain attention in value and
 gradients on three meshes, the collectives in the compiled HLO, the errors,
 and a tiny VideoDiT on data=2 x sequence=4) need 8 fake CPU devices, which must
-be set before jax starts, so they run once in `sequence_attention_multidevice.py`
+be set before jax starts, so they run once in tests/multidevice/sequence_attention.py
 and each check is reported here as its own test.
 """
 
@@ -14,7 +14,6 @@ import ml_collections
 import numpy as np
 import pytest
 
-from tests import multidevice
 from vdit_jax.config import defaults
 from vdit_jax.model import attention, dit
 from vdit_jax.parallel import axes
@@ -117,15 +116,7 @@ def test_config_default_and_validation():
     dit.check_spec(dit.resolve_spec(cfg.model))
 
 
-@pytest.fixture(scope='module')
-def multidevice_results():
-  return multidevice.run_checks('sequence_attention_multidevice.py')
-
-
-def test_multidevice_runs_exactly_the_expected_checks(multidevice_results):
-  assert sorted(multidevice_results) == sorted(MULTIDEVICE_CHECKS)
-
-
-@pytest.mark.parametrize('name', MULTIDEVICE_CHECKS)
-def test_multidevice(multidevice_results, name):
-  assert multidevice_results.get(name) == 'ok', f'{name}:\n{multidevice_results.get(name)}'
+@pytest.mark.parametrize('check', MULTIDEVICE_CHECKS)
+def test_multidevice(multidevice, check):
+  results = multidevice.run('multidevice/sequence_attention.py')
+  multidevice.assert_ok(results, MULTIDEVICE_CHECKS, check)

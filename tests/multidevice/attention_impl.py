@@ -9,7 +9,7 @@ Run by attention_impl_test.py in a subprocess; prints one JSON line on stdout,
 - ulysses sequence parallelism runs the chosen kernel (blockwise, splash) on
   each device's share (all_gather shares that path), equal to XLA's attention.
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/attention_impl_multidevice.py
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/multidevice/attention_impl.py
 """
 
 import json
@@ -19,7 +19,7 @@ import traceback
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..')))
 
 import flax.linen as nn  # pylint: disable=g-import-not-at-top
 import jax

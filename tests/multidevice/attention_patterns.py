@@ -5,10 +5,10 @@ Non-full patterns keep model.sequence_parallel='none'; the token dim of q/k/v
 XLA partitioner moves tokens as the groups need them. These checks show that
 the values and gradients equal one device's, per pattern and for a VideoDiT.
 
-Run by attention_patterns_sharded_test.py in a subprocess (the device count must
+Run by attention_patterns_test.py in a subprocess (the device count must
 be set before jax starts); prints one JSON line {check name: 'ok' | the failure}.
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/attention_patterns_multidevice.py
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/multidevice/attention_patterns.py
 """
 
 import json
@@ -18,7 +18,7 @@ import traceback
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..')))
 
 import flax.linen as nn  # pylint: disable=g-import-not-at-top
 import jax

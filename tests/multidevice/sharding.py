@@ -2,7 +2,7 @@
 
 Run by sharding_test.py in a subprocess. Prints one JSON line {check: 'ok' | failure}.
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharding_multidevice.py
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/multidevice/sharding.py
 """
 
 import json
@@ -12,7 +12,7 @@ import traceback
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..')))
 
 import flax.linen as nn  # pylint: disable=g-import-not-at-top
 import jax
@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from configs import tiny
+from tests.conftest import shrink
 from tests.multidevice import all_gather_shapes
 from vdit_jax.data import pipeline
 from vdit_jax.train import loop
@@ -96,21 +97,14 @@ EXPECTED_PARAM_SPECS = {
 
 
 def config_for(name=None):
-  config = tiny.get_config()
-  config.model.variant = None
-  config.model.width = 32
-  config.model.depth = 2
-  config.model.num_heads = 4
-  config.model.mlp_dim = 64
-  config.model.patch_size = (2, 4, 4)   # 4 x 16 x 16 clip -> 32 tokens
-  config.model.refiner_width = 8        # its pixel convolutions on every mesh too
-  config.data.num_frames = 4
-  config.data.height = 16
-  config.data.width = 16
-  config.train.batch_size = 8
-  config.train.warmup_steps = 0         # a real update on the first step
-  config.train.learning_rate = 1e-3
-  config.mesh.data = 1
+  config = shrink(
+      tiny.get_config(), small=('model', 'data'),
+      model=dict(width=32, depth=2, num_heads=4, mlp_dim=64,
+                 patch_size=(2, 4, 4),  # 4 x 16 x 16 clip -> 32 tokens
+                 refiner_width=8),      # its pixel convolutions on every mesh too
+      train=dict(batch_size=8, warmup_steps=0,  # a real update on the first step
+                 learning_rate=1e-3),
+      mesh=dict(data=1))
   if name is not None:
     config.mesh.update(MESHES[name])
     if 'seq4_' in name:

@@ -5,7 +5,7 @@ with one device in its own process). Each check's outcome goes into one JSON
 line on stdout, {check name: 'ok' | the failure}, so that the parent test can
 report each check on its own.
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sequence_attention_multidevice.py
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/multidevice/sequence_attention.py
 """
 
 import json
@@ -15,7 +15,7 @@ import traceback
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..')))
 
 import flax.linen as nn  # pylint: disable=g-import-not-at-top
 import jax

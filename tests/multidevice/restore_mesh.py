@@ -8,7 +8,7 @@ device count; the role follows the device count:
   4 devices (mesh data=4) and 1 device: restore it through the trainer's resume path
              (`loop.restore_or_init`) and compare every leaf, its sharding, and the
              next batch of the data iterator.
-$RESTORE_MESH_DIR is the directory they share. Prints one JSON line {check: 'ok' | failure}.
+The directory they share is the argument. Prints one JSON line {check: 'ok' | failure}.
 """
 
 import json
@@ -17,13 +17,14 @@ import sys
 import traceback
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..')))
 
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from configs import tiny
+from tests.conftest import shrink
 from vdit_jax.data import pipeline
 from vdit_jax.train import loop
 
@@ -33,21 +34,11 @@ MESHES = {8: dict(fsdp=8), 4: dict(data=4), 1: dict()}
 
 
 def config_for(num_devices):
-  config = tiny.get_config()
-  config.model.variant = None
-  config.model.width = 48            # divisible by fsdp=8
-  config.model.depth = 2
-  config.model.num_heads = 2
-  config.model.mlp_dim = 96
-  config.model.patch_size = (1, 4, 4)
-  config.data.num_frames = 4
-  config.data.height = 16
-  config.data.width = 16
-  config.train.batch_size = 8        # split over data x fsdp = 8 on the saving mesh
-  config.checkpoint.async_save = True
-  config.mesh.data = 1
-  config.mesh.update(MESHES[num_devices])
-  return config
+  """The small model (width 48: divisible by fsdp=8), 2 layers; a batch of 8 splits over
+  data x fsdp = 8 on the saving mesh; asynchronous checkpoints, as runs save."""
+  return shrink(tiny.get_config(), small=('model', 'data'), model=dict(depth=2),
+                train=dict(batch_size=8), checkpoint=dict(async_save=True),
+                mesh={'data': 1, **MESHES[num_devices]})
 
 
 def flat(tree):
@@ -112,7 +103,7 @@ def restore(directory, num_devices):
 
 
 def main():
-  directory = os.environ['RESTORE_MESH_DIR']
+  directory = sys.argv[1]
   num_devices = jax.device_count()
   name = 'saved_on_fsdp8' if num_devices == 8 else f'restored_on_{num_devices}_devices'
   try:

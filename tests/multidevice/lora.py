@@ -1,8 +1,8 @@
 """LoRA on 8 fake CPU devices (data 2 x fsdp 2 x tensor 2) == LoRA on one device.
 
-Run by lora_sharding_test.py in a subprocess. Prints one JSON line {check: 'ok' | failure}.
+Run by lora_test.py in a subprocess. Prints one JSON line {check: 'ok' | failure}.
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/lora_multidevice.py
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/multidevice/lora.py
 """
 
 import json
@@ -13,7 +13,7 @@ import traceback
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..')))
 
 import flax.linen as nn  # pylint: disable=g-import-not-at-top
 import jax

@@ -21,6 +21,7 @@ import pytest
 from tests.conftest import shrink
 from vdit_jax.config import defaults
 from vdit_jax.config import validate
+from vdit_jax.model import spec as spec_lib
 from vdit_jax.model import attention
 from vdit_jax.model import blocks
 from vdit_jax.parallel import axes
@@ -171,8 +172,8 @@ def _tpu_train_step_hlo(devices, attention_impl):
   m = config.model
   m.variant, m.depth, m.attention_impl = 'Mu/1x2x2', 1, attention_impl
   m.attention_block_q = m.attention_block_kv = 128
-  spec = dit.resolve_spec(m)
-  dit.check_spec(spec)
+  spec = spec_lib.from_config(m)
+  spec_lib.check_spec(spec)
   model = dit.VideoDiT(spec=spec, channels=3, num_classes=4)
   mesh = jax.sharding.Mesh(np.asarray(devices).reshape(4, 1, 1, 1), axes.MESH_AXES)
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

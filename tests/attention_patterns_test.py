@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from vdit_jax.config import defaults, validate
+from vdit_jax.model import spec as spec_lib
 from vdit_jax.model import attention, attention_patterns as ap, blocks, dit, flops
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -174,11 +175,13 @@ def fast_compiles():
 
 
 def model_cfg(**overrides):
-  cfg = ml_collections.ConfigDict(dict(
+  cfg = defaults.base_config().model
+  cfg.update(dict(
       variant=None, width=24, depth=DEPTH, num_heads=2, mlp_dim=32, patch_size=(1, 2, 2),
       pos_embed='rope', qk_norm=True, attention_impl='xla', scan_layers=True,
       remat_policy='none', dtype='float32', param_dtype='float32'))
-  cfg.update(overrides)
+  with cfg.ignore_type():  # tests also give values of the wrong type
+    cfg.update(overrides)
   return cfg
 
 
@@ -207,10 +210,10 @@ def unstack(scanned, depth, period):
 @pytest.fixture(scope='module')
 def base():
   """Random scanned params of the full model, the within_block extras, and full's output."""
-  params = random_params(dit.build_model(model_cfg(), 3, 10))
-  extra = random_params(dit.build_model(model_cfg(**PATTERNS['within_block']), 3, 10), seed=2)
+  params = random_params(dit.build_model(spec_lib.from_config(model_cfg()), 3, 10))
+  extra = random_params(dit.build_model(spec_lib.from_config(model_cfg(**PATTERNS['within_block'])), 3, 10), seed=2)
   extra = {k: v for k, v in extra['blocks'].items() if k.endswith('_temporal')}
-  full = dit.build_model(model_cfg(), 3, 10)
+  full = dit.build_model(spec_lib.from_config(model_cfg()), 3, 10)
   return params, extra, jax.jit(full.apply)({'params': params}, *model_inputs())
 
 
@@ -240,8 +243,8 @@ def loss_and_grads(model, params):
 
 @pytest.mark.parametrize('name', MODEL_PATTERNS)
 def test_scanned_equals_unrolled_forward_and_backward(base, name):
-  scanned = dit.build_model(model_cfg(**PATTERNS[name]), 3, 10)
-  unrolled = dit.build_model(model_cfg(scan_layers=False, **PATTERNS[name]), 3, 10)
+  scanned = dit.build_model(spec_lib.from_config(model_cfg(**PATTERNS[name])), 3, 10)
+  unrolled = dit.build_model(spec_lib.from_config(model_cfg(scan_layers=False, **PATTERNS[name])), 3, 10)
   period = scanned.spec.pattern.period
   params = pattern_params(base, scanned)
   out_s, grads_s = loss_and_grads(scanned, params)
@@ -258,7 +261,7 @@ def test_parameter_layout():
   video, t, y = model_inputs()
 
   def shapes(**kw):  # {'blocks/attn/query_kernel': shape, ...}
-    model = dit.build_model(model_cfg(**kw), 3, 10)
+    model = dit.build_model(spec_lib.from_config(model_cfg(**kw)), 3, 10)
     params = jax.eval_shape(model.init, jax.random.key(0), video, t, y)['params']
     flat = jax.tree_util.tree_leaves_with_path(nn.unbox(params))
     return {'/'.join(k.key for k in path): leaf.shape for path, leaf in flat}
@@ -377,7 +380,7 @@ def test_config_validation_and_model_call_reject_bad_windows():
   with pytest.raises(ValueError, match=r"set model.sequence_parallel='none'"):
     validate.validate_config(config, num_devices=1)
   # The model checks the grid of the clip it is given (here 3 frames, window 2).
-  model = dit.build_model(model_cfg(**PATTERNS['windowed_shift']), 3, 10)
+  model = dit.build_model(spec_lib.from_config(model_cfg(**PATTERNS['windowed_shift'])), 3, 10)
   video = np.zeros((1, 3, 8, 8, 3), np.float32)
   with pytest.raises(ValueError, match=r"2 does not divide T'=3"):
     jax.eval_shape(model.init, jax.random.key(0), video, np.zeros(1), np.zeros(1, np.int32))
@@ -385,7 +388,7 @@ def test_config_validation_and_model_call_reject_bad_windows():
 
 def test_defaults_name_every_pattern_key():
   m = defaults.base_config().model
-  spec = dit.resolve_spec(m)
+  spec = spec_lib.from_config(m)
   assert spec.pattern == ap.PatternSpec()
   for key in ('attention_pattern', 'factorised_mode', 'window_size', 'window_shift',
               'hierarchical_windows'):
@@ -400,7 +403,7 @@ def test_flops_count_the_keys_each_pattern_attends_to():
   n = 64
 
   def attention_flops(**kw):
-    spec = dit.resolve_spec(model_cfg(patch_size=(2, 4, 4), **kw))
+    spec = spec_lib.from_config(model_cfg(patch_size=(2, 4, 4), **kw))
     return flops.train_step_flops(spec, shape, batch_size=1).attention
 
   per_key = 12 * d * n  # 12 x D per query token and key, N query tokens, 1 clip
@@ -415,7 +418,7 @@ def test_flops_count_the_keys_each_pattern_attends_to():
 
 def test_flops_count_every_matmul_weight_of_within_block():
   cfg = model_cfg(patch_size=(2, 4, 4), **PATTERNS['within_block'])
-  model = dit.build_model(cfg, 3, 10)
+  model = dit.build_model(spec_lib.from_config(cfg), 3, 10)
   video = jax.ShapeDtypeStruct((1, 8, 16, 16, 3), np.float32)
   params = jax.eval_shape(model.init, jax.random.key(0), video,
                           jax.ShapeDtypeStruct((1,), np.float32),

@@ -423,9 +423,9 @@ def test_write_pads_mp4_and_handles_grey(tmp_path):
 
 
 def test_mp4_io_never_forks_the_jax_process(tmp_path):
-  """imageio's ffmpeg writer and reader start ffmpeg with a preexec_fn, which forks the
-  whole process: JAX's at-fork hook then warned on every sampled mp4. ffmpeg now runs
-  through subprocess.run without one (issue 27, point 7)."""
+  """imageio's ffmpeg writer and reader started ffmpeg with a preexec_fn, which forks the
+  whole process: JAX's at-fork hook then warned on every sampled mp4. PyAV now reads and
+  writes in process."""
   import jax  # pylint: disable=g-import-not-at-top
   jax.numpy.zeros(1).block_until_ready()  # JAX's threads and its at-fork hook exist
   video = _source(num_frames=4)[1]['video']

@@ -16,6 +16,7 @@ from vdit_jax.config import validate
 from vdit_jax.data import video_io
 from vdit_jax.diffusion import conditioning as cond_lib
 from vdit_jax.diffusion import objectives
+from vdit_jax.model import spec as spec_lib
 from vdit_jax.model import dit
 from vdit_jax.generate import conditional
 
@@ -48,7 +49,7 @@ def built(objective='v', input_scale='none'):
   config.diffusion.objective = objective
   config.diffusion.input_scale = input_scale
   config.sample.sampler = 'euler' if objective == 'flow' else 'ddim'
-  model = dit.build_model(config.model, 3, num_classes=12)
+  model = dit.build_model(spec_lib.from_config(config.model), 3, num_classes=12)
   params = random_params(model, jnp.zeros(SHAPE), jnp.zeros(2))
   return config, model, params, objectives.Diffusion.from_config(config.diffusion)
 
@@ -165,9 +166,9 @@ def test_given_frames_enter_clean_when_the_noisy_input_is_scaled():
 
 def test_model_input_has_a_mask_channel_and_the_class_path_is_unchanged():
   config = small_config()
-  with_frames = dit.build_model(config.model, 3, num_classes=12)
+  with_frames = dit.build_model(spec_lib.from_config(config.model), 3, num_classes=12)
   config.model.context_frames_max = 0
-  plain = dit.build_model(config.model, 3, num_classes=12)
+  plain = dit.build_model(spec_lib.from_config(config.model), 3, num_classes=12)
   shapes = lambda m: jax.tree.map(lambda x: x.shape, nn.unbox(jax.eval_shape(
       m.init, jax.random.key(0), jnp.zeros(SHAPE), jnp.zeros(2), jnp.zeros(2, jnp.int32))))
   a, b = shapes(with_frames), shapes(plain)

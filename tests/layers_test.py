@@ -7,6 +7,7 @@ a lower layer never imports a higher one. docs/design.md draws the same layers.
 
 import ast
 import pathlib
+import re
 
 import pytest
 
@@ -116,3 +117,38 @@ def test_the_walk_sees_plain_nested_and_relative_imports(tmp_path, source, expec
   path = tmp_path / 'probe.py'
   path.write_text(source)
   assert _imports('vdit_jax.train.probe', path, _modules()) == expected
+
+
+_CONFIG_NAME = re.compile(r'(^|\.)(config|cfg|\w+_cfg|\w+_config)(\.\w+)*$')
+
+
+def _config_gets(path: pathlib.Path) -> list:
+  """`x.get(...)` calls in `path` whose `x` reads as a run config or one of its sections
+  (config, cfg, data_cfg, interp_config.model, ...)."""
+  found = []
+  for node in ast.walk(ast.parse(path.read_text())):
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+        and node.func.attr == 'get' and _CONFIG_NAME.search(ast.unparse(node.func.value))):
+      found.append(f'{path.relative_to(ROOT.parent)}:{node.lineno}: {ast.unparse(node)}')
+  return found
+
+
+def test_no_module_keeps_a_config_default_of_its_own():
+  """Every default lives in config/defaults.py; config/resolve.py completes the config
+  before any module reads it, so modules read fields, never `config.get(key, default)`."""
+  files = [p for p in ROOT.rglob('*.py') if 'config' not in p.relative_to(ROOT).parts[:1]]
+  for folder in ('bench', 'experiments'):
+    files += sorted((ROOT.parent / folder).glob('*.py'))
+  assert [hit for path in files for hit in _config_gets(path)] == []
+
+
+def test_the_config_get_check_sees_sections_and_aliases():
+  path = ROOT.parent / 'tests' / '_probe_config_get.py'
+  try:
+    path.write_text('a = config.model.get("width", 3)\nb = data_cfg.get("x")\n'
+                    'c = manifest.get("fps", 8)\n')
+    hits = _config_gets(path)
+  finally:
+    path.unlink()
+  assert [h.split(': ', 1)[1] for h in hits] == ["config.model.get('width', 3)",
+                                                  "data_cfg.get('x')"]

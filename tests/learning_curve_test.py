@@ -14,6 +14,7 @@ from vdit_jax import modes
 from vdit_jax.eval import learning_curve
 from tests.train_test import small_config
 from vdit_jax.data import synthetic
+from vdit_jax.model import spec as spec_lib
 from vdit_jax.model import dit
 from vdit_jax.model import flops as flops_lib
 from vdit_jax.train import loop
@@ -89,7 +90,7 @@ def test_curve_of_a_run(tmp_path):
   assert [p['step'] for p in points] == [2, 4]
   d = config.data
   step_flops = flops_lib.train_step_flops(
-      dit.resolve_spec(config.model), (d.num_frames, d.height, d.width, d.channels),
+      spec_lib.from_config(config.model), (d.num_frames, d.height, d.width, d.channels),
       config.train.batch_size).total
   wall = {r['step']: r['wall_s']
           for r in metrics_lib.read_metrics(os.path.join(workdir, 'metrics.jsonl'))}

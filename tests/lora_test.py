@@ -16,6 +16,7 @@ from vdit_jax import modes
 from vdit_jax.config import validate
 from vdit_jax.data import pipeline
 from vdit_jax.data import synthetic
+from vdit_jax.model import spec as spec_lib
 from vdit_jax.model import dit
 from vdit_jax.model import lora
 from vdit_jax.train import compile_cache
@@ -69,7 +70,7 @@ def trained_like_params(scan_layers=True):
   give the adapters zero gradients). The unrolled layout gets the scanned params' layers
   as blocks_0, blocks_1, ... (no second init to compile)."""
   config = tiny_config(scan_layers)
-  model = dit.build_model(config.model, 3, synthetic.NUM_CLASSES)
+  model = dit.build_model(spec_lib.from_config(config.model), 3, synthetic.NUM_CLASSES)
   if not scan_layers:
     _, scanned = trained_like_params(True)
     params = {k: v for k, v in scanned.items() if k != 'blocks'}
@@ -128,7 +129,7 @@ def test_fresh_adapter_leaves_the_model_unchanged(scan_layers):
 
 def test_adapter_names_and_shardings():
   config = tiny_config()
-  model = dit.build_model(config.model, 3, synthetic.NUM_CLASSES)
+  model = dit.build_model(spec_lib.from_config(config.model), 3, synthetic.NUM_CLASSES)
   boxed = jax.eval_shape(model.init, jax.random.key(0),
                          *state_lib.model_inputs(config.data, 1))['params']
   specs = nn.get_partition_spec(lora.init_adapters(jax.random.key(0), boxed, lora.TARGETS, 8))
@@ -154,7 +155,7 @@ def test_targets_cover_every_attention_of_a_block():
   config.model.conditioning = 'text'
   config.model.class_tokens = 0  # configs/tiny.py's class tokens are for class labels
   config.model.text.update(width=32, num_heads=2, depth=1)
-  model = dit.build_model(config.model, 3, synthetic.NUM_CLASSES)
+  model = dit.build_model(spec_lib.from_config(config.model), 3, synthetic.NUM_CLASSES)
   boxed = jax.eval_shape(state_lib.make_init_fn(model, state_lib.make_optimizer(config.train),
                                                 config.data), jax.random.key(0)).params
   specs = lora.adapter_specs(boxed, lora.parse_targets('attn'), RANK)
@@ -167,8 +168,8 @@ def test_targets_cover_every_attention_of_a_block():
 def test_trainable_fraction_of_the_small_model():
   """Rank 8 on DiT-S (small config): attention only ~0.9%, attention + MLP <= 2%."""
   config = small.get_config()
-  spec = dit.resolve_spec(config.model)
-  model = dit.build_model(config.model, 3, synthetic.NUM_CLASSES)
+  spec = spec_lib.from_config(config.model)
+  model = dit.build_model(spec_lib.from_config(config.model), 3, synthetic.NUM_CLASSES)
   boxed = jax.eval_shape(model.init, jax.random.key(0),
                          *state_lib.model_inputs(config.data, 1))['params']
   total = state_lib.param_count(nn.unbox(boxed))
@@ -407,7 +408,7 @@ def test_lora_finetune_config_is_valid_once_given_a_base():
     validate.validate_config(config, num_devices=1)
   config.lora.base_checkpoint = '/runs/tiny'
   validate.validate_config(config, num_devices=1)
-  assert dit.resolve_spec(config.model) == dit.resolve_spec(tiny.get_config().model)
+  assert spec_lib.from_config(config.model) == spec_lib.from_config(tiny.get_config().model)
 
 
 def test_synthetic_colour_subset():

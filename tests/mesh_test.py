@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from vdit_jax.config import resolve
 from vdit_jax.config import validate
 from vdit_jax.parallel import mesh as mesh_lib
 
@@ -78,8 +79,8 @@ def test_validation_checks_dimensions_against_the_full_axis_sizes():
 def test_shipped_defaults_have_one_slice():
   cfg = tiny.get_config().mesh
   assert [cfg[f'dcn_{a}'] for a in ('data', 'fsdp', 'tensor', 'sequence')] == [1, 1, 1, 1]
-  # A config without the dcn fields (an old checkpoint's) reads as one slice.
-  old = ml_collections.ConfigDict(dict(data=-1, fsdp=2, tensor=1, sequence=1))
+  # A config without the dcn fields (an old checkpoint's) resolves to one slice.
+  old = resolve.complete({'mesh': dict(data=-1, fsdp=2, tensor=1, sequence=1)}).mesh
   assert mesh_lib.mesh_shape(old, 8) == dict(data=4, fsdp=2, tensor=1, sequence=1)
 
 

@@ -9,15 +9,20 @@ import ml_collections
 import numpy as np
 import pytest
 
+from vdit_jax.config import defaults
+from vdit_jax.model import spec as spec_lib
+
 from vdit_jax.model import attention, blocks, dit, embeddings
 
 
 def model_cfg(**overrides):
-  cfg = ml_collections.ConfigDict(dict(
+  cfg = defaults.base_config().model
+  cfg.update(dict(
       variant=None, width=48, depth=3, num_heads=4, mlp_dim=96, patch_size=(2, 4, 4),
       pos_embed='sincos', qk_norm=True, attention_impl='xla', scan_layers=True,
       remat_policy='none', dtype='float32', param_dtype='float32'))
-  cfg.update(overrides)
+  with cfg.ignore_type():  # tests also give values of the wrong type
+    cfg.update(overrides)
   return cfg
 
 
@@ -109,7 +114,7 @@ def test_zero_initialised_block_is_identity():
 
 
 def test_final_layer_is_zero_initialised():
-  model = dit.build_model(model_cfg(), channels=3, num_classes=10)
+  model = dit.build_model(spec_lib.from_config(model_cfg()), channels=3, num_classes=10)
   video, t, y = inputs()
   variables = jax.jit(model.init)(jax.random.key(0), video, t, y)
   out = jax.jit(model.apply)(variables, video, t, y)
@@ -120,7 +125,7 @@ def test_final_layer_is_zero_initialised():
 @pytest.mark.parametrize('patch', [(1, 2, 2), (2, 4, 4), (4, 8, 8), (1, 1, 1)])
 @pytest.mark.parametrize('pos_embed', ['sincos', 'rope'])
 def test_output_shape_for_patch_sizes(patch, pos_embed):
-  model = dit.build_model(model_cfg(patch_size=patch, pos_embed=pos_embed, depth=1),
+  model = dit.build_model(spec_lib.from_config(model_cfg(patch_size=patch, pos_embed=pos_embed, depth=1)),
                           channels=3, num_classes=10)
   video, t, y = inputs()
   params = randomise(nn.unbox(jax.jit(model.init)(jax.random.key(0), video, t, y)['params']))
@@ -130,7 +135,7 @@ def test_output_shape_for_patch_sizes(patch, pos_embed):
 
 
 def test_param_count_independent_of_frames_and_resolution():
-  model = dit.build_model(model_cfg(), channels=3, num_classes=10)
+  model = dit.build_model(spec_lib.from_config(model_cfg()), channels=3, num_classes=10)
   counts = []
   for shape in [(4, 8, 8), (8, 16, 8), (2, 32, 32)]:
     video = np.zeros((1,) + shape + (3,), np.float32)
@@ -155,8 +160,8 @@ def _unstack_scanned(scanned, depth):
 @pytest.mark.parametrize('pos_embed', ['sincos', 'rope'])
 def test_scanned_equals_unrolled(pos_embed):
   video, t, y = inputs()
-  scanned = dit.build_model(model_cfg(pos_embed=pos_embed), 3, 10)
-  unrolled = dit.build_model(model_cfg(pos_embed=pos_embed, scan_layers=False), 3, 10)
+  scanned = dit.build_model(spec_lib.from_config(model_cfg(pos_embed=pos_embed)), 3, 10)
+  unrolled = dit.build_model(spec_lib.from_config(model_cfg(pos_embed=pos_embed, scan_layers=False)), 3, 10)
   params = randomise(nn.unbox(jax.jit(scanned.init)(jax.random.key(0), video, t, y)['params']))
   assert params['blocks']['mlp']['fc1']['kernel'].shape == (3, 48, 96)
   out_scan = jax.jit(scanned.apply)({'params': params}, video, t, y)
@@ -167,8 +172,8 @@ def test_scanned_equals_unrolled(pos_embed):
 @pytest.mark.parametrize('policy', ['full', 'dots_saveable', 'dots_with_no_batch_dims_saveable'])
 def test_remat_policies_keep_values_and_gradients(policy):
   video, t, y = inputs()
-  base = dit.build_model(model_cfg(), 3, 10)
-  remat = dit.build_model(model_cfg(remat_policy=policy), 3, 10)
+  base = dit.build_model(spec_lib.from_config(model_cfg()), 3, 10)
+  remat = dit.build_model(spec_lib.from_config(model_cfg(remat_policy=policy)), 3, 10)
   params = randomise(nn.unbox(jax.jit(base.init)(jax.random.key(0), video, t, y)['params']))
 
   def loss(model, p):
@@ -180,7 +185,7 @@ def test_remat_policies_keep_values_and_gradients(policy):
 
 
 def test_labels_change_output_and_null_label_exists():
-  model = dit.build_model(model_cfg(), 3, 10)
+  model = dit.build_model(spec_lib.from_config(model_cfg()), 3, 10)
   video, t, _ = inputs()
   params = randomise(nn.unbox(jax.jit(model.init)(jax.random.key(0), video, t, None)['params']))
   assert params['y_embed']['table']['embedding'].shape == (11, 48)
@@ -190,7 +195,7 @@ def test_labels_change_output_and_null_label_exists():
 
 
 def test_every_param_has_logical_names():
-  model = dit.build_model(model_cfg(), 3, 10)
+  model = dit.build_model(spec_lib.from_config(model_cfg()), 3, 10)
   video, t, y = inputs()
   boxed = jax.eval_shape(model.init, jax.random.key(0), video, t, y)['params']
   leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
@@ -203,18 +208,18 @@ def test_every_param_has_logical_names():
     ('XL/2x4x4', dict(width=1152, depth=28, num_heads=16, mlp_dim=4608, patch_size=(2, 4, 4))),
 ])
 def test_variant_table(variant, expect):
-  spec = dit.resolve_spec(model_cfg(variant=variant, width=None, depth=None, num_heads=None,
+  spec = spec_lib.from_config(model_cfg(variant=variant, width=None, depth=None, num_heads=None,
                                     mlp_dim=None, patch_size=None))
   for key, value in expect.items():
     assert getattr(spec, key) == value
   # Explicit fields override the variant's.
-  spec = dit.resolve_spec(model_cfg(variant=variant, width=None, depth=2, num_heads=None,
+  spec = spec_lib.from_config(model_cfg(variant=variant, width=None, depth=2, num_heads=None,
                                     mlp_dim=None, patch_size=None))
   assert spec.depth == 2 and spec.width == expect['width']
 
 
 def test_bf16_compute_with_f32_params():
-  model = dit.build_model(model_cfg(dtype='bfloat16'), 3, 10)
+  model = dit.build_model(spec_lib.from_config(model_cfg(dtype='bfloat16')), 3, 10)
   video, t, y = inputs()
   variables = jax.jit(model.init)(jax.random.key(0), video, t, y)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nn.unbox(variables)))
@@ -250,8 +255,8 @@ def test_token_conv_is_a_depthwise_convolution_over_the_grid(kernel_size, grid):
 
 def test_mlp_conv_starts_as_the_plain_model():
   video, t, y = inputs()
-  plain = dit.build_model(model_cfg(), 3, 10)
-  conv = dit.build_model(model_cfg(mlp_conv=(3, 3, 3)), 3, 10)
+  plain = dit.build_model(spec_lib.from_config(model_cfg()), 3, 10)
+  conv = dit.build_model(spec_lib.from_config(model_cfg(mlp_conv=(3, 3, 3))), 3, 10)
   params = randomise(nn.unbox(jax.jit(plain.init)(jax.random.key(0), video, t, y)['params']))
   fresh = nn.unbox(jax.jit(conv.init)(jax.random.key(0), video, t, y)['params'])
   kernel = fresh['blocks']['mlp']['conv']['kernel']  # the only new param: depth x taps x D
@@ -272,8 +277,8 @@ def test_mlp_conv_starts_as_the_plain_model():
 
 def test_scanned_equals_unrolled_with_mlp_conv():
   video, t, y = inputs()
-  scanned = dit.build_model(model_cfg(mlp_conv=(3, 3, 3)), 3, 10)
-  unrolled = dit.build_model(model_cfg(mlp_conv=(3, 3, 3), scan_layers=False), 3, 10)
+  scanned = dit.build_model(spec_lib.from_config(model_cfg(mlp_conv=(3, 3, 3))), 3, 10)
+  unrolled = dit.build_model(spec_lib.from_config(model_cfg(mlp_conv=(3, 3, 3), scan_layers=False)), 3, 10)
   params = randomise(nn.unbox(jax.jit(scanned.init)(jax.random.key(0), video, t, y)['params']))
   out_scan = jax.jit(scanned.apply)({'params': params}, video, t, y)
   out_unrolled = jax.jit(unrolled.apply)({'params': _unstack_scanned(params, 3)}, video, t, y)
@@ -284,7 +289,7 @@ def test_class_tokens_carry_the_label_through_cross_attention():
   """model.class_tokens=K: K learned tokens per class (the null label's row included)
   that each block cross-attends to; with the adaLN label vectors made equal, the label
   still changes the output, through the tokens alone."""
-  model = dit.build_model(model_cfg(class_tokens=2), 3, 10)
+  model = dit.build_model(spec_lib.from_config(model_cfg(class_tokens=2)), 3, 10)
   video, t, _ = inputs()
   params = randomise(nn.unbox(jax.jit(model.init)(jax.random.key(0), video, t, None)['params']))
   assert params['y_tokens']['table'].shape == (11, 2, 48)
@@ -296,7 +301,7 @@ def test_class_tokens_carry_the_label_through_cross_attention():
   b = apply({'params': params}, video, t, jnp.array([3, 3]))
   assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-4
   # Without tokens the same equal adaLN vectors leave no trace of the label.
-  plain = dit.build_model(model_cfg(), 3, 10)
+  plain = dit.build_model(spec_lib.from_config(model_cfg()), 3, 10)
   p = randomise(nn.unbox(jax.jit(plain.init)(jax.random.key(0), video, t, None)['params']))
   p['y_embed']['table']['embedding'] = jnp.broadcast_to(
       p['y_embed']['table']['embedding'][:1], (11, 48))
@@ -312,13 +317,13 @@ def test_class_tokens_carry_the_label_through_cross_attention():
 ])
 def test_class_tokens_rejects_bad_values(overrides, message):
   with pytest.raises(ValueError, match=message):
-    dit.check_spec(dit.resolve_spec(model_cfg(**overrides)))
+    spec_lib.check_spec(spec_lib.from_config(model_cfg(**overrides)))
 
 
 def test_self_condition_reads_the_estimate_as_more_input_channels():
   """model.self_condition: x0_prev [B, T, H, W, C] enters beside the noisy clip (2C input
   channels); none given is zeros, and another estimate changes the output."""
-  model = dit.build_model(model_cfg(self_condition=True), 3, 10)
+  model = dit.build_model(spec_lib.from_config(model_cfg(self_condition=True)), 3, 10)
   video, t, labels = inputs()
   params = randomise(nn.unbox(jax.jit(model.init)(jax.random.key(0), video, t, labels)[
       'params']))
@@ -331,7 +336,7 @@ def test_self_condition_reads_the_estimate_as_more_input_channels():
   assert np.abs(np.asarray(other) - np.asarray(none)).max() > 1e-4
   with pytest.raises(ValueError, match=r'x0_prev \(2, 2, 8, 8, 3\) must have the shape of video'):
     model.apply({'params': params}, video, t, labels, x0_prev=video[:, :2])
-  plain = dit.build_model(model_cfg(), 3, 10)
+  plain = dit.build_model(spec_lib.from_config(model_cfg()), 3, 10)
   with pytest.raises(ValueError, match='x0_prev is given but model.self_condition is False'):
     plain.init(jax.random.key(0), video, t, labels, x0_prev=video)
 
@@ -345,7 +350,7 @@ def test_self_condition_reads_the_estimate_as_more_input_channels():
 ])
 def test_self_condition_rejects_bad_values(overrides, message):
   with pytest.raises(ValueError, match=message):
-    dit.check_spec(dit.resolve_spec(model_cfg(**overrides)))
+    spec_lib.check_spec(spec_lib.from_config(model_cfg(**overrides)))
 
 
 def _conv_reference(x, kernel):
@@ -388,11 +393,11 @@ def test_pixel_refiner_matches_a_numpy_convolution_and_starts_as_the_identity(ke
 
 def test_model_with_a_fresh_refiner_gives_the_plain_models_output():
   video, t, y = inputs()
-  refined = dit.build_model(model_cfg(refiner_width=4), 3, 10)
+  refined = dit.build_model(spec_lib.from_config(model_cfg(refiner_width=4)), 3, 10)
   params = randomise(nn.unbox(jax.jit(refined.init)(jax.random.key(0), video, t, y)['params']))
   params['refiner'] = nn.unbox(jax.jit(refined.init)(jax.random.key(0), video, t, y)[
       'params'])['refiner']  # the refiner as initialised: its output kernel is zero
-  plain = dit.build_model(model_cfg(), 3, 10)
+  plain = dit.build_model(spec_lib.from_config(model_cfg()), 3, 10)
   rest = {k: v for k, v in params.items() if k != 'refiner'}
   np.testing.assert_array_equal(
       np.asarray(jax.jit(refined.apply)({'params': params}, video, t, y)),
@@ -411,4 +416,4 @@ def test_model_with_a_fresh_refiner_gives_the_plain_models_output():
 ])
 def test_refiner_rejects_bad_values(overrides, message):
   with pytest.raises(ValueError, match=message):
-    dit.check_spec(dit.resolve_spec(model_cfg(**overrides)))
+    spec_lib.check_spec(spec_lib.from_config(model_cfg(**overrides)))

@@ -18,6 +18,7 @@ from vdit_jax.data import synthetic
 from vdit_jax.data import video_io
 from vdit_jax.diffusion import conditioning as cond_lib
 from vdit_jax.diffusion import objectives
+from vdit_jax.model import spec as spec_lib
 from vdit_jax.model import dit
 from vdit_jax.generate import conditional
 from vdit_jax.generate import multistage
@@ -59,7 +60,7 @@ def random_params(model, *inputs, seed=1):
 
 
 def make_stage(config, seed):
-  model = dit.build_model(config.model, 3, num_classes=12)
+  model = dit.build_model(spec_lib.from_config(config.model), 3, num_classes=12)
   shape = (1, config.data.num_frames, H, W, 3)
   params = random_params(model, jnp.zeros(shape), jnp.zeros(1), seed=seed)
   return multistage.Stage(config, model, objectives.Diffusion.from_config(config.diffusion),

@@ -16,9 +16,11 @@ import pytest
 from jax.extend import core as jax_core
 
 from configs import tiny
+from vdit_jax.config import defaults
 from vdit_jax.config import validate
 from vdit_jax.data import pipeline
 from vdit_jax.diffusion import objectives
+from vdit_jax.model import spec as spec_lib
 from vdit_jax.model import blocks
 from vdit_jax.model import dit
 from vdit_jax.train import checkpoint as ckpt_lib
@@ -41,11 +43,13 @@ def _restore_cache_dir():
 
 
 def model_cfg(**overrides):
-  cfg = ml_collections.ConfigDict(dict(
+  cfg = defaults.base_config().model
+  cfg.update(dict(
       variant=None, width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=(1, 4, 4),
       pos_embed='sincos', qk_norm=True, attention_impl='xla', scan_layers=True,
       remat_policy='none', remat_names='', dtype='float32', param_dtype='float32'))
-  cfg.update(overrides)
+  with cfg.ignore_type():  # tests also give values of the wrong type
+    cfg.update(overrides)
   return cfg
 
 
@@ -96,7 +100,7 @@ def _loss(model, video, t, y):
 
 
 def _remat_model(policy, names='', **overrides):
-  return dit.build_model(model_cfg(remat_policy=policy, remat_names=names, **overrides), 3, 10)
+  return dit.build_model(spec_lib.from_config(model_cfg(remat_policy=policy, remat_names=names, **overrides)), 3, 10)
 
 
 def _memory_inputs():
@@ -113,7 +117,7 @@ def test_every_remat_policy_gives_the_loss_and_grads_of_none_with_less_memory():
   kw = dict(depth=4, mlp_dim=256)
   results, temp_bytes = {}, {}
   # The dots policies are checked the same way in tests/model_test.py; 'full' is an alias.
-  assert dit.REMAT_POLICIES['full'] is dit.REMAT_POLICIES['nothing_saveable']
+  assert spec_lib.REMAT_POLICIES['full'] is spec_lib.REMAT_POLICIES['nothing_saveable']
   for policy, names in (('none', ''), ('nothing_saveable', ''),
                         ('save_named', 'attn_out,mlp_hidden')):
     fn = jax.value_and_grad(_loss(_remat_model(policy, names, **kw), video, t, y))
@@ -173,7 +177,7 @@ def test_save_named_keeps_exactly_the_named_activations():
 ])
 def test_remat_config_errors(overrides, message):
   with pytest.raises(ValueError, match=message):
-    dit.build_model(model_cfg(**overrides), 3, 10)
+    dit.build_model(spec_lib.from_config(model_cfg(**overrides)), 3, 10)
 
 
 # ------------------------------------------------------------------ bf16 compute
@@ -192,7 +196,7 @@ def _equations(jaxpr):
 
 def test_bf16_compute_keeps_f32_params_and_f32_statistics():
   video, t, y = model_inputs()
-  bf16 = dit.build_model(model_cfg(dtype='bfloat16', qk_norm=True), 3, 10)
+  bf16 = dit.build_model(spec_lib.from_config(model_cfg(dtype='bfloat16', qk_norm=True)), 3, 10)
   params = abstract_params(bf16, video, t, y)  # tracing only: no compile
   assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
   assert jax.eval_shape(lambda p: bf16.apply({'params': p}, video, t, y),
@@ -379,7 +383,7 @@ def test_logged_steps_have_mfu_and_a_second_process_hits_the_compile_cache(tmp_p
 
   records = metrics_lib.read_metrics(str(tmp_path / 'first' / 'metrics.jsonl'))
   assert [r['step'] for r in records] == [1, 2, 3]
-  flops = mfu_lib.model_flops_per_step(config, dit.resolve_spec(config.model))
+  flops = mfu_lib.model_flops_per_step(config, spec_lib.from_config(config.model))
   peak = mfu_lib.device_peak()  # the CPU matmul figure is measured once: the run's
   for r in records:
     assert r['model_tflops_per_device'] > 0 and 0 < r['mfu'] < 1.5, r

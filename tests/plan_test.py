@@ -18,6 +18,7 @@ import pytest
 from configs import tiny
 from configs import tiny_text
 from tests.conftest import shrink
+from vdit_jax.model import spec as spec_lib
 from vdit_jax.model import dit
 from vdit_jax.model import flops as flops_lib
 from vdit_jax.model import text as text_lib
@@ -121,7 +122,7 @@ def test_plan_validates_the_config_first(tpu_devices):
 
 
 def test_flops_match_a_hand_count():
-  spec = dit.ModelSpec(width=8, depth=1, num_heads=2, mlp_dim=16, patch_size=(1, 2, 2),
+  spec = spec_lib.ModelSpec(width=8, depth=1, num_heads=2, mlp_dim=16, patch_size=(1, 2, 2),
                        pos_embed='sincos', qk_norm=True, attention_impl='xla',
                        scan_layers=True, remat_policy='full', dtype='float32',
                        param_dtype='float32')
@@ -151,7 +152,7 @@ def _counted_params(f) -> int:
 
 def _class_model_params(config, shape):
   """(model, params tree of shapes) of a class-conditioned config on clips `shape`."""
-  model = dit.build_model(config.model, config.data.channels, num_classes=12)
+  model = dit.build_model(spec_lib.from_config(config.model), config.data.channels, num_classes=12)
   params = jax.eval_shape(model.init, jax.random.key(0),
                           jax.ShapeDtypeStruct((1,) + tuple(shape), np.float32),
                           jax.ShapeDtypeStruct((1,), np.float32),
@@ -180,7 +181,7 @@ def test_flops_count_text_and_given_frame_weights(encoder, pooled):
   config.model.text.pooled = pooled
   if encoder == 'precomputed':
     config.model.text.embed_dim = 24
-  model = dit.build_model(config.model, config.data.channels, num_classes=0)
+  model = dit.build_model(spec_lib.from_config(config.model), config.data.channels, num_classes=0)
   spec, d = model.spec, config.data
   video = jax.ShapeDtypeStruct((1, d.num_frames, d.height, d.width, d.channels), np.float32)
   t = jax.ShapeDtypeStruct((1,), np.float32)
@@ -261,7 +262,7 @@ def test_flops_count_self_conditioning():
     ((15, 32, 32, 3), 1, 'T=15 is not a positive multiple'),
 ])
 def test_flops_reject_bad_shapes(shape, batch, message):
-  spec = dit.resolve_spec(tiny.get_config().model)
+  spec = spec_lib.from_config(tiny.get_config().model)
   with pytest.raises(ValueError, match=message):
     flops_lib.train_step_flops(spec, shape, batch)
 
@@ -283,7 +284,7 @@ def test_command_line_plans_for_fake_cpu_devices_and_says_when_it_does_not_fit()
   assert result['total_bytes'] == (result['argument_bytes'] + result['output_bytes']
                                    + result['temp_bytes'] - result['alias_bytes']
                                    + result['code_bytes'])
-  spec = dataclasses.replace(dit.resolve_spec(tiny.get_config().model), depth=1)
+  spec = dataclasses.replace(spec_lib.from_config(tiny.get_config().model), depth=1)
   expected = flops_lib.train_step_flops(spec, (4, 16, 16, 3), batch_size=2).total
   assert result['model_flops_per_step'] == expected
 

@@ -10,6 +10,7 @@ from configs import tiny_extend
 from configs import tiny_interpolate
 from configs import tiny_keyframes
 from configs import tiny_text
+from vdit_jax.model import spec as spec_lib
 from vdit_jax.model import dit
 
 RECIPE = {
@@ -47,7 +48,7 @@ def test_tiny_config_carries_the_measured_recipe():
   got[('data', 'shape_weights')] = tuple(got[('data', 'shape_weights')])
   assert config.train.optimizer == 'adamw'  # Muon: BUILD_NOTES, third round
   assert got == RECIPE
-  dit.check_spec(dit.resolve_spec(config.model))
+  spec_lib.check_spec(spec_lib.from_config(config.model))
 
 
 def test_no_config_chains_a_previous_recipe():
@@ -96,7 +97,7 @@ def test_text_config_trains_tinys_flow_recipe_with_its_measured_settings():
   assert config.sample.cfg_scale == 3.0  # guidance 10 (the v recipe's): shape 0.42
   assert tuple(config.data.shape_weights) == ()  # measured with equal shares (tiny: 2, 1, 1)
   assert config.model.loss_uncertainty is False  # measured without it
-  dit.check_spec(dit.resolve_spec(config.model))
+  spec_lib.check_spec(spec_lib.from_config(config.model))
 
 
 def test_keyframe_config_is_the_text_config_at_a_quarter_of_the_frame_rate():

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from vdit_jax.config import defaults
+from vdit_jax.model import spec as spec_lib
 from vdit_jax.model import attention, dit
 from vdit_jax.parallel import axes
 from vdit_jax.parallel import mesh as mesh_lib
@@ -61,8 +62,7 @@ def test_without_mesh_is_plain_attention(strategy):
 
 @pytest.mark.parametrize('strategy', STRATEGIES)
 def test_sequence_axis_of_size_one_is_plain_attention(strategy):
-  mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(
-      dict(data=-1, fsdp=1, tensor=1, sequence=1)), jax.devices()[:1])
+  mesh = mesh_lib.make_mesh(defaults.base_config().mesh, jax.devices()[:1])
   q, k, v = qkv()
   fn = jax.jit(lambda q, k, v: sa.sequence_parallel_attention(q, k, v, strategy=strategy))
   with jax.set_mesh(mesh), nn.logical_axis_rules(axes.DEFAULT_RULES):
@@ -106,14 +106,14 @@ def test_dot_product_attention_dispatch():
 def test_config_default_and_validation():
   cfg = defaults.base_config()
   assert cfg.model.sequence_parallel == 'none'
-  assert dit.resolve_spec(cfg.model).sequence_parallel == 'none'
+  assert spec_lib.from_config(cfg.model).sequence_parallel == 'none'
   cfg.model.sequence_parallel = 'ulysses'
-  spec = dit.resolve_spec(cfg.model)
+  spec = spec_lib.from_config(cfg.model)
   assert spec.sequence_parallel == 'ulysses'
-  dit.check_spec(spec)
+  spec_lib.check_spec(spec)
   cfg.model.sequence_parallel = 'all-gather'
   with pytest.raises(ValueError, match=r"model.sequence_parallel='all-gather' is not one of"):
-    dit.check_spec(dit.resolve_spec(cfg.model))
+    spec_lib.check_spec(spec_lib.from_config(cfg.model))
 
 
 @pytest.mark.parametrize('check', MULTIDEVICE_CHECKS)

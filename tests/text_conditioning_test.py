@@ -19,6 +19,7 @@ from vdit_jax.data import synthetic
 from vdit_jax.diffusion import conditioning as cond_lib
 from vdit_jax.diffusion import objectives
 from vdit_jax.diffusion import samplers
+from vdit_jax.model import spec as spec_lib
 from vdit_jax.model import blocks
 from vdit_jax.model import dit
 from vdit_jax.model import text as text_lib
@@ -54,7 +55,7 @@ def random_params(model, *inputs, seed=1):
 @functools.lru_cache(maxsize=None)
 def built(encoder='builtin', pooled=False):
   """(model, random params, jitted apply) of a small text model."""
-  model = dit.build_model(model_cfg(encoder, pooled), 3, num_classes=12)
+  model = dit.build_model(spec_lib.from_config(model_cfg(encoder, pooled)), 3, num_classes=12)
   params = random_params(model, jnp.zeros((2, 4, 8, 8, 3)), jnp.zeros(2))
   apply = jax.jit(lambda p, z, t, text: model.apply({'params': p}, z, t, None, text=text))
   return model, params, apply
@@ -218,7 +219,7 @@ def test_cross_attention_is_qk_normalised():
 
 
 def test_every_text_param_has_logical_names():
-  model = dit.build_model(model_cfg(), 3, num_classes=0)
+  model = dit.build_model(spec_lib.from_config(model_cfg()), 3, num_classes=0)
   boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4, 8, 8, 3)),
                          jnp.zeros(1))['params']
   leaves = jax.tree.leaves(boxed['text'], is_leaf=lambda x: isinstance(x, nn.Partitioned))
@@ -300,11 +301,11 @@ def test_precomputed_embeddings_are_padded_and_checked():
 
 def test_train_step_trains_the_text_encoder():
   config = model_cfg()
-  model = dit.build_model(config, 3, num_classes=12)
+  model = dit.build_model(spec_lib.from_config(config), 3, num_classes=12)
   diffusion = objectives.Diffusion.create('v', schedule='cosine')
-  train = ml_collections.ConfigDict(dict(learning_rate=1e-2, warmup_steps=0, num_steps=10,
-                                         end_lr_fraction=1.0, grad_clip=1.0, b1=0.9, b2=0.99,
-                                         weight_decay=0.0))
+  train = defaults.base_config().train
+  train.update(dict(learning_rate=1e-2, warmup_steps=0, num_steps=10, end_lr_fraction=1.0,
+                    grad_clip=1.0, b1=0.9, b2=0.99, weight_decay=0.0))
   tx = state_lib.make_optimizer(train)
   params = random_params(model, jnp.zeros((4, 4, 8, 8, 3)), jnp.zeros(4))
   state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
@@ -348,7 +349,7 @@ def test_image_to_video_with_a_prompt_keeps_the_frame_and_reads_the_words():
   assert drawn['text']['mask'].shape == (64, L)
 
   shape = (2, 4, 8, 8, 3)
-  model = dit.build_model(config.model, 3, num_classes=12)
+  model = dit.build_model(spec_lib.from_config(config.model), 3, num_classes=12)
   params = random_params(model, jnp.zeros(shape), jnp.zeros(2))
   diffusion = objectives.Diffusion.create('v', schedule='cosine')
   sample_fn = jax.jit(conditional.make_sample_fn(model, diffusion, config, 12, shape))
@@ -392,8 +393,11 @@ def test_config_errors_are_clear():
   with pytest.raises(ValueError, match=r'model.text.width=30 is not divisible by'):
     check(model__text__width=30)
   with pytest.raises(ValueError, match=r"model.text.pooled='yes' must be True or False"):
-    # (a ConfigDict already refuses a str in the bool field; a plain dict reaches this check)
-    text_lib.check_spec(text_lib.resolve_spec({'pooled': 'yes'}))
+    # (a ConfigDict refuses a str in the bool field unless told to ignore types)
+    text = defaults.base_config().model.text
+    with text.ignore_type():
+      text.pooled = 'yes'
+    text_lib.check_spec(text_lib.spec_from_config(text))
   with pytest.raises(ValueError, match=r'caption_dropout=1.0 must be in \[0, 1\)'):
     check(model__caption_dropout=1.0)
   with pytest.raises(ValueError, match=r"--prompt='a red square' needs a text-conditioned"):

@@ -151,7 +151,7 @@ def test_vae_train_config_is_checked():
     vae.check_config(config)
   config = module.get_config()
   config.train.kl_weight = -1.0
-  with pytest.raises(ValueError, match='vae.kl_weight must be a number >= 0'):
+  with pytest.raises(ValueError, match='train.kl_weight must be a number >= 0'):
     vae.check_config(config)
 
 

@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding
 
+from vdit_jax.config import defaults
 from vdit_jax.model import attention
 from vdit_jax.parallel import axes
 from vdit_jax.parallel import mesh as mesh_lib
@@ -38,7 +39,7 @@ TOL = dict(rtol=1e-5, atol=2e-5)
 
 
 def make_mesh(**sizes):
-  cfg = dict(data=1, fsdp=1, tensor=1, sequence=1)
+  cfg = dict(defaults.base_config().mesh.to_dict(), data=1)  # every axis 1, one slice
   cfg.update(sizes)
   count = cfg['data'] * cfg['fsdp'] * cfg['tensor'] * cfg['sequence']
   return mesh_lib.make_mesh(ml_collections.ConfigDict(cfg), devices=jax.devices()[:count])

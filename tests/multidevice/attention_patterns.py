@@ -27,6 +27,9 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding
 
+from vdit_jax.config import defaults
+from vdit_jax.model import spec as spec_lib
+
 from vdit_jax.model import attention_patterns as ap
 from vdit_jax.model import dit
 from vdit_jax.parallel import axes
@@ -45,7 +48,7 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def make_mesh(**sizes):
-  cfg = dict(data=1, fsdp=1, tensor=1, sequence=1)
+  cfg = dict(defaults.base_config().mesh.to_dict(), data=1)  # every axis 1, one slice
   cfg.update(sizes)
   return mesh_lib.make_mesh(ml_collections.ConfigDict(cfg))
 
@@ -88,12 +91,13 @@ def check_patterns(check, mesh):
 
 def check_model(check, mesh):
   """A VideoDiT with shifted windows (alternating blocks) on data=2 x sequence=4."""
-  cfg = ml_collections.ConfigDict(dict(
+  cfg = defaults.base_config().model
+  cfg.update(dict(
       variant=None, width=24, depth=2, num_heads=2, mlp_dim=32, patch_size=(1, 2, 2),
       pos_embed='rope', qk_norm=True, attention_impl='xla', scan_layers=True,
       remat_policy='none', dtype='float32', param_dtype='float32', sequence_parallel='none',
       attention_pattern='windowed', window_size=(2, 2, 2)))
-  model = dit.build_model(cfg, channels=3, num_classes=10)
+  model = dit.build_model(spec_lib.from_config(cfg), channels=3, num_classes=10)
   rng = np.random.default_rng(1)
   video = rng.normal(size=(2, 4, 8, 8, 3)).astype(np.float32)  # grid (4, 4, 4)
   target = rng.normal(size=video.shape).astype(np.float32)

@@ -25,6 +25,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tests.multidevice import all_gather_shapes
+from vdit_jax.config import defaults
+from vdit_jax.model import spec as spec_lib
 from vdit_jax.model import dit
 from vdit_jax.parallel import axes
 from vdit_jax.parallel import mesh as mesh_lib
@@ -42,7 +44,7 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def make_mesh(sizes):
-  cfg = dict(data=1, fsdp=1, tensor=1, sequence=1)
+  cfg = dict(defaults.base_config().mesh.to_dict(), data=1)  # every axis 1, one slice
   cfg.update(sizes)
   return mesh_lib.make_mesh(ml_collections.ConfigDict(cfg))
 
@@ -174,7 +176,8 @@ def check_model(check):
   otherwise); the attention checks above use the default pipeline.
   """
   jax.config.update('jax_disable_most_optimizations', True)
-  cfg = ml_collections.ConfigDict(dict(
+  cfg = defaults.base_config().model
+  cfg.update(dict(
       variant=None, width=48, depth=2, num_heads=4, mlp_dim=96, patch_size=(2, 4, 4),
       pos_embed='rope', qk_norm=True, attention_impl='xla', scan_layers=True,
       remat_policy='none', dtype='float32', param_dtype='float32', sequence_parallel='none'))
@@ -190,7 +193,7 @@ def check_model(check):
       return jnp.mean(jnp.square(out - target)), out
     return jax.value_and_grad(loss, has_aux=True)(params, *batch)
 
-  base = dit.build_model(cfg, channels=3, num_classes=10)
+  base = dit.build_model(spec_lib.from_config(cfg), channels=3, num_classes=10)
   # Random values everywhere (zero-init layers would hide bugs), drawn with numpy
   # from the abstract init: no init compile, no per-leaf jax.random compiles.
   shapes = nn.unbox(jax.eval_shape(base.init, jax.random.key(0), video, t, labels)['params'])
@@ -206,7 +209,7 @@ def check_model(check):
     def equal(strategy=strategy):
       cfg_s = ml_collections.ConfigDict(cfg.to_dict())
       cfg_s.sequence_parallel = strategy
-      model = dit.build_model(cfg_s, channels=3, num_classes=10)
+      model = dit.build_model(spec_lib.from_config(cfg_s), channels=3, num_classes=10)
       with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
         sharded = tuple(jax.device_put(x, mesh_lib.batch_sharding(mesh, RULES, x.ndim))
                         for x in batch)

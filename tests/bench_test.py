@@ -198,5 +198,7 @@ def test_smoke(runs, name):
     assert result['tokens_per_step'] == 2 * (2 * 4 * 4)  # batch 2 x (2/1 x 8/2 x 8/2)
     assert result['roofline_fraction'] == pytest.approx(
         result['model_flops_per_s'] / result['matmul_flops_per_s'])
+    assert result['tokens_per_s'] == pytest.approx(result['tokens_per_step'] / result['step_s'])
+    assert 'runtime' in result and result['minor_faults_per_step'] >= 0
   elif name == 'vae_decode':
     assert [r['latent_frames'] for r in result['rows']] == [1, 2]

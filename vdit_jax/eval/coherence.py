@@ -16,10 +16,6 @@ measurement, not a test: it never fails on a number. Ends with one JSON line.
 """
 
 import json
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 from absl import app, flags

@@ -19,12 +19,9 @@ attention can carry there).
 """
 
 import json
-import os
-import sys
 
 # The repository root, for `python vdit_jax/eval/<name>.py`; `python -m vdit_jax.eval.<name>`
 # needs none.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import jax
 import jax.numpy as jnp

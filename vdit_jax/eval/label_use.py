@@ -15,12 +15,9 @@ A measurement: it never fails on a number. One JSON line per row.
 """
 
 import json
-import os
-import sys
 
 # The repository root, for `python vdit_jax/eval/<name>.py`; `python -m vdit_jax.eval.<name>`
 # needs none.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from absl import app, flags
 import jax

@@ -21,10 +21,6 @@ A measurement: it never fails on a number.
 """
 
 import json
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -35,7 +31,6 @@ from vdit_jax import modes
 from vdit_jax.config import resolve
 from vdit_jax.data import synthetic
 from vdit_jax.model import spec as spec_lib
-from vdit_jax.model import dit
 from vdit_jax.model import flops as flops_lib
 from vdit_jax.parallel import paths
 from vdit_jax.eval import detect

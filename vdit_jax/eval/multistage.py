@@ -27,8 +27,6 @@ A measurement, not a test: it never fails on a number. Ends with one JSON line.
 """
 
 import json
-import os
-import sys
 import time
 
 from absl import app
@@ -37,11 +35,10 @@ from absl import logging
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vdit_jax import modes
 
-from vdit_jax.eval import learning_curve  # pylint: disable=g-import-not-at-top
+from vdit_jax.eval import learning_curve
 from vdit_jax.config import resolve
 from vdit_jax.data import synthetic
 from vdit_jax.eval import detect

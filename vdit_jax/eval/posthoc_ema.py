@@ -23,12 +23,9 @@ never fails on a number.
 """
 
 import json
-import os
-import sys
 
 # The repository root, for `python vdit_jax/eval/<name>.py`; `python -m vdit_jax.eval.<name>`
 # needs none.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from absl import app, flags
 import flax.linen as nn

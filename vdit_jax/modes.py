@@ -59,6 +59,21 @@ def params_to_sample(s: loop.Setup, workdir: str, checkpoint: Optional[str],
   return params, info['step'], f'sample_export_step_{info["step"]:07d}'
 
 
+def _restored(config, workdir: str, checkpoint: Optional[str], step: Optional[int] = None):
+  """(Setup, params, step, sample file name) of `params_to_sample`, the checkpointer closed;
+  the params are a LoRA run's adapters, unmerged."""
+  s = loop.build(config, workdir)
+  try:
+    return (s, *params_to_sample(s, workdir, checkpoint, step))
+  finally:
+    s.checkpointer.close()
+
+
+def _merged(s: loop.Setup, params):
+  """A LoRA run's adapters merged into its base; other params as they are."""
+  return params if s.lora is None else s.lora.merged(params)
+
+
 def sample(config, workdir: str, checkpoint: Optional[str] = None,
            prompt: Optional[str] = None, step: Optional[int] = None):
   """Writes a sample video to WORKDIR/samples from the params of a checkpoint or export.
@@ -74,11 +89,7 @@ def sample(config, workdir: str, checkpoint: Optional[str] = None,
   conditional.check_prompt_flag(config, prompt)
   compile_cache.configure(config.train.compilation_cache_dir)
   workdir = paths.normalize(workdir)
-  s = loop.build(config, workdir)
-  try:
-    params, step, name = params_to_sample(s, workdir, checkpoint, step)
-  finally:
-    s.checkpointer.close()
+  s, params, step, name = _restored(config, workdir, checkpoint, step)
   return loop.sample_and_write(s, params, step, workdir, name=name, prompts=prompt)
 
 
@@ -89,13 +100,8 @@ def extend(config, workdir: str, input_path: str, num_frames: int,
   config = resolve.complete(config)
   conditional.check_prompt_flag(config, prompt)
   workdir = paths.normalize(workdir)
-  s = loop.build(config, workdir)
-  try:
-    params, step, _ = params_to_sample(s, workdir, checkpoint)
-  finally:
-    s.checkpointer.close()
-  if s.lora is not None:  # params are the adapters
-    params = s.lora.merged(params)
+  s, params, step, _ = _restored(config, workdir, checkpoint)
+  params = _merged(s, params)
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
     clip, _, written = conditional.extend_and_write(s, params, input_path, num_frames, workdir,
                                                  conditional.extend_name(input_path, step), prompt)
@@ -112,6 +118,7 @@ def export(config, workdir: str) -> str:
     state, step = _restore_latest(s, workdir)
   finally:
     s.checkpointer.close()
+  config = s.config  # resolved: the complete config goes into the export
   which = 'ema_params' if config.sample.use_ema else 'params'
   path = export_lib.write(export_lib.export_dir(workdir, step), getattr(state, which), config,
                           step=step, which=which)
@@ -122,11 +129,6 @@ def export(config, workdir: str) -> str:
 def load_stage(config, workdir: str, checkpoint: Optional[str] = None) -> multistage.Stage:
   """The params `--mode=sample` would use (the export `checkpoint`, else the newest
   checkpoint's EMA params, else the newest export in `workdir`), LoRA adapters merged."""
-  s = loop.build(config, workdir)
-  try:
-    params, _, _ = params_to_sample(s, workdir, checkpoint)
-  finally:
-    s.checkpointer.close()
-  if s.lora is not None:  # params are the adapters
-    params = s.lora.merged(params)
-  return multistage.Stage(config, s.model, s.diffusion, params, s.num_classes, s.mesh, s.rules)
+  s, params, _, _ = _restored(config, workdir, checkpoint)
+  return multistage.Stage(s.config, s.model, s.diffusion, _merged(s, params), s.num_classes,
+                          s.mesh, s.rules)

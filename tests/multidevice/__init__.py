@@ -10,6 +10,8 @@ each script here runs in a fresh process (tests/conftest.py: `run_checks`, and t
 
 import re
 
+import jax
+
 # configs_test.py's names for the runner (tests/configs_multidevice.py is its script).
 from tests.conftest import CPU_COLLECTIVE_TIMEOUT_FLAGS  # pylint: disable=unused-import
 from tests.conftest import run_checks as run_checks_with_args  # pylint: disable=unused-import
@@ -24,3 +26,10 @@ def all_gather_shapes(hlo: str) -> list:
       shapes += [tuple(int(d) for d in dims.split(',') if d)
                  for dims in re.findall(r'[a-z]+\d*\[([\d,]*)\]', line[:m.start()])]
   return shapes
+
+
+def path_specs(tree) -> dict:
+  """{'a/b/c': PartitionSpec} of each leaf of a tree of sharded arrays or shardings."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {'/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path): leaf.spec
+          for path, leaf in flat}

@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from tests import lora_test
+from tests.multidevice import path_specs
 from vdit_jax.data import pipeline
 from vdit_jax.train import loop
 from vdit_jax.train import state as state_lib
@@ -47,12 +48,6 @@ EXPECTED_ADAPTER_SPECS = {
     'blocks/cross_attn/attn/out_kernel/a': P(None, HEADS, None, None),
     'blocks/cross_attn/attn/out_kernel/b': P(None, None, EMBED),
 }
-
-
-def path_specs(tree):
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {'/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path): leaf.spec
-          for path, leaf in flat}
 
 
 def run(config, devices):

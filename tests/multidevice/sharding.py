@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import tiny
 from tests.conftest import shrink
-from tests.multidevice import all_gather_shapes
+from tests.multidevice import all_gather_shapes, path_specs
 from vdit_jax.data import pipeline
 from vdit_jax.train import loop
 from vdit_jax.train import state as state_lib
@@ -114,12 +114,6 @@ def config_for(name=None):
   if name is not None and name.endswith('_selfcond'):
     config.model.self_condition = True
   return config
-
-
-def path_specs(tree):
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {'/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path): leaf.spec
-          for path, leaf in flat}
 
 
 def run(config, devices):

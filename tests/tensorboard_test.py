@@ -68,6 +68,9 @@ def test_writer_in_a_bucket_through_paths(gcs, tmp_path):
   writer.close()
   names = paths.listdir(logdir)
   assert len(names) == 2 and os.path.basename(first) in names  # rolled over past 300 bytes
+  # TensorBoard reads a folder's files in name order: the first file sorts first, even when
+  # both were started within one second (the random part alone sorted them half the time).
+  assert sorted(names)[0] == os.path.basename(first)
   for name in names:
     (tmp_path / name).write_bytes(paths.read_bytes(paths.join(logdir, name)))
   acc = _accumulator(str(tmp_path))

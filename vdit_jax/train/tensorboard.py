@@ -195,13 +195,18 @@ class EventFileWriter:
     self.max_remote_bytes = max_remote_bytes
     self._file = None
     self._records = None
+    self._rollovers = 0  # this writer's files so far; orders its names within one second
     self._open()
 
   def _open(self) -> None:
     stem = f'events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}'
     if paths.is_remote(self.logdir):
-      # No exclusive create in a bucket: the random part keeps two writers apart.
-      self.path = paths.join(self.logdir, f'{stem}.{secrets.token_hex(4)}')
+      # No exclusive create in a bucket: the random part keeps two writers apart. The
+      # count before it sorts a rolled-over file after its predecessor even within one
+      # second (TensorBoard reads a folder's files in name order, and only forward).
+      self.path = paths.join(
+          self.logdir, f'{stem}.{self._rollovers:04d}.{secrets.token_hex(4)}')
+      self._rollovers += 1
     else:
       os.makedirs(self.logdir, exist_ok=True)
       index = 0

@@ -31,7 +31,17 @@ def base_config() -> ml_collections.ConfigDict:
   m.mlp_dim = config_dict.placeholder(int)
   m.patch_size = config_dict.placeholder(tuple)  # (pt, ph, pw)
   m.pos_embed = 'sincos'            # sincos | rope
+  m.rope_style = 'halves'           # rope: halves | wan (interleaved pairs, t gets the rest)
   m.qk_norm = True
+  m.qk_norm_across_heads = False    # one RMSNorm over all heads' q (k), as Wan 2.1
+  # adaLN: per_block (each block projects the timestep embedding: DiT) | shared (one
+  # projection for all blocks plus per-block learned offsets: Wan 2.1)
+  m.modulation = 'per_block'
+  m.cross_attn_norm_affine = False  # the cross-attention's LayerNorm learns scale and bias
+  # Wan 2.1 I2V: CLIP image tokens [Li, E] (E = this; 0 = none) read by cross-attention,
+  # and condition_channels more input channels (the first-frame latents and their mask).
+  m.image_embed_dim = 0
+  m.condition_channels = 0
   m.attention_impl = 'auto'         # auto | xla | cudnn | blockwise | splash (model/attention.py)
   # blockwise / splash tiles (splash: multiples of 128); None: the kernel's default,
   # blockwise 256 x 256 (CPU caches), splash 512 x 512 (attention.DEFAULT_BLOCKS).
@@ -78,6 +88,8 @@ def base_config() -> ml_collections.ConfigDict:
   text.num_heads = 4
   text.mlp_dim = config_dict.placeholder(int)
   text.embed_dim = 0                # precomputed: E (T5-XXL / UMT5-XXL: 4096)
+  text.projection = 'layernorm_linear'  # precomputed -> width: layernorm_linear | gelu_mlp (Wan)
+  text.attend_padding = False       # attend all L rows, padding too; no caption = zeros (Wan)
   text.pooled = False               # also add the caption's masked mean (an MLP of it) to the
                                     # timestep embedding that drives adaLN, as SD3 / Flux do
   # Given frames (diffusion/conditioning.py): video extension, image-to-video.

@@ -166,6 +166,31 @@ class RMSNorm(nn.Module):
     return rms_normalize(x, self.eps) * scale.astype(x.dtype)
 
 
+class HeadsRMSNorm(nn.Module):
+  """RMSNorm of q or k [B, N, K, Dh] over all heads at once (K * Dh features, one mean
+  square per token), with a learnable scale [K, Dh] (init 1): Wan's QK-norm
+  ("rms_norm_across_heads", model.qk_norm_across_heads), which diffusers applies to the
+  whole projection before splitting it into heads."""
+  eps: float = 1e-6
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):  # [B, N, K, Dh]
+    scale = self.param(
+        'scale', nn.with_logical_partitioning(nn.initializers.ones, (axes.HEADS, axes.HEAD_DIM)),
+        x.shape[-2:], self.param_dtype)  # [K, Dh]
+    x32 = x.astype(jnp.float32)
+    inv = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=(-2, -1), keepdims=True) + self.eps)
+    return (x32 * inv).astype(x.dtype) * scale.astype(x.dtype)  # [B, N, K, Dh]
+
+
+def qk_norm_layer(across_heads: bool, param_dtype, name: str) -> nn.Module:
+  """The QK-norm of one side: per head (RMSNorm over Dh) or across heads (HeadsRMSNorm)."""
+  if across_heads:
+    return HeadsRMSNorm(param_dtype=param_dtype, name=name)
+  return RMSNorm(param_dtype=param_dtype, name=name)
+
+
 def _run_impl(name: str, impl: AttentionImpl, local: bool, q, k, v):
   """One concrete kernel; `local`: already per device (inside a shard_map)."""
   if name == 'xla':

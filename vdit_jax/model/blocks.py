@@ -40,6 +40,8 @@ class Attention(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
   sequence_parallel: str = 'none'
   grouping: Optional['attention_patterns.Grouping'] = None
+  qk_norm_across_heads: bool = False  # one RMSNorm over all heads (Wan) instead of per head
+  rope_pairs: bool = False            # RoPE on interleaved pairs (model.rope_style='wan')
 
   @nn.compact
   def __call__(self, x, rope: Optional[Tuple[jnp.ndarray, jnp.ndarray]] = None,
@@ -63,11 +65,11 @@ class Attention(nn.Module):
 
     q, k, v = proj('query'), proj('key'), proj('value')
     if self.qk_norm:
-      q = attention.RMSNorm(param_dtype=self.param_dtype, name='q_norm')(q)
-      k = attention.RMSNorm(param_dtype=self.param_dtype, name='k_norm')(k)
+      q = attention.qk_norm_layer(self.qk_norm_across_heads, self.param_dtype, 'q_norm')(q)
+      k = attention.qk_norm_layer(self.qk_norm_across_heads, self.param_dtype, 'k_norm')(k)
     if rope is not None:
-      q = embeddings.apply_rope(q, *rope)
-      k = embeddings.apply_rope(k, *rope)
+      q = embeddings.apply_rope(q, *rope, pairs=self.rope_pairs)
+      k = embeddings.apply_rope(k, *rope, pairs=self.rope_pairs)
     names = (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_HEADS, axes.ACT_KV)
     q = nn.with_logical_constraint(q, names)
     k = nn.with_logical_constraint(k, names)
@@ -119,6 +121,26 @@ class AdaLN(nn.Module):
     mod = _dense(self.num * self.width, axes.EMBED, axes.MODULATION, self.dtype,
                  self.param_dtype, 'proj', zero=True)(nn.silu(c))  # [B, k*D]
     return jnp.split(mod, self.num, axis=-1)
+
+
+MODULATIONS = ('per_block', 'shared')  # model.modulation
+
+
+class ModulationTable(nn.Module):
+  """model.modulation='shared' (Wan 2.1): one projection of the timestep embedding, made
+  once per step for all blocks (`AdaLN` at the model level, [B, k, D]), plus this
+  layer's own learned offsets [k, D] (zero-initialised, so a fresh layer is still the
+  identity as with adaLN-Zero) -> k modulation vectors [B, D]."""
+  num: int
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, mod):  # [B, k, D]
+    table = self.param('table', nn.with_logical_partitioning(
+        nn.initializers.zeros, (None, axes.EMBED)), (self.num, mod.shape[-1]),
+        self.param_dtype)  # [k, D]
+    mod = mod + table.astype(mod.dtype)[None]  # [B, k, D]
+    return [mod[:, i] for i in range(self.num)]
 
 
 def _identity_taps(key, shape, dtype=jnp.float32):
@@ -218,20 +240,27 @@ class DiTBlock(nn.Module):
   grid: Optional[Tuple[int, int, int]] = None
   layer: int = 0
   mlp_conv: Tuple[int, ...] = ()  # depthwise TokenConv kernel at the MLP input; () = none
+  modulation: str = 'per_block'   # 'shared': c is the model-level projection [B, 6, D]
+  qk_norm_across_heads: bool = False
+  rope_pairs: bool = False
+  cross_norm_affine: bool = False  # the cross-attention's LayerNorm has scale and bias (Wan)
 
   @nn.compact
   def __call__(self, x, c, rope: Optional[Tuple[jnp.ndarray, jnp.ndarray]] = None,
-               text: Optional[Tuple[jnp.ndarray, jnp.ndarray]] = None):
-    # x [B, N, D], c [B, D]
+               text: Optional[Tuple[jnp.ndarray, ...]] = None):
+    # x [B, N, D], c [B, D] (modulation 'shared': [B, 6, D])
     x = nn.with_logical_constraint(x, TOKENS)
     width = x.shape[-1]
     first, *extra = attention_patterns.block_groupings(self.pattern, self.layer)
-    shift1, scale1, gate1, shift2, scale2, gate2 = AdaLN(
-        width, 6, self.dtype, self.param_dtype, name='adaln')(c)  # 6 x [B, D]
+    if self.modulation == 'shared':
+      mods = ModulationTable(6, self.param_dtype, name='modulation')(c)  # 6 x [B, D]
+    else:
+      mods = AdaLN(width, 6, self.dtype, self.param_dtype, name='adaln')(c)  # 6 x [B, D]
+    shift1, scale1, gate1, shift2, scale2, gate2 = mods
     h = checkpoint_name(modulate(_norm(self.dtype)(x), shift1, scale1), 'attn_in')
     h = Attention(self.num_heads, self.qk_norm, self.attention_impl, self.dtype,
-                  self.param_dtype, self.sequence_parallel, first,
-                  name='attn')(h, rope, self.grid)  # [B, N, D]
+                  self.param_dtype, self.sequence_parallel, first, self.qk_norm_across_heads,
+                  self.rope_pairs, name='attn')(h, rope, self.grid)  # [B, N, D]
     x = x + gate1[:, None, :] * checkpoint_name(h, 'attn_out')
     for grouping in extra:  # factorised within_block: the temporal sub-layer
       shift_t, scale_t, gate_t = AdaLN(
@@ -239,10 +268,12 @@ class DiTBlock(nn.Module):
       h = checkpoint_name(modulate(_norm(self.dtype)(x), shift_t, scale_t), 'attn_in')
       h = Attention(self.num_heads, self.qk_norm, self.attention_impl, self.dtype,
                     self.param_dtype, self.sequence_parallel, grouping,
+                    self.qk_norm_across_heads, self.rope_pairs,
                     name=f'attn_{grouping.kind}')(h, rope, self.grid)  # [B, N, D]
       x = x + gate_t[:, None, :] * checkpoint_name(h, 'attn_out')
-    if text is not None:  # cross-attention to the caption tokens
+    if text is not None:  # cross-attention to the caption (and image) tokens
       x = x + text_lib.CrossAttention(self.num_heads, self.qk_norm, self.dtype, self.param_dtype,
+                                      self.qk_norm_across_heads, self.cross_norm_affine,
                                       name='cross_attn')(x, *text)  # [B, N, D]
     h = checkpoint_name(modulate(_norm(self.dtype)(x), shift2, scale2), 'mlp_in')
     h = Mlp(self.mlp_dim, self.dtype, self.param_dtype, self.mlp_conv, self.grid,
@@ -264,7 +295,7 @@ class BlockCycle(nn.Module):
 
   @nn.compact
   def __call__(self, x, c, rope: Optional[Tuple[jnp.ndarray, jnp.ndarray]] = None,
-               text: Optional[Tuple[jnp.ndarray, jnp.ndarray]] = None):
+               text: Optional[Tuple[jnp.ndarray, ...]] = None):
     for r in range(self.period):
       x, _ = self.make_block(layer=r, name=f'block_{r}')(x, c, rope, text)  # [B, N, D]
     return x, None
@@ -325,14 +356,22 @@ class PixelRefiner(nn.Module):
 
 
 class FinalLayer(nn.Module):
-  """LN -> adaLN modulation -> zero-initialised linear map to patch values."""
+  """LN -> adaLN modulation -> zero-initialised linear map to patch values.
+
+  modulation 'shared' (Wan 2.1): shift and scale are the timestep embedding c itself plus
+  this layer's learned offsets [2, D], without a projection."""
   patch_dim: int
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  modulation: str = 'per_block'
 
   @nn.compact
   def __call__(self, x, c):  # x [B, N, D], c [B, D]
-    shift, scale = AdaLN(x.shape[-1], 2, self.dtype, self.param_dtype, name='adaln')(c)
-    x = modulate(_norm(self.dtype)(x), shift, scale)
+    if self.modulation == 'shared':
+      shift, scale = ModulationTable(2, self.param_dtype, name='modulation')(
+          jnp.broadcast_to(c[:, None, :], (c.shape[0], 2, c.shape[-1])))  # 2 x [B, D]
+    else:
+      shift, scale = AdaLN(x.shape[-1], 2, self.dtype, self.param_dtype, name='adaln')(c)
+    x = modulate(_norm(self.dtype)(x), shift, scale)  # [B, N, D]
     return _dense(self.patch_dim, axes.EMBED, axes.PATCH, self.dtype, self.param_dtype,
                   'proj', zero=True)(x)  # [B, N, P]

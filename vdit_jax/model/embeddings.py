@@ -9,6 +9,7 @@ from typing import Sequence, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from vdit_jax.parallel import axes
 
@@ -44,13 +45,36 @@ def sincos_3d(grid: Sequence[int], dim: int) -> jnp.ndarray:
       [sincos_1d(pos[:, i], d) for i, d in enumerate(parts)], axis=-1)  # [N, D]
 
 
-def rope_3d(grid: Sequence[int], head_dim: int,
-            max_period: float = 10_000.0) -> Tuple[jnp.ndarray, jnp.ndarray]:
+ROPE_STYLES = ('halves', 'wan')  # model.rope_style
+
+
+def rope_3d(grid: Sequence[int], head_dim: int, max_period: float = 10_000.0,
+            style: str = 'halves') -> Tuple[jnp.ndarray, jnp.ndarray]:
   """3-D rotary tables (cos, sin), each [N, head_dim // 2].
 
   The head dim is split across t, h and w; each part rotates pairs of
   features by angles proportional to that coordinate.
+
+  style 'halves': t, h get 2 (Dh // 6) dims each and w the rest; `apply_rope` pairs
+  feature i with i + Dh/2. style 'wan' (Wan 2.1): h, w get 2 (Dh // 6) each and t the
+  rest (Dh 128: 44 / 42 / 42), angles computed in float64 as diffusers does, and
+  `apply_rope(..., pairs=True)` pairs features 2i and 2i + 1.
   """
+  if style == 'wan':
+    if head_dim % 2 or head_dim < 6:
+      raise ValueError(f'head dim {head_dim} must be even and >= 6 for 3-D RoPE.')
+    side = 2 * (head_dim // 6)
+    tt, hh, ww = np.meshgrid(*(np.arange(n, dtype=np.float64) for n in grid), indexing='ij')
+    pos = np.stack([tt.ravel(), hh.ravel(), ww.ravel()], axis=-1)  # [N, 3]
+    angles = []
+    for i, d in enumerate((head_dim - 2 * side, side, side)):
+      freqs = 1.0 / max_period ** (np.arange(0, d, 2, dtype=np.float64) / d)  # [d/2]
+      angles.append(pos[:, i:i + 1] * freqs[None, :])  # [N, d/2]
+    angles = np.concatenate(angles, axis=-1)  # [N, Dh/2]
+    return (jnp.asarray(np.cos(angles), jnp.float32),
+            jnp.asarray(np.sin(angles), jnp.float32))
+  if style != 'halves':
+    raise ValueError(f'model.rope_style={style!r} is not one of {ROPE_STYLES}.')
   pos = grid_positions(grid).astype(jnp.float32)  # [N, 3]
   angles = []
   for i, d in enumerate(split_three(head_dim)):
@@ -61,8 +85,16 @@ def rope_3d(grid: Sequence[int], head_dim: int,
   return jnp.cos(angles), jnp.sin(angles)
 
 
-def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
-  """Rotates [B, N, K, Dh] by tables [N, Dh/2] (halves layout: x1 = x[..., :Dh/2])."""
+def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray,
+               pairs: bool = False) -> jnp.ndarray:
+  """Rotates [B, N, K, Dh] by tables [N, Dh/2]: halves layout (x1 = x[..., :Dh/2], x2 the
+  rest), or with `pairs` interleaved (x1 = x[..., 0::2], x2 = x[..., 1::2]; Wan 2.1)."""
+  if pairs:
+    pair = x.reshape(x.shape[:-1] + (x.shape[-1] // 2, 2))  # [B, N, K, Dh/2, 2]
+    x1, x2 = pair[..., 0], pair[..., 1]
+    c = cos[None, :, None, :].astype(x.dtype)
+    s = sin[None, :, None, :].astype(x.dtype)
+    return jnp.stack([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1).reshape(x.shape)
   half = x.shape[-1] // 2
   x1, x2 = x[..., :half], x[..., half:]  # [B, N, K, Dh/2]
   c = cos[None, :, None, :].astype(x.dtype)

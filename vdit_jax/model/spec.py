@@ -15,8 +15,9 @@ import jax.numpy as jnp
 
 from vdit_jax.model import attention
 from vdit_jax.model import attention_patterns
+from vdit_jax.model import embeddings
 from vdit_jax.model import text as text_lib
-from vdit_jax.model.blocks import CHECKPOINT_NAMES
+from vdit_jax.model.blocks import CHECKPOINT_NAMES, MODULATIONS
 
 # name -> (width, depth, heads); MLP is 4 x width. DiT's table plus two small ones.
 VARIANTS = {
@@ -90,6 +91,14 @@ class ModelSpec:
   refiner_kernel: Tuple[int, ...] = (1, 3, 3)  # its convolutions' (kt, kh, kw)
   self_condition: bool = False  # its own previous x0 estimate as C more input channels
   loss_uncertainty: bool = False  # a learned log-variance u(t) that weighs the loss (EDM2)
+  # Wan 2.1 as a configuration of this DiT (model/wan.py): RoPE layout, QK-norm over all
+  # heads, one shared timestep projection, an affine cross-attention norm, I2V inputs.
+  rope_style: str = 'halves'
+  qk_norm_across_heads: bool = False
+  modulation: str = 'per_block'
+  cross_attn_norm_affine: bool = False
+  image_embed_dim: int = 0      # > 0: image tokens [B, Li, E] for cross-attention (I2V)
+  condition_channels: int = 0   # > 0: `cond` [B, T, H, W, this] more input channels (I2V)
 
 
 def parse_remat_names(names) -> Tuple[str, ...]:
@@ -154,7 +163,13 @@ def from_config(model_cfg) -> ModelSpec:
       refiner_width=model_cfg.refiner_width,
       refiner_kernel=_as_tuple(model_cfg.refiner_kernel),
       self_condition=model_cfg.self_condition,
-      loss_uncertainty=model_cfg.loss_uncertainty)
+      loss_uncertainty=model_cfg.loss_uncertainty,
+      rope_style=model_cfg.rope_style,
+      qk_norm_across_heads=model_cfg.qk_norm_across_heads,
+      modulation=model_cfg.modulation,
+      cross_attn_norm_affine=model_cfg.cross_attn_norm_affine,
+      image_embed_dim=model_cfg.image_embed_dim,
+      condition_channels=model_cfg.condition_channels)
 
 
 def _odd_kernel(kernel) -> bool:
@@ -233,6 +248,27 @@ def check_spec(spec: ModelSpec) -> None:
       or spec.context_frames < 0):
     raise ValueError(f'model.context_frames_max={spec.context_frames!r} must be an integer '
                      '>= 0 (0: no given frames).')
+  if spec.rope_style not in embeddings.ROPE_STYLES:
+    raise ValueError(f'model.rope_style={spec.rope_style!r} is not one of '
+                     f'{embeddings.ROPE_STYLES}.')
+  if spec.rope_style != 'halves' and spec.pos_embed != 'rope':
+    raise ValueError(f'model.rope_style={spec.rope_style!r} is read only with '
+                     f"model.pos_embed='rope', not {spec.pos_embed!r}.")
+  if spec.qk_norm_across_heads and not spec.qk_norm:
+    raise ValueError('model.qk_norm_across_heads=True needs model.qk_norm=True.')
+  if spec.modulation not in MODULATIONS:
+    raise ValueError(f'model.modulation={spec.modulation!r} is not one of {MODULATIONS}.')
+  for key in ('qk_norm_across_heads', 'cross_attn_norm_affine'):
+    if not isinstance(getattr(spec, key), bool):
+      raise ValueError(f'model.{key}={getattr(spec, key)!r} must be True or False.')
+  for key in ('image_embed_dim', 'condition_channels'):
+    value = getattr(spec, key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+      raise ValueError(f'model.{key}={value!r} must be an integer >= 0 (0: none).')
+  if spec.image_embed_dim and spec.conditioning != 'text':
+    raise ValueError(f'model.image_embed_dim={spec.image_embed_dim} adds image tokens to the '
+                     "text cross-attention, so it needs model.conditioning='text', not "
+                     f'{spec.conditioning!r}.')
   if (isinstance(spec.class_tokens, bool) or not isinstance(spec.class_tokens, int)
       or spec.class_tokens < 0):
     raise ValueError(f'model.class_tokens={spec.class_tokens!r} must be an integer >= 0 '

@@ -26,9 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdit_jax.parallel import axes
-from vdit_jax.model.attention import RMSNorm
+from vdit_jax.model.attention import qk_norm_layer
 
 ENCODERS = ('builtin', 'precomputed')
+# model.text.projection: how precomputed embeddings [B, L, E] reach the model width D.
+#   layernorm_linear  LayerNorm, then one Dense (the project's default)
+#   gelu_mlp          Dense, GELU (tanh), Dense: Wan 2.1's text_embedder (PixArt-alpha's)
+PROJECTIONS = ('layernorm_linear', 'gelu_mlp')
 PAD = '<pad>'  # id 0: padding, never produced from text
 # Words of the synthetic captions ('a red square moving left') and a few more to phrase them.
 VOCABULARY = (
@@ -114,6 +118,11 @@ class TextSpec:
   embed_dim: int = 0      # precomputed: E of the embeddings [B, L, E]
   pooled: bool = False    # also drive adaLN with the caption's masked mean (PooledText)
   vocab_size: int = len(VOCABULARY)
+  projection: str = 'layernorm_linear'  # precomputed: see PROJECTIONS
+  # True (Wan 2.1): every one of the L rows is attended, padding included (the encoder's
+  # rows past a caption's end are zeros, which the projection maps to non-zero context),
+  # and "no caption" is all-zero embeddings instead of the learned null row.
+  attend_padding: bool = False
 
 
 def spec_from_config(text_cfg) -> TextSpec:
@@ -123,7 +132,8 @@ def spec_from_config(text_cfg) -> TextSpec:
   return TextSpec(encoder=text_cfg.encoder, max_length=int(text_cfg.max_length), width=width,
                   depth=int(text_cfg.depth), num_heads=int(text_cfg.num_heads),
                   mlp_dim=int(4 * width if mlp is None else mlp),
-                  embed_dim=int(text_cfg.embed_dim or 0), pooled=text_cfg.pooled)
+                  embed_dim=int(text_cfg.embed_dim or 0), pooled=text_cfg.pooled,
+                  projection=text_cfg.projection, attend_padding=text_cfg.attend_padding)
 
 
 def check_spec(spec: TextSpec) -> None:
@@ -134,6 +144,18 @@ def check_spec(spec: TextSpec) -> None:
     raise ValueError(f'model.text.max_length={spec.max_length} must be positive.')
   if not isinstance(spec.pooled, (bool, np.bool_)):
     raise ValueError(f'model.text.pooled={spec.pooled!r} must be True or False.')
+  if spec.projection not in PROJECTIONS:
+    raise ValueError(f'model.text.projection={spec.projection!r} is not one of {PROJECTIONS}.')
+  if not isinstance(spec.attend_padding, (bool, np.bool_)):
+    raise ValueError(f'model.text.attend_padding={spec.attend_padding!r} must be True or False.')
+  if spec.encoder != 'precomputed' and (spec.projection != 'layernorm_linear'
+                                        or spec.attend_padding):
+    raise ValueError(f'model.text.projection={spec.projection!r} and attend_padding='
+                     f'{spec.attend_padding} are read only with encoder=\'precomputed\' '
+                     f'(not {spec.encoder!r}); leave them at layernorm_linear / False.')
+  if spec.attend_padding and spec.pooled:
+    raise ValueError('model.text.pooled=True needs the caption mask, which '
+                     'model.text.attend_padding=True ignores: set one of them off.')
   if spec.encoder == 'precomputed':
     if spec.embed_dim < 1:
       raise ValueError(f'model.text.embed_dim={spec.embed_dim} must be the positive width E '
@@ -201,9 +223,14 @@ class MaskedAttention(nn.Module):
   zero_init: bool = False
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  qk_norm_across_heads: bool = False
 
   @nn.compact
-  def __call__(self, x, ctx, mask):
+  def __call__(self, x, ctx, mask, image=None):
+    """image [B, Li, D] (Wan I2V's image tokens, optional): the queries also attend to
+    them through their own key / value projections (`added_*`, keys normalised by
+    `added_k_norm`), unmasked, and that attention's output is added before the output
+    projection."""
     width = x.shape[-1]
     head_dim = width // self.num_heads
     kernel_in = nn.initializers.xavier_uniform(in_axis=-3, out_axis=(-2, -1))
@@ -220,11 +247,16 @@ class MaskedAttention(nn.Module):
 
     q, k, v = proj('query', x), proj('key', ctx), proj('value', ctx)
     if self.qk_norm:
-      q = RMSNorm(param_dtype=self.param_dtype, name='q_norm')(q)
-      k = RMSNorm(param_dtype=self.param_dtype, name='k_norm')(k)
+      q = qk_norm_layer(self.qk_norm_across_heads, self.param_dtype, 'q_norm')(q)
+      k = qk_norm_layer(self.qk_norm_across_heads, self.param_dtype, 'k_norm')(k)
     q = nn.with_logical_constraint(q, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_HEADS,
                                        axes.ACT_KV))
     out = masked_attention(q, k, v, mask)  # [B, N, K, Dh]
+    if image is not None:
+      k_img, v_img = proj('added_key', image), proj('added_value', image)  # [B, Li, K, Dh]
+      if self.qk_norm:
+        k_img = qk_norm_layer(self.qk_norm_across_heads, self.param_dtype, 'added_k_norm')(k_img)
+      out = out + masked_attention(q, k_img, v_img, jnp.ones(image.shape[:2], bool))
     init = nn.initializers.zeros if self.zero_init else nn.initializers.xavier_uniform(
         in_axis=(-3, -2), out_axis=-1)
     kernel = self.param('out_kernel', nn.with_logical_partitioning(
@@ -247,12 +279,19 @@ class CrossAttention(nn.Module):
   qk_norm: bool = True
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  qk_norm_across_heads: bool = False
+  norm_affine: bool = False  # the LayerNorm with scale and bias ('norm'; Wan's norm2)
 
   @nn.compact
-  def __call__(self, x, context, mask):  # [B, N, D], [B, L, D], [B, L]
-    h = nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, dtype=self.dtype)(x)
+  def __call__(self, x, context, mask, image=None):  # [B, N, D], [B, L, D], [B, L]
+    if self.norm_affine:
+      h = _layer_norm(self.dtype, self.param_dtype, 'norm')(x)
+    else:
+      h = nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, dtype=self.dtype)(x)
     return MaskedAttention(self.num_heads, self.qk_norm, zero_init=True, dtype=self.dtype,
-                           param_dtype=self.param_dtype, name='attn')(h, context, mask)
+                           param_dtype=self.param_dtype,
+                           qk_norm_across_heads=self.qk_norm_across_heads,
+                           name='attn')(h, context, mask, image)
 
 
 class TextEncoder(nn.Module):
@@ -310,14 +349,27 @@ class TextConditioner(nn.Module):
     if spec.encoder == 'builtin':
       h = TextEncoder(spec, self.dtype, self.param_dtype, name='encoder')(
           text['tokens'].astype(jnp.int32), mask)  # [B, L, Dt]
+      context = _dense(self.width, axes.MLP, axes.EMBED, self.dtype, self.param_dtype,
+                       'proj')(h)  # [B, L, D]
     else:
       if text['embed'].shape[-1] != spec.embed_dim:
         raise ValueError(f"text['embed'] has width {text['embed'].shape[-1]}, but "
                          f'model.text.embed_dim={spec.embed_dim}.')
-      h = _layer_norm(self.dtype, self.param_dtype, 'ln_in')(
-          text['embed'].astype(self.dtype))  # [B, L, E]
-    context = _dense(self.width, axes.MLP, axes.EMBED, self.dtype, self.param_dtype,
-                     'proj')(h)  # [B, L, D]
+      embed = text['embed'].astype(self.dtype)  # [B, L, E]
+      if spec.attend_padding:  # no caption: all-zero embeddings
+        embed = jnp.where(jnp.any(mask, axis=1)[:, None, None], embed, 0)
+      if spec.projection == 'gelu_mlp':
+        h = _dense(self.width, axes.MLP, axes.EMBED, self.dtype, self.param_dtype,
+                   'fc1')(embed)  # [B, L, D]
+        context = _dense(self.width, axes.MLP, axes.EMBED, self.dtype, self.param_dtype,
+                         'fc2')(nn.gelu(h, approximate=True))  # [B, L, D]
+      else:
+        h = _layer_norm(self.dtype, self.param_dtype, 'ln_in')(embed)  # [B, L, E]
+        context = _dense(self.width, axes.MLP, axes.EMBED, self.dtype, self.param_dtype,
+                         'proj')(h)  # [B, L, D]
+      if spec.attend_padding:  # every row attended, padding included; no learned null
+        context = nn.with_logical_constraint(context, (axes.ACT_BATCH, None, axes.ACT_EMBED))
+        return context, jnp.ones_like(mask)
     # The null caption: one learned row at position 0, the other rows masked.
     null = self.param('null', nn.with_logical_partitioning(
         nn.initializers.normal(0.02), (TABLE_ROWS, axes.EMBED)), (1, self.width),
@@ -331,6 +383,27 @@ class TextConditioner(nn.Module):
     mask = jnp.where(empty[:, None], null_mask[None], mask)  # [B, L]
     context = nn.with_logical_constraint(context, (axes.ACT_BATCH, None, axes.ACT_EMBED))
     return context, mask
+
+
+class ImageEmbedder(nn.Module):
+  """Wan 2.1 I2V's image tokens: CLIP features [B, Li, E] -> LayerNorm, Dense (E -> E),
+  exact GELU, Dense (E -> D), LayerNorm -> [B, Li, D] (both norms affine, eps 1e-5)."""
+  width: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, image):  # [B, Li, E]
+    def norm(name):
+      return nn.LayerNorm(
+          epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
+          scale_init=nn.with_logical_partitioning(nn.initializers.ones, (None,)),
+          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)), name=name)
+    h = norm('ln_in')(image.astype(self.dtype))  # [B, Li, E]
+    h = _dense(image.shape[-1], None, axes.MLP, self.dtype, self.param_dtype, 'fc1')(h)
+    h = _dense(self.width, axes.MLP, axes.EMBED, self.dtype, self.param_dtype,
+               'fc2')(nn.gelu(h, approximate=False))  # [B, Li, D]
+    return norm('ln_out')(h)  # [B, Li, D]
 
 
 class PooledText(nn.Module):

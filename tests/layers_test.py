@@ -20,10 +20,11 @@ LAYERS = (
     ('diffusion',),            # schedules, objectives, samplers, given frames
     ('data',),                 # sources and the input pipeline
     ('vae',),                  # the video VAE, its checkpoints and latents
+    ('convert',),              # pretrained weights (Wan 2.1's VAE, umT5) read into ours
     ('generate',),             # sampling driving loops, extension, multi-stage, export, serving
     ('config',),               # defaults, validation, resolve
     ('train',),                # state, step, loop, checkpoints, metrics, the VAE trainer
-    ('modes', 'convert'),      # a trained workdir's sample / extend / export; weight converters
+    ('modes',),                # a trained workdir's sample / extend / export
     ('tools',),                # command-line tools
     ('eval',),                 # detector and generation / multi-stage evaluation
     ('main',),                 # python -m vdit_jax.main

@@ -90,6 +90,9 @@ def base_config() -> ml_collections.ConfigDict:
   text.embed_dim = 0                # precomputed: E (T5-XXL / UMT5-XXL: 4096)
   text.projection = 'layernorm_linear'  # precomputed -> width: layernorm_linear | gelu_mlp (Wan)
   text.attend_padding = False       # attend all L rows, padding too; no caption = zeros (Wan)
+  # precomputed: a umT5 folder (a Wan 2.1 diffusers folder, or its text_encoder/ with the
+  # tokenizer/ beside it) that encodes prompts at sampling time ('' = prompts refused)
+  text.encoder_path = ''
   text.pooled = False               # also add the caption's masked mean (an MLP of it) to the
                                     # timestep embedding that drives adaLN, as SD3 / Flux do
   # Given frames (diffusion/conditioning.py): video extension, image-to-video.
@@ -162,6 +165,9 @@ def base_config() -> ml_collections.ConfigDict:
   t.ema_decay = 0.999
   t.log_every = 25
   t.tensorboard = True              # WORKDIR/tensorboard event files (process 0)
+  # A Wan 2.1 diffusers folder (model/wan.py) whose transformer weights a fresh run starts
+  # from (full fine-tuning); the workdir's own checkpoints come first when resuming.
+  t.init_from = ''
   t.grad_accum_steps = 1            # micro-batches per step (scanned; one optimizer update)
   # Persistent XLA compilation cache ('' = off), shared by every run of this user on this
   # host: a restart, a resume or a second run of the same shapes loads the compiled step.
@@ -181,7 +187,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.sample = s = ml_collections.ConfigDict()
   s.every_steps = 0                 # 0 = only at the end of training
-  s.sampler = 'ddim'                # ddpm | ddim (eps, v) | euler (flow)
+  s.sampler = 'ddim'                # ddpm | ddim (eps, v) | euler | unipc (flow; unipc: Wan's)
   s.num_steps = 50
   s.shift = config_dict.placeholder(float)  # euler (flow): the grid's time shift (None: diffusion.shift)
   s.eta = 0.0
@@ -193,6 +199,9 @@ def base_config() -> ml_collections.ConfigDict:
   s.formats = 'mp4,gif'
   s.seed = 1
   s.prompts = ''                    # text: ';'-separated captions ('' = synthetic captions)
+  # precomputed text with model.text.encoder_path: the prompt that CFG guides away from
+  # (WanPipeline's negative_prompt; '' encodes the empty prompt, as diffusers does)
+  s.negative_prompt = ''
   s.overlap = 0                     # --mode=extend: given frames per window (0 = context_frames_max)
   s.vae_latents_per_chunk = 1       # data.latents: latent frames per VAE decode call
   s.vae_tile = ()                   # data.latents: (SIZE, STRIDE) pixels: decode in tiles
@@ -203,7 +212,8 @@ def base_config() -> ml_collections.ConfigDict:
   lo.rank = 0                       # 0 = off
   lo.alpha = 8.0
   lo.targets = 'attn'               # comma list: attn (q, k, v, out), mlp (fc1, fc2), or kernels
-  lo.base_checkpoint = ''           # workdir (newest checkpoint's EMA params) or export dir
+  lo.base_checkpoint = ''           # workdir (newest checkpoint's EMA params), export dir, or
+                                    # a Wan 2.1 diffusers folder (model/wan.py)
 
   c.mesh = mesh = ml_collections.ConfigDict()
   # Sizes within one slice (ICI); an axis's full size is mesh.<axis> * mesh.dcn_<axis>.

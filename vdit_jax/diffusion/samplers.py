@@ -22,10 +22,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vdit_jax.diffusion import flow_solvers
+from vdit_jax.diffusion.objectives import FLOW_T_SCALE
 from vdit_jax.diffusion.objectives import shift_t
 
-SAMPLERS = ('ddpm', 'ddim', 'euler')
-_SAMPLER_OBJECTIVES = {'ddpm': ('eps', 'v'), 'ddim': ('eps', 'v'), 'euler': ('flow',)}
+# unipc (flow): Wan 2.1's sampler, UniPC bh2 multistep on diffusers' flow grid, the network
+# seeing the integer timesteps int(1000 sigma) as diffusers does (diffusion/flow_solvers.py).
+SAMPLERS = ('ddpm', 'ddim', 'euler', 'unipc')
+_SAMPLER_OBJECTIVES = {'ddpm': ('eps', 'v'), 'ddim': ('eps', 'v'), 'euler': ('flow',),
+                       'unipc': ('flow',)}
 
 
 def validate_cfg_interval(cfg_interval, name='cfg_interval'):
@@ -206,6 +211,21 @@ def sample(diffusion, model_fn, rng, shape, labels, *, sampler, num_steps, eta=0
   else:
     predict = lambda z_in, t_model, _, level: guide(model_fn, z_in, t_model, level)
     x0_prev = None
+
+  if sampler == 'unipc':
+    if self_condition:
+      raise ValueError("sampler='unipc' does not feed self-conditioning; use 'euler'.")
+    sigmas, timesteps = flow_solvers.flow_sigmas(num_steps, diffusion.shift,
+                                                 int(round(FLOW_T_SCALE)))
+    tables = flow_solvers.unipc_tables(sigmas, timesteps)
+
+    def velocity(z, t_int):  # t_int int [B]: what the network sees, int(1000 sigma)
+      t_model = t_int.astype(jnp.float32)  # [B]
+      t_vec = t_model / FLOW_T_SCALE  # the flow time of the input scaling and the level
+      pred = predict(diffusion.model_input(z, t_vec), t_model, None, t_vec[0])
+      return diffusion.velocity(z, pred, t_vec)
+
+    return maybe_clip(flow_solvers.unipc_walk(velocity, z, tables))
 
   if sampler == 'euler':
     grid = jnp.asarray(flow_time_grid(num_steps, diffusion.shift))  # [S + 1]

@@ -38,6 +38,7 @@ from vdit_jax.tools import encode_latents
 from vdit_jax.train import metrics as metrics_lib
 from vdit_jax.train import state as state_lib
 from vdit_jax.vae import checkpoint as vae_checkpoint
+from vdit_jax.vae.config import VAEConfig
 from vdit_jax.train import vae as vae_train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,12 +90,33 @@ def _latent_folder(directory):
   return latents
 
 
+def _wan_latent_folder(directory, data):
+  """Latent shards of Wan's shape [T', H', W', 16] whose records carry caption_embedding
+  [L, 4096], and an index naming a folder with the Wan 2.1 VAE's vae.json (no params)."""
+  cfg = VAEConfig()  # the defaults are Wan 2.1's architecture
+  vae_dir = os.path.join(directory, 'wan_vae')
+  os.makedirs(vae_dir)
+  with open(os.path.join(vae_dir, vae_checkpoint.INFO_NAME), 'w') as f:
+    json.dump({'format': vae_checkpoint.FORMAT, 'config': cfg.to_dict()}, f)
+  latents = os.path.join(directory, 'wan_latents')
+  _write_latent_shards(latents, (data.num_frames, data.height, data.width), data.channels,
+                       count=2, caption_embedding=(5, 4096))
+  index = shards.read_index(latents)
+  index['vae'] = {'path': vae_dir, 'config': cfg.to_dict(), 'normalized': True}
+  shards.write_index(latents, index)
+  return latents
+
+
 def _smoke_config(name, variant, tmp_path):
   """configs/NAME.py:VARIANT as the command line loads it, with what its run needs on
   disk: tiny_latent's argument is a latent folder, lora_finetune needs a base run, and a
   latent-shaped config on the synthetic (RGB) source (bench, dit_xl_video) trains on the
   shards its docstring's command names."""
   module = importlib.import_module(f'configs.{name}')
+  if name == 'wan':  # Wan's latents with umT5 caption embeddings, its VAE's vae.json
+    config = module.get_config(variant or None)
+    config.data.path = _wan_latent_folder(str(tmp_path), config.data)
+    return config
   if name == 'tiny_latent':
     assert not variant
     return module.get_config(_latent_folder(str(tmp_path)))
@@ -133,15 +155,19 @@ def test_config_loads_validates_and_builds_its_model(name, variant, tmp_path):
   assert sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params)) > 0
 
 
-def _write_latent_shards(directory, shape, channels, count=16, seed=0):
-  """`count` float16 latent clips [T, H, W, C] of N(0, 1) values, one shard, labels 0..3."""
-  clips = np.random.default_rng(seed).normal(size=(count, *shape, channels)).astype(np.float16)
+def _write_latent_shards(directory, shape, channels, count=16, seed=0, caption_embedding=None):
+  """`count` float16 latent clips [T, H, W, C] of N(0, 1) values, one shard, labels 0..3;
+  with caption_embedding=(L, E), each record also holds a float16 [L, E] embedding."""
+  rng = np.random.default_rng(seed)
+  clips = rng.normal(size=(count, *shape, channels)).astype(np.float16)
   os.makedirs(directory)
   name = shards.shard_name(0, 1)
   writer = array_record_module.ArrayRecordWriter(os.path.join(directory, name),
                                                  shards.WRITER_OPTIONS)
   for i, clip in enumerate(clips):
-    writer.write(shards.encode_record(clip, label=i % 4))
+    embedding = (None if caption_embedding is None
+                 else rng.normal(size=caption_embedding).astype(np.float16))
+    writer.write(shards.encode_record(clip, label=i % 4, caption_embedding=embedding))
   writer.close()
   shards.write_index(directory, {
       'format': shards.FORMAT, 'shards': [{'name': name, 'num_records': count}],

@@ -21,7 +21,7 @@ from vdit_jax.generate import conditional
 from vdit_jax.config import defaults
 from vdit_jax.vae import latents as vae_latents
 
-OBJECTIVE_SAMPLERS = {'eps': ('ddpm', 'ddim'), 'v': ('ddpm', 'ddim'), 'flow': ('euler',)}
+OBJECTIVE_SAMPLERS = {'eps': ('ddpm', 'ddim'), 'v': ('ddpm', 'ddim'), 'flow': ('euler', 'unipc')}
 
 
 def _field(config, path):

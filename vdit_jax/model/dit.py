@@ -98,7 +98,9 @@ class VideoDiT(nn.Module):
       if spec.text.pooled:  # the caption also drives adaLN, next to the timestep
         c = c + text_lib.PooledText(spec.width, dtype, param_dtype, name='text_pool')(*context)
       if spec.image_embed_dim:  # Wan I2V: image tokens beside the caption's
-        if image is None or image.ndim != 3 or image.shape[-1] != spec.image_embed_dim:
+        if image is None:  # no image: one all-zero image token (init, text-only calls)
+          image = jnp.zeros((video.shape[0], 1, spec.image_embed_dim), dtype)
+        if image.ndim != 3 or image.shape[-1] != spec.image_embed_dim:
           raise ValueError(f'model.image_embed_dim={spec.image_embed_dim} needs image tokens '
                            f'[B, Li, {spec.image_embed_dim}], got '
                            f'{None if image is None else image.shape}.')

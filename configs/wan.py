@@ -36,7 +36,7 @@ MODELS = {
     'i2v_14b': dict(num_heads=40, width=5120, mlp_dim=13824, depth=40, image_embed_dim=1280,
                     condition_channels=20),
 }
-VARIANTS = ('t2v_1_3b', 't2v_14b', 'i2v_14b')
+VARIANTS = ('t2v_1_3b', 't2v_14b', 'i2v_14b', 't2v_1_3b,lora')
 
 
 def get_config(arg=None):

@@ -116,6 +116,8 @@ def _smoke_config(name, variant, tmp_path):
   if name == 'wan':  # Wan's latents with umT5 caption embeddings, its VAE's vae.json
     config = module.get_config(variant or None)
     config.data.path = _wan_latent_folder(str(tmp_path), config.data)
+    if config.lora.rank:
+      config.lora.base_checkpoint = str(tmp_path / 'Wan2.1-T2V-1.3B-Diffusers')  # read later
     return config
   if name == 'tiny_latent':
     assert not variant

@@ -104,10 +104,10 @@ def check_config(config) -> None:
   if overlap > k_max:
     raise ValueError(f'config.sample.overlap={overlap} exceeds model.context_frames_max='
                      f'{k_max}, the most given frames the model was trained with.')
-  if config.lora.rank > 0 and (text or k_max > 0):
-    raise ValueError(f'config.lora.rank={config.lora.rank}: LoRA fine-tuning does not feed captions '
-                     "or given frames to the train step yet; use model.conditioning='class' "
-                     'and model.context_frames_max=0 with LoRA.')
+  if config.lora.rank > 0 and k_max > 0:
+    raise ValueError(f'config.lora.rank={config.lora.rank}: LoRA fine-tuning does not feed '
+                     'given frames to the train step yet; use model.context_frames_max=0 '
+                     'with LoRA.')
 
 
 def check_prompts(config, prompts: Sequence[str]) -> None:

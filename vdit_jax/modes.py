@@ -14,6 +14,7 @@ from vdit_jax.config import resolve
 from vdit_jax.generate import conditional
 from vdit_jax.generate import export as export_lib
 from vdit_jax.generate import multistage
+from vdit_jax.model import wan
 from vdit_jax.parallel import paths
 from vdit_jax.train import compile_cache
 from vdit_jax.train import loop
@@ -45,6 +46,8 @@ def params_to_sample(s: loop.Setup, workdir: str, checkpoint: Optional[str],
     return loop.sample_params(state, s.config), step, f'sample_step_{step:07d}'
   if checkpoint is None and s.checkpointer.latest_step() is None:
     checkpoint = export_lib.latest(workdir)
+    if checkpoint is None and s.config.train.init_from and s.lora is None:
+      return pretrained_params(s), 0, 'sample_pretrained'
     if checkpoint is None:
       raise FileNotFoundError(
           f'no export in {paths.join(workdir, export_lib.EXPORT_DIRNAME)} '
@@ -57,6 +60,19 @@ def params_to_sample(s: loop.Setup, workdir: str, checkpoint: Optional[str],
   params, info = export_lib.read(checkpoint, abstract.ema_params)  # same shapes as params
   metrics_lib.log_line(f'sampling from the {info["params"]} exported in {checkpoint}')
   return params, info['step'], f'sample_export_step_{info["step"]:07d}'
+
+
+def pretrained_params(s: loop.Setup):
+  """The params of the Wan 2.1 folder config.train.init_from, read straight into this run's
+  param shardings (each process reads only its devices' slices): what a workdir with no
+  checkpoint and no export samples from."""
+  folder = s.config.train.init_from
+  abstract = state_lib.abstract_with_shardings(s.abstract_state, s.state_shardings).params
+  shardings = jax.tree.map(lambda a: a.sharding, abstract)
+  params = wan.load_params(folder, s.model.spec, abstract, shardings)
+  metrics_lib.log_line(f'sampling from the pretrained weights in {folder} '
+                       f'({state_lib.param_count(params):,} params)')
+  return params
 
 
 def _restored(config, workdir: str, checkpoint: Optional[str], step: Optional[int] = None):

@@ -87,6 +87,13 @@ def _check_int(name: str, value, minimum: int) -> int:
   return int(value)
 
 
+def sample_only(data_config) -> bool:
+  """Latent shards with no data.path but a VAE (data.vae): a config that only samples (a
+  pretrained model, e.g. configs/wan.py with train.init_from); training refuses it."""
+  return (data_config.source == 'shards' and not data_config.path
+          and bool(data_config.latents) and bool(data_config.vae))
+
+
 def check_data_config(data_config) -> None:
   """The rules of the data config alone (no file system): fields, names, ranges.
 
@@ -102,7 +109,7 @@ def check_data_config(data_config) -> None:
   if source not in SOURCES:
     raise ValueError(f'data.source={source!r} is not supported; allowed: {list(SOURCES)}.')
   _check_int('data.num_workers', data_config.num_workers, 0)
-  if source == 'synthetic':
+  if source == 'synthetic' or sample_only(data_config):
     return
   path = data_config.path
   if not isinstance(path, str) or not path:
@@ -129,7 +136,7 @@ def _validate(data_config) -> None:
                      f'{data_config.channels!r}.')
   if source == 'files':
     video_files.list_videos(data_config.path)  # raises naming the path if it holds none
-  elif source == 'shards':
+  elif source == 'shards' and not sample_only(data_config):
     index = shards.read_index(data_config.path)
     shards.check_readable(data_config.path)  # a bucket: can array_record read it here?
     want = [data_config.num_frames, data_config.height, data_config.width,
@@ -152,6 +159,8 @@ def num_classes(data_config) -> int:
   if data_config.source == 'files':
     return video_files.list_videos(data_config.path).num_classes
   if data_config.source == 'shards':
+    if sample_only(data_config):
+      return 0
     return int(shards.read_index(data_config.path)['num_classes'])
   return synthetic.NUM_CLASSES
 
@@ -214,6 +223,9 @@ def make_dataset(data_config, batch_size: int, *, seed: int,
                      'iterator with vdit_jax.data.buckets.make_dataset (one batch size per '
                      'bucket), or set data.buckets=() for one clip shape.')
   _validate(data_config)
+  if sample_only(data_config):
+    raise ValueError("data.path='' (data.source='shards'): training needs the latent shards "
+                     '(python -m vdit_jax.tools.encode_latents); data.vae alone only samples.')
   batch_size = _check_int('batch_size', batch_size, 1)
   seed = _check_int('seed', seed, 0)
   if seed >= 2**32:

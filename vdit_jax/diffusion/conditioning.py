@@ -139,10 +139,13 @@ def masked_mse(target, pred, mask):
 
 
 def null_condition(cond, null_label: Optional[int] = None):
-  """The unconditional version of a condition for classifier-free guidance: no caption
-  (mask cleared) or the null label; given frames stay."""
+  """The unconditional version of a condition for classifier-free guidance: the negative
+  prompt's text where the condition holds one ('negative_text', WanPipeline's negative
+  prompt), else no caption (mask cleared), or the null label; given frames stay."""
   out = dict(cond)
-  if 'text' in cond:
+  if 'negative_text' in cond:
+    out['text'] = cond['negative_text']
+  elif 'text' in cond:
     out['text'] = {**cond['text'], 'mask': jnp.zeros_like(cond['text']['mask'])}
   elif 'label' in cond and null_label is not None:
     out['label'] = jnp.full_like(cond['label'], null_label)

@@ -6,6 +6,7 @@ The pure pieces (given-frame masks, re-imposition, the extension loop) live in
 diffusion/conditioning.py; this module ties them to a config, a model and its params.
 """
 
+import functools
 import os
 from typing import List, Optional, Sequence, Tuple
 
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vdit_jax.convert import umt5 as umt5_convert
 from vdit_jax.data import synthetic
 from vdit_jax.data import transforms
 from vdit_jax.data import video_io
@@ -70,6 +72,13 @@ def check_config(config) -> None:
       raise ValueError("model.conditioning='text' with model.text.encoder='builtin' needs a "
                        "caption per clip; data.source='files' has none (use 'synthetic', or "
                        "'shards' written with captions).")
+    encoder_path = m.text.encoder_path
+    if encoder_path and encoder != 'precomputed':
+      raise ValueError(f'model.text.encoder_path={encoder_path!r} is read only with '
+                       f"model.text.encoder='precomputed' (its umT5 embeddings), not {encoder!r}.")
+    if encoder_path and not paths.isdir(encoder_path):
+      raise ValueError(f'model.text.encoder_path={encoder_path!r} is not a folder: give a Wan '
+                       '2.1 diffusers folder (text_encoder/ and tokenizer/) or a umT5 folder.')
     if encoder == 'precomputed' and data.source == 'synthetic':
       raise ValueError("model.text.encoder='precomputed' reads each clip's caption_embedding "
                        "from data.source='shards'; data.source='synthetic' has none (use "
@@ -111,10 +120,15 @@ def check_config(config) -> None:
 
 
 def check_prompts(config, prompts: Sequence[str]) -> None:
-  """Each prompt tokenises (builtin encoder): raises naming an unknown word."""
+  """Each prompt tokenises (builtin encoder): raises naming an unknown word. A
+  'precomputed' model takes prompts only with model.text.encoder_path (umT5)."""
   if config.model.text.encoder != 'builtin':
-    raise ValueError("prompts need model.text.encoder='builtin'; a 'precomputed' model takes "
-                     'embeddings from your own text encoder, not words.')
+    if config.model.text.encoder_path:
+      return
+    raise ValueError("prompts need model.text.encoder='builtin', or with 'precomputed' "
+                     'model.text.encoder_path: a umT5 folder (a Wan 2.1 diffusers folder) that '
+                     'encodes them; without it the model takes embeddings from your own text '
+                     'encoder, not words.')
   tokenizer = text_lib.Tokenizer(int(config.model.text.max_length))
   for prompt in prompts:
     tokenizer.encode(prompt)
@@ -173,7 +187,8 @@ def make_sample_fn(model, diffusion, config, num_classes: int, shape):
     return cond_lib.sample(diffusion, apply_fn, rng, shape, cond,
                            sampler=config.sample.sampler, num_steps=config.sample.num_steps,
                            eta=config.sample.eta, cfg_scale=cfg_scale, null_label=null_label,
-                           cfg_interval=cfg_interval)
+                           cfg_interval=cfg_interval,
+                           clip_x0=not config.data.latents)  # latents are not in [-1, 1]
 
   return sample_fn
 
@@ -181,6 +196,40 @@ def make_sample_fn(model, diffusion, config, num_classes: int, shape):
 def sample_shape(config, num_samples: int):
   d = config.data
   return (num_samples, d.num_frames, d.height, d.width, d.channels)
+
+
+@functools.lru_cache(maxsize=2)
+def _text_encoder(folder: str):
+  """(tokenizer, spec, params) of the umT5 in `folder`, read once per process."""
+  spec, params = umt5_convert.load_encoder(folder)
+  return umt5_convert.load_tokenizer(folder), spec, params
+
+
+def encode_text(config, prompts: Sequence[str]) -> dict:
+  """Prompts -> {'embed' [B, L, E], 'mask' [B, L]} with model.text.encoder_path's umT5,
+  as WanPipeline encodes them (rows past each prompt's length zero, L =
+  model.text.max_length)."""
+  folder = config.model.text.encoder_path
+  if not folder:
+    raise ValueError("encoding prompts needs model.text.encoder_path, a umT5 folder (a Wan "
+                     '2.1 diffusers folder with text_encoder/ and tokenizer/).')
+  tokenizer, spec, params = _text_encoder(paths.normalize(folder))
+  length = int(config.model.text.max_length)
+  if spec.d_model != int(config.model.text.embed_dim):
+    raise ValueError(f'the umT5 in model.text.encoder_path={folder!r} gives {spec.d_model}-wide '
+                     f'embeddings, but model.text.embed_dim={config.model.text.embed_dim}.')
+  embed = umt5_convert.encode_prompts(tokenizer, spec, params, list(prompts), length)
+  _, mask = umt5_convert.tokenize(tokenizer, [umt5_convert.prompt_clean(p) for p in prompts],
+                                  length)
+  return {'embed': jnp.asarray(embed), 'mask': jnp.asarray(mask)}
+
+
+def encoded_prompts(config, prompts: Sequence[str]) -> dict:
+  """The text condition of prompts for a 'precomputed' model with an encoder_path: 'text'
+  and, for classifier-free guidance, 'negative_text' (sample.negative_prompt)."""
+  prompts = list(prompts)
+  return {'text': encode_text(config, prompts),
+          'negative_text': encode_text(config, [config.sample.negative_prompt] * len(prompts))}
 
 
 def sample_condition(config, num_classes: int, num_samples: int,
@@ -204,6 +253,13 @@ def sample_condition(config, num_classes: int, num_samples: int,
       chosen = [prompts[i % len(prompts)] for i in range(num_samples)]
       ids, mask = text_lib.Tokenizer(spec.max_length).encode_batch(chosen)
       cond['text'] = {'tokens': jnp.asarray(ids), 'mask': jnp.asarray(mask)}
+    elif config.model.text.encoder_path:  # umT5 (Wan): prompts encoded here
+      prompts = parse_prompts(prompts or config.sample.prompts)
+      if not prompts:
+        raise ValueError('a text model sampling through model.text.encoder_path needs a '
+                         'prompt: --prompt="..." or config.sample.prompts.')
+      cond.update(encoded_prompts(config, [prompts[i % len(prompts)]
+                                           for i in range(num_samples)]))
     else:
       if prompts:
         check_prompts(config, prompts)  # raises: precomputed models take no words
@@ -295,7 +351,9 @@ def extend_clip(model, diffusion, config, params, frames, num_frames: int, *, rn
   cond = {}
   if is_text(config):
     spec = model.spec.text
-    if prompt:
+    if spec.encoder == 'precomputed' and config.model.text.encoder_path:
+      cond.update(encoded_prompts(config, [prompt or ''] * batch))
+    elif prompt:
       check_prompts(config, [prompt])
       ids, mask = text_lib.Tokenizer(spec.max_length).encode_batch([prompt] * batch)
       cond['text'] = {'tokens': jnp.asarray(ids), 'mask': jnp.asarray(mask)}

@@ -41,7 +41,8 @@ def make_sample_fn(model, diffusion, sample_cfg, data_cfg, num_classes: int, num
                            sampler=sample_cfg.sampler, num_steps=sample_cfg.num_steps,
                            eta=sample_cfg.eta, cfg_scale=cfg_scale, null_label=null_label,
                            self_condition=model.spec.self_condition,
-                           cfg_interval=cfg_interval)
+                           cfg_interval=cfg_interval,
+                           clip_x0=not data_cfg.latents)  # latents are not in [-1, 1]
 
   return sample_fn
 

@@ -36,7 +36,7 @@ so the encoder shards (fsdp over EMBED, tensor over HEADS/MLP) with the DiT's ru
 
 import dataclasses
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -204,16 +204,16 @@ class SelfAttention(nn.Module):
     width, heads, head_dim = spec.d_model, spec.num_heads, spec.d_kv
     length = h.shape[1]
 
+    # Kernels declared at their full rank (flax's DenseGeneral initialises a flattened
+    # kernel, which its 3 logical names would not fit inside a mesh).
     def proj(name, std):
-      return nn.DenseGeneral(
-          (heads, head_dim), axis=-1, use_bias=False, dtype=spec.dtype,
-          param_dtype=spec.param_dtype, name=name,
-          kernel_init=nn.with_logical_partitioning(
-              nn.initializers.normal(std), (axes.EMBED, axes.HEADS, axes.HEAD_DIM)))
+      kernel = _Kernel((width, heads, head_dim), (axes.EMBED, axes.HEADS, axes.HEAD_DIM),
+                       std, spec.param_dtype, name=name)()  # [D, K, Dh]
+      return jnp.einsum('bld,dkh->blkh', h.astype(spec.dtype), kernel.astype(spec.dtype))
 
-    q = proj('q', (width * head_dim) ** -0.5)(h)  # [B, L, K, Dh]
-    k = proj('k', width ** -0.5)(h)  # [B, L, K, Dh]
-    v = proj('v', width ** -0.5)(h)  # [B, L, K, Dh]
+    q = proj('q', (width * head_dim) ** -0.5)  # [B, L, K, Dh]
+    k = proj('k', width ** -0.5)  # [B, L, K, Dh]
+    v = proj('v', width ** -0.5)  # [B, L, K, Dh]
     q = nn.with_logical_constraint(q, HEADS)
     k = nn.with_logical_constraint(k, HEADS)
     v = nn.with_logical_constraint(v, HEADS)
@@ -237,12 +237,23 @@ class SelfAttention(nn.Module):
     weights = jax.nn.softmax(logits, axis=-1)  # [B, K, L, L] float32
     out = jnp.einsum('bknm,bmkh->bnkh', weights.astype(spec.dtype), v)  # [B, L, K, Dh]
     out = nn.with_logical_constraint(out, HEADS)
-    out = nn.DenseGeneral(
-        width, axis=(-2, -1), use_bias=False, dtype=spec.dtype, param_dtype=spec.param_dtype,
-        name='o', kernel_init=nn.with_logical_partitioning(
-            nn.initializers.normal((heads * head_dim) ** -0.5),
-            (axes.HEADS, axes.HEAD_DIM, axes.EMBED)))(out)  # [B, L, D]
+    kernel = _Kernel((heads, head_dim, width), (axes.HEADS, axes.HEAD_DIM, axes.EMBED),
+                     (heads * head_dim) ** -0.5, spec.param_dtype, name='o')()  # [K, Dh, D]
+    out = jnp.einsum('blkh,khd->bld', out, kernel.astype(spec.dtype))  # [B, L, D]
     return out, position_bias
+
+
+class _Kernel(nn.Module):
+  """One 'kernel' param of `shape` with logical `names` (normal(std) init)."""
+  shape: Tuple[int, ...]
+  names: Tuple[str, ...]
+  std: float
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self):
+    return self.param('kernel', nn.with_logical_partitioning(
+        nn.initializers.normal(self.std), self.names), self.shape, self.param_dtype)
 
 
 class GatedGeluMlp(nn.Module):

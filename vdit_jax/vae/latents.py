@@ -102,8 +102,11 @@ def resolve(data_config) -> Optional[LatentSpace]:
     raise ValueError(
         f'config.data.latents=True reads VAE latents from data.source=\'shards\' (written by '
         f'python -m vdit_jax.tools.encode_latents), not data.source={data_config.source!r}.')
-  index = shards.read_index(data_config.path)
-  record = index.get('vae')
+  if not data_config.path and vae:  # sampling only: the VAE's own statistics
+    index, record = {'dtype': 'float16'}, None
+  else:
+    index = shards.read_index(data_config.path)
+    record = index.get('vae')
   if index['dtype'] == 'uint8':
     raise ValueError(
         f'config.data.latents=True but data.path={data_config.path!r} holds uint8 video '

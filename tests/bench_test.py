@@ -73,6 +73,8 @@ def _scripts(tmp):
                          *[f'--set={s}' for s in TINY_MODEL + TINY_CLIP],
                          '--set=sample.num_samples=2', '--num_steps=2', '--loop_steps=3',
                          '--reps=1')],
+      'sharded_load': [_python('bench/sharded_load.py', '--processes=2', '--size_mb=8',
+                               f'--tmpdir={tmp}')],
       'token_conv': [_python('bench/token_conv.py', '--grid=2,4,4', '--widths=8', '--batch=1',
                              '--repeats=1')],
       'train_step': [_python('bench/train_step.py', '--config=configs/bench.py', *CONFIG_TINY,
@@ -151,6 +153,7 @@ CHECKS = {
                    ['ms', 'kernel', 'shape']),
     'sample': (['steps/s', 'clips/s', 'python/compiled', 'max |difference|'],
                ['throughput', 'loop', 'python_over_compiled']),
+    'sharded_load': (['share', 'bytes read', 'peak RSS growth'], ['checkpoint_bytes', 'rows']),
     'token_conv': (['shifted slices', 'lax grouped conv', 'Dense D->4D'], ['rows']),
     'train_step': (['fraction', 'minor faults', 'runtime'],
                    ['step_s', 'tokens_per_s', 'model_flops_per_s', 'matmul_flops_per_s',
@@ -191,6 +194,12 @@ def test_smoke(runs, name):
     assert throughput['num_steps'] == 2 and result['loop']['num_steps'] == 3
     # The Python loop of single steps computes the same clips as the compiled sampler.
     assert result['loop']['max_abs_difference'] < 1e-4
+  elif name == 'sharded_load':
+    assert sorted((r['reader'], r['process']) for r in result['rows']) == [
+        (reader, p) for reader in ('direct', 'safe_open') for p in (0, 1)]
+    # Each of the 2 processes read exactly the half its devices hold.
+    for r in result['rows']:
+      assert r['bytes_read'] == r['bytes_held'] == result['checkpoint_bytes'] // 2
   elif name == 'token_conv':
     (row,) = result['rows']
     assert row['max_abs_diff'] < 1e-4  # the grouped conv computes the same thing

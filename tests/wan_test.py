@@ -2,6 +2,7 @@
 small, random weights with every constant tensor noised, saved in shards) converted by
 model/wan.py and compared in fp32; errors for a wrong folder name the file and tensor."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -203,3 +204,27 @@ def test_bad_folders_name_the_file_and_tensor(t2v, tmp_path):
                                        r'\(2, 24, 40\).*\(2, 24, 48\)'):
     wan.load_params(other, spec_wrong, abstract_params(model_wrong, x))
   del hf_wrong
+
+
+def test_convert_tool_writes_an_export_equal_to_the_folder(t2v, tmp_path):
+  from vdit_jax.generate import export as export_lib  # pylint: disable=g-import-not-at-top
+  from vdit_jax.tools import convert_wan  # pylint: disable=g-import-not-at-top
+  folder, _ = t2v
+  out = convert_wan.convert(folder, str(tmp_path / 'export'))
+  config = convert_wan.wan_config(folder)
+  spec = spec_lib.from_config(config.model)
+  _, ours, model = project_model(folder)
+  assert spec == dataclasses.replace(ours, dtype='bfloat16')  # the DiT configured as Wan
+  expected = abstract_params(model, inputs(T2V))
+  params, info = export_lib.read(out, expected)
+  assert info == {'step': 0, 'params': 'params'}
+  jax.tree.map(np.testing.assert_array_equal, params, wan.load_params(folder, spec, expected))
+  with pytest.raises(ValueError, match='already holds an export'):
+    convert_wan.convert(folder, out)
+  # The command line: a folder that is not Wan's exits 2 naming it.
+  import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  p = subprocess.run([sys.executable, '-m', 'vdit_jax.tools.convert_wan', f'--input={tmp_path}',
+                      f'--output={tmp_path / "x"}'], capture_output=True, text=True,
+                     cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                     check=False)
+  assert p.returncode == 2 and 'no config.json found' in p.stderr.strip().splitlines()[-1]

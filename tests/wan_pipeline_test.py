@@ -129,9 +129,16 @@ def _text_encoder(root, d_model):
       os.path.join(root, 'tokenizer', 'tokenizer.json'))
 
 
-def test_sample_mode_on_a_wan_folder_writes_the_mp4(reference, tmp_path):
+@pytest.fixture(scope='module')
+def full_folder(reference):
+  """The reference's folder with a tiny umT5 and its tokenizer beside the transformer."""
   folder, _ = reference
   _text_encoder(folder, wan_test.T2V['text_dim'])
+  return folder
+
+
+def test_sample_mode_on_a_wan_folder_writes_the_mp4(full_folder, tmp_path):
+  folder = full_folder
   vae = _vae_folder(str(tmp_path), wan_test.T2V['out_channels'])
   config = small_config(folder, num_steps=2)
   config.train.init_from = folder
@@ -152,3 +159,38 @@ def test_sample_mode_on_a_wan_folder_writes_the_mp4(reference, tmp_path):
   # A prompt changes the sample (the umT5 embeddings reach the model).
   other, _ = modes.sample(config, workdir, prompt='bright tones, overexposed')
   assert np.abs(np.asarray(other) - np.asarray(videos)).max() > 1e-3
+
+
+def test_extend_mode_continues_a_clip_with_a_wan_model(full_folder, tmp_path):
+  """--mode=extend on a Wan model (no given-frames channel): the clip's last frames are
+  VAE-encoded and imposed, noised to each step's level, on the first sample.overlap latent
+  frames of every window; the continuation is decoded to num_frames frames."""
+  folder = full_folder
+  vae = _vae_folder(str(tmp_path), wan_test.T2V['out_channels'])
+  config = small_config(folder, num_steps=2)
+  config.train.init_from = folder
+  config.model.text.encoder_path = folder
+  config.data.vae = vae
+  config.sample.num_samples = 1
+  config.sample.overlap = 2  # latent frames given per window (5 video frames)
+  config.mesh.fsdp = 1
+  config.mesh.data = -1
+  clip = np.random.default_rng(0).integers(0, 255, (9, 32, 32, 3), dtype=np.uint8)
+  input_path = video_io.write_video(str(tmp_path / 'clip.mp4'), clip, fps=8)
+  extended, written = modes.extend(config, str(tmp_path / 'run'), input_path, 17,
+                                   prompt='a cat and a dog')
+  assert np.asarray(extended).shape == (1, 17, 32, 32, 3)
+  mp4 = [p for p in written if p.endswith('.mp4')]
+  assert video_io.count_frames(mp4[0]) == 17
+
+  # The given latents come back exactly at the start of each window (imposed on the result).
+  from vdit_jax.train import loop  # pylint: disable=g-import-not-at-top
+  s = loop.build(resolve.complete(config), None)
+  decoder = loop.sampling.latent_decoder(s.config)
+  params = modes.pretrained_params(s)
+  given = decoder.encode(np.asarray(clip[None, 4:], np.float32) / 127.5 - 1)  # [1, 2, ...]
+  latent_clip, windows = conditional.extend_clip(
+      s.model, s.diffusion, s.config, params, given, 5, rng=jax.random.key(0), prompt='a cat')
+  assert latent_clip.shape == (1, 5, *LATENT[1:], 4) and len(windows) == 3
+  np.testing.assert_array_equal(latent_clip[:, :2], given)
+  np.testing.assert_array_equal(windows[1][:, :2], latent_clip[:, 1:3])

@@ -42,6 +42,7 @@ import numpy as np
 
 from vdit_jax.diffusion import objectives
 from vdit_jax.diffusion import samplers
+from vdit_jax.diffusion.objectives import FLOW_T_SCALE
 
 GIVEN_FRAMES = ('prefix', 'keyframes')  # model.given_frames: which frames are given
 TEXT_KEYS = {'builtin': 'tokens', 'precomputed': 'embed'}  # model.text.encoder -> text key
@@ -243,6 +244,11 @@ def model_fn_with_context(apply_fn: Callable) -> Callable:
     if 'frame_mask' in cond:
       z = impose(z, cond['context'], cond['frame_mask'])
       kwargs['frame_mask'] = cond['frame_mask']
+    if 'replace_mask' in cond:  # the given frames noised to this step's level (flow)
+      sigma = t_model.astype(jnp.float32) / FLOW_T_SCALE  # [B]
+      sigma = sigma.reshape((-1,) + (1,) * (z.ndim - 1))
+      noised = (1 - sigma) * cond['context'] + sigma * cond['context_noise']
+      z = impose(z, noised, cond['replace_mask'])
     return apply_fn(z, t_model, **kwargs)
 
   return model_fn
@@ -257,6 +263,15 @@ def sample(diffusion, apply_fn, rng, shape, cond, *, sampler, num_steps, eta=0.0
   apply_fn(z, t_model, label=, text=, frame_mask=) -> prediction. Returns [*shape].
   """
   shape = tuple(int(d) for d in shape)
+  if 'replace_mask' in cond:  # training-free: a model without a given-frames channel
+    if not diffusion.is_flow:
+      raise ValueError("given frames by replacement ('replace_mask') need a flow model: "
+                       f'they are noised to each step\'s level, not objective='
+                       f'{diffusion.objective!r}.')
+    missing = [k for k in ('context', 'context_noise') if k not in cond]
+    if missing or 'frame_mask' in cond:
+      raise ValueError(f"a condition with 'replace_mask' needs 'context' and 'context_noise' "
+                       f"and no 'frame_mask'; missing {missing}.")
   if 'frame_mask' in cond:
     if 'context' not in cond:
       raise ValueError("a condition with 'frame_mask' needs 'context', the given frames.")
@@ -269,6 +284,8 @@ def sample(diffusion, apply_fn, rng, shape, cond, *, sampler, num_steps, eta=0.0
       cfg_interval=cfg_interval, null_label=functools.partial(null_condition, null_label=null_label))
   if 'frame_mask' in cond:
     out = impose(out, cond['context'], cond['frame_mask'])
+  if 'replace_mask' in cond:
+    out = impose(out, cond['context'], cond['replace_mask'])
   return out
 
 

@@ -110,9 +110,12 @@ def check_config(config) -> None:
   if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
     raise ValueError(f'config.sample.overlap={overlap!r} must be an integer >= 0 '
                      '(0: model.context_frames_max).')
-  if overlap > k_max:
+  if k_max > 0 and overlap > k_max:
     raise ValueError(f'config.sample.overlap={overlap} exceeds model.context_frames_max='
                      f'{k_max}, the most given frames the model was trained with.')
+  if k_max == 0 and overlap and overlap >= data.num_frames:
+    raise ValueError(f'config.sample.overlap={overlap} given frames must leave a frame to '
+                     f'generate in a window of data.num_frames={data.num_frames}.')
   if config.lora.rank > 0 and k_max > 0:
     raise ValueError(f'config.lora.rank={config.lora.rank}: LoRA fine-tuning does not feed '
                      'given frames to the train step yet; use model.context_frames_max=0 '
@@ -328,10 +331,13 @@ def extend_clip(model, diffusion, config, params, frames, num_frames: int, *, rn
   Returns (clip [B, num_frames, H, W, C], list of windows [B, T, H, W, C]).
   """
   k_max = int(config.model.context_frames_max)
-  if k_max < 1:
-    raise ValueError('extending a clip needs a model trained with given frames: '
-                     'model.context_frames_max > 0 (see configs/tiny_extend.py).')
-  if config.model.given_frames != 'prefix':
+  replace = k_max < 1  # no given-frames channel: the frames are imposed, noised, each step
+  if replace and not (config.diffusion.objective == 'flow' and int(config.sample.overlap) > 0):
+    raise ValueError('extending a clip needs a model trained with given frames '
+                     '(model.context_frames_max > 0, see configs/tiny_extend.py), or a flow '
+                     'model (e.g. Wan 2.1) with sample.overlap > 0 given frames per window, '
+                     'imposed noised to each step\'s level (training-free).')
+  if not replace and config.model.given_frames != 'prefix':
     raise ValueError(f"extending a clip needs a model trained with model.given_frames="
                      f"'prefix' (the first frames given), not "
                      f"{config.model.given_frames!r}; an interpolation model fills the "
@@ -366,8 +372,12 @@ def extend_clip(model, diffusion, config, params, frames, num_frames: int, *, rn
                                      (batch, d.num_frames, d.height, d.width, d.channels)))
 
   def window_fn(context, mask, index):
-    return sample_fn(params, jax.random.fold_in(rng, index),
-                     {**cond, 'context': context, 'frame_mask': mask})
+    window_rng = jax.random.fold_in(rng, index)
+    if replace:
+      noise = jax.random.normal(jax.random.fold_in(window_rng, 1), context.shape, jnp.float32)
+      return sample_fn(params, window_rng, {**cond, 'context': context, 'replace_mask': mask,
+                                            'context_noise': noise})
+    return sample_fn(params, window_rng, {**cond, 'context': context, 'frame_mask': mask})
 
   return cond_lib.extend(window_fn, frames, num_frames, d.num_frames, overlap)
 
@@ -383,14 +393,31 @@ def extend_and_write(s, params, input_path: str, num_frames: int, workdir: str, 
   """--mode=extend: reads `input_path`, extends it (sample.num_samples continuations),
   writes WORKDIR/samples/<name>.<formats>; returns (clips, paths)."""
   cfg = s.config
-  if cfg.data.channels != 3:
+  decoder = s.decoder
+  if cfg.data.channels != 3 and decoder is None:
     raise ValueError(f'--mode=extend reads RGB frames, but data.channels={cfg.data.channels} '
-                     '(latents): encode the input with your VAE and call extend_clip.')
-  frames = read_input(input_path, cfg.data.height, cfg.data.width)  # [F, H, W, 3]
-  frames = np.broadcast_to(frames[None], (cfg.sample.num_samples,) + frames.shape)
-  clip, windows = extend_clip(s.model, s.diffusion, cfg, params, frames, num_frames,
-                              rng=jax.random.key(cfg.sample.seed), num_classes=s.num_classes,
-                              prompt=prompt)
+                     'and no VAE (data.latents): encode the input with your VAE and call '
+                     'extend_clip.')
+  if decoder is None:
+    frames = read_input(input_path, cfg.data.height, cfg.data.width)  # [F, H, W, 3]
+    frames = np.broadcast_to(frames[None], (cfg.sample.num_samples,) + frames.shape)
+    clip, windows = extend_clip(s.model, s.diffusion, cfg, params, frames, num_frames,
+                                rng=jax.random.key(cfg.sample.seed),
+                                num_classes=s.num_classes, prompt=prompt)
+  else:  # latent model: encode the input's last frames, extend the latents, decode
+    _, height, width, _ = decoder.pixel_shape((1, cfg.data.height, cfg.data.width))
+    frames = read_input(input_path, height, width)  # [F, H, W, 3]
+    factor = decoder.cfg.temporal_factor
+    given = min(int(cfg.sample.overlap) or int(cfg.model.context_frames_max),
+                1 + (frames.shape[0] - 1) // factor)  # latent frames to encode
+    frames = frames[frames.shape[0] - (1 + factor * (given - 1)):]  # [1 + 4 (g - 1), ...]
+    latents = decoder.encode(frames[None])  # [1, g, H', W', z]
+    latents = np.broadcast_to(latents, (cfg.sample.num_samples,) + latents.shape[1:])
+    total = 1 + -(-(num_frames - 1) // factor)  # latent frames covering num_frames frames
+    latent_clip, windows = extend_clip(s.model, s.diffusion, cfg, params, latents, total,
+                                       rng=jax.random.key(cfg.sample.seed),
+                                       num_classes=s.num_classes, prompt=prompt)
+    clip = decoder(latent_clip)[:, :num_frames]  # [n, num_frames, H, W, 3]
   written = []
   if jax.process_index() == 0:
     written = sampling.write_samples(clip, paths.join(workdir, 'samples'), name,

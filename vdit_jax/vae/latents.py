@@ -208,6 +208,14 @@ class LatentDecoder:
     return (1 + self.cfg.temporal_factor * (t - 1), h * self.cfg.spatial_factor,
             w * self.cfg.spatial_factor, self.cfg.out_channels)
 
+  def encode(self, frames) -> np.ndarray:
+    """Frames [B, 1 + 4 k, H, W, C] in [-1, 1] -> DiT latents [B, 1 + k, H/8, W/8, z]: the
+    posterior means, normalised with this space's statistics (what `__call__` undoes)."""
+    with jax.set_mesh(self._mesh), nn.logical_axis_rules(()):
+      mean, _ = chunked.encode_video(self.cfg, self.params, np.asarray(frames, np.float32),
+                                     tiling=self.tiling)
+    return ((np.asarray(mean, np.float32) - self.space.mean) / self.space.std).astype(np.float32)
+
   def __call__(self, latents) -> np.ndarray:
     """DiT latents [B, T', H', W', z] -> frames [B, 1 + 4 (T' - 1), 8 H', 8 W', C] in
     [-1, 1] (Wan 2.1 factors), on the host."""

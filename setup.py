@@ -33,6 +33,12 @@ INSTALL_REQUIRES = [
     'av>=18.1.0',
     # gif samples (data/video_io.py) and TensorBoard's sample images (PNG), on by default.
     'pillow>=11',
+    # Open weights (Wan 2.1: model/wan.py, convert/umt5.py, parallel/safetensors_load.py):
+    # safetensors files (the direct reader parses their header itself; the LoRA files of
+    # model/wan_lora.py go through safetensors.numpy), and umT5's tokenizer.json read by
+    # Hugging Face's tokenizers (no transformers, no torch at run time).
+    'safetensors>=0.4',
+    'tokenizers>=0.20',
 ]
 
 EXTRAS = {
@@ -60,6 +66,11 @@ EXTRAS = {
     # that lies on the project machines' disk; from 2.14 on it would take a CUDA build of
     # several GB.
     'vae_reference': ['torch>=2.4,<2.14', 'diffusers>=0.35'],
+    # tests/wan*_test.py, umt5_test.py, clip_vision_test.py: the reference Wan 2.1 pieces on
+    # CPU torch, built small with random weights: diffusers' WanTransformer3DModel /
+    # WanPipeline / AutoencoderKLWan, transformers' UMT5EncoderModel and CLIPVisionModel, and
+    # peft (diffusers' LoRA loading) for the LoRA format both ways.
+    'wan_reference': ['torch>=2.4,<2.14', 'diffusers>=0.42', 'transformers>=5.0', 'peft>=0.17'],
 }
 # The tests AOT-compile for a TPU topology (tests/plan_test.py), so they need libtpu too.
 EXTRAS['test'] = EXTRAS['test'] + EXTRAS['video'] + EXTRAS['tpu']
@@ -69,7 +80,7 @@ EXTRAS['test'] = EXTRAS['test'] + EXTRAS['video'] + EXTRAS['tpu']
 EXTRAS['test'] += ['tensorboard>=2.16'] + EXTRAS['plot'] + [
     'nbformat>=5.9', 'nbclient>=0.10', 'ipykernel>=6.29']
 # tests/vae_test.py converts a diffusers AutoencoderKLWan and compares against it.
-EXTRAS['test'] += EXTRAS['vae'] + EXTRAS['vae_reference']
+EXTRAS['test'] += EXTRAS['vae'] + EXTRAS['vae_reference'] + EXTRAS['wan_reference']
 
 setup(
     name='vdit_jax',

@@ -37,8 +37,8 @@ INSTALL_REQUIRES = [
     # safetensors files (the direct reader parses their header itself; the LoRA files of
     # model/wan_lora.py go through safetensors.numpy), and umT5's tokenizer.json read by
     # Hugging Face's tokenizers (no transformers, no torch at run time).
-    'safetensors>=0.4',
-    'tokenizers>=0.20',
+    'safetensors>=0.8',
+    'tokenizers>=0.23.3',
 ]
 
 EXTRAS = {
@@ -70,7 +70,7 @@ EXTRAS = {
     # CPU torch, built small with random weights: diffusers' WanTransformer3DModel /
     # WanPipeline / AutoencoderKLWan, transformers' UMT5EncoderModel and CLIPVisionModel, and
     # peft (diffusers' LoRA loading) for the LoRA format both ways.
-    'wan_reference': ['torch>=2.4,<2.14', 'diffusers>=0.42', 'transformers>=5.0', 'peft>=0.17'],
+    'wan_reference': ['torch>=2.4,<2.14', 'diffusers>=0.42.1', 'transformers>=5.25', 'peft>=0.22'],
 }
 # The tests AOT-compile for a TPU topology (tests/plan_test.py), so they need libtpu too.
 EXTRAS['test'] = EXTRAS['test'] + EXTRAS['video'] + EXTRAS['tpu']

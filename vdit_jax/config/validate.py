@@ -1,6 +1,7 @@
 """Config validation: every rule a run depends on, checked before anything compiles."""
 
 import math
+import os
 from typing import Optional
 
 import jax
@@ -16,6 +17,7 @@ from vdit_jax.model import attention_patterns
 from vdit_jax.parallel import axes
 from vdit_jax.model import lora
 from vdit_jax.model import patching
+from vdit_jax.model import wan
 from vdit_jax.parallel import mesh as mesh_lib
 from vdit_jax.generate import conditional
 from vdit_jax.config import defaults
@@ -109,6 +111,7 @@ def validate_config(config, num_devices: int, process_count: int = 1,
   attention.check_impl(spec_lib.attention_impl(spec), dtype=spec.dtype,
                        head_dim=spec.width // spec.num_heads, platform=platform)
   lora.check_config(config.get('lora'), spec.width, spec.mlp_dim)
+  _check_init_from(config, spec)
   patching.check_patch((config.data.num_frames, config.data.height, config.data.width),
                        spec.patch_size)
   attention_patterns.check_grid(spec.pattern, patching.token_grid(
@@ -203,6 +206,35 @@ def _check_train_speed(train, rules, sizes) -> None:
   if not isinstance(cache_dir, str):
     raise ValueError(f'config.train.compilation_cache_dir={cache_dir!r} must be a path or '
                      "'' (no persistent compilation cache).")
+
+
+def _check_init_from(config, spec: spec_lib.ModelSpec) -> None:
+  """train.init_from: '' or a local Wan 2.1 diffusers folder (or its transformer folder)
+  whose config.json describes this config's model and data.channels (model/wan.py), so a
+  mismatch stops here, naming the field, not when the weights load; never with LoRA, whose
+  frozen base is lora.base_checkpoint. Reads the folder's config.json only."""
+  path = config.train.get('init_from', '')
+  if not isinstance(path, str):
+    raise ValueError(f"config.train.init_from={path!r} must be a folder or '' (a fresh "
+                     'init).')
+  if not path.strip():
+    return
+  rank = config.lora.rank if config.get('lora') is not None else 0
+  if rank > 0:
+    raise ValueError(
+        f'config.train.init_from={path!r} is set with lora.rank={rank}: a LoRA run trains '
+        'adapters on a frozen base, which it reads from lora.base_checkpoint; set '
+        f"config.lora.base_checkpoint={path!r} and train.init_from=''.")
+  if not os.path.isdir(path):
+    raise FileNotFoundError(
+        f'config.train.init_from={path!r} is not a directory: give a local Wan 2.1 diffusers '
+        "folder (holding transformer/config.json), or '' to start from a fresh init.")
+  where = f'config.train.init_from={path!r}'
+  try:
+    hf = wan.read_config(path)
+  except ValueError as e:
+    raise ValueError(f'{where}: {e}') from None
+  wan.check_spec_matches(spec, hf, config.data.channels, where)
 
 
 def _check_synthetic_options(data) -> None:

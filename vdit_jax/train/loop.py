@@ -9,6 +9,7 @@ from typing import Any, Optional, Sequence
 from absl import logging
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from vdit_jax.config import resolve
@@ -19,6 +20,7 @@ from vdit_jax.diffusion import objectives
 from vdit_jax.model import spec as spec_lib
 from vdit_jax.model import dit
 from vdit_jax.model import patching
+from vdit_jax.model import wan
 from vdit_jax.parallel import mesh as mesh_lib
 from vdit_jax.parallel import paths
 from vdit_jax.train import checkpoint as ckpt_lib
@@ -228,12 +230,20 @@ def restore_or_init(s: Setup, data_iter=None):
   """(state, restored step or None): the newest complete checkpoint, else a fresh init.
 
   The state is restored straight into `s.state_shardings`, i.e. onto this run's
-  mesh, whatever mesh saved it; `data_iter` is moved to the saved position.
+  mesh, whatever mesh saved it; `data_iter` is moved to the saved position. A fresh
+  init with config.train.init_from starts its params (and EMA params) from that Wan 2.1
+  folder (`init_from_wan`); a workdir with checkpoints resumes from them and ignores it.
   """
   latest = s.checkpointer.latest_step()
+  init_from = s.config.train.init_from
   if latest is None:
     state, _ = state_lib.create_state(s.init_fn, jax.random.key(s.config.seed), s.mesh, s.rules)
+    if init_from:
+      state = init_from_wan(s, state, init_from)
     return state, None
+  if init_from:
+    metrics_lib.log_line(f'train.init_from={init_from!r} ignored: resuming from the '
+                         f'checkpoints in {s.checkpointer.directory}')
   if s.config.checkpoint.resume == 'latest':
     return _restore(s, latest, data_iter), latest
   # 'latest_good': the newest step that restores and verifies; the damaged ones are named
@@ -247,6 +257,31 @@ def restore_or_init(s: Setup, data_iter=None):
       f'checkpoint.resume=latest_good: no step in {s.checkpointer.directory} restores '
       f'({s.checkpointer.all_steps()}; the reasons are printed above). Move the folder aside '
       'to start afresh.')
+
+
+def init_from_wan(s: Setup, state, path: str):
+  """`state` with params and EMA params read from the Wan 2.1 diffusers folder `path`
+  (model/wan.py) straight into the state's param shardings: each process reads only its
+  devices' slices. The optimizer state stays the fresh one; the fresh params are deleted
+  first (peak memory), so `state` is consumed. validate.py checked the folder's
+  config.json against the model when the config was resolved."""
+  if s.lora is not None:  # validate.py refuses init_from with LoRA; the state is adapters
+    raise ValueError(f'train.init_from={path!r} does not apply to a LoRA run; set '
+                     'lora.base_checkpoint to the Wan folder instead.')
+  t0 = time.perf_counter()
+  for leaf in jax.tree.leaves((state.params, state.ema_params)):
+    leaf.delete()
+  abstract = state_lib.abstract_with_shardings(s.abstract_state, s.state_shardings).params
+  shardings = jax.tree.map(lambda a: a.sharding, abstract)
+  params = wan.load_params(path, s.model.spec, abstract, shardings)
+  # The EMA params start equal but in buffers of their own: the step donates the state.
+  copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)
+  with jax.set_mesh(s.mesh):
+    ema_params = copy(params)
+  metrics_lib.log_line(f'train.init_from: {state_lib.param_count(params):,} params (and the '
+                       f'EMA params) from the Wan transformer in {path} in '
+                       f'{time.perf_counter() - t0:.1f}s')
+  return state.replace(params=params, ema_params=ema_params)
 
 
 def _restore(s: Setup, step: int, data_iter=None):

@@ -12,7 +12,10 @@ The base params come from config.lora.base_checkpoint, read once onto the mesh w
 model's shardings:
   - an export directory (WORKDIR/export/<step>): the params it holds (EMA by default);
   - a workdir: the EMA params of its newest train checkpoint (the weights its samples
-    use), else its newest export.
+    use), else its newest export;
+  - a Wan 2.1 diffusers folder (with transformer/config.json of a WanTransformer3DModel),
+    or that transformer folder: its weights through model/wan.py, each process reading
+    only its devices' slices; its config.json must describe the config's model.
 They enter the jitted step as an input that is neither donated nor differentiated (the
 step's `param_transform` merges them with the adapters inside the loss) and are never
 written again.
@@ -20,6 +23,7 @@ written again.
 
 import dataclasses
 import json
+import os
 from typing import Any, Callable, Optional, Tuple
 
 import flax.linen as nn
@@ -31,6 +35,7 @@ from vdit_jax.config import resolve
 from vdit_jax.model import spec as spec_lib
 
 from vdit_jax.model import lora
+from vdit_jax.model import wan
 from vdit_jax.parallel import mesh as mesh_lib
 from vdit_jax.parallel import paths
 from vdit_jax.train import checkpoint as ckpt_lib
@@ -49,11 +54,13 @@ def enabled(config) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class BaseSource:
-  """Where the base params are: an export directory, or a train checkpoint step."""
-  kind: str                  # 'export' | 'checkpoint'
-  path: str                  # the export directory, or the checkpoint step's directory
-  step: int
-  config_path: Optional[str]  # the base run's config.json, when it has one
+  """Where the base params are: an export directory, a train checkpoint step, or a Wan
+  2.1 diffusers folder."""
+  kind: str                  # 'export' | 'checkpoint' | 'wan'
+  path: str                  # the export directory, the checkpoint step's directory, or
+                             # the Wan folder as given
+  step: int                  # 0 for a Wan folder
+  config_path: Optional[str]  # the base run's config.json (Wan: the transformer's)
 
 
 def _latest_checkpoint(workdir: str) -> Optional[Tuple[str, int]]:
@@ -74,12 +81,36 @@ def _export_source(directory: str) -> BaseSource:
                     config_path if paths.isfile(config_path) else None)
 
 
+def _wan_config_path(path: str) -> Optional[str]:
+  """The transformer config.json of a Wan 2.1 diffusers folder (path/transformer) or of
+  the transformer folder itself, when its _class_name says WanTransformer3DModel; else
+  None (a workdir's config.json is a run config, without that name)."""
+  for folder in (paths.join(path, 'transformer'), path):
+    config_path = paths.join(folder, 'config.json')
+    if not paths.isfile(config_path):
+      continue
+    try:
+      saved = json.loads(paths.read_text(config_path))
+    except ValueError:
+      continue
+    if isinstance(saved, dict) and saved.get('_class_name') == wan.TRANSFORMER_CLASS:
+      return config_path
+  return None
+
+
 def resolve_base(path: str) -> BaseSource:
   """The base params' source for config.lora.base_checkpoint=path (see the module doc)."""
   path = paths.normalize(path)
   if not paths.isdir(path):
     raise FileNotFoundError(f'config.lora.base_checkpoint={path!r} is not a directory: give '
-                            'the workdir or the export directory of a trained model.')
+                            'the workdir or the export directory of a trained model, or a '
+                            'Wan 2.1 diffusers folder.')
+  wan_config = _wan_config_path(path)
+  if wan_config is not None:
+    if not os.path.isdir(path):
+      raise ValueError(f'config.lora.base_checkpoint={path!r}: Wan 2.1 weights are read from '
+                       'a local folder; copy the folder to the host (or a mounted disk).')
+    return BaseSource('wan', path, 0, wan_config)
   if export_lib.is_complete(path):
     return _export_source(path)
   latest = _latest_checkpoint(path)
@@ -92,13 +123,24 @@ def resolve_base(path: str) -> BaseSource:
     return _export_source(export)
   raise FileNotFoundError(
       f'config.lora.base_checkpoint={path!r} holds no complete export '
-      f'({export_lib.INFO_FILENAME}), no checkpoint under checkpoints/ and no export under '
-      f'{export_lib.EXPORT_DIRNAME}/: train the base model first.')
+      f'({export_lib.INFO_FILENAME}), no checkpoint under checkpoints/, no export under '
+      f'{export_lib.EXPORT_DIRNAME}/ and no Wan transformer (transformer/config.json of a '
+      f'{wan.TRANSFORMER_CLASS}): train the base model first.')
 
 
 def check_base_config(source: BaseSource, config) -> None:
   """Raises ValueError when the base run's config.json describes another model, or a LoRA
-  run (whose checkpoints and exports hold adapters only)."""
+  run (whose checkpoints and exports hold adapters only); for a Wan folder, when its
+  transformer config.json is not the config's model (wan.check_spec_matches names the
+  field)."""
+  if source.kind == 'wan':
+    where = f'config.lora.base_checkpoint={source.path!r}'
+    try:
+      hf = wan.read_config(source.path)
+    except ValueError as e:
+      raise ValueError(f'{where}: {e}') from None
+    wan.check_spec_matches(spec_lib.from_config(config.model), hf, config.data.channels, where)
+    return
   if source.config_path is None:
     return
   saved = json.loads(paths.read_text(source.config_path))
@@ -141,8 +183,17 @@ def _restore_ema_params(step_dir: str, abstract):
   return restored['ema_params']
 
 
-def load_base(source: BaseSource, abstract) -> Tuple[Any, str]:
-  """(base params restored into `abstract`'s shapes and shardings, what they are)."""
+def load_base(source: BaseSource, abstract, spec: Optional[spec_lib.ModelSpec] = None
+              ) -> Tuple[Any, str]:
+  """(base params restored into `abstract`'s shapes and shardings, what they are); a Wan
+  folder's are mapped onto the model of `spec` (needed then)."""
+  if source.kind == 'wan':
+    if spec is None:
+      raise ValueError(f'load_base: the Wan folder {source.path} needs the model spec to '
+                       'map its weights onto.')
+    shardings = jax.tree.map(lambda a: a.sharding, abstract)
+    params = wan.load_params(source.path, spec, abstract, shardings)
+    return params, f'the Wan transformer in {source.path}'
   if source.kind == 'export':
     params, info = export_lib.read(source.path, abstract)
     return params, f'{info["params"]} of step {source.step} exported in {source.path}'
@@ -184,6 +235,7 @@ class LoraSetup:
   base_shardings: Any
   init_fn: Callable[[jax.Array], state_lib.TrainState]
   num_adapter_params: int
+  spec: Optional[spec_lib.ModelSpec] = None  # the model's (maps a Wan folder's weights)
   _base: Any = None
   _merge_fn: Any = None
 
@@ -191,7 +243,7 @@ class LoraSetup:
     """The base params on the mesh, read on first use."""
     if self._base is None:
       abstract = state_lib.abstract_with_shardings(self.base_abstract, self.base_shardings)
-      self._base, what = load_base(self.source, abstract)
+      self._base, what = load_base(self.source, abstract, self.spec)
       total = state_lib.param_count(self.base_abstract)
       metrics_lib.log_line(
           f'LoRA rank {self.rank} (alpha {self.alpha:g}) on {",".join(self.targets)}: '
@@ -249,4 +301,4 @@ def make_setup(model, tx, config, mesh, rules) -> LoraSetup:
   return LoraSetup(rank=rank, alpha=float(lora_cfg.alpha), targets=targets,
                    source=source, mesh=mesh, rules=rules,
                    base_abstract=nn.unbox(boxed), base_shardings=shardings, init_fn=init,
-                   num_adapter_params=lora.num_adapter_params(specs))
+                   num_adapter_params=lora.num_adapter_params(specs), spec=model.spec)

@@ -34,6 +34,12 @@ padding of short videos with their last frame, short-side resize and 'center' | 
 crop). `source[idx]` draws its randomness from (seed, idx), so it is deterministic per
 index; `source.load(idx, rng)` takes the generator explicitly (the pipeline passes one
 that differs per epoch).
+
+Captions: a text file beside a video with its stem and `.txt` (`clip.mp4` -> `clip.txt`,
+`caption_path`) is that video's caption sidecar: read as UTF-8 (a byte-order mark
+allowed) and stripped, it becomes the example's 'caption'. Which videos have one is found
+on construction (`caption_paths`); the text is read with each clip, so an edited caption
+is seen. Folders without sidecars give examples without 'caption', as before.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from vdit_jax.data import transforms
 from vdit_jax.data import video_io
 from vdit_jax.parallel import paths
 
+CAPTION_EXTENSION = '.txt'  # clip.mp4 -> clip.txt: the clip's caption sidecar
 _MAX_SUBSTITUTES = 16  # read-time failures in a row before giving up
 _PROBE_THREADS = 8     # probes overlap their bucket reads (and PyAV's decoding) on threads
 
@@ -251,6 +258,35 @@ def probe_videos(paths, num_threads: int = _PROBE_THREADS):
   return [r[0] for r in results], [r[1] for r in results]
 
 
+def caption_path(video_path: str) -> str:
+  """The caption sidecar of a video: the same path with `.txt` for its extension."""
+  return os.path.splitext(video_path)[0] + CAPTION_EXTENSION
+
+
+def _sidecar(video_path: str):
+  """The video's caption sidecar if that file exists, else None."""
+  candidate = caption_path(video_path)
+  return candidate if paths.isfile(candidate) else None
+
+
+def find_captions(video_paths, num_threads: int = _PROBE_THREADS) -> tuple:
+  """For each video path, its caption sidecar's path, or None where it has none (on
+  threads: in a bucket each check is a request)."""
+  if not video_paths:
+    return ()
+  with concurrent.futures.ThreadPoolExecutor(min(num_threads, len(video_paths))) as pool:
+    return tuple(pool.map(_sidecar, video_paths))
+
+
+def read_caption(path: str) -> str:
+  """A caption sidecar's text: UTF-8 (a byte-order mark allowed), stripped."""
+  data = paths.read_bytes(path)
+  try:
+    return data.decode('utf-8-sig').strip()
+  except UnicodeDecodeError as e:
+    raise ValueError(f'caption file {path!r} is not UTF-8 text ({e}); save it as UTF-8.') from e
+
+
 def read_clip(path: str, num_available: int, spec: ClipSpec,
               rng: np.random.Generator | None = None) -> np.ndarray:
   """One clip of a video with `num_available` frames: uint8 [T, H, W, 3].
@@ -276,8 +312,10 @@ class VideoFiles:
     paths, labels, frame_counts: readable files, their labels and frame counts.
     class_names: sorted class folder names (() when flat); num_classes >= 1.
     skipped: (path, reason) of every file the probe rejected.
+    caption_paths: each readable file's caption sidecar (`caption_path`), or None.
 
-  `source[idx]` returns {'video': uint8 [T, H, W, 3], 'label': int32 []}.
+  `source[idx]` returns {'video': uint8 [T, H, W, 3], 'label': int32 []}, and 'caption'
+  (str) when the video has a caption sidecar.
   """
 
   def __init__(self, path, spec: ClipSpec, seed: int = 0,
@@ -296,6 +334,7 @@ class VideoFiles:
     self.labels = tuple(listing.labels[i] for i in keep)
     self.frame_counts = tuple(counts[i] for i in keep)
     self.skipped = tuple((p, r) for p, r in zip(listing.paths, reasons) if r is not None)
+    self.caption_paths = find_captions(self.paths, num_probe_threads)
     if self.skipped:
       logging.warning('video files %r: skipped %d unreadable file(s) of %d: %s', self.path,
                       len(self.skipped), len(listing.paths),
@@ -327,7 +366,10 @@ class VideoFiles:
     """Clip `idx` with randomness from `rng`; raises if the file cannot be decoded."""
     idx = self._check_index(idx)
     video = read_clip(self.paths[idx], self.frame_counts[idx], self.spec, rng)
-    return {'video': video, 'label': np.int32(self.labels[idx])}
+    example = {'video': video, 'label': np.int32(self.labels[idx])}
+    if self.caption_paths[idx] is not None:
+      example['caption'] = read_caption(self.caption_paths[idx])
+    return example
 
   def load(self, idx: int, rng: np.random.Generator | None = None) -> dict:
     """Like `read`, but a file that has become unreadable is replaced by the next index.

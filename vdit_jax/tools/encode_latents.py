@@ -6,6 +6,9 @@ python -m vdit_jax.tools.encode_latents --videos=synthetic --num_examples=2048 \
     --num_frames=9 --height=32 --width=32 --vae=runs/vae_tiny/vae --out=data/latents
 python -m vdit_jax.tools.encode_latents --videos=data/clips --num_frames=17 --height=256 \
     --width=256 --vae=checkpoints/wan21_vae --out=data/latents [--tile=256,192]
+python -m vdit_jax.tools.encode_latents --videos=data/clips --num_frames=81 --height=480 \
+    --width=832 --vae=checkpoints/Wan2.1-T2V-1.3B-Diffusers \
+    --text_encoder=checkpoints/Wan2.1-T2V-1.3B-Diffusers --out=data/latents
 
 --videos is a shard folder made by tools.make_shards (its uint8 clips, labels and keys),
 'synthetic' (the built-in shapes: --num_examples clips, --source_seed), or a folder or glob
@@ -19,11 +22,27 @@ Train on them with the shards source: --config.data.source=shards
 --config.data.path=OUT --config.data.num_frames=T' --config.data.height=H'
 --config.data.width=W' --config.data.channels=z (index.json lists the shape and the VAE).
 
+Captions (--text_encoder=FOLDER, a Wan pipeline folder holding text_encoder/ and
+tokenizer/, see convert/umt5.py): every clip's caption is encoded once by that umT5, as
+WanPipeline encodes a prompt (convert.umt5.encode_prompts, --text_max_length tokens),
+and stored beside the clip's latents as its record's 'caption_embedding' [L, d_model]
+(--text_dtype), with the caption text. L is the prompt's token count (with </s>): the
+rows past it, zeros in Wan's embeddings, are not stored; data/captions.py pads them back
+with zeros. Train on them with --config.model.text.encoder=precomputed
+--config.model.text.max_length=<--text_max_length>. The captions come from the source:
+the synthetic clips' (captions=True), the shard records' 'caption', or each video file's
+sidecar (clip.mp4 -> clip.txt beside it, data/video_files.py). A clip with no caption (or
+a blank one) is an error naming it, unless --empty_caption_ok: then it gets the empty
+prompt's embedding, as Wan encodes ''. Without --text_encoder a caption the source has is
+kept as text only.
+
 Output: the same format as make_shards (vdit_jax/data/shards.py), dtype 'float16', with
 index.json fields 'vae' (folder, config with the latent statistics, 'normalized',
-'sample') and 'source_clip_shape'. Each shard gets its name only when it is complete, and
-index.json is written last, so a folder with an index is complete. Encoding runs in
-temporal chunks (vae/chunked.py), optionally in spatial tiles (--tile=SIZE,STRIDE in pixels).
+'sample') and 'source_clip_shape', and with --text_encoder 'text_encoder' ({'path',
+'max_length', 'd_model', 'dtype'}: the embeddings' dtype). Each shard gets its name only
+when it is complete, and index.json is written last, so a folder with an index is
+complete. Encoding runs in temporal chunks (vae/chunked.py), optionally in spatial tiles
+(--tile=SIZE,STRIDE in pixels).
 
 --videos, --vae and --out may be buckets (gs://bucket/...): shards are read in place,
 videos downloaded to decode them, the VAE restored by Orbax, and each finished latent
@@ -45,10 +64,11 @@ from absl import logging
 import jax
 import numpy as np
 
-from vdit_jax.parallel import fatal
+from vdit_jax.convert import umt5
 from vdit_jax.data import shards
 from vdit_jax.data import synthetic
 from vdit_jax.data import video_files
+from vdit_jax.parallel import fatal
 from vdit_jax.parallel import paths
 from vdit_jax.vae import checkpoint
 from vdit_jax.vae import chunked
@@ -78,16 +98,26 @@ def _define_flags() -> None:
   flags.DEFINE_list('tile', None, 'SIZE,STRIDE: encode frames larger than SIZE pixels in '
                     'tiles of SIZE x SIZE every STRIDE pixels, blended.')
   flags.DEFINE_boolean('overwrite', False, 'Replace the shards already in --out.')
+  flags.DEFINE_string('text_encoder', '', 'Wan pipeline folder (text_encoder/, tokenizer/): '
+                      "store each clip's umT5 caption embedding with its latents.")
+  flags.DEFINE_integer('text_max_length', 512, 'Tokens per caption (as '
+                       'model.text.max_length); longer captions are truncated.')
+  flags.DEFINE_enum('text_dtype', 'float16', list(shards.EMBEDDING_DTYPES),
+                    'dtype of the stored caption embeddings.')
+  flags.DEFINE_boolean('empty_caption_ok', False, 'With --text_encoder: a clip without a '
+                       "caption gets the empty prompt's embedding instead of an error.")
 
 
 def open_clips(videos: str, *, num_frames: Optional[int] = None, height: Optional[int] = None,
-               width: Optional[int] = None, num_examples: int = 1024, source_seed: int = 0):
-  """(source with source[i] -> {'video': uint8 [T, H, W, 3], 'label', optional 'key'},
-  index fields describing it: num_classes, class_names, source)."""
+               width: Optional[int] = None, num_examples: int = 1024, source_seed: int = 0,
+               captions: bool = False):
+  """(source with source[i] -> {'video': uint8 [T, H, W, 3], 'label', optional 'key' and
+  'caption'}, index fields describing it: num_classes, class_names, source). `captions`:
+  synthetic clips carry their captions (the other sources carry what they hold)."""
   if videos == 'synthetic':
     _require(num_frames=num_frames, height=height, width=width)
     source = synthetic.SyntheticShapes(num_frames, height, width, num_examples=num_examples,
-                                       seed=source_seed)
+                                       seed=source_seed, captions=captions)
     return source, {'num_classes': synthetic.NUM_CLASSES, 'class_names': [],
                     'source': f'synthetic(seed={source_seed})'}
   if not glob.has_magic(videos) and paths.isfile(paths.join(videos, shards.INDEX_NAME)):
@@ -117,22 +147,102 @@ def _require(**values) -> None:
     raise ValueError(f'{", ".join(missing)} must be given for this --videos.')
 
 
+def _clip_name(source, i: int, example: dict) -> str:
+  """How messages name clip i: its video file, its shard key, or its index."""
+  if isinstance(source, video_files.VideoFiles):
+    return f'clip {i} ({source.paths[i]})'
+  if 'key' in example:
+    return f'clip {i} (key {example["key"]!r})'
+  return f'clip {i}'
+
+
+def _missing_caption(source, i: int, example: dict) -> str:
+  """The error for clip i, which has no caption (or a blank one)."""
+  if isinstance(source, video_files.VideoFiles):
+    where = (f'its caption file {video_files.caption_path(source.paths[i])!r} is '
+             + ('blank' if source.caption_paths[i] else 'missing'))
+  elif 'caption' in example:
+    where = 'its caption is blank'
+  else:
+    where = "it has no 'caption'"
+  return (f'{_clip_name(source, i, example)}: {where}, and --text_encoder encodes every '
+          "clip's caption; add one, or pass --empty_caption_ok to give it the empty "
+          "prompt's embedding.")
+
+
+class _TextEncoder:
+  """A Wan folder's umT5 and tokenizer: captions -> their embeddings [L_i, D], trimmed to
+  each caption's token count (the rows past it are Wan's zeros)."""
+
+  def __init__(self, folder: str, max_length: int, dtype: str, batch_size: int):
+    if dtype not in shards.EMBEDDING_DTYPES:
+      raise ValueError(f'text_dtype={dtype!r} must be one of {shards.EMBEDDING_DTYPES} (what '
+                       'shard records store).')
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+      raise ValueError(f'text_max_length={max_length!r} must be an integer >= 2 (a token and '
+                       '</s>).')
+    self.folder = folder
+    self.max_length = max_length
+    self.dtype = dtype
+    self.batch_size = batch_size
+    self.spec, params = umt5.load_encoder(folder)
+    self.params = jax.device_put(params)  # once, not with every batch
+    self.tokenizer = umt5.load_tokenizer(folder)
+
+  def describe(self) -> dict:
+    return {'path': paths.normalize(self.folder), 'max_length': self.max_length,
+            'd_model': self.spec.d_model, 'dtype': self.dtype}
+
+  def __call__(self, captions, names) -> list:
+    """Embeddings [L_i, D] in self.dtype of `captions` (at most batch_size); `names`
+    name the clips in errors."""
+    # Padded to one batch shape with empty prompts: the encoder compiles once.
+    prompts = list(captions) + [''] * (self.batch_size - len(captions))
+    embeds = umt5.encode_prompts(self.tokenizer, self.spec, self.params, prompts,
+                                 self.max_length)  # [B, L, D]
+    _, mask = umt5.tokenize(self.tokenizer, [umt5.prompt_clean(p) for p in prompts],
+                            self.max_length)  # [B, L]
+    out = []
+    for embed, length, name in zip(embeds, mask.sum(axis=1), names):
+      stored = embed[:length].astype(self.dtype)  # [L_i, D]
+      if not np.isfinite(stored).all():
+        raise ValueError(f'{name}: its caption embedding overflows {self.dtype} (largest '
+                         f'magnitude {np.abs(embed).max():.4g}); pass --text_dtype=float32.')
+      out.append(stored)
+    return out
+
+
 def encode_latents(videos: str, vae: str, out: str, *, num_shards: int = 1,
                    batch_size: int = 8, normalize: bool = True, sample: str = 'mean',
                    seed: int = 0, tiling: Optional[chunked.Tiling] = None,
-                   overwrite: bool = False, progress=sys.stderr, **clip_args) -> dict:
-  """Writes latent shards of `videos` encoded by the VAE folder `vae`; returns the index."""
+                   overwrite: bool = False, text_encoder: str = '',
+                   text_max_length: int = 512, text_dtype: str = 'float16',
+                   empty_caption_ok: bool = False, progress=sys.stderr,
+                   **clip_args) -> dict:
+  """Writes latent shards of `videos` encoded by the VAE folder `vae`; returns the index.
+
+  With `text_encoder` (a Wan pipeline folder) each clip's caption is encoded by its umT5
+  (`text_max_length` tokens) and stored as the record's caption_embedding in
+  `text_dtype`; `empty_caption_ok` gives clips without a caption the empty prompt's.
+  """
   if sample not in ('mean', 'posterior'):
     raise ValueError(f"sample={sample!r} must be 'mean' or 'posterior'.")
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    raise ValueError(f'batch_size={batch_size!r} must be a positive integer.')
+  text = (_TextEncoder(text_encoder, text_max_length, text_dtype, batch_size)
+          if text_encoder else None)
   cfg, params = checkpoint.load(vae)
-  source, described = open_clips(videos, **clip_args)
+  source, described = open_clips(videos, captions=text is not None, **clip_args)
   total = len(source)
   if isinstance(num_shards, bool) or not isinstance(num_shards, int) or not (
       1 <= num_shards <= total):
     raise ValueError(f'num_shards={num_shards!r} must be an integer in [1, {total}] (the '
                      'number of clips).')
-  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-    raise ValueError(f'batch_size={batch_size!r} must be a positive integer.')
+  if text is not None and not empty_caption_ok and isinstance(source, video_files.VideoFiles):
+    # Known before any clip is decoded: the sidecars were found on construction.
+    for i, sidecar in enumerate(source.caption_paths):
+      if sidecar is None:
+        raise ValueError(_missing_caption(source, i, {}))
   clip_shape = tuple(source[0]['video'].shape)  # [T, H, W, C]
   if clip_shape[-1] != cfg.in_channels:
     raise ValueError(f'the clips have {clip_shape[-1]} channels, the VAE takes '
@@ -144,6 +254,16 @@ def encode_latents(videos: str, vae: str, out: str, *, num_shards: int = 1,
   try:
     for first in range(0, total, batch_size):
       examples = [source[i] for i in range(first, min(first + batch_size, total))]
+      captions = [e.get('caption') for e in examples]
+      embeddings = [None] * len(examples)
+      if text is not None:
+        names = [_clip_name(source, first + k, e) for k, e in enumerate(examples)]
+        for k, caption in enumerate(captions):
+          if caption is None or not str(caption).strip():
+            if not empty_caption_ok:
+              raise ValueError(_missing_caption(source, first + k, examples[k]))
+            captions[k] = ''
+        embeddings = text([str(c) for c in captions], names)
       video = np.stack([e['video'] for e in examples]).astype(np.float32)  # [B, T, H, W, C]
       video = video / np.float32(127.5) - np.float32(1.0)
       mean, logvar = chunked.encode_video(cfg, params, video, tiling=tiling)  # [B, T', ...]
@@ -156,8 +276,11 @@ def encode_latents(videos: str, vae: str, out: str, *, num_shards: int = 1,
       z = z.astype(np.float16)
       for offset, example in enumerate(examples):
         i = first + offset
+        caption = captions[offset]
         writer.write(i * num_shards // total,
                      shards.encode_record(z[offset], label=int(example['label']),
+                                          caption=None if caption is None else str(caption),
+                                          caption_embedding=embeddings[offset],
                                           key=str(example.get('key', i))))
       if progress is not None:
         done = first + len(examples)
@@ -181,6 +304,8 @@ def encode_latents(videos: str, vae: str, out: str, *, num_shards: int = 1,
       'vae': {'path': paths.normalize(vae), 'config': cfg.to_dict(),
               'normalized': bool(normalize), 'sample': sample},
   }
+  if text is not None:
+    index['text_encoder'] = text.describe()
   shards.write_index(out, index)
   return index
 
@@ -204,6 +329,8 @@ def main(argv) -> int:
         FLAGS.videos, FLAGS.vae, FLAGS.out, num_shards=FLAGS.num_shards,
         batch_size=FLAGS.batch_size, normalize=FLAGS.normalize, sample=FLAGS.sample,
         seed=FLAGS.seed, tiling=tiling, overwrite=FLAGS.overwrite,
+        text_encoder=FLAGS.text_encoder, text_max_length=FLAGS.text_max_length,
+        text_dtype=FLAGS.text_dtype, empty_caption_ok=FLAGS.empty_caption_ok,
         num_frames=FLAGS.num_frames, height=FLAGS.height, width=FLAGS.width,
         num_examples=FLAGS.num_examples, source_seed=FLAGS.source_seed)
   except (ValueError, FileNotFoundError) as e:
@@ -214,7 +341,10 @@ def main(argv) -> int:
         f'{index["clip_shape"]} in {len(index["shards"])} shard(s) to {FLAGS.out}; train with '
         f'--config.data.source=shards --config.data.path={FLAGS.out} '
         f'--config.data.num_frames={t} --config.data.height={h} --config.data.width={w} '
-        f'--config.data.channels={c}', flush=True)
+        f'--config.data.channels={c}'
+        + (f' --config.model.text.encoder=precomputed --config.model.text.max_length='
+           f'{index["text_encoder"]["max_length"]}' if 'text_encoder' in index else ''),
+        flush=True)
   return 0
 
 

@@ -27,7 +27,8 @@ T2V = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, i
            cross_attn_norm=True, qk_norm='rms_norm_across_heads', eps=1e-6,
            rope_max_seq_len=32)
 I2V = dict(T2V, in_channels=9, image_dim=8, added_kv_proj_dim=24)
-ATOL = 1e-5
+# fp32: max |ours - diffusers| / max |diffusers| (outputs ~3; measured 2-3e-6 relative).
+RTOL_OF_MAX = 1e-5
 
 
 def make_reference(folder, kwargs, seed=0):
@@ -120,7 +121,7 @@ def test_t2v_forward_equals_diffusers(t2v, scan_layers):
   want = reference_forward(reference, x)
   got = project_forward(model, params, x)
   assert got.shape == want.shape == x['video'].shape
-  np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+  np.testing.assert_allclose(got, want, atol=RTOL_OF_MAX * np.abs(want).max(), rtol=0)
   assert np.abs(want).max() > 0.1  # a real output, not zeros on both sides
 
 
@@ -134,7 +135,8 @@ def test_i2v_forward_equals_diffusers(tmp_path):
   params = wan.load_params(folder, spec, abstract_params(model, x))
   want = reference_forward(reference, dict(x, embed=x['embed'],
                                            image=x['image']))
-  np.testing.assert_allclose(project_forward(model, params, x), want, atol=ATOL, rtol=0)
+  np.testing.assert_allclose(project_forward(model, params, x), want,
+                             atol=RTOL_OF_MAX * np.abs(want).max(), rtol=0)
 
 
 def test_converting_twice_gives_identical_params(t2v):

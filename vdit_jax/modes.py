@@ -14,7 +14,6 @@ from vdit_jax.config import resolve
 from vdit_jax.generate import conditional
 from vdit_jax.generate import export as export_lib
 from vdit_jax.generate import multistage
-from vdit_jax.model import wan
 from vdit_jax.parallel import paths
 from vdit_jax.train import compile_cache
 from vdit_jax.train import loop
@@ -63,13 +62,10 @@ def params_to_sample(s: loop.Setup, workdir: str, checkpoint: Optional[str],
 
 
 def pretrained_params(s: loop.Setup):
-  """The params of the Wan 2.1 folder config.train.init_from, read straight into this run's
-  param shardings (each process reads only its devices' slices): what a workdir with no
-  checkpoint and no export samples from."""
+  """The params of the Wan 2.1 folder config.train.init_from in this run's param shardings
+  (loop.pretrained_params): what a workdir with no checkpoint and no export samples from."""
   folder = s.config.train.init_from
-  abstract = state_lib.abstract_with_shardings(s.abstract_state, s.state_shardings).params
-  shardings = jax.tree.map(lambda a: a.sharding, abstract)
-  params = wan.load_params(folder, s.model.spec, abstract, shardings)
+  params, _ = loop.pretrained_params(s, folder)
   metrics_lib.log_line(f'sampling from the pretrained weights in {folder} '
                        f'({state_lib.param_count(params):,} params)')
   return params

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdit_jax.convert import umt5 as umt5_convert
+from vdit_jax.data import shards
 from vdit_jax.data import synthetic
 from vdit_jax.data import transforms
 from vdit_jax.data import video_io
@@ -79,6 +80,17 @@ def check_config(config) -> None:
     if encoder_path and not paths.isdir(encoder_path):
       raise ValueError(f'model.text.encoder_path={encoder_path!r} is not a folder: give a Wan '
                        '2.1 diffusers folder (text_encoder/ and tokenizer/) or a umT5 folder.')
+    if (encoder == 'precomputed' and data.source == 'shards' and data.path
+        and paths.isfile(paths.join(data.path, shards.INDEX_NAME))):
+      encoded = shards.read_index(data.path).get('text_encoder')  # tools.encode_latents
+      if encoded and int(encoded['d_model']) != int(m.text.embed_dim):
+        raise ValueError(f"the caption embeddings in data.path={data.path!r} are "
+                         f"{encoded['d_model']} wide ({encoded['path']}), but "
+                         f'model.text.embed_dim={m.text.embed_dim}.')
+      if encoded and int(encoded['max_length']) > int(m.text.max_length):
+        raise ValueError(f"the captions in data.path={data.path!r} were encoded up to "
+                         f"{encoded['max_length']} tokens, more than model.text.max_length="
+                         f'{m.text.max_length} rows: raise it (Wan: 512).')
     if encoder == 'precomputed' and data.source == 'synthetic':
       raise ValueError("model.text.encoder='precomputed' reads each clip's caption_embedding "
                        "from data.source='shards'; data.source='synthetic' has none (use "

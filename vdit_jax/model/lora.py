@@ -108,8 +108,9 @@ def check_config(lora_cfg, width: int, mlp_dim: int) -> None:
                        'of it is not low-rank.')
   base = lora_cfg.base_checkpoint
   if not isinstance(base, str) or not base.strip():
-    raise ValueError(f'config.lora.rank={rank} needs config.lora.base_checkpoint, the workdir '
-                     f'or export directory of the trained model to adapt (got {base!r}).')
+    raise ValueError(f'config.lora.rank={rank} needs config.lora.base_checkpoint, the workdir, '
+                     'export directory or Wan 2.1 diffusers folder of the trained model to '
+                     f'adapt (got {base!r}).')
 
 
 @dataclasses.dataclass(frozen=True)

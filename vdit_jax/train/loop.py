@@ -259,6 +259,14 @@ def restore_or_init(s: Setup, data_iter=None):
       'to start afresh.')
 
 
+def pretrained_params(s: Setup, path: str):
+  """(params, their shardings): the Wan 2.1 diffusers folder `path`'s transformer read
+  straight into this run's param shardings (each process reads only its devices' slices)."""
+  abstract = state_lib.abstract_with_shardings(s.abstract_state, s.state_shardings).params
+  shardings = jax.tree.map(lambda a: a.sharding, abstract)
+  return wan.load_params(path, s.model.spec, abstract, shardings), shardings
+
+
 def init_from_wan(s: Setup, state, path: str):
   """`state` with params and EMA params read from the Wan 2.1 diffusers folder `path`
   (model/wan.py) straight into the state's param shardings: each process reads only its
@@ -271,9 +279,7 @@ def init_from_wan(s: Setup, state, path: str):
   t0 = time.perf_counter()
   for leaf in jax.tree.leaves((state.params, state.ema_params)):
     leaf.delete()
-  abstract = state_lib.abstract_with_shardings(s.abstract_state, s.state_shardings).params
-  shardings = jax.tree.map(lambda a: a.sharding, abstract)
-  params = wan.load_params(path, s.model.spec, abstract, shardings)
+  params, shardings = pretrained_params(s, path)
   # The EMA params start equal but in buffers of their own: the step donates the state.
   copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)
   with jax.set_mesh(s.mesh):

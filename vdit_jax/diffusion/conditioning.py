@@ -240,7 +240,9 @@ def model_fn_with_context(apply_fn: Callable) -> Callable:
   the given frames of `cond` are imposed on z before every model call."""
 
   def model_fn(z, t_model, cond):
-    kwargs = {k: cond[k] for k in ('label', 'text') if k in cond}
+    kwargs = {k: cond[k] for k in ('label', 'text', 'image') if k in cond}
+    if 'condition' in cond:  # Wan I2V: the first frame's latents and mask, more channels
+      kwargs['cond'] = cond['condition']
     if 'frame_mask' in cond:
       z = impose(z, cond['context'], cond['frame_mask'])
       kwargs['frame_mask'] = cond['frame_mask']

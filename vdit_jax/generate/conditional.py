@@ -196,8 +196,9 @@ def make_sample_fn(model, diffusion, config, num_classes: int, shape):
   cfg_interval = samplers.cfg_interval_of(config.sample)
 
   def sample_fn(params, rng, cond):
-    def apply_fn(z, t, label=None, text=None, frame_mask=None):
-      return model.apply({'params': params}, z, t, label, text=text, frame_mask=frame_mask)
+    def apply_fn(z, t, label=None, text=None, frame_mask=None, cond=None, image=None):
+      return model.apply({'params': params}, z, t, label, text=text, frame_mask=frame_mask,
+                         cond=cond, image=image)
     cfg_scale, null_label = _guidance(config, num_classes, cond)
     return cond_lib.sample(diffusion, apply_fn, rng, shape, cond,
                            sampler=config.sample.sampler, num_steps=config.sample.num_steps,

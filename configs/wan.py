@@ -102,6 +102,7 @@ def get_config(arg=None):
   s.fps = 16
   s.formats = 'mp4'
   s.use_ema = False
+  s.overlap = 5                     # --mode=extend: latent frames (17 video frames) given per window
 
   config.checkpoint.every_steps = 250
   config.checkpoint.keep = 2

@@ -270,10 +270,8 @@ def sample_condition(config, num_classes: int, num_samples: int,
       ids, mask = text_lib.Tokenizer(spec.max_length).encode_batch(chosen)
       cond['text'] = {'tokens': jnp.asarray(ids), 'mask': jnp.asarray(mask)}
     elif config.model.text.encoder_path:  # umT5 (Wan): prompts encoded here
-      prompts = parse_prompts(prompts or config.sample.prompts)
-      if not prompts:
-        raise ValueError('a text model sampling through model.text.encoder_path needs a '
-                         'prompt: --prompt="..." or config.sample.prompts.')
+      # No prompt (--prompt, sample.prompts): the empty one, as WanPipeline encodes ''.
+      prompts = parse_prompts(prompts or config.sample.prompts) or ['']
       cond.update(encoded_prompts(config, [prompts[i % len(prompts)]
                                            for i in range(num_samples)]))
     else:

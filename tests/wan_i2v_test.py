@@ -2,11 +2,14 @@
 tokens, the project's UniPC + CFG with both threaded to the DiT) equal to diffusers'
 WanImageToVideoPipeline on a tiny pipeline (I2V transformer, AutoencoderKLWan,
 CLIPVisionModel + CLIPImageProcessor; every constant tensor noised), same image, prompt
-embeddings and initial latents."""
+embeddings and initial latents; and --mode=extend on the whole tiny Wan I2V folder (umT5
+too), each window sampled from the clip's last frame."""
 
+import dataclasses
 import json
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,12 +17,18 @@ import pytest
 
 from configs import wan as wan_config
 from tests import clip_vision_test
+from tests import wan_pipeline_test
 from tests import wan_test
+from vdit_jax import modes
 from vdit_jax.config import resolve
 from vdit_jax.convert import clip_vision as clip_convert
+from vdit_jax.data import video_io
 from vdit_jax.diffusion import objectives
+from vdit_jax.generate import conditional
+from vdit_jax.generate import sampling
 from vdit_jax.generate import wan_i2v
 from vdit_jax.model import wan
+from vdit_jax.train import loop
 from vdit_jax.vae import checkpoint as vae_checkpoint
 
 torch = pytest.importorskip('torch')
@@ -72,8 +81,9 @@ def tiny(tmp_path_factory):
   vae_cfg, vae_params = vae_checkpoint.load(vae_dir)
   clip_spec, clip_params = clip_convert.load_params(root)
   return dict(root=root, transformer=transformer, clip=clip, processor=processor,
-              vae_ref=vae_ref, vae_cfg=vae_cfg, vae_params=vae_params, clip_spec=clip_spec,
-              clip_params=clip_params, processing=clip_convert.read_processor(root))
+              vae_ref=vae_ref, vae_dir=vae_dir, vae_cfg=vae_cfg, vae_params=vae_params,
+              clip_spec=clip_spec, clip_params=clip_params,
+              processing=clip_convert.read_processor(root))
 
 
 def _pipeline(tiny, shift=3.0):
@@ -230,4 +240,109 @@ def test_bad_inputs_are_named(tiny):
   with pytest.raises(ValueError, match=r'latents_std of shape \(3,\) must hold z_dim=4'):
     wan_i2v.i2v_condition(tiny['vae_cfg'], tiny['vae_params'],
                           np.zeros((1, HEIGHT, WIDTH, 3)), FRAMES, latents_std=[1, 2, 3])
+  with pytest.raises(ValueError, match='clip_spec is given without clip_params'):
+    wan_i2v.image_condition([_image()], height=HEIGHT, width=WIDTH, num_frames=FRAMES,
+                            clip_spec=tiny['clip_spec'], vae_cfg=tiny['vae_cfg'],
+                            vae_params=tiny['vae_params'])
   del spec
+
+
+@pytest.fixture(scope='module')
+def folder(tiny):
+  """The tiny Wan I2V folder made whole: a umT5 text_encoder/ and tokenizer/ beside the
+  transformer, image_encoder/ and image_processor/."""
+  wan_pipeline_test._text_encoder(tiny['root'], I2V['text_dim'])  # pylint: disable=protected-access
+  return tiny['root']
+
+
+def _extend_config(tiny, folder):
+  """configs/wan.py:i2v_14b shrunk to the tiny folder's transformer, fp32, 2 UniPC steps
+  with CFG 5, sampling from the folder's weights (no checkpoint) with its umT5 and CLIP."""
+  config = wan_config.get_config('i2v_14b')
+  wan.apply_overrides(config.model, wan.read_config(folder))
+  config.model.dtype = 'float32'
+  config.model.remat_policy = 'none'
+  config.model.text.encoder_path = folder
+  config.model.image_encoder_path = folder
+  d = config.data
+  d.num_frames, d.height, d.width, d.channels = *LATENT, Z
+  d.vae = tiny['vae_dir']
+  config.train.init_from = folder
+  config.sample.num_steps = 2
+  config.sample.num_samples = BATCH
+  config.sample.negative_prompt = 'blurred, static'
+  config.sample.overlap = 0  # not read by an I2V model (configs/wan.py's 5 is for T2V)
+  config.mesh.fsdp = 1
+  config.mesh.data = -1
+  return config
+
+
+def test_extend_mode_continues_an_image_with_the_i2v_model(tiny, folder, tmp_path):
+  """--mode=extend --input=frame.png on a Wan I2V model: window i (9 frames) is
+  sample_i2v from the clip's last frame with rng fold_in(key, i), decoded, its first
+  frame (the given one) dropped: 1 + 8 + 8 frames, cut to 15."""
+  config = _extend_config(tiny, folder)
+  png = str(tmp_path / 'frame.png')
+  _image().save(png)
+  prompt = 'a cat and a dog'
+  workdir = str(tmp_path / 'run')
+  extended, written = modes.extend(config, workdir, png, 15, prompt=prompt)
+  extended = np.asarray(extended)
+  assert extended.shape == (BATCH, 15, HEIGHT, WIDTH, 3)
+  mp4 = [p for p in written if p.endswith('.mp4')]
+  assert len(mp4) == 1 and video_io.count_frames(mp4[0]) == 15
+  given = conditional.read_input(png, HEIGHT, WIDTH)  # [1, H, W, 3]
+  np.testing.assert_array_equal(extended[:, :1], np.broadcast_to(given, (BATCH, 1) +
+                                                                 given.shape[1:]))
+
+  # The windows' latents, through the same path as the mode, against sample_i2v.
+  s = loop.build(resolve.complete(config), None)
+  decoder = sampling.latent_decoder(s.config)
+  s = dataclasses.replace(s, decoder=decoder)
+  params = modes.pretrained_params(s)
+  key = jax.random.key(s.config.sample.seed)
+  frames = np.broadcast_to(given[None], (BATCH,) + given.shape)
+  shape = (BATCH, *LATENT, Z)
+  with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
+    clip, windows = conditional.extend_i2v(s, params, frames, 15, rng=key, prompt=prompt)
+    sample_fn = jax.jit(wan_i2v.make_sample_fn(s.model, s.diffusion, s.config, shape))
+    text = conditional.encoded_prompts(s.config, [prompt] * BATCH)
+    want = []
+    for i, first in enumerate((0, 8)):  # each window's image: the clip's frame so far
+      images = video_io.to_uint8(clip[:, first])  # [B, H, W, 3]
+      cond = dict(text, **wan_i2v.image_condition(
+          list(images), height=HEIGHT, width=WIDTH, num_frames=FRAMES,
+          clip_spec=tiny['clip_spec'], clip_params=tiny['clip_params'],
+          processing=tiny['processing'], vae_cfg=tiny['vae_cfg'],
+          vae_params=tiny['vae_params']))
+      want.append(np.asarray(sample_fn(params, jax.random.fold_in(key, i), cond)))
+  np.testing.assert_array_equal(clip, extended)
+  assert len(windows) == 2
+  for got, ref in zip(windows, want):
+    assert got.shape == ref.shape == shape
+    scale = np.abs(ref).max()
+    np.testing.assert_allclose(got, ref, atol=1e-5 * scale, rtol=0)
+  assert np.abs(windows[1] - windows[0]).max() > 1e-3 * np.abs(want[0]).max()
+  decoded = [decoder(w) for w in windows]  # [B, 9, H, W, 3] each
+  np.testing.assert_array_equal(clip[:, 1:9], decoded[0][:, 1:])
+  np.testing.assert_array_equal(clip[:, 9:], decoded[1][:, 1:7])
+
+
+def test_i2v_extension_keys_are_checked(tiny, folder, tmp_path):
+  config = _extend_config(tiny, folder)
+  config.model.image_encoder_path = ''
+  png = str(tmp_path / 'frame.png')
+  _image().save(png)
+  with pytest.raises(ValueError, match=r'image_embed_dim=8 needs model\.image_encoder_path'):
+    modes.extend(config, str(tmp_path / 'run'), png, 15)
+  config = resolve.complete(_extend_config(tiny, folder))
+  config.model.text.encoder_path = ''
+  with pytest.raises(ValueError, match=r'condition_channels=8\) needs model\.text\.encoder_path'):
+    conditional.check_i2v_extend(config)
+  config.model.image_encoder_path = str(tmp_path / 'missing')
+  with pytest.raises(ValueError, match=r'image_encoder_path=.*missing.* is not a folder'):
+    conditional.check_config(config)
+  config.model.image_encoder_path = folder
+  config.model.image_embed_dim = 0  # a model without image tokens refuses the key
+  with pytest.raises(ValueError, match=r'image_embed_dim=0: this model takes no image'):
+    conditional.check_config(config)

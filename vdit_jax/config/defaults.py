@@ -42,6 +42,10 @@ def base_config() -> ml_collections.ConfigDict:
   # and condition_channels more input channels (the first-frame latents and their mask).
   m.image_embed_dim = 0
   m.condition_channels = 0
+  # A Wan 2.1 I2V diffusers folder (its image_encoder/ and image_processor/) whose CLIP
+  # encodes the conditioning image at sampling time (--mode=extend); '' = none. Only for a
+  # model with image tokens (image_embed_dim > 0).
+  m.image_encoder_path = ''
   m.attention_impl = 'auto'         # auto | xla | cudnn | blockwise | splash (model/attention.py)
   # blockwise / splash tiles (splash: multiples of 128); None: the kernel's default,
   # blockwise 256 x 256 (CPU caches), splash 512 x 512 (attention.DEFAULT_BLOCKS).

@@ -10,10 +10,12 @@ import functools
 import os
 from typing import List, Optional, Sequence, Tuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vdit_jax.convert import clip_vision as clip_convert
 from vdit_jax.convert import umt5 as umt5_convert
 from vdit_jax.data import shards
 from vdit_jax.data import synthetic
@@ -25,6 +27,7 @@ from vdit_jax.parallel import axes
 from vdit_jax.model import text as text_lib
 from vdit_jax.parallel import paths
 from vdit_jax.generate import sampling
+from vdit_jax.generate import wan_i2v
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
 PROMPT_SEPARATOR = ';'
@@ -95,6 +98,14 @@ def check_config(config) -> None:
       raise ValueError("model.text.encoder='precomputed' reads each clip's caption_embedding "
                        "from data.source='shards'; data.source='synthetic' has none (use "
                        "encoder='builtin').")
+  image_path = m.image_encoder_path
+  if image_path and not m.image_embed_dim:
+    raise ValueError(f'model.image_encoder_path={image_path!r} encodes the image of a Wan I2V '
+                     'model, but model.image_embed_dim=0: this model takes no image tokens; '
+                     "leave it ''.")
+  if image_path and not paths.isdir(image_path):
+    raise ValueError(f'model.image_encoder_path={image_path!r} is not a folder: give a Wan 2.1 '
+                     'I2V diffusers folder (image_encoder/ and image_processor/).')
   prompts = parse_prompts(config.sample.prompts)
   if prompts:
     if not text:
@@ -393,6 +404,114 @@ def extend_clip(model, diffusion, config, params, frames, num_frames: int, *, rn
   return cond_lib.extend(window_fn, frames, num_frames, d.num_frames, overlap)
 
 
+def is_i2v(config) -> bool:
+  """A Wan I2V model: the first frame's latents and mask enter as model.condition_channels
+  more input channels, so a clip is continued from its last frame (`extend_i2v`)."""
+  return int(config.model.condition_channels) > 0
+
+
+def check_i2v_extend(config) -> None:
+  """The keys --mode=extend reads with a Wan I2V model (no-op for other models); reads the
+  config alone, so it can run before the weights load."""
+  if not is_i2v(config):
+    return
+  m = config.model
+  which = f'a Wan I2V model (model.condition_channels={m.condition_channels})'
+  if not config.data.latents:
+    raise ValueError(f'extending with {which} needs data.latents=True and its VAE '
+                     '(data.vae): each window\'s first frame is VAE-encoded, and the window '
+                     'decoded.')
+  if m.image_embed_dim and not m.image_encoder_path:
+    raise ValueError(f'extending with {which} and model.image_embed_dim={m.image_embed_dim} '
+                     'needs model.image_encoder_path: a Wan 2.1 I2V diffusers folder whose '
+                     'image_encoder/ (CLIP) and image_processor/ encode each window\'s first '
+                     'frame.')
+  if not m.text.encoder_path:
+    raise ValueError(f'extending with {which} needs model.text.encoder_path: a umT5 folder '
+                     '(the Wan 2.1 diffusers folder, text_encoder/ and tokenizer/) that encodes '
+                     'the prompt and sample.negative_prompt.')
+
+
+@functools.lru_cache(maxsize=2)
+def _image_encoder(folder: str):
+  """(spec, params, processing) of the CLIP in the Wan I2V folder `folder`, read once per
+  process."""
+  spec, params = clip_convert.load_params(folder)
+  return spec, params, clip_convert.read_processor(folder)
+
+
+def i2v_window_condition(config, decoder, images, num_frames: int) -> dict:
+  """The image side of an I2V window whose first frame is `images` uint8 [B, H, W, 3]
+  (one per sample) -> numpy {'condition' [B, T', H', W', tf + z], 'image' [B, Li, E]
+  (only for a model with image tokens)}: `wan_i2v.image_condition` with the VAE of
+  `decoder` (a LatentDecoder; its latent statistics) and the CLIP of
+  model.image_encoder_path, run on one local device outside the DiT's mesh, as
+  LatentDecoder.encode runs."""
+  images = np.asarray(images)
+  if images.ndim != 4 or images.dtype != np.uint8:
+    raise ValueError(f'images {images.dtype} {images.shape} must be uint8 [B, H, W, 3].')
+  mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()[:1]), ('image',))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(()):
+    clip = {}
+    if int(config.model.image_embed_dim):
+      spec, params, processing = _image_encoder(
+          paths.normalize(config.model.image_encoder_path))
+      clip = dict(clip_spec=spec, clip_params=params, processing=processing)
+    out = wan_i2v.image_condition(
+        list(images), height=images.shape[1], width=images.shape[2], num_frames=num_frames,
+        vae_cfg=decoder.cfg, vae_params=decoder.params, latents_mean=decoder.space.mean,
+        latents_std=decoder.space.std, **clip)
+  return {k: np.asarray(v) for k, v in out.items()}
+
+
+def extend_i2v(s, params, frames, num_frames: int, *, rng, prompt: Optional[str] = None):
+  """Continues `frames` [B, F, H, W, 3] in [-1, 1] (pixels, the F given first) to
+  `num_frames` frames with a Wan 2.1 I2V model, window by window.
+
+  Each window is data.num_frames latent frames (1 + 4 (T' - 1) frames), sampled as
+  WanImageToVideoPipeline would from an image: the last frame of the clip so far (as the
+  uint8 image a video file holds) gives the first-frame condition (s.decoder's VAE) and
+  the CLIP tokens (model.image_encoder_path); the prompt (None: '') is guided against
+  sample.negative_prompt, both umT5-encoded (model.text.encoder_path); window i draws its
+  noise from fold_in(rng, i). The decoded window's frames after its first (which
+  re-renders the given image) are appended. sample.overlap is not read: the image is the
+  window's frame 0, so no earlier frame of the clip fits in the window.
+
+  Returns (clip [B, num_frames, H, W, 3], the list of each window's latents
+  [B, T', H', W', z]).
+  """
+  cfg, decoder = s.config, s.decoder
+  check_i2v_extend(cfg)
+  if decoder is None:
+    raise ValueError('extend_i2v needs the run\'s VAE (s.decoder, built with a workdir and '
+                     'data.latents=True).')
+  d = cfg.data
+  window_frames, height, width, _ = decoder.pixel_shape((d.num_frames, d.height, d.width))
+  frames = np.asarray(frames, np.float32)
+  if frames.ndim != 5 or frames.shape[2:] != (height, width, 3):
+    raise ValueError(f'frames to extend must be [B, F, {height}, {width}, 3] (the VAE\'s '
+                     f'pixels of data.height, width), got {frames.shape}.')
+  if isinstance(num_frames, bool) or not isinstance(num_frames, int) or (
+      num_frames <= frames.shape[1]):
+    raise ValueError(f'--num_frames={num_frames!r} must be an integer larger than the '
+                     f'{frames.shape[1]} frame(s) of the input: the result holds the input '
+                     'and its continuation.')
+  batch = frames.shape[0]
+  text = encoded_prompts(cfg, [prompt or ''] * batch)  # {'text', 'negative_text'}
+  shape = (batch, d.num_frames, d.height, d.width, d.channels)
+  sample_fn = jax.jit(wan_i2v.make_sample_fn(s.model, s.diffusion, cfg, shape))
+  clip, windows = frames, []
+  while clip.shape[1] < num_frames:
+    images = video_io.to_uint8(clip[:, -1])  # [B, H, W, 3]
+    cond = {**text, **i2v_window_condition(cfg, decoder, images, window_frames)}
+    latents = sample_fn(params, jax.random.fold_in(rng, len(windows)), cond)
+    latents = np.asarray(jax.device_get(latents), np.float32)  # [B, T', H', W', z]
+    windows.append(latents)
+    decoded = decoder(latents)  # [B, 1 + 4 (T' - 1), H, W, 3]
+    clip = np.concatenate([clip, decoded[:, 1:]], axis=1)  # [B, F', H, W, 3]
+  return clip[:, :num_frames], windows
+
+
 def extend_name(input_path: str, step: int) -> str:
   """File name (no extension) of an extended clip: extend_<input stem>_step_<step>."""
   stem = os.path.splitext(os.path.basename(input_path))[0]
@@ -402,14 +521,26 @@ def extend_name(input_path: str, step: int) -> str:
 def extend_and_write(s, params, input_path: str, num_frames: int, workdir: str, name: str,
                      prompt: Optional[str] = None):
   """--mode=extend: reads `input_path`, extends it (sample.num_samples continuations),
-  writes WORKDIR/samples/<name>.<formats>; returns (clips, paths)."""
+  writes WORKDIR/samples/<name>.<formats>; returns (clips, windows, paths).
+
+  A Wan I2V model (model.condition_channels > 0) continues from the last frame, window
+  by window (`extend_i2v`; windows are latents); a latent model without it re-encodes
+  the input's last sample.overlap latent frames and extends them (`extend_clip`).
+  """
   cfg = s.config
   decoder = s.decoder
+  check_i2v_extend(cfg)  # before the channels rule: an I2V model's keys named first
   if cfg.data.channels != 3 and decoder is None:
     raise ValueError(f'--mode=extend reads RGB frames, but data.channels={cfg.data.channels} '
                      'and no VAE (data.latents): encode the input with your VAE and call '
                      'extend_clip.')
-  if decoder is None:
+  if is_i2v(cfg):  # Wan I2V: every window continues from the clip's last frame
+    _, height, width, _ = decoder.pixel_shape((1, cfg.data.height, cfg.data.width))
+    frames = read_input(input_path, height, width)  # [F, H, W, 3]
+    frames = np.broadcast_to(frames[None], (cfg.sample.num_samples,) + frames.shape)
+    clip, windows = extend_i2v(s, params, frames, num_frames,
+                               rng=jax.random.key(cfg.sample.seed), prompt=prompt)
+  elif decoder is None:
     frames = read_input(input_path, cfg.data.height, cfg.data.width)  # [F, H, W, 3]
     frames = np.broadcast_to(frames[None], (cfg.sample.num_samples,) + frames.shape)
     clip, windows = extend_clip(s.model, s.diffusion, cfg, params, frames, num_frames,

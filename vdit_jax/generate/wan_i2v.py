@@ -24,10 +24,13 @@ patch embedding; VideoDiT concatenates [video, cond] on its last axis, so `cond`
 Sampling: the project's UniPC (config.sample.sampler='unipc', Wan's flow grid and shift)
 with classifier-free guidance toward 'text' against 'negative_text' (conditioning.
 null_condition swaps them; 'condition' and 'image' stay in both halves, as in the
-pipeline's two calls). `generate/conditional.make_sample_fn` forwards only label / text /
-frame_mask to the model, so `make_sample_fn` here calls `diffusion/samplers.sample` with
-a model_fn that also passes `cond=` and `image=`. Like WanPipeline, cfg_scale <= 1 runs
-the conditional call alone.
+pipeline's two calls). `make_sample_fn` here calls `diffusion/samplers.sample` with a
+model_fn that passes `cond=` and `image=`, checks the condition's keys and shapes first
+(`check_condition`) and, like WanPipeline, runs the conditional call alone when
+cfg_scale <= 1.
+
+Video extension (--mode=extend, generate/conditional.extend_i2v) runs this sampler
+window by window, each window given the last frame of the clip so far as its image.
 """
 
 import functools
@@ -117,14 +120,27 @@ def i2v_condition(vae_cfg: vae_config.VAEConfig, vae_params, image, num_frames: 
   return np.concatenate([mask, latents], axis=-1).astype(np.float32)  # [B, T', H', W', tf+z]
 
 
-def image_condition(images, *, height: int, width: int, num_frames: int, clip_spec,
-                    clip_params, processing: clip_convert.ImageProcessing,
-                    vae_cfg: vae_config.VAEConfig, vae_params) -> dict:
+def image_condition(images, *, height: int, width: int, num_frames: int, clip_spec=None,
+                    clip_params=None, processing: Optional[clip_convert.ImageProcessing] = None,
+                    vae_cfg: vae_config.VAEConfig, vae_params,
+                    latents_mean: Optional[Sequence[float]] = None,
+                    latents_std: Optional[Sequence[float]] = None) -> dict:
   """Images (PIL or uint8, one per sample) -> {'condition': [B, T', H', W', 4 + z],
-  'image': [B, Li, E]}: the pipeline's prepare_latents condition and encode_image tokens."""
-  condition = i2v_condition(vae_cfg, vae_params, vae_image(images, height, width), num_frames)
-  tokens = clip_convert.encode_images(clip_spec, clip_params, processing, images)
-  return {'condition': jnp.asarray(condition), 'image': jnp.asarray(tokens, jnp.float32)}
+  'image': [B, Li, E]}: the pipeline's prepare_latents condition and encode_image tokens.
+
+  clip_spec None: no 'image' (a model with condition channels but no image tokens).
+  latents_mean / latents_std: see i2v_condition (a LatentDecoder's space.mean / std).
+  """
+  if clip_spec is not None and (clip_params is None or processing is None):
+    raise ValueError('clip_spec is given without clip_params and processing: give all three '
+                     '(convert/clip_vision.load_params, read_processor) or none.')
+  condition = i2v_condition(vae_cfg, vae_params, vae_image(images, height, width), num_frames,
+                            latents_mean, latents_std)
+  out = {'condition': jnp.asarray(condition)}
+  if clip_spec is not None:
+    tokens = clip_convert.encode_images(clip_spec, clip_params, processing, images)
+    out['image'] = jnp.asarray(tokens, jnp.float32)
+  return out
 
 
 def check_condition(cond: dict, shape, spec, guided: bool) -> None:

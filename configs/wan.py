@@ -15,6 +15,14 @@ python -m vdit_jax.main --config=configs/wan.py --workdir=runs/wan_ft \
 python -m vdit_jax.main --config=configs/wan.py:t2v_1_3b,lora --workdir=runs/wan_lora \
     --config.lora.base_checkpoint=Wan2.1-T2V-1.3B-Diffusers --config.data.path=wan_latents
 
+# I2V 14B: --mode=extend --input=frame.png (or clip.mp4) animates the (last) frame, its
+# CLIP image tokens from the folder's image_encoder/:
+python -m vdit_jax.main --config=configs/wan.py:i2v_14b --workdir=runs/wan_i2v --mode=extend \
+    --config.train.init_from=Wan2.1-I2V-14B-480P-Diffusers \
+    --config.model.text.encoder_path=Wan2.1-I2V-14B-480P-Diffusers \
+    --config.model.image_encoder_path=Wan2.1-I2V-14B-480P-Diffusers \
+    --config.data.vae=wan_vae --input=frame.png --num_frames=81 --prompt="the cat jumps"
+
 Variants (get_config(arg), comma-separated): t2v_1_3b (default), t2v_14b, i2v_14b, and
 lora. The model section is Wan's (model/wan.py's mapping; the folder's config.json is checked
 against it when the weights load), 480p x 81 frames: VAE latents [21, 60, 104, 16] (4x time,
@@ -109,6 +117,8 @@ def get_config(arg=None):
   config.mesh.data = 1
   config.mesh.fsdp = -1             # every device: params and optimizer state sharded
 
+  if model['condition_channels']:  # I2V: each window starts from the clip's last frame
+    s.overlap = 0
   if 'lora' in parts:
     config.lora.rank = 32
     config.lora.alpha = 32.0

@@ -45,6 +45,7 @@ def small_config(folder, num_steps, cfg_scale=5.0):
   config.sample.num_steps = num_steps
   config.sample.cfg_scale = cfg_scale
   config.sample.num_samples = 2
+  config.sample.overlap = 2  # latent frames given per --mode=extend window (of 3)
   return resolve.complete(config)
 
 

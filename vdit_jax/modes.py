@@ -111,6 +111,7 @@ def extend(config, workdir: str, input_path: str, num_frames: int,
   with the params `sample` would use; writes WORKDIR/samples/extend_*.{mp4,gif}."""
   config = resolve.complete(config)
   conditional.check_prompt_flag(config, prompt)
+  conditional.check_i2v_extend(config)  # I2V: its encoders named before any weight loads
   workdir = paths.normalize(workdir)
   s, params, step, _ = _restored(config, workdir, checkpoint)
   params = _merged(s, params)

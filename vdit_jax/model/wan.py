@@ -200,7 +200,7 @@ def param_recipes(folder: st.SafetensorsFolder, spec: spec_lib.ModelSpec,
   heads = spec.num_heads
   image = bool(spec.image_embed_dim)
   patch = st.source(folder, 'patch_embedding.weight')  # [D, C, pt, ph, pw]
-  d, c = patch.shape[:2]
+  d = patch.shape[0]
   time_in = st.source(folder, 'condition_embedder.time_embedder.linear_1.weight')  # [D, 256]
   half = FREQ_DIM // 2
   params: Dict[str, Any] = {
@@ -220,7 +220,6 @@ def param_recipes(folder: st.SafetensorsFolder, spec: spec_lib.ModelSpec,
       'final': {'modulation': {'table': st.source(folder, 'scale_shift_table').reshape(2, -1)},
                 'proj': _dense(folder, 'proj_out')},
   }
-  del c
   if image:
     params['image_embed'] = {
         'ln_in': _layer_norm(folder, 'condition_embedder.image_embedder.norm1'),

@@ -1,6 +1,8 @@
 """tools.plan: the real train step AOT-compiles for a TPU topology under every mesh kind;
 the analytic FLOP count matches a hand count and the model's own weights; the command line
-prints a parseable JSON plan for fake CPU devices."""
+prints a parseable JSON plan for fake CPU devices; configs/wan.py (shrunk) plans its full
+train step, its LoRA step (adapters only, no base read) and its sampler; --search_mesh
+tries splits in order and reports the first that fits."""
 
 import concurrent.futures
 import dataclasses
@@ -17,6 +19,7 @@ import pytest
 
 from configs import tiny
 from configs import tiny_text
+from configs import wan
 from tests.conftest import shrink
 from vdit_jax.model import spec as spec_lib
 from vdit_jax.model import dit
@@ -373,3 +376,163 @@ def test_slice_count_must_match_the_dcn_sizes(two_slices):
     plan_lib.plan(config, two_slices, topology=TOPOLOGY)
   with pytest.raises(ValueError, match='--num_slices=0 must be a positive int'):
     plan_lib.topology_devices(TOPOLOGY, num_slices=0)
+
+
+# --- configs/wan.py: full, LoRA and sampler plans; the mesh search -------------------------
+
+
+def wan_config(arg='t2v_1_3b', **model):
+  """configs/wan.py shrunk for compile speed: 2 scanned layers of width 64 (2 heads),
+  3 x 8 x 8 latents of 16 channels (48 tokens a clip), 8 caption slots of width 32, 3
+  UniPC steps, 4 clips a batch; LoRA at rank 4 on a base folder that does not exist."""
+  config = wan.get_config(arg)
+  config.model.update(dict(dict(depth=2, width=64, num_heads=2, mlp_dim=128), **model))
+  config.model.text.update(embed_dim=32, max_length=8)
+  config.data.update(num_frames=3, height=8, width=8)
+  config.train.batch_size = 4
+  config.sample.update(num_steps=3, overlap=0)  # --mode=extend's window: none at 3 frames
+  if config.lora.rank:
+    config.lora.update(rank=4, base_checkpoint='/nonexistent/wan_base')
+  return config
+
+
+WAN_PLANS = {  # name: (configs/wan.py variant, --what)
+    'full': ('t2v_1_3b', 'train'),
+    'lora': ('t2v_1_3b,lora', 'train'),
+    'sample': ('t2v_1_3b', 'sample'),
+}
+
+
+@pytest.fixture(scope='module')
+def wan_plans(tpu_devices):
+  """The shrunk Wan config's plans on TOPOLOGY, compiled two at a time."""
+  with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+    return {name: pool.submit(plan_lib.plan, wan_config(arg), tpu_devices, topology=TOPOLOGY,
+                              what=what)
+            for name, (arg, what) in WAN_PLANS.items()}
+
+
+def _memory_sum(p, prefix=''):
+  get = lambda key: getattr(p, prefix + key)
+  alias = p.alias_bytes if not prefix else 0  # the sampler donates nothing
+  return (get('argument_bytes') + get('output_bytes') + get('temp_bytes') - alias
+          + get('code_bytes'))
+
+
+@pytest.mark.parametrize('name', list(WAN_PLANS))
+def test_wan_plans_report_memory_mesh_flops_and_fit(wan_plans, name):
+  p = wan_plans[name].result()
+  assert p.what == WAN_PLANS[name][1] and p.device_kind == 'TPU v5'
+  assert p.mesh == dict(data=1, fsdp=4, tensor=1, sequence=1)  # wan.py: fsdp over all
+  assert p.tokens_per_clip == 48 and p.attention_impl == 'auto' and p.remat_policy == 'full'
+  assert any('data.latents' in n for n in p.notes)  # no shard index: planned as arrays
+  assert p.hbm_bytes_per_device == 95 * 2**30 and p.fits is True
+  if name == 'sample':
+    assert p.total_bytes is None and p.init_total_bytes is None  # no step compiled
+    assert (p.sampler_name, p.sampler_num_steps) == ('unipc', 3)
+    assert p.sampler_num_samples == 1 and p.sampler_rows == 2  # guidance: [cond; null]
+    assert p.sampler_total_bytes == _memory_sum(p, 'sampler_') == p.peak_bytes > 0
+    assert p.sampler_compiler_flops_per_device > 0
+    full = flops_lib.train_step_flops(spec_lib.from_config(
+        wan_config().model), (3, 8, 8, 16), 2)
+    assert p.sampler_model_flops == (full.matmul + full.attention) // 3 * 3
+  else:
+    assert p.sampler_total_bytes is None and p.sampler_rows == 2
+    assert p.total_bytes == _memory_sum(p) > 0 and 0 < p.alias_bytes <= p.output_bytes
+    assert p.peak_bytes == max(p.total_bytes, p.init_total_bytes)
+    assert p.compiler_flops_per_device > 0 and p.model_flops_per_step > 0
+
+
+def test_wan_lora_state_is_the_adapters_and_no_base_is_read(wan_plans, tpu_devices):
+  """The LoRA step's state is rank-4 adapters on the 8 attention kernels (self and
+  cross) and the 2 MLP kernels of each of the 2 blocks: 2 x (8 x 4 (64 + 64) + 4 (64 +
+  128) x 2) = 11,264 params, against the 161,536 of the model; its base folder does not
+  exist, and the plan never looked."""
+  lora, full = wan_plans['lora'].result(), wan_plans['full'].result()
+  assert lora.lora_rank == 4 and full.lora_rank == 0
+  assert any("'/nonexistent/wan_base' is not read" in n for n in lora.notes)
+  assert lora.trainable_param_count == 11264
+  assert lora.param_count == full.param_count == full.trainable_param_count == 161536
+  # The donated state per device: the adapters' params, Adam moments and EMA, against the
+  # model's (both partly replicated: fsdp splits only the kernels' embed dims).
+  assert lora.alias_bytes < 0.3 * full.alias_bytes
+  assert lora.argument_bytes < full.argument_bytes  # + the frozen base, held once
+  config, _ = plan_lib.plan_config(wan_config('t2v_1_3b,lora'))
+  s = plan_lib.build(config, tpu_devices, process_count=1, num_classes=0)
+  assert s.lora.source.kind == 'abstract' and not os.path.exists(config.lora.base_checkpoint)
+  paths = [jax.tree_util.keystr(k) for k, _ in
+           jax.tree_util.tree_leaves_with_path(s.abstract_state.params)]
+  # a and b of 10 kernels (scanned: one leaf for both blocks).
+  assert len(paths) == 2 * 10 and all(p.endswith(("['a']", "['b']")) for p in paths)
+
+
+def test_wan_batch_holds_the_caption_embeddings(tpu_devices):
+  """The step's batch has what the shards pipeline gives a precomputed-text model."""
+  config, _ = plan_lib.plan_config(wan_config())
+  s = plan_lib.build(config, tpu_devices, process_count=1, num_classes=0)
+  _, batch, _ = plan_lib.abstract_inputs(s, s.config)
+  shapes = {k: (v.shape, str(v.dtype)) for k, v in batch.items()}
+  assert shapes == {'video': ((4, 3, 8, 8, 16), 'float32'), 'label': ((4,), 'int32'),
+                    'text_embed': ((4, 8, 32), 'float32'), 'text_mask': ((4, 8), 'bool')}
+
+
+def test_mesh_candidates_go_data_fsdp_sequence_tensor():
+  assert [tuple(m.values()) for m in plan_lib.mesh_candidates(4)] == [
+      # (data, fsdp, tensor, sequence)
+      (4, 1, 1, 1), (2, 2, 1, 1), (1, 4, 1, 1),
+      (2, 1, 1, 2), (2, 1, 2, 1), (1, 2, 1, 2), (1, 2, 2, 1),
+      (1, 1, 1, 4), (1, 1, 2, 2), (1, 1, 4, 1)]
+  # The batch axes (data x fsdp, times their slices) must divide the global batch.
+  assert [tuple(m.values()) for m in plan_lib.mesh_candidates(4, batch_ways=2)] == [
+      (2, 1, 1, 2), (2, 1, 2, 1), (1, 2, 1, 2), (1, 2, 2, 1),
+      (1, 1, 1, 4), (1, 1, 2, 2), (1, 1, 4, 1)]
+  assert plan_lib.mesh_candidates(4, batch_ways=4, dcn_batch=2) == [
+      dict(data=a, fsdp=b, tensor=c, sequence=d) for a, b, c, d in
+      [(2, 1, 1, 2), (2, 1, 2, 1), (1, 2, 1, 2), (1, 2, 2, 1), (1, 1, 1, 4), (1, 1, 2, 2),
+       (1, 1, 4, 1)]]
+
+
+def test_search_mesh_takes_the_first_split_that_fits(tpu_devices):
+  """One clip on 4 chips: no batch split divides it, so the search goes to 4-way model
+  parallelism. Sequence 4 comes first and, with 4 heads, Ulysses takes it."""
+  config = wan_config(num_heads=4)
+  config.train.batch_size = 1
+  lines = []
+  p, tries = plan_lib.search_mesh(config, tpu_devices, topology=TOPOLOGY, what='train',
+                                  log=lines.append)
+  assert [t.outcome for t in tries] == ['fits'] and len(lines) == 2
+  assert p.mesh == dict(data=1, fsdp=1, tensor=1, sequence=4)
+  assert p.sequence_parallel == 'ulysses' and p.fits is True
+
+
+def test_search_mesh_skips_what_cannot_fit_without_compiling(tpu_devices):
+  """With 256 KiB of HBM the state alone of every split that the config allows is too
+  much, so nothing compiles; with 2 heads, 4-way sequence (Ulysses) or tensor splits are
+  refused by the config's checks."""
+  p, tries = plan_lib.search_mesh(wan_config(), tpu_devices, topology=TOPOLOGY,
+                                  what='train', hbm_gib=1 / 4096, log=lambda line: None)
+  assert p is None and all(t.plan is None for t in tries)
+  assert [(tuple(t.mesh.values()), t.outcome) for t in tries] == [
+      ((4, 1, 1, 1), 'skipped'), ((2, 2, 1, 1), 'skipped'), ((1, 4, 1, 1), 'skipped'),
+      ((2, 1, 1, 2), 'skipped'), ((2, 1, 2, 1), 'skipped'), ((1, 2, 1, 2), 'skipped'),
+      ((1, 2, 2, 1), 'skipped'),
+      ((1, 1, 1, 4), 'refused'), ((1, 1, 2, 2), 'refused'), ((1, 1, 4, 1), 'refused')]
+  assert 'arguments alone' in tries[2].detail and 'num_heads' in tries[-1].detail
+
+
+def test_command_line_search_mesh_says_when_no_split_fits():
+  """1 KiB of HBM: both batch splits of 2 CPU devices and both model splits are skipped
+  before compiling (exit 1)."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
+  env.pop('XLA_FLAGS', None)
+  cmd = [sys.executable, '-m', 'vdit_jax.tools.plan', '--config=configs/tiny.py',
+         '--num_devices=2', '--config.train.batch_size=2', '--search_mesh',
+         f'--hbm_gib={1 / 2**20}']
+  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 1, out.stderr[-3000:]
+  lines = out.stdout.strip().splitlines()
+  assert [line.split(':')[0] for line in lines[:4]] == [
+      'mesh data=2 fsdp=1 tensor=1 sequence=1', 'mesh data=1 fsdp=2 tensor=1 sequence=1',
+      'mesh data=1 fsdp=1 tensor=1 sequence=2', 'mesh data=1 fsdp=1 tensor=2 sequence=1']
+  assert lines[-1] == ('search_mesh: none of the 4 splits fits: 0 compiled and did not fit, '
+                       "4 skipped (arguments alone over HBM), 0 refused by the config's checks")

@@ -1,19 +1,48 @@
-r"""Ahead-of-time plan of the train step for a TPU topology (or N fake CPU devices).
+r"""Ahead-of-time plan of a run's programs for a TPU topology (or N fake CPU devices).
 
 python -m vdit_jax.tools.plan --config=configs/dit_xl_video.py --topology=v5p:4x4x8
 python -m vdit_jax.tools.plan --config=configs/dit_xl_video.py --topology=v5p:4x4x4 \
     --num_slices=2 --config.mesh.dcn_data=2
 python -m vdit_jax.tools.plan --config=configs/tiny.py --num_devices=8 --config.mesh.fsdp=4
+python -m vdit_jax.tools.plan --config=configs/wan.py:t2v_14b --topology=v5p:4x4x4 \
+    --what=train --config.train.batch_size=64
+python -m vdit_jax.tools.plan --config=configs/wan.py:t2v_14b,lora --topology=v5p:2x2x2 \
+    --what=train --config.train.batch_size=8
+python -m vdit_jax.tools.plan --config=configs/wan.py:t2v_14b --topology=v5p:2x2x1 --what=sample
+python -m vdit_jax.tools.plan --config=configs/wan.py:t2v_14b --topology=v6e:8x8 \
+    --what=train --config.train.batch_size=16 --search_mesh
+(docs/wan_plans.md: what these give.)
 
 Compiles what the trainer compiles, for abstract inputs, on this machine, without
 allocating the state: the sharded init (`state.jit_init`), the jitted step
-(`loop.jit_train_step`: the same `step.make_train_step`, state and batch shardings,
-`donate_argnums=0`) and the sampler of its samples (`loop.jit_sampler`), each under the
-config's mesh and logical axis rules. `--topology` takes abstract TPU devices from
-libtpu's compiler (`pip install "jax[tpu]"`, no TPU needed); without it the devices are
-`--num_devices` CPU devices. Prints per-device memory of the step and the sampler from
-the compiler, the compiler's and the analytic FLOPs, and whether both fit the chip's HBM;
-the last line is one JSON object.
+(`loop.jit_train_step`: the same `step.make_train_step`, state and batch shardings (the
+captions' arrays too, for a text model), `donate_argnums=0`) and the sampler of its samples
+(`loop.jit_sampler`: sample.num_samples clips, sample.num_steps model calls in one loop,
+each on the batch doubled for guidance), each under the config's mesh and logical axis
+rules. `--what` picks them: `all` (the default: what a training run compiles), `train`
+(init and step) or `sample` (the sampler alone: what `--mode=sample` runs). `--topology`
+takes abstract TPU devices from libtpu's compiler (`pip install "jax[tpu]"`, no TPU
+needed); without it the devices are `--num_devices` CPU devices. Prints per-device memory
+of each program from the compiler (arguments, outputs, temporaries, code), the compiler's
+and the analytic FLOPs, and whether the largest fits the chip's HBM; the last line is one
+JSON object. A program whose temporaries alone exceed HBM is refused by the TPU compiler
+(RESOURCE_EXHAUSTED): the plan reports that as not fitting, with the compiler's message.
+A shards or files source with no data.path is planned with a placeholder path, and latent
+shards so named as plain arrays of data.channels (`plan_config`): the plan reads no data.
+
+LoRA (lora.rank > 0): the state is the adapters, their Adam moments and their EMA; the
+frozen base model is the step's second input (train/lora.py). The plan builds that setup
+from the model's shapes alone (`abstract_lora_setup`): no base weights are read, and
+lora.base_checkpoint need not exist (empty, it is set to a placeholder for the checks).
+The sampler of a LoRA run takes the merged model, the base's shapes.
+
+`--search_mesh` tries splits of the devices in the order of `mesh_candidates` (data
+parallel first, then fsdp, then sequence and tensor parallelism, the collectives each adds
+growing in that order) for the config's train.batch_size, skipping the ones the config's
+checks refuse and those whose sharded arguments alone exceed HBM, compiles the others one
+at a time and reports the first that fits (exit 0), or that none does (exit 1). A
+sequence split turns on model.sequence_parallel='ulysses' unless the config names a
+strategy. With several slices it searches each slice's split; mesh.dcn_* stay the config's.
 
 `--num_slices=N` plans N slices of the topology joined by DCN (`mesh.dcn_*` say which
 mesh axes span them). The plan then also prints the bytes each device sends to other
@@ -22,17 +51,18 @@ the cross-slice transfers, times the trip counts of the loops around them), next
 the analytic figure for a gradient all-reduce where only `data` crosses slices.
 
 Exit status: 0 compiled and fits (or no HBM figure to check against), 1 compiled but does
-not fit, 2 bad input (a ValueError).
+not fit (with --search_mesh: no split fits), 2 bad input (a ValueError).
 """
 
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import sys
 import threading
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from absl import app
 from absl import flags
@@ -42,10 +72,16 @@ from jax.experimental import topologies
 import jax.numpy as jnp
 from ml_collections import config_flags
 
+from vdit_jax.config import resolve
 from vdit_jax.data import synthetic
+from vdit_jax.generate import conditional
 from vdit_jax.model import flops as flops_lib
+from vdit_jax.model import lora as lora_model
+from vdit_jax.model import spec as spec_lib
+from vdit_jax.parallel import axes
 from vdit_jax.parallel import mesh as mesh_lib
 from vdit_jax.tools import hlo_collectives
+from vdit_jax.train import lora as lora_lib
 from vdit_jax.train import loop
 from vdit_jax.train import state as state_lib
 
@@ -63,6 +99,14 @@ GIB = 1 << 30
 # The plan never builds the data pipeline, so it does not ask the source for its label
 # count: it assumes the synthetic source's (12) unless told (the table is a few rows of D).
 DEFAULT_NUM_CLASSES = synthetic.NUM_CLASSES
+# What --what compiles, in a run's order.
+PROGRAMS = {'all': ('init', 'step', 'sampler'), 'train': ('init', 'step'),
+            'sample': ('sampler',)}
+WHATS = tuple(PROGRAMS)
+# lora.base_checkpoint of a LoRA plan that names none, and data.path of a config that
+# names none (shards or files): the checks want a path; nothing reads either.
+ABSTRACT_BASE = '<tools.plan: abstract base, no weights read>'
+ABSTRACT_DATA = '<tools.plan: no data read>'
 # Held while a plan traces (see plan()).
 _TRACE_LOCK = threading.Lock()
 
@@ -84,37 +128,80 @@ flags.DEFINE_integer('num_slices', 1,
 flags.DEFINE_float('hbm_gib', None,
                    'Memory per chip in GiB to check against; default from the table of '
                    'known TPU kinds (none for CPU).')
+flags.DEFINE_enum('what', 'all', WHATS,
+                  'Programs to compile: all (init, train step, sampler: what a training '
+                  'run compiles), train (init and train step), sample (the sampler alone, '
+                  'as --mode=sample runs it).')
+flags.DEFINE_bool('search_mesh', False,
+                  'Try data / fsdp / sequence / tensor splits of the devices for '
+                  'train.batch_size, in the order of mesh_candidates, and report the '
+                  'first that fits.')
 
 
 @dataclasses.dataclass
-class StepPlan:
-  """Figures of one AOT-compiled train step. Bytes and compiler FLOPs are per device."""
-  topology: str
-  device_kind: str
-  num_devices: int
-  num_chips: int
-  num_hosts: int
-  mesh: dict
-  param_count: int
-  global_batch: int
-  batch_per_device: float
-  tokens_per_clip: int
-  remat_policy: str
+class Memory:
+  """Per-device figures of one compiled program (compiler memory and cost analyses)."""
   argument_bytes: int
   output_bytes: int
   temp_bytes: int
   alias_bytes: int
   code_bytes: int
   total_bytes: int
+  compiler_flops: Optional[float]
+
+
+@dataclasses.dataclass
+class StepPlan:
+  """Figures of one plan. Bytes and compiler FLOPs are per device; the step's fields are
+  None when the step was not compiled (--what=sample), the sampler's when it was not
+  (--what=train)."""
+  topology: str
+  device_kind: str
+  num_devices: int
+  num_chips: int
+  num_hosts: int
+  mesh: dict
+  param_count: int                # the model's params (with LoRA: the frozen base's)
+  global_batch: int
+  batch_per_device: float
+  tokens_per_clip: int
+  remat_policy: str
+  argument_bytes: Optional[int]
+  output_bytes: Optional[int]
+  temp_bytes: Optional[int]
+  alias_bytes: Optional[int]
+  code_bytes: Optional[int]
+  total_bytes: Optional[int]
   compiler_flops_per_device: Optional[float]
   model_flops_per_step: int
   model_flops_per_device: float
   sampler_num_samples: int
-  sampler_total_bytes: int       # the sampler's program, like total_bytes for the step
+  sampler_total_bytes: Optional[int]  # the sampler's program, like total_bytes for the step
   hbm_bytes_per_device: Optional[int]
   hbm_source: str
   fits: Optional[bool]
   compile_s: float
+  what: str = 'all'
+  trainable_param_count: int = 0  # the state's params: with LoRA, the adapters
+  lora_rank: int = 0
+  attention_impl: str = ''
+  sequence_parallel: str = 'none'
+  init_total_bytes: Optional[int] = None
+  # The sampler: sample.num_steps model calls on sampler_rows clips (guidance doubles them).
+  sampler_name: str = ''
+  sampler_num_steps: int = 0
+  sampler_rows: int = 0
+  sampler_argument_bytes: Optional[int] = None
+  sampler_output_bytes: Optional[int] = None
+  sampler_temp_bytes: Optional[int] = None
+  sampler_code_bytes: Optional[int] = None
+  sampler_compiler_flops_per_device: Optional[float] = None
+  sampler_model_flops: int = 0    # analytic: num_steps forward passes of sampler_rows clips
+  peak_bytes: Optional[int] = None  # the largest total of the compiled programs
+  notes: List[str] = dataclasses.field(default_factory=list)  # what the plan changed
+  compile_s_by_program: Dict[str, float] = dataclasses.field(default_factory=dict)
+  # Programs the compiler refused for want of HBM: name -> its message (fits is False).
+  out_of_memory: Dict[str, str] = dataclasses.field(default_factory=dict)
   num_slices: int = 1
   mesh_dcn: Optional[dict] = None   # each mesh axis's slice count (its DCN part)
   # Bytes one device sends to other slices per train step (DCN), from the compiled step's
@@ -217,83 +304,290 @@ def _cost_flops(compiled) -> Optional[float]:
   return float(cost['flops'])
 
 
+def program_memory(compiled, name: str) -> Memory:
+  """The compiled program's per-device memory and compiler FLOPs."""
+  mem = compiled.memory_analysis()
+  if mem is None:
+    raise RuntimeError(f'the compiler gave no memory analysis for the {name}.')
+  return Memory(argument_bytes=mem.argument_size_in_bytes,
+                output_bytes=mem.output_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
+                alias_bytes=mem.alias_size_in_bytes,
+                code_bytes=mem.generated_code_size_in_bytes, total_bytes=_total_bytes(mem),
+                compiler_flops=_cost_flops(compiled))
+
+
+def abstract_batch(config, shardings) -> dict:
+  """The train step's batch as ShapeDtypeStructs: video [B, T, H, W, C], label [B] and,
+  for a text model, the captions' arrays as the input pipeline makes them
+  (data/captions.py: tokens int32 [B, L] or text_embed float32 [B, L, E], text_mask bool
+  [B, L])."""
+  d, b = config.data, config.train.batch_size
+  shapes = {'video': ((b, d.num_frames, d.height, d.width, d.channels), jnp.float32),
+            'label': ((b,), jnp.int32)}
+  cond = conditional.conditioning(config)
+  if cond is not None and cond.text_encoder:
+    data_key, mask_key = cond.batch_keys()
+    length = int(config.model.text.max_length)
+    shapes[data_key] = (((b, length), jnp.int32) if data_key == 'tokens' else
+                        ((b, length, int(config.model.text.embed_dim)), jnp.float32))
+    shapes[mask_key] = ((b, length), jnp.bool_)
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=shardings[k])
+          for k, (shape, dtype) in shapes.items()}
+
+
 def abstract_inputs(s, config):
   """(state, batch, rng) as ShapeDtypeStructs carrying the step's input shardings."""
   state = state_lib.abstract_with_shardings(s.abstract_state, s.state_shardings)
-  d = config.data
-  shardings = loop.batch_shardings(s.mesh, s.rules)
-  batch = {
-      'video': jax.ShapeDtypeStruct(
-          (config.train.batch_size, d.num_frames, d.height, d.width, d.channels),
-          jnp.float32, sharding=shardings['video']),  # [B, T, H, W, C]
-      'label': jax.ShapeDtypeStruct((config.train.batch_size,), jnp.int32,
-                                    sharding=shardings['label']),  # [B]
-  }
+  shardings = loop.batch_shardings(s.mesh, s.rules, conditional.batch_ndims(config))
+  batch = abstract_batch(config, shardings)
   key = jax.eval_shape(lambda: jax.random.key(0))
   rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=mesh_lib.replicated(s.mesh))
   return state, batch, rng
 
 
+def abstract_lora_setup(model, tx, config, mesh, rules) -> lora_lib.LoraSetup:
+  """train/lora.py's `make_setup` with an abstract base: the adapters' init and
+  shardings as a run has them, the base params as ShapeDtypeStructs in the model's
+  shardings, bound as the step's second input. Resolves and reads no base checkpoint."""
+  boxed = jax.eval_shape(state_lib.make_init_fn(model, tx, config.data),
+                         jax.random.key(0)).params
+  targets = lora_model.parse_targets(config.lora.targets)
+  rank = int(config.lora.rank)
+  dtype = spec_lib.DTYPES[model.spec.param_dtype]
+
+  def init(rng):
+    adapters = lora_model.init_adapters(rng, boxed, targets, rank, dtype)
+    return state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=adapters,
+                                opt_state=tx.init(adapters), ema_params=adapters)
+
+  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+  base = nn.unbox(boxed)
+  return lora_lib.LoraSetup(
+      rank=rank, alpha=float(config.lora.alpha), targets=targets,
+      source=lora_lib.BaseSource('abstract', ABSTRACT_BASE, 0, None), mesh=mesh,
+      rules=rules, base_abstract=base, base_shardings=shardings, init_fn=init,
+      num_adapter_params=lora_model.num_adapter_params(
+          lora_model.adapter_specs(boxed, targets, rank)),
+      _base=state_lib.abstract_with_shardings(base, shardings))
+
+
+def plan_config(config) -> Tuple[Any, List[str]]:
+  """(a complete copy of `config` the plan can check without data, notes on what
+  changed). A shards or files source with no data.path gets a placeholder path (the plan
+  reads no data); latent shards so named are planned as plain arrays of data.channels,
+  since their index and VAE, which the latents check reads, are not there."""
+  full = resolve.complete(config)
+  notes = []
+  d = full.data
+  if d.source != 'synthetic' and not d.path and not (d.latents and d.vae):
+    if d.latents:
+      d.latents = False
+      notes.append('data.latents: no shard index or VAE to read, so planned as arrays of '
+                   f'{d.channels} channels (the same model and shapes; the sampler then '
+                   'clips x0 to [-1, 1], a few elementwise ops more than a latent run)')
+    d.path = ABSTRACT_DATA
+  return full, notes
+
+
+def build(config, devices: Sequence[Any], *, process_count: int,
+          num_classes: int) -> loop.Setup:
+  """`loop.build` without a workdir for `devices`; a LoRA config gets
+  `abstract_lora_setup` (the LoRA run's checks still apply, against a placeholder base
+  path when lora.base_checkpoint is empty)."""
+  full = resolve.complete(config)
+  kwargs = dict(devices=devices, process_count=process_count, num_classes=num_classes)
+  if not lora_lib.enabled(full):
+    return loop.build(full, None, **kwargs)
+  if not str(full.lora.base_checkpoint).strip():
+    full.lora.base_checkpoint = ABSTRACT_BASE
+  resolved = resolve.resolve(full, devices=devices, process_count=process_count).config
+  base = resolve.complete(resolved)
+  base.lora.rank = 0  # the same model, mesh and optimizer; the state made below
+  s = loop.build(base, None, **kwargs)
+  setup = abstract_lora_setup(s.model, s.tx, resolved, s.mesh, s.rules)
+  abstract, shardings = state_lib.state_shardings(setup.init_fn, s.mesh, s.rules)
+  return dataclasses.replace(s, config=resolved, init_fn=setup.init_fn,
+                             abstract_state=abstract, state_shardings=shardings, lora=setup)
+
+
+def _sample_params(s, state):
+  """Abstract params the sampler takes: the state's (EMA params unless sample.use_ema is
+  False), or with LoRA the merged model's."""
+  if s.lora is None:
+    return loop.sample_params(state, s.config)
+  return state_lib.abstract_with_shardings(s.lora.base_abstract, s.lora.base_shardings)
+
+
+def lower(s, what: str) -> Dict[str, Any]:
+  """{program name: lowered} of PROGRAMS[what], traced under the mesh and rules."""
+  state, batch, rng = abstract_inputs(s, s.config)
+  programs = PROGRAMS[what]
+  sampler = None
+  if 'sampler' in programs:
+    # The sampler's condition (labels, or captions and given frames) as shapes: made here
+    # on the host's CPU, since the mesh's devices may be abstract.
+    sample_fn, condition = loop.jit_sampler(s)
+    condition = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), condition)
+    sampler = (sample_fn, condition)
+  lowered = {}
+  with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
+    # What a run compiles, in its order: the sharded init, the step, the sampler.
+    if 'init' in programs:
+      lowered['init'] = state_lib.jit_init(s.init_fn, s.state_shardings).lower(rng)
+    if 'step' in programs:
+      lowered['step'] = loop.jit_train_step(s).lower(state, batch, rng)
+    if sampler is not None:
+      lowered['sampler'] = sampler[0].lower(_sample_params(s, state), rng, sampler[1])
+  return lowered
+
+
+def argument_bytes(s, what: str) -> int:
+  """Bytes per device of the arguments of the programs --what compiles, from their
+  shardings (the largest: the state and the LoRA base for the step, the params for the
+  sampler), without compiling."""
+  state = state_lib.abstract_with_shardings(s.abstract_state, s.state_shardings)
+  step = _shard_bytes(state) if 'step' in PROGRAMS[what] else 0
+  if s.lora is not None:
+    step += _shard_bytes(s.lora.base_params()) if step else 0
+  sampler = (_shard_bytes(_sample_params(s, state)) if 'sampler' in PROGRAMS[what] else 0)
+  return max(step, sampler)
+
+
+def _shard_bytes(tree) -> int:
+  """Bytes one device holds of ShapeDtypeStructs carrying shardings (its largest shard)."""
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+             for x in jax.tree.leaves(tree) if getattr(x, 'sharding', None) is not None)
+
+
 def plan(config, devices: Sequence[Any], *, topology: str = 'cpu',
-         num_classes: Optional[int] = None, hbm_gib: Optional[float] = None) -> StepPlan:
-  """Validates the config, then AOT-compiles the trainer's jitted step for `devices`."""
+         num_classes: Optional[int] = None, hbm_gib: Optional[float] = None,
+         what: str = 'all') -> StepPlan:
+  """Validates the config, then AOT-compiles the programs of --what for `devices`."""
+  s, hbm, notes = _setup(config, devices, num_classes, hbm_gib, what)
+  return _compile(s, list(devices), hbm, topology, what, notes)
+
+
+def _setup(config, devices, num_classes, hbm_gib, what):
+  """(Setup, (HBM bytes per device or None, its source), notes) after the cheap checks."""
+  if what not in PROGRAMS:
+    raise ValueError(f'--what={what!r} is not one of {WHATS}.')
   devices = list(devices)
   if num_classes is None:
     num_classes = DEFAULT_NUM_CLASSES
   if num_classes < 0:
     raise ValueError(f'--num_classes={num_classes} must be >= 0.')
   hosts = len({d.process_index for d in devices})
-  hbm, hbm_source = hbm_per_device(devices, hbm_gib)
+  hbm = hbm_per_device(devices, hbm_gib)
+  config, notes = plan_config(config)
+  with _TRACE_LOCK:
+    # Validation first (in build), for this device and host count; no pipeline, no checkpointer.
+    s = build(config, devices, process_count=hosts, num_classes=num_classes)
+  if s.lora is not None:
+    notes.append(f'lora: the frozen base is abstract (lora.base_checkpoint='
+                 f'{s.config.lora.base_checkpoint!r} is not read)')
+  return s, hbm, notes
+
+
+def _compile(s, devices, hbm, topology: str, what: str, notes: List[str], *,
+             stop_early: bool = False) -> StepPlan:
+  """Lowers and compiles the programs of `what`; with `stop_early`, none after the
+  first that the compiler refuses for want of HBM (the split does not fit anyway)."""
   # Tracing reads JAX's and Flax's mesh and rule contexts and shares their caches across
   # threads: plans made in parallel threads (two topologies at once) race there, so one
   # thread traces at a time; the compiles, which are most of the time, run in parallel.
   t0 = time.perf_counter()
   with _TRACE_LOCK:
-    # Validation first (in build), for this device and host count; no pipeline, no checkpointer.
-    s = loop.build(config, None, devices=devices, process_count=hosts, num_classes=num_classes)
-    config = s.config  # complete: every default from config/defaults.py
-    state, batch, rng = abstract_inputs(s, config)
-    # The sampler's condition (labels, or captions and given frames) as shapes: made here on
-    # the host's CPU, since the mesh's devices may be abstract.
-    sample_fn, condition = loop.jit_sampler(s)
-    condition = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), condition)
-    with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
-      # What a run compiles, in its order: the sharded init, the step, the sampler.
-      lowered = (state_lib.jit_init(s.init_fn, s.state_shardings).lower(rng),
-                 loop.jit_train_step(s).lower(state, batch, rng),
-                 sample_fn.lower(_sample_params(s, state), rng, condition))
-  _, compiled, sampler = (x.compile() for x in lowered)
+    lowered = lower(s, what)
+  compiled, seconds, refused = {}, {}, {}
+  for name, x in lowered.items():
+    if refused and stop_early:
+      break
+    t1 = time.perf_counter()
+    try:
+      compiled[name] = x.compile()
+    except jax.errors.JaxRuntimeError as e:
+      # The TPU compiler refuses a program whose temporaries alone exceed HBM: that is
+      # the plan's answer (does not fit), not a failure of the plan.
+      if 'RESOURCE_EXHAUSTED' not in str(e):
+        raise
+      refused[name] = str(e).strip().splitlines()[0]
+    seconds[name] = round(time.perf_counter() - t1, 1)
   compile_s = time.perf_counter() - t0
+  memory = {name: program_memory(c, name) for name, c in compiled.items()}
+  return _step_plan(s, devices, memory, compiled.get('step'), hbm, topology, what,
+                    compile_s, notes, seconds, refused)
 
-  mem = compiled.memory_analysis()
-  sampler_mem = sampler.memory_analysis()
-  if mem is None or sampler_mem is None:
-    raise RuntimeError(f'the compiler gave no memory analysis for {topology}.')
-  total = _total_bytes(mem)
-  sampler_total = _total_bytes(sampler_mem)
-  dcn = _dcn_fields(s, config, compiled, devices)
+
+def _step_plan(s, devices, memory, step, hbm, topology, what, compile_s, notes,
+               seconds, refused) -> StepPlan:
+  config = s.config  # complete: every default from config/defaults.py
   spec = s.model.spec
   d = config.data
-  model_flops = flops_lib.train_step_flops(
-      spec, (d.num_frames, d.height, d.width, d.channels), config.train.batch_size)
+  shape = (d.num_frames, d.height, d.width, d.channels)
+  model_flops = flops_lib.train_step_flops(spec, shape, config.train.batch_size)
+  rows = _sampler_rows(config, s.num_classes)
+  # A forward pass is a third of a train step's FLOPs (6 per MAC -> 2).
+  sample_flops = flops_lib.train_step_flops(spec, shape, rows)
+  sample_flops = (sample_flops.matmul + sample_flops.attention) // 3 * config.sample.num_steps
+  hbm_bytes, hbm_source = hbm
+  peak = max((m.total_bytes for m in memory.values()), default=None)
+  if refused:
+    fits = False
+  else:
+    fits = None if hbm_bytes is None else peak <= hbm_bytes
+  train, sampler, init = memory.get('step'), memory.get('sampler'), memory.get('init')
+  field = lambda m, key: None if m is None else getattr(m, key)
+  dcn = (_dcn_fields(s, config, step, devices) if step is not None
+         else _one_slice_fields(config, devices))
   return StepPlan(
       topology=topology, device_kind=devices[0].device_kind, num_devices=len(devices),
-      num_chips=_chips(devices), num_hosts=hosts, mesh=dict(s.mesh.shape),
-      param_count=state_lib.param_count(s.abstract_state.params),
+      num_chips=_chips(devices), num_hosts=len({x.process_index for x in devices}),
+      mesh=dict(s.mesh.shape), what=what,
+      param_count=state_lib.param_count(s.lora.base_abstract if s.lora is not None
+                                        else s.abstract_state.params),
+      trainable_param_count=state_lib.param_count(s.abstract_state.params),
+      lora_rank=int(config.lora.rank), attention_impl=spec.attention_impl,
+      sequence_parallel=spec.sequence_parallel,
       global_batch=config.train.batch_size,
       batch_per_device=config.train.batch_size / len(devices),
       tokens_per_clip=model_flops.tokens_per_clip, remat_policy=spec.remat_policy,
-      argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
-      temp_bytes=mem.temp_size_in_bytes, alias_bytes=mem.alias_size_in_bytes,
-      code_bytes=mem.generated_code_size_in_bytes, total_bytes=total,
-      compiler_flops_per_device=_cost_flops(compiled),
+      argument_bytes=field(train, 'argument_bytes'),
+      output_bytes=field(train, 'output_bytes'), temp_bytes=field(train, 'temp_bytes'),
+      alias_bytes=field(train, 'alias_bytes'), code_bytes=field(train, 'code_bytes'),
+      total_bytes=field(train, 'total_bytes'),
+      compiler_flops_per_device=field(train, 'compiler_flops'),
       model_flops_per_step=model_flops.total,
       model_flops_per_device=model_flops.total / len(devices),
-      sampler_num_samples=int(config.sample.num_samples),
-      sampler_total_bytes=sampler_total,
-      hbm_bytes_per_device=hbm, hbm_source=hbm_source,
-      fits=None if hbm is None else max(total, sampler_total) <= hbm,
-      compile_s=round(compile_s, 1), **dcn)
+      init_total_bytes=field(init, 'total_bytes'),
+      sampler_num_samples=int(config.sample.num_samples), sampler_rows=rows,
+      sampler_name=str(config.sample.sampler), sampler_num_steps=int(config.sample.num_steps),
+      sampler_argument_bytes=field(sampler, 'argument_bytes'),
+      sampler_output_bytes=field(sampler, 'output_bytes'),
+      sampler_temp_bytes=field(sampler, 'temp_bytes'),
+      sampler_code_bytes=field(sampler, 'code_bytes'),
+      sampler_total_bytes=field(sampler, 'total_bytes'),
+      sampler_compiler_flops_per_device=field(sampler, 'compiler_flops'),
+      sampler_model_flops=sample_flops, peak_bytes=peak,
+      hbm_bytes_per_device=hbm_bytes, hbm_source=hbm_source,
+      fits=fits, compile_s=round(compile_s, 1), compile_s_by_program=seconds,
+      out_of_memory=refused, notes=list(notes), **dcn)
+
+
+def _sampler_rows(config, num_classes: int) -> int:
+  """Clips per model call of the sampler: sample.num_samples, doubled by guidance (the
+  conditional and the null rows in one batch) when there is a caption or label to guide
+  toward and sample.cfg_scale is not 1."""
+  guided = conditional.is_text(config) or num_classes > 0
+  n = int(config.sample.num_samples)
+  return 2 * n if guided and float(config.sample.cfg_scale) != 1.0 else n
+
+
+def _one_slice_fields(config, devices) -> dict:
+  slices = mesh_lib.count_slices(devices)
+  _, dcn = mesh_lib.hybrid_shape(config.mesh, len(devices), slices)
+  return dict(num_slices=slices, mesh_dcn=dict(dcn),
+              dcn_loops='no train step compiled' if slices > 1 else
+              'one slice: nothing crosses DCN')
 
 
 def _dcn_fields(s, config, compiled, devices) -> dict:
@@ -329,50 +623,190 @@ def _total_bytes(mem) -> int:
           - mem.alias_size_in_bytes + mem.generated_code_size_in_bytes)
 
 
-def _sample_params(s, state):
-  """Abstract params the sampler takes: the EMA params, or with LoRA the merged model's."""
-  if s.lora is None:
-    return state.ema_params
-  return state_lib.abstract_with_shardings(s.lora.base_abstract, s.lora.base_shardings)
+# ------------------------------------------------------------------------- mesh search
+
+
+def _divisors(n: int) -> List[int]:
+  return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def mesh_candidates(per_slice: int, batch_ways: Optional[int] = None,
+                    dcn_batch: int = 1) -> List[Dict[str, int]]:
+  """Splits {data, fsdp, tensor, sequence} of `per_slice` devices, in the order tried.
+
+  Fewest model-parallel ways (tensor x sequence) first, since their collectives sit in
+  every layer's critical path; within those, fsdp ascending (data parallelism, one
+  gradient all-reduce a step, before fsdp's per-layer gathers), then sequence before
+  tensor (an all-to-all around attention, against all-reduces around attention and MLP).
+  With `batch_ways` (the global batch), only splits whose batch axes (data x fsdp, times
+  `dcn_batch`, their slice count) divide it.
+  """
+  out = []
+  for model_ways in _divisors(per_slice):
+    for fsdp in _divisors(per_slice // model_ways):
+      data = per_slice // model_ways // fsdp
+      if batch_ways is not None and batch_ways % (data * fsdp * dcn_batch):
+        continue
+      for tensor in _divisors(model_ways):
+        out.append(dict(data=data, fsdp=fsdp, tensor=tensor, sequence=model_ways // tensor))
+  return out
+
+
+def _with_mesh(config, sizes: Dict[str, int]):
+  """A complete copy of `config` with the mesh's ICI sizes `sizes`; a sequence split
+  turns on Ulysses attention unless the config names a sequence_parallel strategy."""
+  out = resolve.complete(config)
+  out.mesh.update(sizes)
+  if sizes['sequence'] > 1 and out.model.sequence_parallel == 'none':
+    out.model.sequence_parallel = 'ulysses'
+  return out
+
+
+def _mesh_name(sizes: Dict[str, int]) -> str:
+  return ' '.join(f'{a}={sizes[a]}' for a in axes.MESH_AXES)
+
+
+@dataclasses.dataclass
+class MeshTry:
+  """One split tried by `search_mesh`: what became of it."""
+  mesh: Dict[str, int]
+  outcome: str                  # 'refused' | 'skipped' | 'does not fit' | 'fits'
+  detail: str
+  plan: Optional[StepPlan] = None
+
+
+def search_mesh(config, devices: Sequence[Any], *, topology: str = 'cpu',
+                num_classes: Optional[int] = None, hbm_gib: Optional[float] = None,
+                what: str = 'all', log=print) -> Tuple[Optional[StepPlan], List[MeshTry]]:
+  """(the plan of the first split of `mesh_candidates` that fits, or None; every try).
+
+  A split the config's checks refuse (heads, widths or tokens it does not divide) or
+  whose arguments per device (state, LoRA base, sampler params) alone exceed HBM is not
+  compiled; the others compile one at a time until one fits. `log` gets a line per try.
+  """
+  devices = list(devices)
+  hbm_bytes, _ = hbm_per_device(devices, hbm_gib)
+  full = resolve.complete(config)
+  slices = mesh_lib.count_slices(devices)
+  dcn = mesh_lib.dcn_sizes(full.mesh)
+  tries = []
+  candidates = mesh_candidates(len(devices) // slices, int(full.train.batch_size),
+                               dcn['data'] * dcn['fsdp'])
+  if not candidates:
+    raise ValueError(f'train.batch_size={full.train.batch_size} is not divisible by any '
+                     f'data x fsdp split of {len(devices) // slices} devices per slice; '
+                     'use a multiple of the slice count.')
+  for sizes in candidates:
+    name = _mesh_name(sizes)
+    try:
+      s, hbm, notes = _setup(_with_mesh(full, sizes), devices, num_classes, hbm_gib, what)
+    except ValueError as e:
+      tries.append(MeshTry(sizes, 'refused', str(e)))
+      log(f'mesh {name}: refused: {e}')
+      continue
+    args = argument_bytes(s, what)
+    if hbm_bytes is not None and args > hbm_bytes:
+      detail = (f'arguments alone {args / GIB:.2f} GiB per device > '
+                f'{hbm_bytes / GIB:.2f} GiB HBM')
+      tries.append(MeshTry(sizes, 'skipped', detail))
+      log(f'mesh {name}: skipped: {detail}')
+      continue
+    log(f'mesh {name}: compiling ({args / GIB:.2f} GiB of arguments per device) ...')
+    p = _compile(s, devices, hbm, topology, what, notes, stop_early=True)
+    detail = f'{_peak_text(p)}, {p.compile_s:.0f} s'
+    if p.out_of_memory:
+      detail = (f'the compiler ran out of HBM for the {", ".join(p.out_of_memory)} (the '
+                f'programs before it: {detail})')
+    outcome = 'does not fit' if p.fits is False else 'fits'
+    tries.append(MeshTry(sizes, outcome, detail, p))
+    log(f'mesh {name}: {outcome}: {detail}')
+    if p.fits is not False:
+      return p, tries
+  return None, tries
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def _peak_text(p: StepPlan) -> str:
+  """'peak X GiB per device (Y% of HBM)' of the compiled programs."""
+  if p.peak_bytes is None:
+    return 'no program compiled'
+  used = ('' if p.hbm_bytes_per_device is None else
+          f' ({p.peak_bytes / p.hbm_bytes_per_device:.1%} of HBM)')
+  return f'peak {p.peak_bytes / GIB:.3f} GiB per device{used}'
 
 
 def _gib(n) -> str:
   return f'{n / GIB:8.3f} GiB ({n:,} B)'
 
 
+def _memory_lines(p: StepPlan, prefix: str) -> List[str]:
+  get = lambda key: getattr(p, prefix + key)
+  lines = [f'  arguments     {_gib(get("argument_bytes"))}',
+           f'  outputs       {_gib(get("output_bytes"))}',
+           f'  temporaries   {_gib(get("temp_bytes"))}']
+  if not prefix:
+    lines.append(f'  aliased       {_gib(p.alias_bytes)}  (donated state: counted once)')
+  lines += [f'  code          {_gib(get("code_bytes"))}',
+            f'  total         {_gib(get("total_bytes"))}  = arguments + outputs + '
+            'temporaries - aliased + code']
+  return lines
+
+
 def report(p: StepPlan) -> str:
   """Human-readable lines, then the JSON object as the last line."""
+  params = f'params          {p.param_count:,}'
+  if p.lora_rank:
+    params += (f' frozen base; trains {p.trainable_param_count:,} LoRA rank-{p.lora_rank} '
+               f'adapter params ({p.trainable_param_count / max(p.param_count, 1):.2%})')
   lines = [
       f'topology        {p.topology}: {p.num_devices} x {p.device_kind!r} devices, '
       f'{p.num_chips} chips, {p.num_hosts} hosts',
       f'mesh            {p.mesh}' + (
           f' over {p.num_slices} slices joined by DCN; slices per axis {p.mesh_dcn}'
           if p.num_slices > 1 else ''),
-      f'params          {p.param_count:,}',
-      f'batch           {p.global_batch} global, {p.batch_per_device:g} per device, '
-      f'{p.tokens_per_clip:,} tokens/clip; remat {p.remat_policy}',
-      f'lower+compile   {p.compile_s:.1f} s',
-      'memory per device (compiler memory_analysis):',
-      f'  arguments     {_gib(p.argument_bytes)}',
-      f'  outputs       {_gib(p.output_bytes)}',
-      f'  temporaries   {_gib(p.temp_bytes)}',
-      f'  aliased       {_gib(p.alias_bytes)}  (donated state: counted once)',
-      f'  code          {_gib(p.code_bytes)}',
-      f'  total         {_gib(p.total_bytes)}  = arguments + outputs + temporaries '
-      '- aliased + code',
-      f'sampler         {_gib(p.sampler_total_bytes)} per device ({p.sampler_num_samples} '
-      'clips, the same sum)',
+      params,
+      f'model           attention {p.attention_impl} (auto: splash on TPU), sequence '
+      f'parallel {p.sequence_parallel}, remat {p.remat_policy}',
+      f'lower+compile   {p.compile_s:.1f} s (' + ', '.join(
+          f'{name} {p.compile_s_by_program.get(name, 0):.1f} s' for name in PROGRAMS[p.what])
+      + ')',
   ]
-  if p.compiler_flops_per_device is None:
-    lines.append('compiler FLOPs  (no cost analysis)')
-  else:
-    lines.append(f'compiler FLOPs  {p.compiler_flops_per_device:.4g} per device per step '
-                 '(cost_analysis: includes remat recompute, but counts a while loop body '
-                 'such as scanned layers once)')
-  lines.append(f'model FLOPs     {p.model_flops_per_step:.4g} per step, '
-               f'{p.model_flops_per_device:.4g} per device (analytic, 6 x matmul params x '
-               'tokens + 12 L N D per token attention, no remat)')
-  if p.num_slices > 1:
+  lines += [f'out of memory   {name}: the compiler refused it: {message}'
+            for name, message in p.out_of_memory.items()]
+  lines += [f'note            {n}' for n in p.notes]
+  if 'step' in PROGRAMS[p.what]:
+    lines.append(f'train batch     {p.global_batch} global, {p.batch_per_device:g} per device, '
+                 f'{p.tokens_per_clip:,} tokens/clip')
+  if p.total_bytes is not None:
+    lines.append('train step, memory per device (compiler memory_analysis):')
+    lines += _memory_lines(p, '')
+    if p.compiler_flops_per_device is None:
+      lines.append('compiler FLOPs  (no cost analysis)')
+    else:
+      lines.append(f'compiler FLOPs  {p.compiler_flops_per_device:.4g} per device per step '
+                   '(cost_analysis: includes remat recompute, but counts a while loop '
+                   'body such as scanned layers once)')
+    lines.append(f'model FLOPs     {p.model_flops_per_step:.4g} per step, '
+                 f'{p.model_flops_per_device:.4g} per device (analytic, 6 x matmul params x '
+                 'tokens + 12 L N D per token attention, no remat' +
+                 ('; LoRA skips the frozen weights\' gradients' if p.lora_rank else '') + ')')
+  if p.init_total_bytes is not None:
+    lines.append(f'init          {_gib(p.init_total_bytes)} per device (the sharded init, '
+                 'the same sum)')
+  if p.sampler_total_bytes is not None:
+    lines += [f'sampler         {p.sampler_name}, {p.sampler_num_steps} steps, '
+              f'{p.sampler_num_samples} clips: {p.sampler_rows} rows per model call '
+              f'(guidance doubles them), {p.tokens_per_clip:,} tokens/clip; memory per '
+              'device:']
+    lines += _memory_lines(p, 'sampler_')
+    if p.sampler_compiler_flops_per_device is not None:
+      lines.append(f'compiler FLOPs  {p.sampler_compiler_flops_per_device:.4g} per device '
+                   '(cost_analysis; the steps\' loop body counted once)')
+    lines.append(f'model FLOPs     {p.sampler_model_flops:.4g} per sample call '
+                 f'({p.sampler_num_steps} forward passes of {p.sampler_rows} clips, analytic)')
+  if p.num_slices > 1 and p.total_bytes is not None:
     by_dtype = ', '.join(f'{k} {v:,} B' for k, v in sorted(p.dcn_bytes_by_dtype.items()))
     lines += [
         f'DCN per step    {_gib(p.dcn_bytes_per_step)} sent per device ({by_dtype}), '
@@ -396,13 +830,15 @@ def report(p: StepPlan) -> str:
     lines.append('verdict         compiled; memory not checked')
   else:
     lines.append(f'HBM             {_gib(p.hbm_bytes_per_device)} per device; {p.hbm_source}')
-    peak = max(p.total_bytes, p.sampler_total_bytes)
-    used = peak / p.hbm_bytes_per_device
     if p.fits:
-      lines.append(f'verdict         FITS: {used:.1%} of HBM per device')
+      lines.append(f'verdict         FITS: {_peak_text(p)} (the largest program)')
+    elif p.out_of_memory:
+      lines.append(f'verdict         DOES NOT FIT: the compiler ran out of HBM for the '
+                   f'{", ".join(p.out_of_memory)}'
+                   + (f'; the rest: {_peak_text(p)}' if p.peak_bytes is not None else ''))
     else:
-      lines.append(f'verdict         DOES NOT FIT: needs {used:.1%} of HBM per device, '
-                   f'{(peak - p.hbm_bytes_per_device) / GIB:.2f} GiB too much')
+      lines.append(f'verdict         DOES NOT FIT: {_peak_text(p)}, '
+                   f'{(p.peak_bytes - p.hbm_bytes_per_device) / GIB:.2f} GiB too much')
   lines.append(json.dumps(dataclasses.asdict(p), sort_keys=True))
   return '\n'.join(lines)
 
@@ -424,8 +860,24 @@ def main(argv) -> int:
         raise ValueError(f'--num_slices={FLAGS.num_slices} needs --topology: CPU devices '
                          'form one slice.')
       devices = cpu_devices(FLAGS.num_devices)
-    p = plan(FLAGS.config, devices, topology=FLAGS.topology or 'cpu',
-             num_classes=FLAGS.num_classes, hbm_gib=FLAGS.hbm_gib)
+    kwargs = dict(topology=FLAGS.topology or 'cpu', num_classes=FLAGS.num_classes,
+                  hbm_gib=FLAGS.hbm_gib, what=FLAGS.what)
+    if FLAGS.search_mesh:
+      p, tries = search_mesh(FLAGS.config, devices,
+                             log=lambda line: print(line, flush=True), **kwargs)
+      if p is None:
+        counts = {k: sum(t.outcome == k for t in tries)
+                  for k in ('does not fit', 'skipped', 'refused')}
+        print(f'search_mesh: none of the {len(tries)} splits fits: '
+              f'{counts["does not fit"]} compiled and did not fit, {counts["skipped"]} '
+              'skipped (arguments alone over HBM), '
+              f'{counts["refused"]} refused by the config\'s checks', flush=True)
+        return 1
+      print(f'search_mesh: first split that fits: {_mesh_name(p.mesh)}'
+            + (f" (--config.model.sequence_parallel={p.sequence_parallel})"
+               if p.mesh['sequence'] > 1 else ''), flush=True)
+    else:
+      p = plan(FLAGS.config, devices, **kwargs)
   except ValueError as e:
     print(f'plan: error: {e}', file=sys.stderr)
     return 2

@@ -136,9 +136,7 @@ def check_config(config) -> None:
   if k_max > 0 and overlap > k_max:
     raise ValueError(f'config.sample.overlap={overlap} exceeds model.context_frames_max='
                      f'{k_max}, the most given frames the model was trained with.')
-  if k_max == 0 and overlap and overlap >= data.num_frames:
-    raise ValueError(f'config.sample.overlap={overlap} given frames must leave a frame to '
-                     f'generate in a window of data.num_frames={data.num_frames}.')
+
   if config.lora.rank > 0 and k_max > 0:
     raise ValueError(f'config.lora.rank={config.lora.rank}: LoRA fine-tuning does not feed '
                      'given frames to the train step yet; use model.context_frames_max=0 '

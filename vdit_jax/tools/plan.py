@@ -76,8 +76,6 @@ from vdit_jax.config import resolve
 from vdit_jax.data import synthetic
 from vdit_jax.generate import conditional
 from vdit_jax.model import flops as flops_lib
-from vdit_jax.model import lora as lora_model
-from vdit_jax.model import spec as spec_lib
 from vdit_jax.parallel import axes
 from vdit_jax.parallel import mesh as mesh_lib
 from vdit_jax.tools import hlo_collectives
@@ -349,26 +347,9 @@ def abstract_lora_setup(model, tx, config, mesh, rules) -> lora_lib.LoraSetup:
   """train/lora.py's `make_setup` with an abstract base: the adapters' init and
   shardings as a run has them, the base params as ShapeDtypeStructs in the model's
   shardings, bound as the step's second input. Resolves and reads no base checkpoint."""
-  boxed = jax.eval_shape(state_lib.make_init_fn(model, tx, config.data),
-                         jax.random.key(0)).params
-  targets = lora_model.parse_targets(config.lora.targets)
-  rank = int(config.lora.rank)
-  dtype = spec_lib.DTYPES[model.spec.param_dtype]
-
-  def init(rng):
-    adapters = lora_model.init_adapters(rng, boxed, targets, rank, dtype)
-    return state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=adapters,
-                                opt_state=tx.init(adapters), ema_params=adapters)
-
-  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
-  base = nn.unbox(boxed)
-  return lora_lib.LoraSetup(
-      rank=rank, alpha=float(config.lora.alpha), targets=targets,
-      source=lora_lib.BaseSource('abstract', ABSTRACT_BASE, 0, None), mesh=mesh,
-      rules=rules, base_abstract=base, base_shardings=shardings, init_fn=init,
-      num_adapter_params=lora_model.num_adapter_params(
-          lora_model.adapter_specs(boxed, targets, rank)),
-      _base=state_lib.abstract_with_shardings(base, shardings))
+  return lora_lib.make_setup(
+      model, tx, config, mesh, rules,
+      abstract_source=lora_lib.BaseSource('abstract', ABSTRACT_BASE, 0, None))
 
 
 def plan_config(config) -> Tuple[Any, List[str]]:

@@ -279,12 +279,17 @@ class LoraSetup:
     return BoundStep(jitted, self.base_params())
 
 
-def make_setup(model, tx, config, mesh, rules) -> LoraSetup:
+def make_setup(model, tx, config, mesh, rules, *, abstract_source=None) -> LoraSetup:
   """Checks the base checkpoint's location and model (reads no params) and builds the
-  adapters' init: rng -> TrainState of boxed adapters (logical names for shardings)."""
+  adapters' init: rng -> TrainState of boxed adapters (logical names for shardings).
+
+  `abstract_source` (tools.plan): a BaseSource that is not resolved or read; the base
+  params are then their ShapeDtypeStructs in the model's shardings, bound as they are."""
   lora_cfg = config.lora
-  source = resolve_base(lora_cfg.base_checkpoint)
-  check_base_config(source, config)
+  source = abstract_source
+  if source is None:
+    source = resolve_base(lora_cfg.base_checkpoint)
+    check_base_config(source, config)
   boxed = jax.eval_shape(state_lib.make_init_fn(model, tx, config.data),
                          jax.random.key(0)).params
   targets = lora.parse_targets(lora_cfg.targets)
@@ -298,7 +303,10 @@ def make_setup(model, tx, config, mesh, rules) -> LoraSetup:
                                 opt_state=tx.init(adapters), ema_params=adapters)
 
   shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+  base = nn.unbox(boxed)
   return LoraSetup(rank=rank, alpha=float(lora_cfg.alpha), targets=targets,
                    source=source, mesh=mesh, rules=rules,
-                   base_abstract=nn.unbox(boxed), base_shardings=shardings, init_fn=init,
-                   num_adapter_params=lora.num_adapter_params(specs), spec=model.spec)
+                   base_abstract=base, base_shardings=shardings, init_fn=init,
+                   num_adapter_params=lora.num_adapter_params(specs), spec=model.spec,
+                   _base=(None if abstract_source is None
+                          else state_lib.abstract_with_shardings(base, shardings)))

@@ -29,8 +29,11 @@ against it when the weights load), 480p x 81 frames: VAE latents [21, 60, 104, 1
 8x space), 1x2x2 tubelets -> 32,760 tokens per clip. Flow matching with Wan's shift 3.0
 (480p; 5.0 at 720p), UniPC 50 steps with CFG 5.0 and a negative prompt, as WanPipeline.
 bf16 compute, f32 master params, blocks scanned and rematerialised, params and optimizer
-state sharded over fsdp (all devices by default). Planned for TPU pods with
-  python -m vdit_jax.tools.plan --config=configs/wan.py:t2v_14b --topology=v5p:4x4x8
+state sharded over fsdp (all devices by default). Planned for TPU pods (docs/wan_plans.md):
+1.3B full fine-tuning fits 4 v5p chips (21.9 GiB of 95 per chip), 14B full 16 (84.2 GiB),
+14B LoRA 8 (86.3 GiB); sampling 1.3B / 14B at CFG on 4 chips (3.6 / 24.7 GiB).
+  python -m vdit_jax.tools.plan --config=configs/wan.py:t2v_14b --topology=v5p:2x2x4
+  python -m vdit_jax.tools.plan --config=configs/wan.py:t2v_14b --topology=v6e:8x8 --search_mesh
 """
 
 from vdit_jax.config.defaults import base_config

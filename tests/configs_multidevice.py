@@ -14,9 +14,9 @@ What departs from a config's own defaults, and why:
   `--mode=sample` with sample.num_samples=3, fewer clips than the batch axes split;
 - the mesh (MESHES);
 - configs that need data on disk get it from DATA_DIR (configs_test.py writes it):
-  tiny_latent its VAE-encoded shards, bench and dit_xl_video float latent shards of
-  their channel counts, lora_finetune the tiny run of the same mesh as its base;
-- the accelerator configs (small, bench, dit_xl_video) are cut to CPU size
+  tiny_latent its VAE-encoded shards, bench, dit_xl_video and wan float latent shards of
+  their channel counts (wan's with caption embeddings), lora_finetune the tiny run of the same mesh as its base;
+- the accelerator configs (small, bench, dit_xl_video, wan) are cut to CPU size
   (SHRINK: depth, batch and, for dit_xl_video, clip and width); their full sizes are
   AOT-compiled for a TPU topology instead (plan_test.py).
 """
@@ -50,10 +50,11 @@ MESHES = {
     'data4_seq2_ulysses': (dict(data=4, fsdp=1, tensor=1, sequence=2), 'ulysses'),
 }
 CONFIGS = ('tiny', 'tiny_text', 'tiny_extend', 'tiny_keyframes', 'tiny_interpolate',
-           'tiny_buckets', 'lora_finetune', 'tiny_latent', 'small', 'bench', 'dit_xl_video')
+           'tiny_buckets', 'lora_finetune', 'tiny_latent', 'small', 'bench', 'dit_xl_video',
+           'wan')
 # Latent shard folders under DATA_DIR (configs_test.make_data writes them).
 LATENT_SHARDS = {'tiny_latent': 'tiny_latents', 'bench': 'bench_latents',
-                 'dit_xl_video': 'xl_latents'}
+                 'dit_xl_video': 'xl_latents', 'wan': 'wan_latents'}
 # CPU-size cuts of the accelerator configs (field -> value).
 SHRINK = {
     'small': {'model.depth': 2, 'train.batch_size': 8, 'sample.num_samples': 8},
@@ -61,6 +62,11 @@ SHRINK = {
     'dit_xl_video': {'model.depth': 2, 'model.width': 256, 'model.mlp_dim': 1024,
                      'data.num_frames': 4, 'data.height': 16, 'data.width': 16,
                      'train.batch_size': 8, 'sample.num_samples': 8},
+    # Wan 1.3B's layout at toy size, on latent shards with 4096-wide caption embeddings
+    # (no VAE on disk: samples stay latents); 2 heads so that ulysses' sequence=2 splits them.
+    'wan': {'model.depth': 2, 'model.width': 64, 'model.num_heads': 2, 'model.mlp_dim': 128,
+            'data.num_frames': 3, 'data.height': 8, 'data.width': 8, 'data.latents': False,
+            'train.batch_size': 8, 'sample.num_samples': 8, 'sample.overlap': 2},
 }
 NUM_STEPS = 3
 FEW_SAMPLES = 3
@@ -88,7 +94,7 @@ def make_config(name, mesh_name, data_dir, lora_base=None):
   config.sample.num_steps = 2
   for path, value in SHRINK.get(name, {}).items():
     _set(config, path, value)
-  if name in ('bench', 'dit_xl_video'):
+  if name in ('bench', 'dit_xl_video', 'wan'):
     config.data.source = 'shards'
     config.data.path = os.path.join(data_dir, LATENT_SHARDS[name])
   if name == 'lora_finetune':

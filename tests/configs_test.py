@@ -195,6 +195,11 @@ def make_data(data_dir, names):
     s = matrix.SHRINK['dit_xl_video']
     _write_latent_shards(os.path.join(data_dir, matrix.LATENT_SHARDS['dit_xl_video']),
                          (s['data.num_frames'], s['data.height'], s['data.width']), 16)
+  if 'wan' in names:
+    s = matrix.SHRINK['wan']
+    _write_latent_shards(os.path.join(data_dir, matrix.LATENT_SHARDS['wan']),
+                         (s['data.num_frames'], s['data.height'], s['data.width']), 16,
+                         caption_embedding=(5, 4096))
 
 
 def _run(out_dir, data_dir, names, meshes, num_devices):

@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vdit_jax.convert import pipeline_folder
 from vdit_jax.model import clip_vision
 from vdit_jax.parallel import safetensors_load as st
 
@@ -60,17 +61,6 @@ LEGACY_PREFIX = 'vision_model.'  # transformers 4's CLIPVisionModel held a `visi
 _UNUSED = ('post_layernorm.weight', 'post_layernorm.bias', 'visual_projection.weight')
 PROCESSOR_TYPES = ('CLIPImageProcessor', 'CLIPImageProcessorFast', 'CLIPImageProcessorPil',
                    'CLIPFeatureExtractor')
-
-
-def _resolve(folder, subfolder: str, marker: str) -> str:
-  """`folder` itself if it holds `marker`, else folder/subfolder if that does."""
-  folder = os.fspath(folder)
-  for candidate in (folder, os.path.join(folder, subfolder)):
-    if os.path.isfile(os.path.join(candidate, marker)):
-      return candidate
-  raise ValueError(f'neither {os.path.join(folder, marker)} nor '
-                   f'{os.path.join(folder, subfolder, marker)} exists: give the Wan I2V '
-                   f'pipeline folder or its {subfolder}/ folder.')
 
 
 def _read_json(path: str) -> Dict[str, Any]:
@@ -92,7 +82,7 @@ def read_spec(folder, hidden_state: int = -2, dtype=jnp.float32,
               param_dtype=jnp.float32) -> clip_vision.ClipVisionSpec:
   """The image encoder's config.json (top folder or image_encoder/) -> ClipVisionSpec
   whose output is hidden_states[hidden_state]; errors name the file."""
-  path = os.path.join(_resolve(folder, ENCODER_DIR, CONFIG), CONFIG)
+  path = os.path.join(pipeline_folder.component(folder, ENCODER_DIR, CONFIG), CONFIG)
   try:
     return clip_vision.spec_from_hf_config(_read_json(path), hidden_state, dtype, param_dtype)
   except ValueError as e:
@@ -143,7 +133,7 @@ def open_folder(folder, spec: clip_vision.ClipVisionSpec) -> Tuple[st.Safetensor
   """The image encoder's safetensors and its name prefix ('' or 'vision_model.'), checked
   to hold every tensor `spec` reads and nothing a CLIPVisionModel of its config would not
   store; raises ValueError naming the folder and a tensor."""
-  path = _resolve(folder, ENCODER_DIR, CONFIG)
+  path = pipeline_folder.component(folder, ENCODER_DIR, CONFIG)
   weights = st.SafetensorsFolder(path)
   stored = set(weights.names())
   prefix = LEGACY_PREFIX if any(n.startswith(LEGACY_PREFIX) for n in stored) else ''
@@ -275,7 +265,8 @@ def read_processor(folder) -> ImageProcessing:
   """The folder's image_processor/preprocessor_config.json (or the folder's own) ->
   ImageProcessing; a key of another processor's, or a value this port does not do, is
   refused naming the file and the key."""
-  path = os.path.join(_resolve(folder, PROCESSOR_DIR, PREPROCESSOR), PREPROCESSOR)
+  path = os.path.join(pipeline_folder.component(folder, PROCESSOR_DIR, PREPROCESSOR),
+                      PREPROCESSOR)
   hf = _read_json(path)
   kind = hf.get('image_processor_type', hf.get('feature_extractor_type'))
   if kind not in PROCESSOR_TYPES:

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  # pylint: disable=unused-import  # numpy bfloat16 for safetensors
 import numpy as np
 
+from vdit_jax.convert import pipeline_folder
 from vdit_jax.model import umt5
 
 CONFIG = 'config.json'
@@ -53,17 +54,6 @@ TOKENIZER_DIR = 'tokenizer'
 # (Python's re \s would also match \x1c-\x1f).
 _WHITESPACE = re.compile('[\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f'
                          '\u205f\u3000]+')
-
-
-def _resolve(folder, subfolder: str, marker: str) -> str:
-  """folder itself if it holds `marker`, else folder/subfolder if that does."""
-  folder = os.fspath(folder)
-  for candidate in (folder, os.path.join(folder, subfolder)):
-    if os.path.isfile(os.path.join(candidate, marker)):
-      return candidate
-  raise ValueError(f'neither {os.path.join(folder, marker)} nor '
-                   f'{os.path.join(folder, subfolder, marker)} exists: give the Wan pipeline '
-                   f'folder or its {subfolder}/ folder.')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,7 +169,7 @@ class _Reader:
 
 def read_config(folder) -> Dict[str, Any]:
   """The text encoder's config.json (top folder or text_encoder/) as a dict."""
-  path = os.path.join(_resolve(folder, ENCODER_DIR, CONFIG), CONFIG)
+  path = os.path.join(pipeline_folder.component(folder, ENCODER_DIR, CONFIG), CONFIG)
   try:
     with open(path, encoding='utf-8') as f:
       config = json.load(f)
@@ -197,7 +187,7 @@ def load_encoder(folder, dtype=jnp.float32,
   `folder`: the Wan pipeline folder (with text_encoder/) or the text_encoder folder.
   `dtype`: the encoder's matmul dtype (UMT5Spec.dtype); `param_dtype`: the params' dtype.
   """
-  folder = _resolve(folder, ENCODER_DIR, CONFIG)
+  folder = pipeline_folder.component(folder, ENCODER_DIR, CONFIG)
   config_path = os.path.join(folder, CONFIG)
   try:
     spec = umt5.spec_from_hf_config(read_config(folder), dtype, param_dtype)
@@ -276,7 +266,7 @@ def load_tokenizer(folder):
   '<pad>') and, where tokenizer.json has no post-processor, to append '</s>' as T5 does.
   Padding length and truncation are set per call by `tokenize`."""
   from tokenizers import Tokenizer, processors  # pylint: disable=g-import-not-at-top
-  folder = _resolve(folder, TOKENIZER_DIR, TOKENIZER)
+  folder = pipeline_folder.component(folder, TOKENIZER_DIR, TOKENIZER)
   path = os.path.join(folder, TOKENIZER)
   try:
     tokenizer = Tokenizer.from_file(path)

@@ -138,17 +138,24 @@ def full_folder(reference):
   return folder
 
 
-def test_sample_mode_on_a_wan_folder_writes_the_mp4(full_folder, tmp_path):
-  folder = full_folder
-  vae = _vae_folder(str(tmp_path), wan_test.T2V['out_channels'])
+def folder_config(folder, tmp_path):
+  """small_config reading everything from the Wan folder at run time: the transformer
+  (train.init_from), umT5 (model.text.encoder_path), a converted tiny VAE; one sample on
+  one device's mesh."""
   config = small_config(folder, num_steps=2)
   config.train.init_from = folder
   config.model.text.encoder_path = folder
-  config.data.vae = vae
+  config.data.vae = _vae_folder(str(tmp_path), wan_test.T2V['out_channels'])
   config.sample.num_samples = 1
-  config.sample.negative_prompt = 'blurred, static'
   config.mesh.fsdp = 1
   config.mesh.data = -1
+  return config
+
+
+def test_sample_mode_on_a_wan_folder_writes_the_mp4(full_folder, tmp_path):
+  folder = full_folder
+  config = folder_config(folder, tmp_path)
+  config.sample.negative_prompt = 'blurred, static'
   workdir = str(tmp_path / 'run')
   videos, written = modes.sample(config, workdir, prompt='a cat and a dog baking a cake')
   mp4 = [p for p in written if p.endswith('.mp4')]
@@ -167,15 +174,8 @@ def test_extend_mode_continues_a_clip_with_a_wan_model(full_folder, tmp_path):
   VAE-encoded and imposed, noised to each step's level, on the first sample.overlap latent
   frames of every window; the continuation is decoded to num_frames frames."""
   folder = full_folder
-  vae = _vae_folder(str(tmp_path), wan_test.T2V['out_channels'])
-  config = small_config(folder, num_steps=2)
-  config.train.init_from = folder
-  config.model.text.encoder_path = folder
-  config.data.vae = vae
-  config.sample.num_samples = 1
+  config = folder_config(folder, tmp_path)
   config.sample.overlap = 2  # latent frames given per window (5 video frames)
-  config.mesh.fsdp = 1
-  config.mesh.data = -1
   clip = np.random.default_rng(0).integers(0, 255, (9, 32, 32, 3), dtype=np.uint8)
   input_path = video_io.write_video(str(tmp_path / 'clip.mp4'), clip, fps=8)
   extended, written = modes.extend(config, str(tmp_path / 'run'), input_path, 17,

@@ -341,6 +341,14 @@ def read_input(path: str, height: int, width: int) -> np.ndarray:
   return frames.astype(np.float32) / 127.5 - 1.0
 
 
+def check_num_frames(num_frames, given: int) -> None:
+  """--num_frames of an extension: an integer larger than the `given` frames of the input."""
+  if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames <= given:
+    raise ValueError(f'--num_frames={num_frames!r} must be an integer larger than the '
+                     f'{given} frame(s) of the input: the result holds the input '
+                     'and its continuation.')
+
+
 def extend_clip(model, diffusion, config, params, frames, num_frames: int, *, rng,
                 num_classes: int = 0, prompt: Optional[str] = None):
   """Continues `frames` [B, F, H, W, C] to `num_frames` frames (the F given first).
@@ -367,11 +375,7 @@ def extend_clip(model, diffusion, config, params, frames, num_frames: int, *, rn
   if frames.ndim != 5 or frames.shape[2:] != (d.height, d.width, d.channels):
     raise ValueError(f'frames to extend must be [B, F, {d.height}, {d.width}, {d.channels}] '
                      f'(data.height, width, channels), got {frames.shape}.')
-  if isinstance(num_frames, bool) or not isinstance(num_frames, int) or (
-      num_frames <= frames.shape[1]):
-    raise ValueError(f'--num_frames={num_frames!r} must be an integer larger than the '
-                     f'{frames.shape[1]} frame(s) of the input: the result holds the input '
-                     'and its continuation.')
+  check_num_frames(num_frames, frames.shape[1])
   overlap = int(config.sample.overlap) or k_max
   batch = frames.shape[0]
   cond = {}
@@ -489,11 +493,7 @@ def extend_i2v(s, params, frames, num_frames: int, *, rng, prompt: Optional[str]
   if frames.ndim != 5 or frames.shape[2:] != (height, width, 3):
     raise ValueError(f'frames to extend must be [B, F, {height}, {width}, 3] (the VAE\'s '
                      f'pixels of data.height, width), got {frames.shape}.')
-  if isinstance(num_frames, bool) or not isinstance(num_frames, int) or (
-      num_frames <= frames.shape[1]):
-    raise ValueError(f'--num_frames={num_frames!r} must be an integer larger than the '
-                     f'{frames.shape[1]} frame(s) of the input: the result holds the input '
-                     'and its continuation.')
+  check_num_frames(num_frames, frames.shape[1])
   batch = frames.shape[0]
   text = encoded_prompts(cfg, [prompt or ''] * batch)  # {'text', 'negative_text'}
   shape = (batch, d.num_frames, d.height, d.width, d.channels)

@@ -9,6 +9,7 @@ each script here runs in a fresh process (tests/conftest.py: `run_checks`, and t
 """
 
 import re
+import traceback
 
 import jax
 
@@ -33,3 +34,16 @@ def path_specs(tree) -> dict:
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {'/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path): leaf.spec
           for path, leaf in flat}
+
+
+def outcomes(checks, results=None) -> dict:
+  """{name: 'ok' | the failure's traceback tail} of running each callable of `checks`
+  ({name: fn}) in order, added to `results`: what each script prints as its JSON line."""
+  results = {} if results is None else results
+  for name, check in checks.items():
+    try:
+      check()
+      results[name] = 'ok'
+    except Exception:  # pylint: disable=broad-except
+      results[name] = traceback.format_exc()[-2000:]
+  return results

@@ -15,7 +15,6 @@ Run by attention_impl_test.py in a subprocess; prints one JSON line on stdout,
 import json
 import os
 import sys
-import traceback
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
@@ -28,6 +27,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding
 
+from tests import multidevice
 from vdit_jax.config import defaults
 from vdit_jax.model import attention
 from vdit_jax.parallel import axes
@@ -111,13 +111,7 @@ def main():
           make_mesh(sequence=2), 'splash:128x128', 'ulysses', (1, 256, 2, 8),
           ('all_to_all', 'pallas_call')),
   }
-  for name, check in checks.items():
-    try:
-      check()
-      results[name] = 'ok'
-    except Exception:  # pylint: disable=broad-except
-      results[name] = traceback.format_exc()[-2000:]
-  print(json.dumps(results))
+  print(json.dumps(multidevice.outcomes(checks, results)))
 
 
 if __name__ == '__main__':

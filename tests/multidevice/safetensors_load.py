@@ -11,12 +11,12 @@ equal load_on_host's exactly and carry its NamedSharding; a param replicated ove
 is read once per distinct shard, not once per device.
 """
 
+import functools
 import json
 import math
 import os
 import sys
 import tempfile
-import traceback
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
@@ -27,6 +27,7 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from tests import multidevice
 from tests import safetensors_load_test
 from vdit_jax.parallel import safetensors_load as sl
 
@@ -114,12 +115,8 @@ def main():
   assert len(jax.devices()) == 8, jax.devices()
   with tempfile.TemporaryDirectory() as tmp:
     checkpoint(tmp)
-    for name in MESHES:
-      try:
-        check_mesh(name, tmp)
-        results[name] = 'ok'
-      except Exception:  # pylint: disable=broad-except
-        results[name] = traceback.format_exc()[-2000:]
+    multidevice.outcomes({name: functools.partial(check_mesh, name, tmp) for name in MESHES},
+                         results)
   print(json.dumps(results))
 
 

@@ -13,7 +13,6 @@ import json
 import os
 import sys
 import tempfile
-import traceback
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
@@ -23,6 +22,7 @@ import flax.linen as nn  # pylint: disable=g-import-not-at-top
 import jax
 import numpy as np
 
+from tests import multidevice
 from tests import wan_finetune_test
 from vdit_jax.data import captions as captions_lib
 from vdit_jax.data import pipeline
@@ -63,16 +63,6 @@ def main():
     config.mesh.update(dict(data=1, fsdp=8, tensor=1, sequence=1))
     s, params, shardings, metrics = run(config, devices, os.path.join(tmp, 'fsdp8'))
 
-  def check(name, fn):
-    try:
-      fn()
-      results[name] = 'ok'
-    except Exception:  # pylint: disable=broad-except
-      results[name] = traceback.format_exc()[-2000:]
-
-  check('step0_params_equal', lambda: jax.tree.map(np.testing.assert_array_equal, params,
-                                                   ref_params))
-
   def born_sharded():
     assert dict(s.mesh.shape)['fsdp'] == 8, s.mesh.shape
     assert jax.tree.structure(shardings) == jax.tree.structure(s.state_shardings.params)
@@ -81,13 +71,17 @@ def main():
       assert got.is_equivalent_to(want, param.ndim), (got, want)
     fc1 = shardings['blocks']['mlp']['fc1']['kernel']  # [L, D, F]: D over fsdp
     assert 'fsdp' in jax.tree.leaves(tuple(fc1.spec)), fc1
-  check('params_born_sharded_over_fsdp', born_sharded)
 
   def same_step():
     np.testing.assert_allclose(metrics['loss'], ref_metrics['loss'], **TOL)
     np.testing.assert_allclose(metrics['grad_norm'], ref_metrics['grad_norm'], **TOL)
     assert np.isfinite(metrics['loss']), metrics
-  check('first_step_loss_matches', same_step)
+
+  multidevice.outcomes({
+      'step0_params_equal': lambda: jax.tree.map(np.testing.assert_array_equal, params,
+                                                 ref_params),
+      'params_born_sharded_over_fsdp': born_sharded,
+      'first_step_loss_matches': same_step}, results)
   print(json.dumps(results))
 
 

@@ -17,6 +17,13 @@ the whole clip.
 `SyntheticShapes` is a grain random-access source (`__len__`, `__getitem__`): clip `idx` is
 a pure function of `(seed, idx)` and the constructor arguments, so any worker can render any
 clip and a checkpointed pipeline resumes exactly.
+
+With an `audio.AudioSpec` the clips also carry a soundtrack that the video determines (the
+built-in audio-visual data of issue 30, "Synchronised audio"): every bounce off a border, and
+nothing else, makes a short percussive tone that starts at the exact (sub-sample) bounce time,
+at the pitch of the shape (SHAPE_PITCHES_HZ) and as loud as the shape is fast. Frame k of a
+clip is at k / fps seconds, so a model has to place each click on the frame where the shape
+turns around, pick the pitch from the shape and the loudness from the speed.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ import numbers
 import types
 
 import numpy as np
+
+from vdit_jax.data import audio as audio_lib
 
 SHAPES = ('square', 'circle', 'triangle')
 # Ordered name -> (R, G, B) in 0..255; the colour index of a clip is its position here.
@@ -40,6 +49,11 @@ COLOURS = types.MappingProxyType({
 })
 DIRECTIONS = ('right', 'left', 'down', 'up')
 NUM_CLASSES = len(SHAPES) * len(DIRECTIONS)
+# Pitch in Hz of the bounce sound of each shape, in SHAPES order (square, circle, triangle):
+# one octave apart, so they stay apart after the mel features and Griffin-Lim, and all
+# well below the Nyquist frequency of the default 16 kHz audio. eval/sync.py reads them to
+# tell which shape a sound belongs to.
+SHAPE_PITCHES_HZ = (500.0, 1000.0, 2000.0)
 
 # Unit step (dx, dy) per direction, image coordinates (y grows downwards).
 _DIRECTION_STEPS = np.array([(1.0, 0.0), (-1.0, 0.0), (0.0, 1.0), (0.0, -1.0)])
@@ -51,6 +65,14 @@ _MAX_SHAPE_SIZE = 0.75  # larger boxes leave no room to move (and none for the m
 _SPEED_RANGE = (1.0, 2.5)  # pixels per frame at 32x32 and time_stride 1
 _BACKGROUND_RANGE = (0, 30)  # grey level of the background, per clip
 _MARGIN = 1.0  # pixels kept between the shape edge and the border (room for anti-aliasing)
+# The bounce sound: a sine at the shape's pitch, rising linearly over _BURST_ATTACK_S, then
+# decaying exponentially with time constant _BURST_DECAY_S, reaching exactly 0 at
+# _BURST_LENGTH_S (the exponential minus its value there, rescaled, so it ends without a
+# click). Peak amplitude _BURST_PEAK * speed / fastest speed: loudness says the speed.
+_BURST_ATTACK_S = 0.001
+_BURST_DECAY_S = 0.025
+_BURST_LENGTH_S = 0.080
+_BURST_PEAK = 0.35
 
 
 def _check_positive_int(name: str, value) -> int:
@@ -101,6 +123,19 @@ class SyntheticShapes:
       `idx` is the same as before this option existed; else one non-negative weight per
       shape (e.g. (2, 1, 1): squares in half the clips), normalised. The draw uses the
       same random number, so a clip keeps its colour, direction, size and motion.
+    audio: None (the default: video only, the clips exactly as before this option) or an
+      `audio.AudioSpec`: also render each clip's soundtrack at audio.sample_rate, with
+      frame k at k / audio.fps seconds (so base-motion time tau is at
+      tau / (time_stride * audio.fps) seconds). It covers [0, num_frames / fps) seconds,
+      audio.num_samples(num_frames) samples, the last frame's interval included. Each
+      bounce in that span (the unfolded centre start + step * speed * tau crossing a
+      border; with bounce=False there are none, so the audio is silent) starts a burst:
+      a sine at SHAPE_PITCHES_HZ[shape] with a 1 ms linear attack and an exponential
+      decay (time constant 25 ms) that ends 80 ms after the bounce, peak amplitude
+      0.35 * speed / fastest speed, phase 0 at the exact bounce time (sample n holds the
+      burst at n / sample_rate - t_bounce, for every n at or after it). Bursts that
+      overlap add; the sum is clipped to [-1, 1]. No random number is drawn for it: the
+      video and the other fields are the same with or without audio.
 
   `source[idx]` returns a dict of numpy values:
     video      uint8 [T, H, W, 3]
@@ -109,12 +144,18 @@ class SyntheticShapes:
     colour     int32 []   index into COLOURS
     direction  int32 []   index into DIRECTIONS
     caption    str        only with captions=True: 'a {colour} {shape} moving {direction}'
+    audio         float32 [S]  only with audio: the soundtrack in [-1, 1],
+                               S = audio.num_samples(T)
+    event_times   float64 [E]  only with audio: bounce times in seconds, sorted (E may be 0)
+    event_speeds  float64 [E]  only with audio: the shape's speed at each bounce, in pixels
+                               per second (speed per base frame * time_stride * fps)
   """
 
   def __init__(self, num_frames: int, height: int, width: int,
                num_examples: int = 100_000, seed: int = 0, time_stride: float = 1.0,
                colours=None, captions: bool = False, shape_size=SHAPE_SIZE,
-               bounce: bool = True, shape_weights=None):
+               bounce: bool = True, shape_weights=None,
+               audio: audio_lib.AudioSpec | None = None):
     self.num_frames = _check_positive_int('num_frames', num_frames)
     self.height = _check_positive_int('height', height)
     self.width = _check_positive_int('width', width)
@@ -139,12 +180,16 @@ class SyntheticShapes:
     self.shape_weights = check_shape_weights(shape_weights)
     self._shape_edges = (None if self.shape_weights is None else
                          np.cumsum(self.shape_weights) / sum(self.shape_weights))  # [3]
+    if audio is not None and not isinstance(audio, audio_lib.AudioSpec):
+      raise ValueError(f'audio must be None or an audio.AudioSpec, got {audio!r}.')
+    self.audio = audio
 
     # Pixel-centre coordinates, shared by every clip.
     self._xs = (np.arange(self.width, dtype=np.float32) + 0.5)[None, None, :]  # [1, 1, W]
     self._ys = (np.arange(self.height, dtype=np.float32) + 0.5)[None, :, None]  # [1, H, 1]
     self._times = np.arange(self.num_frames, dtype=np.float64) * self.time_stride  # [T]
     self._pixel_scale = min(self.height, self.width) / 32.0
+    self._max_speed = _SPEED_RANGE[1] * self._pixel_scale  # the fastest clip's speed
 
   def __len__(self) -> int:
     return self.num_examples
@@ -154,7 +199,8 @@ class SyntheticShapes:
             f'width={self.width}, num_examples={self.num_examples}, seed={self.seed}, '
             f'time_stride={self.time_stride}{self._colours_repr()}{self._size_repr()}'
             f'{"" if self.bounce else ", bounce=False"}'
-            f'{"" if self.shape_weights is None else f", shape_weights={self.shape_weights}"})')
+            f'{"" if self.shape_weights is None else f", shape_weights={self.shape_weights}"}'
+            f'{"" if self.audio is None else f", audio={self.audio!r}"})')
 
   def _size_repr(self) -> str:
     return '' if self.shape_size == SHAPE_SIZE else f', shape_size={self.shape_size}'
@@ -213,8 +259,9 @@ class SyntheticShapes:
       room = max(hi - lo - speed, 0.0)
       return lo + v * room if step > 0 else hi - v * room
 
-    cx = _reflect(start(start_u, hi_x, step_x) + step_x * speed * self._times, lo, hi_x)
-    cy = _reflect(start(start_v, hi_y, step_y) + step_y * speed * self._times, lo, hi_y)
+    x0, y0 = start(start_u, hi_x, step_x), start(start_v, hi_y, step_y)
+    cx = _reflect(x0 + step_x * speed * self._times, lo, hi_x)
+    cy = _reflect(y0 + step_y * speed * self._times, lo, hi_y)
     cx = cx.astype(np.float32)[:, None, None]  # [T, 1, 1]
     cy = cy.astype(np.float32)[:, None, None]  # [T, 1, 1]
 
@@ -259,15 +306,102 @@ class SyntheticShapes:
     }
     if self.captions:
       example['caption'] = caption(shape, colour, direction)
+    if self.audio is not None:
+      moving = (x0, hi_x, step_x) if step_x else (y0, hi_y, step_y)
+      example.update(self._soundtrack(shape, speed, lo, *moving))
     return example
+
+  def _soundtrack(self, shape: int, speed: float, lo: float, start: float, hi: float,
+                  step: float) -> dict[str, np.ndarray]:
+    """The audio, event_times and event_speeds of a clip moving along one axis from
+    `start` at `speed` pixels per base frame, in direction `step` (+-1), between `lo`
+    and `hi`."""
+    spec = self.audio
+    seconds_per_base = 1.0 / (self.time_stride * spec.fps)  # seconds per base frame
+    end = self.num_frames / spec.fps  # the audio covers [0, end) seconds
+    if self.bounce:
+      times = bounce_times(start, step * speed, lo, hi, self.num_frames * self.time_stride)
+      times = times * seconds_per_base  # [E]
+      times = times[times < end]
+    else:  # no clip reaches a border
+      times = np.zeros((0,), np.float64)
+    amplitude = _BURST_PEAK * speed / self._max_speed
+    wave = render_bursts(times, SHAPE_PITCHES_HZ[shape], amplitude, spec.sample_rate,
+                         spec.num_samples(self.num_frames))
+    return {
+        'audio': wave,
+        'event_times': times.astype(np.float64),
+        'event_speeds': np.full(times.shape, speed / seconds_per_base, np.float64),
+    }
+
+
+def bounce_times(start: float, velocity: float, lo: float, hi: float,
+                 duration: float) -> np.ndarray:
+  """Base times in [0, duration) at which a centre bouncing between lo and hi turns back.
+
+  The centre is `_reflect(start + velocity * tau, lo, hi)`: the unfolded line turns back
+  exactly where it crosses a wall lo + m * span (span = hi - lo, m an integer) other than
+  one it starts on, so for velocity > 0 the bounces are at tau_m = (lo + m * span - start)
+  / velocity for the walls m with lo + m * span > start (and mirrored for velocity < 0).
+
+  Args:
+    start: unfolded position at tau = 0, in [lo, hi].
+    velocity: signed speed along the axis per base frame (0: no bounces).
+    lo: lower wall.
+    hi: upper wall (hi <= lo: the centre cannot move, no bounces).
+    duration: end of the base-time span (exclusive).
+
+  Returns:
+    float64 [E], sorted.
+  """
+  span = hi - lo
+  if span <= 0 or velocity == 0 or duration <= 0:
+    return np.zeros((0,), np.float64)
+  speed = abs(velocity)
+  count = int(math.ceil(speed * duration / span)) + 1  # walls the line can reach, at most
+  fold = (start - lo) / span
+  if velocity > 0:  # walls above start: m = floor(fold) + 1, + 2, ...
+    walls = lo + (math.floor(fold) + 1 + np.arange(count)) * span  # [count]
+    taus = (walls - start) / speed
+  else:  # walls below start: m = ceil(fold) - 1, - 2, ...
+    walls = lo + (math.ceil(fold) - 1 - np.arange(count)) * span  # [count]
+    taus = (start - walls) / speed
+  return taus[(taus >= 0) & (taus < duration)]
+
+
+def render_bursts(times: np.ndarray, pitch: float, amplitude: float, sample_rate: int,
+                  num_samples: int) -> np.ndarray:
+  """The bounce sounds: one burst per event time (seconds), summed and clipped to [-1, 1].
+
+  Burst at t_e, for every sample n with dt = n / sample_rate - t_e in [0, 80 ms):
+  amplitude * envelope(dt) * sin(2 pi pitch dt), envelope rising linearly from 0 to 1
+  over 1 ms, then (exp(-(dt - 1 ms) / 25 ms) - e) / (1 - e) with e its value at 80 ms.
+
+  Returns:
+    float32 [num_samples].
+  """
+  wave = np.zeros((num_samples,), np.float64)  # [S]
+  length = int(math.ceil(_BURST_LENGTH_S * sample_rate)) + 1
+  tail = math.exp(-(_BURST_LENGTH_S - _BURST_ATTACK_S) / _BURST_DECAY_S)
+  for t_event in np.asarray(times, np.float64):
+    first = int(math.ceil(t_event * sample_rate))
+    n = np.arange(first, min(first + length, num_samples))  # [L]
+    dt = np.maximum(n / sample_rate - t_event, 0.0)  # [L]; >= 0 up to rounding
+    decay = (np.exp(-(dt - _BURST_ATTACK_S) / _BURST_DECAY_S) - tail) / (1.0 - tail)
+    envelope = np.where(dt < _BURST_ATTACK_S, dt / _BURST_ATTACK_S, decay)
+    envelope = np.where(dt < _BURST_LENGTH_S, envelope, 0.0)
+    wave[n] += amplitude * envelope * np.sin(2.0 * np.pi * pitch * dt)
+  return np.clip(wave, -1.0, 1.0).astype(np.float32)
 
 
 def from_data_config(data, *, num_examples: int, seed: int, num_frames=None,
-                     time_stride=None, captions: bool = False) -> SyntheticShapes:
+                     time_stride=None, captions: bool = False,
+                     audio: audio_lib.AudioSpec | None = None) -> SyntheticShapes:
   """The clips `config.data` describes (size, colours, shape sizes, bounce), with
   `num_examples` clips from `seed`: the training source (data/pipeline.py) and the
   held-out clips of sampling and the benches, so both read every option the same way.
-  `num_frames` and `time_stride` default to the config's."""
+  `num_frames` and `time_stride` default to the config's; `audio` (an AudioSpec, e.g.
+  `audio.AudioSpec.from_config(config.audio)`) adds the soundtrack."""
   return SyntheticShapes(
       data.num_frames if num_frames is None else num_frames, data.height, data.width,
       num_examples=num_examples, seed=seed, captions=captions,
@@ -275,7 +409,8 @@ def from_data_config(data, *, num_examples: int, seed: int, num_frames=None,
       colours=data.colours,
       shape_size=data.shape_size,
       bounce=data.bounce,
-      shape_weights=data.shape_weights)
+      shape_weights=data.shape_weights,
+      audio=audio)
 
 
 def check_shape_weights(shape_weights):

@@ -17,6 +17,8 @@ Record (one per clip): a msgpack map with string keys,
     'caption_embedding', 'caption_embedding_shape', 'caption_embedding_dtype'
                   optional: bytes, [L, D] and 'float16' | 'float32'
     'key'         str, optional: where the clip came from (e.g. its video's relative path)
+    'audio', 'audio_shape', 'audio_dtype'
+                  optional: bytes, [S] and 'float32': the clip's sound, mono in [-1, 1]
 msgpack is plain and language-neutral, so other tools can read and write records.
 
 Index (`index.json`):
@@ -24,6 +26,8 @@ Index (`index.json`):
      "shards": [{"name": "shard-00000-of-00002.array_record", "num_records": 32}, ...],
      "num_records": 64, "clip_shape": [T, H, W, C], "dtype": "uint8",
      "num_classes": 2, "class_names": ["a", "b"], ...}
+Shards whose records carry sound also say how it was cut, and every record then has it:
+     "audio": {"sample_rate": 16000, "fps": 16.0, "num_samples": 16000}
 Record i of the source is record i of the shards concatenated in index order. Shards are
 written with `group_size:1`, so reading one record decodes only that record.
 
@@ -56,6 +60,7 @@ INDEX_NAME = 'index.json'
 WRITER_OPTIONS = 'group_size:1'  # one record per chunk: true random access
 CLIP_DTYPES = ('uint8', 'float16', 'float32')
 EMBEDDING_DTYPES = ('float16', 'float32')
+AUDIO_DTYPES = ('float32',)
 _SHARD_NAME = re.compile(r'shard-\d{5}-of-\d{5}\.array_record')
 _TMP_PREFIX = '.tmp-'      # unfinished files (local shards, paths.write_text's temporaries)
 _GCS_READS_SINCE = (0, 8, 3)  # the first array_record whose reader opens gs:// objects
@@ -83,8 +88,9 @@ def _array_fields(prefix: str, array: np.ndarray, dtypes) -> dict:
 
 
 def encode_record(clip, label: int | None = None, caption: str | None = None,
-                  caption_embedding=None, key: str | None = None) -> bytes:
-  """One record's bytes for a clip [T, H, W, C] (uint8 frames or float latents)."""
+                  caption_embedding=None, key: str | None = None, audio=None) -> bytes:
+  """One record's bytes for a clip [T, H, W, C] (uint8 frames or float latents), with its
+  sound `audio` (float32 [S] mono) when given."""
   clip = np.asarray(clip)
   if clip.ndim != 4 or min(clip.shape) < 1:
     raise ValueError(f'a clip must have shape [T, H, W, C] with every size >= 1, got '
@@ -104,6 +110,11 @@ def encode_record(clip, label: int | None = None, caption: str | None = None,
     record.update(_array_fields('caption_embedding', embedding, EMBEDDING_DTYPES))
   if key is not None:
     record['key'] = str(key)
+  if audio is not None:
+    audio = np.asarray(audio)
+    if audio.ndim != 1 or audio.size < 1:
+      raise ValueError(f'audio must have shape [S] (mono) with S >= 1, got {audio.shape}.')
+    record.update(_array_fields('audio', audio, AUDIO_DTYPES))
   return msgpack.packb(record, use_bin_type=True)
 
 
@@ -121,7 +132,7 @@ def _array(record: dict, data_key: str, shape_key: str, dtype_key: str, dtypes) 
 
 def decode_record(data: bytes) -> dict:
   """A record's bytes -> {'video': array [T, H, W, C], 'label': int32 [], optional
-  'caption': str, 'caption_embedding': float [L, D], 'key': str}."""
+  'caption': str, 'caption_embedding': float [L, D], 'key': str, 'audio': float32 [S]}."""
   record = msgpack.unpackb(data, raw=False)
   missing = [k for k in ('clip', 'shape', 'dtype') if k not in record]
   if missing:
@@ -136,6 +147,8 @@ def decode_record(data: bytes) -> dict:
                                           'caption_embedding_dtype', EMBEDDING_DTYPES)
   if 'key' in record:
     example['key'] = record['key']
+  if 'audio' in record:
+    example['audio'] = _array(record, 'audio', 'audio_shape', 'audio_dtype', AUDIO_DTYPES)
   return example
 
 
@@ -186,12 +199,26 @@ def read_index(directory) -> dict:
     raise ValueError(f'{path}: num_classes={index["num_classes"]!r} must be an integer >= 1.')
   if not index['shards']:
     raise ValueError(f'{path} lists no shards: the folder holds no clips.')
+  if index.get('audio') is not None:
+    _check_audio_index(path, index['audio'])
   present = set(paths.listdir(directory))  # one listing, not a request per shard
   for shard in index['shards']:
     if shard['name'] not in present:
       raise FileNotFoundError(f'{path} names the shard {shard["name"]!r}, which is not in '
                               f'{directory!r}.')
   return index
+
+
+def _check_audio_index(path: str, audio) -> None:
+  """Raises naming `path` unless `audio` is {sample_rate: int >= 1, fps: number > 0,
+  num_samples: int >= 1}."""
+  rule = 'must be {"sample_rate": int >= 1, "fps": number > 0, "num_samples": int >= 1}'
+  if not isinstance(audio, dict):
+    raise ValueError(f'{path}: audio={audio!r} {rule}.')
+  for key, kinds in (('sample_rate', (int,)), ('fps', (int, float)), ('num_samples', (int,))):
+    value = audio.get(key)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not value > 0:
+      raise ValueError(f'{path}: audio.{key}={value!r}; audio {rule}.')
 
 
 def _unreadable_shard(files, error: Exception, module) -> str:
@@ -234,8 +261,10 @@ class ShardSource:
   """Random-access source over a shard folder (grain `RandomAccessDataSource` protocol).
 
   Attributes: `index` (the parsed index.json), `clip_shape` (T, H, W, C), `dtype`,
-  `num_classes`. `source[idx]` returns `decode_record` of record idx. Picklable (grain
-  worker processes reopen the files lazily).
+  `num_classes`, `audio` (the index's {sample_rate, fps, num_samples}, or None when the
+  clips carry no sound). `source[idx]` returns `decode_record` of record idx (with 'audio',
+  float32 [S], when the shards have sound). Picklable (grain worker processes reopen the
+  files lazily).
   """
 
   def __init__(self, directory):
@@ -247,6 +276,7 @@ class ShardSource:
     self.clip_shape = tuple(self.index['clip_shape'])
     self.dtype = self.index['dtype']
     self.num_classes = self.index['num_classes']
+    self.audio = self.index.get('audio')
     files = [paths.join(self.directory, s['name']) for s in self.index['shards']]
     try:
       self._records = array_record_data_source.ArrayRecordDataSource(files)
@@ -283,6 +313,12 @@ class ShardSource:
       raise ValueError(f'{self.directory}: record {idx} is {list(video.shape)} '
                        f'{video.dtype.name}, the index says {list(self.clip_shape)} '
                        f'{self.dtype}.')
+    if self.audio is not None:
+      sound = example.get('audio')
+      if sound is None or sound.shape != (self.audio['num_samples'],):
+        raise ValueError(f'{self.directory}: record {idx} holds '
+                         + ('no audio' if sound is None else f'audio {list(sound.shape)}')
+                         + f', the index says [{self.audio["num_samples"]}] samples.')
     return example
 
 

@@ -35,6 +35,18 @@ crop). `source[idx]` draws its randomness from (seed, idx), so it is determinist
 index; `source.load(idx, rng)` takes the generator explicitly (the pipeline passes one
 that differs per epoch).
 
+Sound: with `ClipSpec.audio` (an `audio.AudioSpec`: sample_rate, fps, num_samples) each
+example also gets 'audio', float32 [S] mono in [-1, 1] with S = audio.num_samples(T): the
+file's sound over the clip's time span, from its first frame's time (first frame index /
+the file's frame rate) on, resampled to audio.sample_rate (`video_io.read_audio`). The
+clip's frame rate (the file's / frame_stride) must be audio.fps within 1%, or the file is
+skipped with both rates in the reason. The probe decodes the first half second of each
+file's sound (`video_io.probe_audio`); a file with no audio stream or one that fails to
+decode is, by `missing_audio`: 'skip' -> skipped and counted with the reason; 'silence'
+-> kept with zeros for sound, listed in `silent`. A stream damaged past the probe that
+fails when a clip is read is, under 'skip', an unreadable file (the next index is used,
+logged), under 'silence' zeros (logged).
+
 Captions: a text file beside a video with its stem and `.txt` (`clip.mp4` -> `clip.txt`,
 `caption_path`) is that video's caption sidecar: read as UTF-8 (a byte-order mark
 allowed) and stripped, it becomes the example's 'caption'. Which videos have one is found
@@ -61,17 +73,27 @@ from vdit_jax.parallel import paths
 CAPTION_EXTENSION = '.txt'  # clip.mp4 -> clip.txt: the clip's caption sidecar
 _MAX_SUBSTITUTES = 16  # read-time failures in a row before giving up
 _PROBE_THREADS = 8     # probes overlap their bucket reads (and PyAV's decoding) on threads
+MISSING_AUDIO = ('skip', 'silence')  # what a file without readable sound gives
+FPS_TOLERANCE = 0.01   # a clip's frame rate may differ from audio.fps by this fraction
+_AUDIO_ERRORS = (video_io.NoAudioError, video_io.AudioDecodeError)
 
 
 @dataclasses.dataclass(frozen=True)
 class ClipSpec:
-  """What one clip is: T frames every `frame_stride` source frames, resized to H x W."""
+  """What one clip is: T frames every `frame_stride` source frames, resized to H x W.
+
+  With `audio` (an `audio.AudioSpec`, or any object with `sample_rate`, `fps` and
+  `num_samples(num_frames)`) the clip carries its sound too; `missing_audio` says what a
+  file without readable sound gives: 'skip' (left out) or 'silence' (zeros).
+  """
   num_frames: int
   height: int
   width: int
   frame_stride: int = 1
   clip_start: str = 'random'  # random | center
   crop: str = 'center'        # center | random
+  audio: object | None = None  # audio.AudioSpec
+  missing_audio: str = 'skip'  # skip | silence
 
   def __post_init__(self):
     for name in ('num_frames', 'height', 'width', 'frame_stride'):
@@ -82,6 +104,18 @@ class ClipSpec:
       raise ValueError(f'clip_start={self.clip_start!r} is not one of {transforms.CLIP_STARTS}.')
     if self.crop not in transforms.CROPS:
       raise ValueError(f'crop={self.crop!r} is not one of {transforms.CROPS}.')
+    if self.missing_audio not in MISSING_AUDIO:
+      raise ValueError(f'missing_audio={self.missing_audio!r} is not one of {MISSING_AUDIO}.')
+    if self.audio is not None:
+      lacking = [a for a in ('sample_rate', 'fps', 'num_samples') if not hasattr(self.audio, a)]
+      if lacking:
+        raise ValueError(f'audio={self.audio!r} lacks {lacking}: it must be an audio.AudioSpec '
+                         '(sample_rate, fps, num_samples(num_frames)).')
+
+  @property
+  def num_audio_samples(self) -> int:
+    """S, the samples of a clip's sound (audio.num_samples(num_frames)); needs `audio`."""
+    return int(round(self.audio.num_samples(self.num_frames)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,16 +321,105 @@ def read_caption(path: str) -> str:
     raise ValueError(f'caption file {path!r} is not UTF-8 text ({e}); save it as UTF-8.') from e
 
 
+def _read_frames_clip(path: str, num_available: int, spec: ClipSpec, rng):
+  """(uint8 [T, H, W, 3] clip, index of its first source frame)."""
+  indices = transforms.clip_frame_indices(num_available, spec.num_frames, spec.frame_stride,
+                                          spec.clip_start, rng)  # [T]
+  frames = video_io.read_frames(path, indices)  # [T, h, w, 3]
+  return transforms.resize_and_crop(frames, spec.height, spec.width, spec.crop, rng), int(
+      indices[0])
+
+
 def read_clip(path: str, num_available: int, spec: ClipSpec,
               rng: np.random.Generator | None = None) -> np.ndarray:
   """One clip of a video with `num_available` frames: uint8 [T, H, W, 3].
 
-  `rng` is only needed when spec.clip_start or spec.crop is 'random'.
+  `rng` is only needed when spec.clip_start or spec.crop is 'random'. spec.audio is not
+  read here (see read_clip_with_audio).
   """
-  indices = transforms.clip_frame_indices(num_available, spec.num_frames, spec.frame_stride,
-                                          spec.clip_start, rng)  # [T]
-  frames = video_io.read_frames(path, indices)  # [T, h, w, 3]
-  return transforms.resize_and_crop(frames, spec.height, spec.width, spec.crop, rng)
+  return _read_frames_clip(path, num_available, spec, rng)[0]
+
+
+def frame_rate_mismatch(file_fps: float, spec: ClipSpec) -> str | None:
+  """None when the clip's frame rate (file_fps / frame_stride) is spec.audio.fps within
+  FPS_TOLERANCE, else the reason (both rates named)."""
+  clip_fps = file_fps / spec.frame_stride
+  if abs(clip_fps - spec.audio.fps) <= FPS_TOLERANCE * spec.audio.fps:
+    return None
+  return (f'its clips run at {clip_fps:.4g} fps ({file_fps:.4g} fps / frame_stride '
+          f'{spec.frame_stride}), but the audio spec is for fps={spec.audio.fps:.4g} (they must '
+          f'agree within {FPS_TOLERANCE:.0%}); the sound would drift from the frames')
+
+
+def read_clip_audio(path: str, first_frame: int, file_fps: float, spec: ClipSpec) -> np.ndarray:
+  """The sound of a clip whose first frame is source frame `first_frame`: float32 [S].
+
+  S = spec.audio.num_samples(T), from time first_frame / file_fps on, at
+  spec.audio.sample_rate. Raises video_io.NoAudioError / AudioDecodeError as read_audio.
+  """
+  return video_io.read_audio(path, start_s=first_frame / file_fps,
+                             num_samples=spec.num_audio_samples,
+                             sample_rate=int(spec.audio.sample_rate))  # [S]
+
+
+def read_clip_with_audio(path: str, num_available: int, file_fps: float, spec: ClipSpec,
+                         rng: np.random.Generator | None = None, silent: bool = False):
+  """(uint8 [T, H, W, 3] clip, float32 [S] sound) of a video with `num_available` frames
+  at `file_fps`; the clip is read_clip's (the same draws from `rng`). `silent` gives zeros
+  for sound without opening the audio. Under spec.missing_audio='silence' a sound that
+  fails to read is zeros too (logged); under 'skip' the error is raised."""
+  video, first = _read_frames_clip(path, num_available, spec, rng)
+  if silent:
+    return video, np.zeros(spec.num_audio_samples, np.float32)  # [S]
+  try:
+    return video, read_clip_audio(path, first, file_fps, spec)
+  except _AUDIO_ERRORS as e:
+    if spec.missing_audio != 'silence':
+      raise
+    logging.warning('video files: the sound of %s cannot be read (%s); using silence.', path,
+                    describe_error(e))
+    return video, np.zeros(spec.num_audio_samples, np.float32)  # [S]
+
+
+def _probe_audio(path: str, spec: ClipSpec):
+  """(frame rate or None, whether its sound is readable, reason it is skipped or None)."""
+  try:
+    fps = video_io.frame_rate(path)
+  except Exception as e:  # pylint: disable=broad-except
+    return None, False, describe_error(e)
+  mismatch = frame_rate_mismatch(fps, spec)
+  if mismatch is not None:
+    return fps, False, mismatch
+  ok, why = video_io.probe_audio(path)
+  if ok or spec.missing_audio == 'silence':
+    return fps, ok, None
+  return fps, False, f'no readable sound: {why}'
+
+
+def probe_audio_files(video_paths, spec: ClipSpec, num_threads: int = _PROBE_THREADS):
+  """For each path: (frame rate, sound readable, reason to skip it or None); see _probe_audio."""
+  if not video_paths:
+    return []
+  with concurrent.futures.ThreadPoolExecutor(min(num_threads, len(video_paths))) as pool:
+    return list(pool.map(lambda p: _probe_audio(p, spec), video_paths))
+
+
+def _sift_by_sound(video_paths, counts: list, reasons: list, spec: ClipSpec,
+                   num_threads: int):
+  """Probes the sound of the files that passed the video probe (counts[i] not None).
+
+  A file to skip gets counts[i] = None and its reason in reasons[i] (both lists changed
+  in place). Returns (frame rate of each file or None, indices of the files kept silent)."""
+  readable = [i for i, n in enumerate(counts) if n is not None]
+  sound = probe_audio_files([video_paths[i] for i in readable], spec, num_threads)
+  rates, silent = [None] * len(counts), set()
+  for i, (fps, ok, reason) in zip(readable, sound):
+    rates[i] = fps
+    if reason is not None:
+      counts[i], reasons[i] = None, reason
+    elif not ok:
+      silent.add(i)
+  return rates, silent
 
 
 class VideoFiles:
@@ -313,9 +436,12 @@ class VideoFiles:
     class_names: sorted class folder names (() when flat); num_classes >= 1.
     skipped: (path, reason) of every file the probe rejected.
     caption_paths: each readable file's caption sidecar (`caption_path`), or None.
+    frame_rates: each readable file's frame rate (with spec.audio; else None).
+    silent: paths of the files whose sound is zeros (spec.missing_audio='silence': no audio
+      stream, or one that failed the probe); () without spec.audio.
 
-  `source[idx]` returns {'video': uint8 [T, H, W, 3], 'label': int32 []}, and 'caption'
-  (str) when the video has a caption sidecar.
+  `source[idx]` returns {'video': uint8 [T, H, W, 3], 'label': int32 []}, 'caption'
+  (str) when the video has a caption sidecar, and 'audio' (float32 [S]) with spec.audio.
   """
 
   def __init__(self, path, spec: ClipSpec, seed: int = 0,
@@ -329,11 +455,24 @@ class VideoFiles:
     self.class_names = listing.class_names
     self.num_classes = listing.num_classes
     counts, reasons = probe_videos(listing.paths, num_probe_threads)
+    self.frame_rates, self.silent = None, ()
+    if spec.audio is not None:
+      rates, silent = _sift_by_sound(listing.paths, counts, reasons, spec, num_probe_threads)
     keep = [i for i, n in enumerate(counts) if n is not None]
     self.paths = tuple(listing.paths[i] for i in keep)
     self.labels = tuple(listing.labels[i] for i in keep)
     self.frame_counts = tuple(counts[i] for i in keep)
     self.skipped = tuple((p, r) for p, r in zip(listing.paths, reasons) if r is not None)
+    if spec.audio is not None:
+      self.frame_rates = tuple(rates[i] for i in keep)
+      self.silent = tuple(listing.paths[i] for i in keep if i in silent)
+      logging.info('video files %r: %d file(s) with sound, %d silent, %d skipped', self.path,
+                   len(self.paths) - len(self.silent), len(self.silent), len(self.skipped))
+      if self.silent:
+        logging.warning("video files %r: %d file(s) have no readable sound; missing_audio="
+                        "'silence' gives them zeros: %s", self.path, len(self.silent),
+                        ', '.join(self.silent[:5]) + (' ...' if len(self.silent) > 5 else ''))
+    self._silent = frozenset(self.silent)
     self.caption_paths = find_captions(self.paths, num_probe_threads)
     if self.skipped:
       logging.warning('video files %r: skipped %d unreadable file(s) of %d: %s', self.path,
@@ -365,8 +504,14 @@ class VideoFiles:
   def read(self, idx: int, rng: np.random.Generator | None = None) -> dict:
     """Clip `idx` with randomness from `rng`; raises if the file cannot be decoded."""
     idx = self._check_index(idx)
-    video = read_clip(self.paths[idx], self.frame_counts[idx], self.spec, rng)
-    example = {'video': video, 'label': np.int32(self.labels[idx])}
+    path = self.paths[idx]
+    if self.spec.audio is None:
+      video = read_clip(path, self.frame_counts[idx], self.spec, rng)
+      example = {'video': video, 'label': np.int32(self.labels[idx])}
+    else:
+      video, sound = read_clip_with_audio(path, self.frame_counts[idx], self.frame_rates[idx],
+                                          self.spec, rng, silent=path in self._silent)
+      example = {'video': video, 'label': np.int32(self.labels[idx]), 'audio': sound}
     if self.caption_paths[idx] is not None:
       example['caption'] = read_caption(self.caption_paths[idx])
     return example
@@ -377,7 +522,9 @@ class VideoFiles:
     A failing file is probed again: if the probe now fails or counts other frames, the
     file changed or went away since the source was built, and the next index is used
     (logged). If the file probes as before, the failure is not the file's, and it is
-    raised rather than hidden behind substitutes.
+    raised rather than hidden behind substitutes. A sound that fails to decode
+    (spec.missing_audio='skip': its stream is damaged past what the probe read) is the
+    file's failure: the next index is used (logged).
     """
     idx = self._check_index(idx)
     attempts = min(_MAX_SUBSTITUTES, len(self))
@@ -386,7 +533,8 @@ class VideoFiles:
       try:
         return self.read(candidate, rng)
       except Exception as e:  # pylint: disable=broad-except
-        if _probe(self.paths[candidate])[0] == self.frame_counts[candidate]:
+        if (not isinstance(e, _AUDIO_ERRORS)
+            and _probe(self.paths[candidate])[0] == self.frame_counts[candidate]):
           raise  # the file is as it was: the failure is not the file's
         logging.warning('video files: %s is no longer readable (%s); using the next index.',
                         self.paths[candidate], describe_error(e))

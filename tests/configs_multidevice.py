@@ -51,7 +51,7 @@ MESHES = {
 }
 CONFIGS = ('tiny', 'tiny_text', 'tiny_extend', 'tiny_keyframes', 'tiny_interpolate',
            'tiny_buckets', 'lora_finetune', 'tiny_latent', 'small', 'bench', 'dit_xl_video',
-           'wan')
+           'wan', 'tiny_av')
 # Latent shard folders under DATA_DIR (configs_test.make_data writes them).
 LATENT_SHARDS = {'tiny_latent': 'tiny_latents', 'bench': 'bench_latents',
                  'dit_xl_video': 'xl_latents', 'wan': 'wan_latents'}

@@ -219,6 +219,33 @@ def base_config() -> ml_collections.ConfigDict:
   lo.base_checkpoint = ''           # workdir (newest checkpoint's EMA params), export dir, or
                                     # a Wan 2.1 diffusers folder (model/wan.py)
 
+  # Synchronised audio (issue 30): clips carry their soundtrack as log-mel frames on the
+  # video's time axis, and one DiT generates both (model/av_dit.py, diffusion/av.py).
+  c.audio = au = ml_collections.ConfigDict()
+  au.enabled = False
+  au.sample_rate = 16000            # Hz, mono
+  au.fps = 16.0                     # video frames per second of a clip (files: must match)
+  au.n_fft = 512                    # STFT window (samples)
+  au.hop = 125                      # samples per mel frame; sample_rate / fps / hop integer
+  au.mel_bins = 64
+  au.fmin = 0.0
+  au.fmax = 8000.0
+  au.missing = 'skip'               # files without (readable) audio: skip | silence
+  au.design = 'cross'               # cross (two streams + cross-attention, LTX-2 / Ovi) |
+                                    # joint (one attention over both, MM-DiT)
+  au.patch = 4                      # mel frames per audio token
+  au.loss_weight = 1.0              # the audio stream's loss beside the video's
+  # Training tasks per clip: (joint: both noisy at one t, video->audio: the video clean,
+  # audio->video: the audio clean); the rest of the clips draw a t per stream.
+  au.task_probs = (0.5, 0.3, 0.1)
+  au.modality_dropout = 0.1         # p(a stream does not see the other), for modality CFG
+  # Sampling: joint (both generated) | v2a (audio for given video) | a2v (video for audio)
+  au.task = 'joint'
+  au.cfg_scale = 1.5                # the audio stream's label guidance (sample.cfg_scale: video's)
+  au.modality_cfg_video = 1.0       # guidance of each stream toward the other (1 = none)
+  au.modality_cfg_audio = 1.0
+  au.griffin_lim_iters = 32         # the vocoder's iterations
+
   c.mesh = mesh = ml_collections.ConfigDict()
   # Sizes within one slice (ICI); an axis's full size is mesh.<axis> * mesh.dcn_<axis>.
   mesh.data = -1                    # -1: whatever the other axes leave of a slice

@@ -7,9 +7,11 @@ from typing import Optional
 import jax
 import ml_collections
 
+from vdit_jax.data import audio as audio_lib
 from vdit_jax.data import buckets
 from vdit_jax.data import pipeline
 from vdit_jax.data import synthetic
+from vdit_jax.diffusion import av
 from vdit_jax.diffusion import objectives, samplers
 from vdit_jax.model import spec as spec_lib
 from vdit_jax.model import attention
@@ -103,7 +105,8 @@ def validate_config(config, num_devices: int, process_count: int = 1,
     raise ValueError(f'config.train.tensorboard={tensorboard!r} must be True or False '
                      '(write WORKDIR/tensorboard event files or not).')
 
-  spec = spec_lib.from_config(config.model)
+  audio_cfg = _check_audio(config)  # before the spec: its rates decide the audio tokens
+  spec = spec_lib.from_config(config.model, audio_cfg)
   spec_lib.check_spec(spec)
   conditional.check_config(config)  # captions, prompts, given frames
   if platform is None and spec.attention_impl in ('cudnn', 'splash'):
@@ -166,6 +169,13 @@ def validate_config(config, num_devices: int, process_count: int = 1,
        pt * ph * pw * config.data.channels, axes.PATCH),
       (f'tokens per clip {tokens} (T/pt * H/ph * W/pw)', tokens, axes.ACT_LENGTH),
   ]
+  if spec.audio is not None:  # the audio tokens take the video's logical axes
+    audio_tokens = (config.data.num_frames * spec.audio.mel_frames_per_frame
+                    // spec.audio.patch)
+    dims += [(f'audio tokens per clip {audio_tokens} (mel frames / audio.patch)',
+              audio_tokens, axes.ACT_LENGTH),
+             (f'audio token size audio.patch*mel_bins={spec.audio.patch * spec.audio.mel_bins}',
+              spec.audio.patch * spec.audio.mel_bins, axes.PATCH)]
   dims += conditional.sharded_dims(spec.text)  # the text encoder's widths and heads
   seq_ways = _ways(rules, axes.ACT_LENGTH, sizes)[1]
   # sample.num_samples need not divide the batch axes: the sampler's batch splits where it
@@ -187,6 +197,54 @@ def validate_config(config, num_devices: int, process_count: int = 1,
           f'must be divisible by the sequence-sharding mesh size {seq_ways}.')
   _check_train_speed(config.train, rules, sizes)
   return spec
+
+
+AUDIO_MISSING = ('skip', 'silence')  # audio.missing: files without readable audio
+
+
+def _check_audio(config):
+  """config.audio's rules (issue 30); returns the section when enabled, else None."""
+  audio = config.get('audio')
+  if audio is None:
+    return None
+  if not isinstance(audio.enabled, bool):
+    raise ValueError(f'config.audio.enabled={audio.enabled!r} must be True or False.')
+  if not audio.enabled:
+    return None
+  spec = audio_lib.AudioSpec.from_config(audio)  # the rates' own rules, named
+  frames = spec.num_mel_frames(config.data.num_frames)
+  if isinstance(audio.patch, bool) or not isinstance(audio.patch, int) or audio.patch <= 0:
+    raise ValueError(f'config.audio.patch={audio.patch!r} must be a positive integer.')
+  if frames % audio.patch:
+    raise ValueError(f'config.audio.patch={audio.patch} must divide the {frames} mel frames '
+                     f'of a clip (data.num_frames={config.data.num_frames} x '
+                     f'{spec.mel_frames_per_frame} mel frames per video frame).')
+  if audio.missing not in AUDIO_MISSING:
+    raise ValueError(f'config.audio.missing={audio.missing!r} is not one of {AUDIO_MISSING}.')
+  if audio.task not in av.TASKS:
+    raise ValueError(f'config.audio.task={audio.task!r} is not one of {av.TASKS}.')
+  av.check_task_probs(audio.task_probs)
+  _in_range(config, 'audio.modality_dropout', 0.0, 1.0)
+  _non_negative(config, 'audio.loss_weight')
+  _positive(config, 'audio.griffin_lim_iters', 'audio.cfg_scale', 'audio.modality_cfg_video',
+            'audio.modality_cfg_audio')
+  if config.diffusion.objective != 'flow' or config.sample.sampler != 'euler':
+    raise ValueError('config.audio.enabled=True samples both streams with flow Euler: set '
+                     "diffusion.objective='flow' and sample.sampler='euler' (got "
+                     f'{config.diffusion.objective!r}, {config.sample.sampler!r}).')
+  if config.model.scan_layers:
+    raise ValueError('config.audio.enabled=True unrolls the layers (model/av_dit.py): set '
+                     'model.scan_layers=False.')
+  refused = [(what, value) for what, value in (
+      ('data.buckets', tuple(config.data.buckets)), ('data.latents', config.data.latents),
+      ('lora.rank', config.lora.rank), ('train.init_from', config.train.init_from)) if value]
+  if refused:
+    raise ValueError(f'config.audio.enabled=True does not combine with {refused[0][0]}='
+                     f'{refused[0][1]!r} yet (docs/limits.md, "Synchronised audio").')
+  if config.data.channels != 3:
+    raise ValueError(f'config.audio.enabled=True trains on RGB frames: data.channels='
+                     f'{config.data.channels} must be 3.')
+  return audio
 
 
 def _check_train_speed(train, rules, sizes) -> None:

@@ -68,6 +68,7 @@ import grain
 import jax
 import numpy as np
 
+from vdit_jax.data import audio as audio_lib
 from vdit_jax.data import shards
 from vdit_jax.data import synthetic
 from vdit_jax.data import transforms
@@ -165,9 +166,17 @@ def num_classes(data_config) -> int:
   return synthetic.NUM_CLASSES
 
 
-def _to_model_inputs(example: dict, captions=None) -> dict:
+def audio_spec(config):
+  """The clips' audio (data/audio.py AudioSpec) when config.audio.enabled, else None."""
+  if 'audio' not in config or not config.audio.enabled:
+    return None
+  return audio_lib.AudioSpec.from_config(config.audio)
+
+
+def _to_model_inputs(example: dict, captions=None, audio=None) -> dict:
   """Keeps what the model trains on: video as float32 (uint8 -> [-1, 1]), label as int32,
-  and with `captions` (data/captions.py) the caption's tokens or embedding and mask."""
+  with `captions` (data/captions.py) the caption's tokens or embedding and mask, and with
+  `audio` (an AudioSpec) the soundtrack as normalised log-mel features float32 [F, M]."""
   video = example['video']  # [T, H, W, C]
   if video.dtype == np.uint8:
     video = video.astype(np.float32) * np.float32(1.0 / 127.5) - np.float32(1.0)
@@ -176,23 +185,30 @@ def _to_model_inputs(example: dict, captions=None) -> dict:
   inputs = {'video': video, 'label': np.int32(example['label'])}
   if captions is not None:
     inputs.update(captions(example))
+  if audio is not None:
+    if 'audio' not in example:
+      raise ValueError('config.audio.enabled=True, but the data source gave a clip without '
+                       "'audio' (shards written without --audio?).")
+    inputs['audio'] = audio_lib.log_mel(example['audio'], audio).astype(np.float32)  # [F, M]
   return inputs
 
 
-def _make_source(data_config, captions: bool = False):
-  """The configured source: `__len__` and `__getitem__(idx)` -> {'video', 'label', ...}."""
+def _make_source(data_config, captions: bool = False, audio=None, missing_audio='skip'):
+  """The configured source: `__len__` and `__getitem__(idx)` -> {'video', 'label', ...}
+  (and 'audio' float32 [S] with `audio`, an AudioSpec)."""
   if data_config.source == 'files':
     spec = video_files.ClipSpec(
         num_frames=data_config.num_frames, height=data_config.height,
         width=data_config.width, frame_stride=data_config.frame_stride,
-        clip_start=data_config.clip_start, crop=data_config.crop)
+        clip_start=data_config.clip_start, crop=data_config.crop,
+        **({} if audio is None else dict(audio=audio, missing_audio=missing_audio)))
     return video_files.VideoFiles(data_config.path, spec,
                                   seed=data_config.source_seed)
   if data_config.source == 'shards':
     return shards.ShardSource(data_config.path)
   return synthetic.from_data_config(data_config, num_examples=data_config.num_examples,
                                     seed=data_config.source_seed,
-                                    captions=captions)
+                                    captions=captions, audio=audio)
 
 
 def _random_map_seed(seed: int) -> int:
@@ -202,7 +218,7 @@ def _random_map_seed(seed: int) -> int:
 
 def make_dataset(data_config, batch_size: int, *, seed: int,
                  process_index: int | None = None, process_count: int | None = None,
-                 captions=None):
+                 captions=None, audio=None, missing_audio: str = 'skip'):
   """Builds this process's endless, shuffled, batched, checkpointable data iterator.
 
   Args:
@@ -213,6 +229,9 @@ def make_dataset(data_config, batch_size: int, *, seed: int,
     process_count: number of processes; defaults to `jax.process_count()`.
     captions: optional `captions.CaptionInputs`: each batch also holds 'tokens' int32
       [b, L] (or 'text_embed' float32 [b, L, E]) and 'text_mask' bool [b, L].
+    audio: optional data/audio.py AudioSpec (`audio_spec(config)`): each batch also holds
+      'audio' float32 [b, F, M], the clips' soundtracks as normalised log-mel features;
+      `missing_audio` ('skip' | 'silence') says what files without audio give.
 
   Returns:
     A grain `DatasetIterator` yielding {'video': np.float32 [b, T, H, W, C] in [-1, 1],
@@ -240,7 +259,8 @@ def make_dataset(data_config, batch_size: int, *, seed: int,
     raise ValueError(f'process_index must be in [0, process_count={process_count}), got '
                      f'{process_index}.')
 
-  source = _make_source(data_config, captions=captions is not None)
+  source = _make_source(data_config, captions=captions is not None, audio=audio,
+                        missing_audio=missing_audio)
   if len(source) < process_count:
     what = (f'data.num_examples={len(source)} is' if data_config.source == 'synthetic'
             else f'data.path={data_config.path!r} holds {len(source)} clip(s),')
@@ -258,7 +278,7 @@ def make_dataset(data_config, batch_size: int, *, seed: int,
     ds = grain.MapDataset.source(source)
     ds = ds.shuffle(seed=seed)  # reshuffled per epoch (grain seeds each epoch from `seed`)
     ds = ds.repeat(None)
-  ds = ds.map(functools.partial(_to_model_inputs, captions=captions))
+  ds = ds.map(functools.partial(_to_model_inputs, captions=captions, audio=audio))
   ds = ds.batch(batch_size, drop_remainder=True)
   # This process's rows of each global batch: blocks i, i + P, ... (lazy: only these
   # blocks are ever read, so each process decodes 1/P of the data).

@@ -85,6 +85,65 @@ def rope_3d(grid: Sequence[int], head_dim: int, max_period: float = 10_000.0,
   return jnp.cos(angles), jnp.sin(angles)
 
 
+def rope_at(positions, head_dim: int, max_period: float = 10_000.0,
+            style: str = 'halves') -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """Rotary tables (cos, sin), each [N, head_dim // 2], at (t, h, w) positions [N, 3] that
+  may be fractional: `rope_3d` at any coordinates. rope_at(grid_positions(grid)) equals
+  rope_3d(grid) for either style, so tokens on a grid and tokens placed between its points
+  (audio tokens on the video's time axis, model/av_dit.py) share one coordinate system."""
+  pos = np.asarray(positions, np.float64)  # [N, 3]
+  if pos.ndim != 2 or pos.shape[1] != 3:
+    raise ValueError(f'RoPE positions must be [N, 3] (t, h, w), got {pos.shape}.')
+  if style == 'wan':
+    side = 2 * (head_dim // 6)
+    if head_dim % 2 or head_dim < 6:
+      raise ValueError(f'head dim {head_dim} must be even and >= 6 for 3-D RoPE.')
+    angles = []
+    for i, d in enumerate((head_dim - 2 * side, side, side)):
+      freqs = 1.0 / max_period ** (np.arange(0, d, 2, dtype=np.float64) / d)  # [d/2]
+      angles.append(pos[:, i:i + 1] * freqs[None, :])  # [N, d/2]
+    angles = np.concatenate(angles, axis=-1)  # [N, Dh/2]
+    return (jnp.asarray(np.cos(angles), jnp.float32),
+            jnp.asarray(np.sin(angles), jnp.float32))
+  if style != 'halves':
+    raise ValueError(f'model.rope_style={style!r} is not one of {ROPE_STYLES}.')
+  pos = jnp.asarray(pos, jnp.float32)  # [N, 3]
+  angles = []
+  for i, d in enumerate(split_three(head_dim)):
+    half = d // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    angles.append(pos[:, i:i + 1] * freqs[None, :])  # [N, d/2]
+  angles = jnp.concatenate(angles, axis=-1)  # [N, Dh/2]
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def audio_token_times(num_tokens: int, audio_patch: int, mel_frames_per_frame: int,
+                      video_patch_t: int) -> np.ndarray:
+  """Time positions [Na] of audio tokens on the video token grid's time axis.
+
+  The unit is one video token (pt frames): video token t' covers frames pt t' ..
+  pt t' + pt - 1 and sits at t'. Mel frame j is centred at frame j / r (r mel frames per
+  video frame, hop-aligned), so audio token j (mel frames pa j .. pa j + pa - 1) is centred
+  at frame (pa j + (pa - 1) / 2) / r, i.e. at position
+      ((pa j + (pa - 1) / 2) / r - (pt - 1) / 2) / pt.
+  An audio token and a video token centred on the same instant get the same position, and
+  so the same time phase under RoPE."""
+  j = np.arange(num_tokens, dtype=np.float64)
+  centre_frames = (audio_patch * j + (audio_patch - 1) / 2.0) / mel_frames_per_frame
+  return (centre_frames - (video_patch_t - 1) / 2.0) / video_patch_t  # [Na]
+
+
+def audio_positions(num_tokens: int, grid: Sequence[int], audio_patch: int,
+                    mel_frames_per_frame: int, video_patch_t: int) -> np.ndarray:
+  """[Na, 3] (t, h, w) positions of audio tokens beside a video token grid (T', H', W'):
+  their time on the video's axis (`audio_token_times`), and the centre of the picture in
+  h and w (a soundtrack belongs to the whole frame)."""
+  times = audio_token_times(num_tokens, audio_patch, mel_frames_per_frame, video_patch_t)
+  centre_h, centre_w = (grid[1] - 1) / 2.0, (grid[2] - 1) / 2.0
+  return np.stack([times, np.full_like(times, centre_h), np.full_like(times, centre_w)],
+                  axis=-1)  # [Na, 3]
+
+
 def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray,
                pairs: bool = False) -> jnp.ndarray:
   """Rotates [B, N, K, Dh] by tables [N, Dh/2]: halves layout (x1 = x[..., :Dh/2], x2 the

@@ -73,3 +73,45 @@ class PatchEmbed(nn.Module):
         bias_init=nn.with_logical_partitioning(
             nn.initializers.zeros, (axes.EMBED,)),
         name='proj')(x)  # [B, N, D]
+
+
+def check_audio_patch(num_mel_frames: int, patch: int) -> None:
+  """Raises ValueError unless the mel frames are a positive multiple of the audio patch."""
+  if patch <= 0:
+    raise ValueError(f'audio.patch={patch} must be positive.')
+  if num_mel_frames <= 0 or num_mel_frames % patch:
+    raise ValueError(f'{num_mel_frames} mel frames are not a positive multiple of '
+                     f'audio.patch={patch} (mel frames per audio token).')
+
+
+def audio_patchify(audio: jnp.ndarray, patch: int) -> jnp.ndarray:
+  """Log-mel frames [B, F, M] -> audio tokens [B, F / pa, pa * M] in time order."""
+  check_audio_patch(audio.shape[1], patch)
+  return einops.rearrange(audio, 'b (n pa) m -> b n (pa m)', pa=patch)  # [B, Na, pa M]
+
+
+def audio_unpatchify(tokens: jnp.ndarray, patch: int, mel_bins: int) -> jnp.ndarray:
+  """[B, Na, pa * M] -> [B, Na pa, M]; the exact inverse of `audio_patchify`."""
+  if tokens.shape[2] != patch * mel_bins:
+    raise ValueError(f'audio token width {tokens.shape[2]} != audio.patch * mel_bins = '
+                     f'{patch} * {mel_bins}.')
+  return einops.rearrange(tokens, 'b n (pa m) -> b (n pa) m', pa=patch, m=mel_bins)
+
+
+class AudioEmbed(nn.Module):
+  """Audio tokens: a linear map of each patch of `patch` log-mel frames [B, F, M] ->
+  [B, F / pa, D] (the audio twin of PatchEmbed; its kernel carries logical names)."""
+  width: int
+  patch: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, audio):  # [B, F, M]
+    x = audio_patchify(audio, self.patch)  # [B, Na, pa M]
+    return nn.Dense(
+        self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=nn.with_logical_partitioning(
+            nn.initializers.xavier_uniform(), (axes.PATCH, axes.EMBED)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes.EMBED,)),
+        name='proj')(x)  # [B, Na, D]

@@ -62,6 +62,26 @@ def parse_variant(variant: str) -> dict:
   return dict(width=width, depth=depth, num_heads=heads, mlp_dim=4 * width, patch_size=patch)
 
 
+AUDIO_DESIGNS = ('cross', 'joint')  # audio.design (model/av_dit.py)
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioModelSpec:
+  """The audio stream of model/av_dit.py (config.audio, resolved).
+
+  design: 'cross' (two streams of blocks joined by cross-attention in both directions at
+  every layer, as LTX-2 and Ovi) or 'joint' (MM-DiT: per-modality projections, norms and
+  MLPs, one attention over the video and audio tokens together).
+  mel_bins: features per mel frame; patch: mel frames per audio token;
+  mel_frames_per_frame: mel frames per video frame (sample_rate / fps / hop), which puts
+  an audio token and a video token of the same instant at the same time position.
+  """
+  design: str = 'cross'
+  mel_bins: int = 64
+  patch: int = 4
+  mel_frames_per_frame: int = 8
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
   """Fully resolved model hyper-parameters (variant table + explicit overrides)."""
@@ -99,6 +119,7 @@ class ModelSpec:
   cross_attn_norm_affine: bool = False
   image_embed_dim: int = 0      # > 0: image tokens [B, Li, E] for cross-attention (I2V)
   condition_channels: int = 0   # > 0: `cond` [B, T, H, W, this] more input channels (I2V)
+  audio: Optional[AudioModelSpec] = None  # config.audio.enabled: the audio stream
 
 
 def parse_remat_names(names) -> Tuple[str, ...]:
@@ -127,8 +148,20 @@ def _as_tuple(value):
   return tuple(value) if isinstance(value, (tuple, list)) else value
 
 
-def from_config(model_cfg) -> ModelSpec:
-  """A complete config.model section (config/resolve.py fills every default) -> ModelSpec.
+def audio_spec_from_config(audio_cfg) -> Optional[AudioModelSpec]:
+  """config.audio -> AudioModelSpec (None unless audio.enabled). The rates' own rules
+  (integer mel frames per video frame) are data/audio.py's, checked by validate.py first."""
+  if audio_cfg is None or not audio_cfg.enabled:
+    return None
+  per_frame = audio_cfg.sample_rate / audio_cfg.fps / audio_cfg.hop
+  return AudioModelSpec(design=audio_cfg.design, mel_bins=int(audio_cfg.mel_bins),
+                        patch=int(audio_cfg.patch),
+                        mel_frames_per_frame=int(round(per_frame)))
+
+
+def from_config(model_cfg, audio_cfg=None) -> ModelSpec:
+  """A complete config.model section (config/resolve.py fills every default) -> ModelSpec,
+  with config.audio's stream when `audio_cfg` is given and enabled.
   Explicit sizes (not None) override the variant's; mlp_dim None: 4 x width."""
   sizes = parse_variant(model_cfg.variant) if model_cfg.variant else {}
   for key in ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size'):
@@ -169,7 +202,8 @@ def from_config(model_cfg) -> ModelSpec:
       modulation=model_cfg.modulation,
       cross_attn_norm_affine=model_cfg.cross_attn_norm_affine,
       image_embed_dim=model_cfg.image_embed_dim,
-      condition_channels=model_cfg.condition_channels)
+      condition_channels=model_cfg.condition_channels,
+      audio=audio_spec_from_config(audio_cfg))
 
 
 def _odd_kernel(kernel) -> bool:
@@ -269,6 +303,8 @@ def check_spec(spec: ModelSpec) -> None:
     raise ValueError(f'model.image_embed_dim={spec.image_embed_dim} adds image tokens to the '
                      "text cross-attention, so it needs model.conditioning='text', not "
                      f'{spec.conditioning!r}.')
+  if spec.audio is not None:
+    check_audio_spec(spec)
   if (isinstance(spec.class_tokens, bool) or not isinstance(spec.class_tokens, int)
       or spec.class_tokens < 0):
     raise ValueError(f'model.class_tokens={spec.class_tokens!r} must be an integer >= 0 '
@@ -276,3 +312,29 @@ def check_spec(spec: ModelSpec) -> None:
   if spec.class_tokens and spec.conditioning != 'class':
     raise ValueError(f'model.class_tokens={spec.class_tokens} is read only with '
                      f"model.conditioning='class', not {spec.conditioning!r}: set it to 0.")
+
+
+def check_audio_spec(spec: ModelSpec) -> None:
+  """The audio stream's rules (model/av_dit.py), each naming the config field."""
+  audio = spec.audio
+  if audio.design not in AUDIO_DESIGNS:
+    raise ValueError(f'audio.design={audio.design!r} is not one of {AUDIO_DESIGNS}.')
+  for key in ('mel_bins', 'patch', 'mel_frames_per_frame'):
+    value = getattr(audio, key)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+      raise ValueError(f'audio.{key}={value!r} must be a positive integer.')
+  if spec.pos_embed != 'rope':
+    raise ValueError("audio.enabled=True places audio and video tokens on one time axis with "
+                     f"RoPE in seconds: set model.pos_embed='rope' (not {spec.pos_embed!r}).")
+  if spec.conditioning != 'class' or spec.context_frames or spec.self_condition:
+    raise ValueError('audio.enabled=True is built for class-conditional models: '
+                     f"model.conditioning={spec.conditioning!r} (needs 'class'), "
+                     f'context_frames_max={spec.context_frames} and self_condition='
+                     f'{spec.self_condition} (need 0 and False).')
+  if spec.image_embed_dim or spec.condition_channels or spec.refiner_width:
+    raise ValueError('audio.enabled=True does not take image tokens, condition channels or '
+                     'the pixel refiner: set model.image_embed_dim, condition_channels and '
+                     'refiner_width to 0.')
+  if spec.pattern.name != 'full':
+    raise ValueError(f'audio.enabled=True needs model.attention_pattern=\'full\' (the audio '
+                     f'tokens have no spatial grid), not {spec.pattern.name!r}.')

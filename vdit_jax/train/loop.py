@@ -18,6 +18,7 @@ from vdit_jax.data import captions as captions_lib
 from vdit_jax.data import pipeline
 from vdit_jax.diffusion import objectives
 from vdit_jax.model import spec as spec_lib
+from vdit_jax.model import av_dit
 from vdit_jax.model import dit
 from vdit_jax.model import patching
 from vdit_jax.model import wan
@@ -26,6 +27,7 @@ from vdit_jax.parallel import paths
 from vdit_jax.train import checkpoint as ckpt_lib
 from vdit_jax.train import compile_cache
 from vdit_jax.generate import export as export_lib
+from vdit_jax.generate import av_sampling
 from vdit_jax.generate import conditional
 from vdit_jax.train import lora as lora_lib
 from vdit_jax.train import metrics as metrics_lib
@@ -79,7 +81,8 @@ def build(config, workdir: Optional[str], *, devices: Optional[Sequence[Any]] = 
   rules = tuple(tuple(r) for r in config.logical_axis_rules)
   if num_classes is None:
     num_classes = pipeline.num_classes(config.data)
-  model = dit.build_model(resolved.model, config.data.channels, num_classes)
+  builder = av_dit.build_model if resolved.model.audio is not None else dit.build_model
+  model = builder(resolved.model, config.data.channels, num_classes)
   diffusion = objectives.Diffusion.from_config(config.diffusion)
   schedule = state_lib.learning_rate_schedule(config.train)
   tx = state_lib.make_optimizer(config.train)
@@ -105,10 +108,13 @@ def build(config, workdir: Optional[str], *, devices: Optional[Sequence[Any]] = 
                abstract, shardings, checkpointer, lora, decoder)
 
 
-def batch_shardings(mesh, rules, extra_ndims=None):
-  """Shardings of the train step's batch {'video': [B, T, H, W, C], 'label': [B]}."""
+def batch_shardings(mesh, rules, extra_ndims=None, audio: bool = False):
+  """Shardings of the train step's batch {'video': [B, T, H, W, C], 'label': [B]} (and
+  'audio' [B, F, M] log-mel features with `audio`)."""
   shardings = {'video': mesh_lib.batch_sharding(mesh, rules, 5),
                'label': mesh_lib.batch_sharding(mesh, rules, 1)}
+  if audio:
+    shardings['audio'] = mesh_lib.batch_sharding(mesh, rules, 3)
   for key, ndim in (extra_ndims or {}).items():  # captions: conditional.batch_ndims
     shardings[key] = mesh_lib.batch_sharding(mesh, rules, ndim)
   return shardings
@@ -129,9 +135,11 @@ def jit_train_step(s: Setup):
                                     ema=s.config.train.ema_decay,
                                     grad_accum_steps=s.config.train.grad_accum_steps,
                                     conditioning=conditional.conditioning(s.config),
-                                    param_transform=param_transform)
+                                    param_transform=param_transform,
+                                    audio=s.config.audio if s.config.audio.enabled else None)
 
-  batch = batch_shardings(s.mesh, s.rules, conditional.batch_ndims(s.config))
+  batch = batch_shardings(s.mesh, s.rules, conditional.batch_ndims(s.config),
+                          audio=s.config.audio.enabled)
   if s.lora is not None:  # trains the adapters; the frozen base is the step's 2nd input
     return s.lora.jit_train_step(make_step, s.state_shardings, batch)
   return jax.jit(
@@ -142,9 +150,13 @@ def jit_train_step(s: Setup):
 
 
 def tokens_per_clip(config, spec: spec_lib.ModelSpec) -> int:
+  """Tokens the model sees per clip: the video's, and with audio its soundtrack's."""
   grid = patching.token_grid((config.data.num_frames, config.data.height, config.data.width),
                              spec.patch_size)
-  return int(np.prod(grid))
+  audio = 0
+  if spec.audio is not None:
+    audio = config.data.num_frames * spec.audio.mel_frames_per_frame // spec.audio.patch
+  return int(np.prod(grid)) + audio
 
 
 def global_batch(local_batch, mesh, rules):
@@ -209,6 +221,18 @@ def sample_and_write(s: Setup, params, step: int, workdir: str, name: Optional[s
     params = s.lora.merged(params)
   rng = jax.random.key(cfg.sample.seed)
   t0 = time.perf_counter()
+  if cfg.audio.enabled:  # the clips with their soundtracks: mp4 with audio, and wav
+    with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
+      videos, waves = av_sampling.sample(s.model, s.diffusion, cfg, s.num_classes, params, rng)
+    written = []
+    if jax.process_index() == 0:
+      written = av_sampling.write_samples(
+          videos, waves, paths.join(workdir, SAMPLES_DIRNAME), name or f'step_{step:07d}',
+          cfg.sample.formats, cfg.audio.fps, cfg.audio.sample_rate)
+      metrics_lib.log_line(f'wrote samples with audio {written} (audio.task='
+                           f'{cfg.audio.task}, {cfg.sample.num_steps} steps) in '
+                           f'{time.perf_counter() - t0:.1f}s')
+    return videos, written
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
     sample_fn, condition = jit_sampler(s, prompts)
     videos = jax.block_until_ready(sample_fn(params, rng, condition))
@@ -367,7 +391,9 @@ def train_and_evaluate(config, workdir: str, *, stop_at: Optional[int] = None):
   else:
     local_batch = config.train.batch_size // jax.process_count()
     data_iter = pipeline.make_dataset(config.data, local_batch, seed=config.seed,
-                                      captions=captions_lib.from_config(config))
+                                      captions=captions_lib.from_config(config),
+                                      audio=pipeline.audio_spec(config),
+                                      missing_audio=config.audio.missing)
 
   state, latest = restore_or_init(s, data_iter)
   if latest is not None:

@@ -133,8 +133,16 @@ def make_init_fn(model: nn.Module, tx: optax.GradientTransformation, data_cfg
   if getattr(model, 'spec', None) is not None and model.spec.sequence_parallel != 'none':
     model = model.clone(spec=dataclasses.replace(model.spec, sequence_parallel='none'))
 
+  audio = getattr(getattr(model, 'spec', None), 'audio', None)
+
   def init(rng):
-    params = model.init(rng, *model_inputs(data_cfg, 1))['params']
+    inputs = model_inputs(data_cfg, 1)
+    if audio is not None:  # the audio-video DiT: its audio stream's params too
+      mel = jnp.zeros((1, data_cfg.num_frames * audio.mel_frames_per_frame, audio.mel_bins),
+                      jnp.float32)  # [1, F, M]
+      params = model.init(rng, *inputs, audio=mel, t_audio=inputs[1])['params']
+    else:
+      params = model.init(rng, *inputs)['params']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params), ema_params=params)
 

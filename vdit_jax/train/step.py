@@ -15,8 +15,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vdit_jax.diffusion import av
 from vdit_jax.diffusion import objectives
 from vdit_jax.parallel import axes
+from vdit_jax.model import av_dit
 from vdit_jax.model import dit
 from vdit_jax.train.state import TrainState
 
@@ -84,7 +86,7 @@ def accumulate_grads(loss_and_grad, params, inputs, k: int):
 def make_train_step(model: nn.Module, diffusion, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, num_classes: int, label_dropout: float,
                     ema: float, grad_accum_steps: int = 1, param_transform=None,
-                    conditioning=None):
+                    conditioning=None, audio=None):
   """Builds train_step(state, batch, rng); jit it with shardings and donate_argnums=0.
 
   `param_transform` (optional) maps the trained params (state.params) to the model's
@@ -97,6 +99,10 @@ def make_train_step(model: nn.Module, diffusion, tx: optax.GradientTransformatio
   `conditioning` (diffusion/conditioning.Conditioning, optional): captions (batch keys
   'tokens' or 'text_embed', and 'text_mask') with caption dropout, and/or given first
   frames drawn per clip, with the loss on the other frames only.
+
+  `audio` (config.audio, for the audio-video DiT of model/av_dit.py): the batch also holds
+  'audio' [B, F, M] log-mel features; each clip draws its task and a t per stream, and the
+  loss is diffusion/av.py's (video + audio.loss_weight * audio).
   """
   check_grad_accum(grad_accum_steps)
   # model.self_condition: on a coin drawn per step, the loss's first pass feeds its x0
@@ -107,7 +113,26 @@ def make_train_step(model: nn.Module, diffusion, tx: optax.GradientTransformatio
   # L / exp(u) + u (EDM2), read from the last (trained) model call.
   uncertainty = bool(getattr(getattr(model, 'spec', None), 'loss_uncertainty', False))
 
+  def av_loss_fn(params, inputs):
+    model_params = params if param_transform is None else param_transform(params)
+    sown = {}
+
+    def pred_fn(z_v, t_v, z_a, t_a, couple):
+      kw = dict(audio=z_a, t_audio=t_a, couple=couple)
+      if not uncertainty:
+        return model.apply({'params': model_params}, z_v, t_v, inputs['label'], **kw)
+      out, state = model.apply({'params': model_params}, z_v, t_v, inputs['label'], **kw,
+                               mutable=['intermediates'])
+      sown['u'] = (state['intermediates'][dit.LOSS_LOG_VARIANCE][0],
+                   state['intermediates'][av_dit.AUDIO_LOSS_LOG_VARIANCE][0])  # [B] each
+      return out
+    total, _, _ = av.loss(diffusion, pred_fn, inputs, audio.loss_weight,
+                          log_variances=(lambda: sown['u']) if uncertainty else None)
+    return total
+
   def loss_fn(params, inputs, use_estimate=None):
+    if audio is not None:  # validate.py refuses self-conditioning with audio
+      return av_loss_fn(params, inputs)
     model_params = params if param_transform is None else param_transform(params)
     sown = {}
 
@@ -133,8 +158,13 @@ def make_train_step(model: nn.Module, diffusion, tx: optax.GradientTransformatio
     drop_rng, loss_rng = jax.random.split(rng)
     # Every draw covers the whole batch, before any micro-batch split.
     labels = drop_labels(drop_rng, batch['label'], num_classes, label_dropout)  # [B]
-    t, noise = diffusion.draw(loss_rng, batch['video'])
-    inputs = {'video': batch['video'], 'label': labels, 't': t, 'noise': noise}
+    if audio is not None:  # a task, a t per stream, noise for each, and the coupling
+      inputs = {'video': batch['video'], 'audio': batch['audio'], 'label': labels}
+      inputs.update(av.draw(diffusion, loss_rng, batch['video'], batch['audio'],
+                            audio.task_probs, audio.modality_dropout))
+    else:
+      t, noise = diffusion.draw(loss_rng, batch['video'])
+      inputs = {'video': batch['video'], 'label': labels, 't': t, 'noise': noise}
     if conditioning is not None:  # captions (with dropout), given frames
       inputs.update(conditioning.draw(jax.random.fold_in(rng, 1), batch))
     use_estimate = (jax.random.bernoulli(jax.random.fold_in(rng, 2), 0.5)

@@ -130,3 +130,20 @@ def test_video_only_variant_is_the_same_model_without_audio():
   config = resolve.resolve(small_av_config('video_only'))
   assert config.model.audio is None
   assert resolve.resolve(small_av_config()).model.audio.mel_frames_per_frame == 8
+
+
+def test_text_av_model_trains_and_samples_a_prompt_with_sound(tmp_path):
+  """model.conditioning='text': both streams cross-attend to the caption, trained with
+  caption dropout; --mode=sample takes a prompt and writes mp4 with sound and wav."""
+  config = small_av_config()
+  config.model.conditioning = 'text'
+  config.model.class_tokens = 0
+  workdir = str(tmp_path / 'text')
+  loop.train_and_evaluate(config, workdir)
+  config = small_av_config()
+  config.model.conditioning = 'text'
+  config.model.class_tokens = 0
+  videos, written = modes.sample(config, workdir, prompt='a red circle moving up')
+  assert videos.shape == (2, 4, 16, 16, 3) and np.isfinite(videos).all()
+  assert any(p.endswith('.wav') for p in written)
+  assert video_io.has_audio([p for p in written if p.endswith('sample_step_0000002.mp4')][0])

@@ -116,15 +116,32 @@ def guide(cond, null, alone, label_scale: float, modality_scale: float):
   return out
 
 
+def _null(cond, null_label):
+  """The unconditional version of a condition dict: the caption cleared (mask all False)
+  or the null label (classifier-free guidance)."""
+  out = dict(cond)
+  if 'text' in cond:
+    out['text'] = {**cond['text'], 'mask': jnp.zeros_like(cond['text']['mask'])}
+  elif 'label' in cond:
+    if null_label is None:
+      raise ValueError('label guidance (sample.cfg_scale, audio.cfg_scale != 1) needs a '
+                       'class-conditional model (the null label).')
+    out['label'] = jnp.full_like(cond['label'], null_label)
+  return out
+
+
 def sample(diffusion: objectives.Diffusion, model_fn: Callable, rng, video_shape, audio_shape,
-           labels, *, num_steps: int, task: str = 'joint', video=None, audio=None,
+           cond, *, num_steps: int, task: str = 'joint', video=None, audio=None,
            cfg_video: float = 1.0, cfg_audio: float = 1.0, modality_video: float = 1.0,
            modality_audio: float = 1.0, null_label: Optional[int] = None):
   """Flow Euler over both streams; returns (video [B, T, H, W, C], audio [B, F, M]).
 
-  model_fn(z_video, t_model, z_audio, t_audio_model, labels, couple) -> (video pred,
-  audio pred), couple a Python bool. task 'joint' generates both from noise; 'v2a' takes
-  `video` (clean) and generates the audio; 'a2v' takes `audio` and generates the video.
+  model_fn(z_video, t_model, z_audio, t_audio_model, cond, couple) -> (video pred,
+  audio pred), couple a Python bool; cond a dict of [B, ...] conditions ('label' int32
+  [B] and / or 'text' {'tokens' | 'embed', 'mask'}), or labels int32 [B] alone. task
+  'joint' generates both from noise; 'v2a' takes `video` (clean) and generates the audio;
+  'a2v' takes `audio` and generates the video. Label / caption guidance compares with the
+  null label or the cleared caption.
   """
   if task not in TASKS:
     raise ValueError(f'audio.task={task!r} is not one of {TASKS}.')
@@ -136,9 +153,11 @@ def sample(diffusion: objectives.Diffusion, model_fn: Callable, rng, video_shape
     if needed and (given is None or tuple(given.shape) != tuple(shape)):
       raise ValueError(f'audio.task={task!r} needs the clean {name} of shape {tuple(shape)}, '
                        f'got {None if given is None else tuple(given.shape)}.')
-  if (cfg_video != 1.0 or cfg_audio != 1.0) and null_label is None:
-    raise ValueError('label guidance (sample.cfg_scale, audio.cfg_scale != 1) needs a '
-                     'class-conditional model (the null label).')
+  if not isinstance(cond, dict):
+    cond = {'label': cond}
+  use_null = cfg_video != 1.0 or cfg_audio != 1.0
+  null = _null(cond, null_label) if use_null else None
+  use_alone = modality_video != 1.0 or modality_audio != 1.0
   b = video_shape[0]
   gen_v, gen_a = task != 'v2a', task != 'a2v'
   v_rng, a_rng = jax.random.split(rng)
@@ -147,22 +166,21 @@ def sample(diffusion: objectives.Diffusion, model_fn: Callable, rng, video_shape
   z_a = jax.random.normal(a_rng, audio_shape, jnp.float32) if gen_a else audio.astype(
       jnp.float32)
   grid = jnp.asarray(samplers.flow_time_grid(num_steps, diffusion.shift))  # [S + 1]
-  use_null = cfg_video != 1.0 or cfg_audio != 1.0
-  use_alone = modality_video != 1.0 or modality_audio != 1.0
+  both_conds = (jax.tree.map(lambda c, n: jnp.concatenate([c, n], axis=0), cond, null)
+                if use_null else None)
 
   def predict(z_v, z_a, t_v, t_a):
     args = (diffusion.model_input(z_v, t_v), diffusion.model_t(t_v),
             diffusion.model_input(z_a, t_a), diffusion.model_t(t_a))
     if use_null:  # [cond; null] in one call
       both = [jnp.concatenate([x, x], axis=0) for x in args]
-      pv, pa = model_fn(*both, jnp.concatenate([labels, jnp.full_like(labels, null_label)]),
-                        True)
-      cond, null = (pv[:b], pa[:b]), (pv[b:], pa[b:])
+      pv, pa = model_fn(*both, both_conds, True)
+      with_cond, without = (pv[:b], pa[:b]), (pv[b:], pa[b:])
     else:
-      cond, null = model_fn(*args, labels, True), (None, None)
-    alone = model_fn(*args, labels, False) if use_alone else (None, None)
-    return (guide(cond[0], null[0], alone[0], cfg_video, modality_video),
-            guide(cond[1], null[1], alone[1], cfg_audio, modality_audio))
+      with_cond, without = model_fn(*args, cond, True), (None, None)
+    alone = model_fn(*args, cond, False) if use_alone else (None, None)
+    return (guide(with_cond[0], without[0], alone[0], cfg_video, modality_video),
+            guide(with_cond[1], without[1], alone[1], cfg_audio, modality_audio))
 
   def step(i, carry):
     z_v, z_a = carry

@@ -128,7 +128,7 @@ def main(_):
       def one(i, j):
         kw = {k: jnp.asarray(v[i:j]) for k, v in given.items()}
         video, features = fn(params, jax.random.fold_in(rng, offset + i),
-                             jnp.asarray(labels_[i:j]), **kw)
+                             {'label': jnp.asarray(labels_[i:j])}, **kw)
         return (np.asarray(jax.device_get(video), np.float32),
                 av_sampling.to_waves(features, config))
       return _batched(one, n, b)

@@ -16,6 +16,7 @@ import numpy as np
 from vdit_jax.data import audio as audio_lib
 from vdit_jax.data import video_io
 from vdit_jax.diffusion import av
+from vdit_jax.generate import conditional
 from vdit_jax.generate import sampling
 from vdit_jax.parallel import mesh as mesh_lib
 from vdit_jax.parallel import paths
@@ -30,19 +31,20 @@ def shapes(config, num_samples: int):
 
 def make_sample_fn(model, diffusion, config, num_classes: int, num_samples: int,
                    task: Optional[str] = None):
-  """sample_fn(params, rng, labels, video=None, audio=None) -> (frames [n, T, H, W, C] in
-  [-1, 1], log-mel features [n, F, M]); the caller jits it. `task` defaults to audio.task."""
+  """sample_fn(params, rng, cond, video=None, audio=None) -> (frames [n, T, H, W, C] in
+  [-1, 1], log-mel features [n, F, M]); the caller jits it. cond: `condition`'s dict, or
+  labels int32 [n]. `task` defaults to audio.task."""
   task = config.audio.task if task is None else task
   video_shape, audio_shape = shapes(config, num_samples)
   null_label = num_classes if num_classes > 0 else None
-  guided = num_classes > 0
+  guided = num_classes > 0 or config.model.conditioning == 'text'
   diffusion = diffusion.for_sampling(config.sample.shift)
 
-  def sample_fn(params, rng, labels, video=None, audio=None):
-    def model_fn(z_v, t_v, z_a, t_a, y, couple):
-      return model.apply({'params': params}, z_v, t_v, y, audio=z_a, t_audio=t_a,
-                         couple=couple)
-    return av.sample(diffusion, model_fn, rng, video_shape, audio_shape, labels,
+  def sample_fn(params, rng, cond, video=None, audio=None):
+    def model_fn(z_v, t_v, z_a, t_a, c, couple):
+      return model.apply({'params': params}, z_v, t_v, c.get('label'), audio=z_a,
+                         t_audio=t_a, couple=couple, text=c.get('text'))
+    return av.sample(diffusion, model_fn, rng, video_shape, audio_shape, cond,
                      num_steps=config.sample.num_steps, task=task, video=video, audio=audio,
                      cfg_video=config.sample.cfg_scale if guided else 1.0,
                      cfg_audio=config.audio.cfg_scale if guided else 1.0,
@@ -50,6 +52,16 @@ def make_sample_fn(model, diffusion, config, num_classes: int, num_samples: int,
                      modality_audio=config.audio.modality_cfg_audio, null_label=null_label)
 
   return sample_fn
+
+
+def condition(config, num_classes: int, num_samples: int, prompts=None) -> dict:
+  """The conditions of `num_samples` clips: captions (prompts cycled; none given:
+  sample.prompts, else synthetic captions) for a text model, else labels cycling
+  through the classes."""
+  if config.model.conditioning == 'text':
+    return {'text': conditional.sample_condition(config, num_classes, num_samples,
+                                                 prompts)['text']}
+  return {'label': sampling.sample_labels(num_samples, num_classes)}
 
 
 def to_waves(features, config) -> np.ndarray:
@@ -62,17 +74,17 @@ def to_waves(features, config) -> np.ndarray:
                    for i, f in enumerate(features)])  # [n, S]
 
 
-def sample(model, diffusion, config, num_classes: int, params, rng, labels=None, *,
+def sample(model, diffusion, config, num_classes: int, params, rng, cond=None, *,
            task: Optional[str] = None, video=None, audio=None, num_samples=None,
-           mesh=None):
+           mesh=None, prompts=None):
   """(frames float32 [n, T, H, W, C] in [-1, 1], waves float32 [n, S]) on the host.
 
-  labels default to sampling.sample_labels (every class in turn); `video` (frames in
-  [-1, 1]) for task 'v2a', `audio` (log-mel features) for 'a2v'. Call inside the run's
-  mesh and logical axis rules."""
+  cond defaults to `condition` (captions from `prompts` for a text model, else every class
+  in turn); `video` (frames in [-1, 1]) for task 'v2a', `audio` (log-mel features) for
+  'a2v'. Call inside the run's mesh and logical axis rules."""
   n = num_samples or config.sample.num_samples
-  if labels is None:
-    labels = sampling.sample_labels(n, num_classes)
+  if cond is None:
+    cond = condition(config, num_classes, n, prompts)
   fn = make_sample_fn(model, diffusion, config, num_classes, n, task)
   out_shardings = None if mesh is None else mesh_lib.replicated(mesh)
   kwargs = {}
@@ -80,7 +92,7 @@ def sample(model, diffusion, config, num_classes: int, params, rng, labels=None,
     kwargs['video'] = jnp.asarray(video, jnp.float32)
   if audio is not None:
     kwargs['audio'] = jnp.asarray(audio, jnp.float32)
-  frames, features = jax.jit(fn, out_shardings=out_shardings)(params, rng, labels, **kwargs)
+  frames, features = jax.jit(fn, out_shardings=out_shardings)(params, rng, cond, **kwargs)
   frames = np.asarray(jax.device_get(frames), np.float32)
   return frames, to_waves(features, config)
 

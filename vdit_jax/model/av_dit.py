@@ -9,7 +9,8 @@ token centred on the instant of a video token gets that token's time coordinate
 Each stream has its own timestep (t for the video, t_audio for the audio): one model
 samples both from noise (joint), audio for a clean video (t = 0: video-to-audio) or video
 for a clean soundtrack (t_audio = 0: audio-to-video). The class label drives both streams'
-adaLN and, with model.class_tokens, both cross-attend to its tokens.
+adaLN and, with model.class_tokens, both cross-attend to its tokens; a text model's
+caption (model.conditioning='text') is cross-attended by both streams.
 
 spec.audio.design picks how the streams meet, at every layer:
 - 'cross' (LTX-2, Ovi): a video block and an audio block (each a DiTBlock of its own), then
@@ -256,7 +257,8 @@ class AudioVideoDiT(nn.Module):
 
   __call__(video [B, T, H, W, C], t [B] (0..1000 scale), labels [B] int in
   [0, num_classes] (num_classes: the null label), audio [B, F, M] log-mel features or
-  None, t_audio [B] (None: t), couple (None | bool | float [B]))
+  None, t_audio [B] (None: t), couple (None | bool | float [B]), text (model.conditioning
+  ='text': {'tokens' | 'embed', 'mask'} as VideoDiT takes it; None = no caption))
   -> prediction [B, T, H, W, C] when audio is None, else (video prediction, audio
   prediction [B, F, M]).
   """
@@ -265,7 +267,7 @@ class AudioVideoDiT(nn.Module):
   num_classes: int
 
   @nn.compact
-  def __call__(self, video, t, labels=None, audio=None, t_audio=None, couple=None):
+  def __call__(self, video, t, labels=None, audio=None, t_audio=None, couple=None, text=None):
     spec = self.spec
     audio_spec = spec.audio
     dtype, param_dtype = spec_lib.DTYPES[spec.dtype], spec_lib.DTYPES[spec.param_dtype]
@@ -283,7 +285,13 @@ class AudioVideoDiT(nn.Module):
                embeddings.LossLogVariance(param_dtype=param_dtype, name='loss_logvar')(t))
     y = None
     context = None
-    if self.num_classes > 0:
+    if spec.conditioning == 'text':  # captions: both streams cross-attend to them
+      context = text_lib.TextConditioner(spec.text, spec.width, dtype, param_dtype,
+                                         name='text')(text, b)  # ([B, L, D], [B, L])
+      if spec.text.pooled:
+        y = text_lib.PooledText(spec.width, dtype, param_dtype, name='text_pool')(*context)
+        c = c + y
+    elif self.num_classes > 0:
       if labels is None:
         labels = jnp.full((b,), self.num_classes, jnp.int32)
       y = embeddings.LabelEmbedder(self.num_classes, spec.width, dtype, param_dtype,

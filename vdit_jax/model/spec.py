@@ -326,11 +326,10 @@ def check_audio_spec(spec: ModelSpec) -> None:
   if spec.pos_embed != 'rope':
     raise ValueError("audio.enabled=True places audio and video tokens on one time axis with "
                      f"RoPE in seconds: set model.pos_embed='rope' (not {spec.pos_embed!r}).")
-  if spec.conditioning != 'class' or spec.context_frames or spec.self_condition:
-    raise ValueError('audio.enabled=True is built for class-conditional models: '
-                     f"model.conditioning={spec.conditioning!r} (needs 'class'), "
-                     f'context_frames_max={spec.context_frames} and self_condition='
-                     f'{spec.self_condition} (need 0 and False).')
+  if spec.context_frames or spec.self_condition:
+    raise ValueError('audio.enabled=True takes no given frames and no self-conditioning: '
+                     f'model.context_frames_max={spec.context_frames} and self_condition='
+                     f'{spec.self_condition} need 0 and False.')
   if spec.image_embed_dim or spec.condition_channels or spec.refiner_width:
     raise ValueError('audio.enabled=True does not take image tokens, condition channels or '
                      'the pixel refiner: set model.image_embed_dim, condition_channels and '

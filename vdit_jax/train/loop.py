@@ -223,7 +223,8 @@ def sample_and_write(s: Setup, params, step: int, workdir: str, name: Optional[s
   t0 = time.perf_counter()
   if cfg.audio.enabled:  # the clips with their soundtracks: mp4 with audio, and wav
     with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
-      videos, waves = av_sampling.sample(s.model, s.diffusion, cfg, s.num_classes, params, rng)
+      videos, waves = av_sampling.sample(s.model, s.diffusion, cfg, s.num_classes, params, rng,
+                                         mesh=s.mesh, prompts=prompts)
     written = []
     if jax.process_index() == 0:
       written = av_sampling.write_samples(

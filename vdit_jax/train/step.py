@@ -119,6 +119,8 @@ def make_train_step(model: nn.Module, diffusion, tx: optax.GradientTransformatio
 
     def pred_fn(z_v, t_v, z_a, t_a, couple):
       kw = dict(audio=z_a, t_audio=t_a, couple=couple)
+      if 'text' in inputs:  # captions (conditioning.draw: with caption dropout)
+        kw['text'] = inputs['text']
       if not uncertainty:
         return model.apply({'params': model_params}, z_v, t_v, inputs['label'], **kw)
       out, state = model.apply({'params': model_params}, z_v, t_v, inputs['label'], **kw,
@@ -162,10 +164,12 @@ def make_train_step(model: nn.Module, diffusion, tx: optax.GradientTransformatio
       inputs = {'video': batch['video'], 'audio': batch['audio'], 'label': labels}
       inputs.update(av.draw(diffusion, loss_rng, batch['video'], batch['audio'],
                             audio.task_probs, audio.modality_dropout))
+      if conditioning is not None:  # captions with their dropout (no given frames: validate.py)
+        inputs.update(conditioning.draw(jax.random.fold_in(rng, 1), batch))
     else:
       t, noise = diffusion.draw(loss_rng, batch['video'])
       inputs = {'video': batch['video'], 'label': labels, 't': t, 'noise': noise}
-    if conditioning is not None:  # captions (with dropout), given frames
+    if conditioning is not None and audio is None:  # captions (with dropout), given frames
       inputs.update(conditioning.draw(jax.random.fold_in(rng, 1), batch))
     use_estimate = (jax.random.bernoulli(jax.random.fold_in(rng, 2), 0.5)
                     if self_condition else None)  # one coin for the step's micro-batches

@@ -2,9 +2,10 @@
 
 Each restores the params to sample from a run's workdir (a train checkpoint or an export;
 `params_to_sample`) and hands them to generate/; `load_stage` does the same for a stage of
-the multi-stage pipeline (generate/multistage.py).
+the multi-stage pipeline (generate/multistage.py), `load_audio_stage` for its audio stage.
 """
 
+import json
 from typing import Optional
 
 import flax.linen as nn
@@ -145,3 +146,27 @@ def load_stage(config, workdir: str, checkpoint: Optional[str] = None) -> multis
   s, params, _, _ = _restored(config, workdir, checkpoint)
   return multistage.Stage(s.config, s.model, s.diffusion, _merged(s, params), s.num_classes,
                           s.mesh, s.rules)
+
+
+def load_audio_stage(config, workdir: str, checkpoint: Optional[str] = None
+                     ) -> multistage.Stage:
+  """`load_stage` of the pipeline's audio stage: an audio-video model's workdir
+  (configs/tiny_av.py trained). Refuses, before any model is built or weight read, a config
+  whose model has no audio stream and a workdir whose config.json (the run that trained it)
+  lacks audio.enabled=True: its checkpoints hold no audio weights."""
+  config = resolve.complete(config)
+  multistage.check_audio_stage(config)
+  workdir = paths.normalize(workdir)
+  saved_path = paths.join(workdir, export_lib.CONFIG_FILENAME)
+  if paths.isfile(saved_path):
+    try:
+      saved = json.loads(paths.read_text(saved_path))
+    except ValueError:
+      saved = None  # unreadable: the restore says whether the weights fit
+    audio = saved.get('audio') if isinstance(saved, dict) else {'enabled': True}
+    if not (isinstance(audio, dict) and audio.get('enabled') is True):  # none: before audio
+      raise ValueError(f"the audio stage's workdir {workdir} holds a model trained without "
+                       f'audio ({saved_path} has no audio.enabled=True): the audio stage needs '
+                       'an audio-video run (python -m vdit_jax.main '
+                       '--config=configs/tiny_av.py).')
+  return load_stage(config, workdir, checkpoint)

@@ -123,7 +123,7 @@ def config_for(design, name=None):
   config = shrink(
       tiny_av.get_config('joint' if design == 'joint' else None), small=('model', 'data'),
       # Without tiny_av's token convolution (model.mlp_conv): a video-stream layer whose
-      # sharding sharding.py checks on these meshes, and a sixth of the compile here.
+      # sharding sharding.py checks on these meshes, and about an eighth of the compile here.
       model=dict(width=32, depth=DEPTH, num_heads=4, mlp_dim=64,
                  patch_size=(2, 4, 4),  # 4 x 16 x 16 clip -> 32 tokens
                  mlp_conv=()),

@@ -47,6 +47,7 @@ config_flags.DEFINE_config_file('config', None, 'The config the model was traine
 flags.DEFINE_string('workdir', None, 'Workdir holding the trained checkpoints.')
 flags.DEFINE_integer('num_samples', 48, 'Clips to sample and score per row.')
 flags.DEFINE_integer('batch', 16, 'Clips per sampler call.')
+flags.DEFINE_list('tasks', ['joint', 'v2a'], 'Rows to sample: joint and / or v2a.')
 
 
 def video_scores(videos, labels) -> dict:
@@ -133,15 +134,17 @@ def main(_):
                 av_sampling.to_waves(features, config))
       return _batched(one, n, b)
 
-    videos, gen_waves = run(compiled('joint'), 0, cycled)
-    gen_frames = ((videos + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
-    results['joint'] = {'video': video_scores(gen_frames, cycled)}
-    print(json.dumps({'row': 'joint', **results['joint']['video']}), flush=True)
-    results['joint']['sync'] = _sync_row('joint', gen_frames, gen_waves, fps, rate,
-                                         cycled // len(synthetic.DIRECTIONS))
-    given = frames.astype(np.float32) / 127.5 - 1.0  # [N, T, H, W, 3] in [-1, 1]
-    _, v2a_waves = run(compiled('v2a'), 10_000, labels, video=given)
-    results['v2a'] = {'sync': _sync_row('v2a', frames, v2a_waves, fps, rate, shapes)}
+    if 'joint' in FLAGS.tasks:
+      videos, gen_waves = run(compiled('joint'), 0, cycled)
+      gen_frames = ((videos + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
+      results['joint'] = {'video': video_scores(gen_frames, cycled)}
+      print(json.dumps({'row': 'joint', **results['joint']['video']}), flush=True)
+      results['joint']['sync'] = _sync_row('joint', gen_frames, gen_waves, fps, rate,
+                                           cycled // len(synthetic.DIRECTIONS))
+    if 'v2a' in FLAGS.tasks:
+      given = frames.astype(np.float32) / 127.5 - 1.0  # [N, T, H, W, 3] in [-1, 1]
+      _, v2a_waves = run(compiled('v2a'), 10_000, labels, video=given)
+      results['v2a'] = {'sync': _sync_row('v2a', frames, v2a_waves, fps, rate, shapes)}
   print(json.dumps(results, default=float))
 
 

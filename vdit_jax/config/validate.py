@@ -226,8 +226,9 @@ def _check_audio(config):
   av.check_task_probs(audio.task_probs)
   _in_range(config, 'audio.modality_dropout', 0.0, 1.0)
   _non_negative(config, 'audio.loss_weight')
-  _positive(config, 'audio.griffin_lim_iters', 'audio.cfg_scale', 'audio.modality_cfg_video',
-            'audio.modality_cfg_audio')
+  _positive(config, 'audio.griffin_lim_iters', 'audio.cfg_scale')
+  # 0: the stream follows its own uncoupled prediction (it does not read the other)
+  _non_negative(config, 'audio.modality_cfg_video', 'audio.modality_cfg_audio')
   if config.diffusion.objective != 'flow' or config.sample.sampler != 'euler':
     raise ValueError('config.audio.enabled=True samples both streams with flow Euler: set '
                      "diffusion.objective='flow' and sample.sampler='euler' (got "

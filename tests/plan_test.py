@@ -2,7 +2,9 @@
 the analytic FLOP count matches a hand count and the model's own weights; the command line
 prints a parseable JSON plan for fake CPU devices; configs/wan.py (shrunk) plans its full
 train step, its LoRA step (adapters only, no base read) and its sampler; --search_mesh
-tries splits in order and reports the first that fits."""
+tries splits in order and reports the first that fits; configs/tiny_av.py (shrunk) plans
+its train step with the clips' audio in the batch and the audio tokens counted, its
+sampler both streams (tests/av_flops_test.py checks the audio stream's FLOPs)."""
 
 import concurrent.futures
 import dataclasses
@@ -18,15 +20,18 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from configs import tiny_av
 from configs import tiny_text
 from configs import wan
 from tests.conftest import shrink
+from vdit_jax.config import resolve
 from vdit_jax.model import spec as spec_lib
 from vdit_jax.model import dit
 from vdit_jax.model import flops as flops_lib
 from vdit_jax.model import text as text_lib
 from vdit_jax.parallel import mesh as mesh_lib
 from vdit_jax.tools import plan as plan_lib
+from vdit_jax.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOPOLOGY = 'v5p:2x2x1'  # 4 chips, one host
@@ -536,3 +541,69 @@ def test_command_line_search_mesh_says_when_no_split_fits():
       'mesh data=1 fsdp=1 tensor=1 sequence=2', 'mesh data=1 fsdp=1 tensor=2 sequence=1']
   assert lines[-1] == ('search_mesh: none of the 4 splits fits: 0 compiled and did not fit, '
                        "4 skipped (arguments alone over HBM), 0 refused by the config's checks")
+
+
+# --- configs/tiny_av.py: the audio-video DiT (issue 30) -----------------------------------
+
+
+def av_config(design=None):
+  """configs/tiny_av.py shrunk for compile speed: depth 1, 4 frames of 16x16 (32 video
+  tokens a clip: 2x4x4 tubelets) with 4 x 8 = 32 mel frames of 64 bands (8 audio tokens
+  of 4 frames), on fsdp=2 x sequence=2 (Ulysses: 4 heads, 2 a device)."""
+  config = tiny_av.get_config(design)
+  config.model.depth = 1
+  config.model.sequence_parallel = 'ulysses'
+  config.data.update(num_frames=4, height=16, width=16)
+  config.mesh.update(data=1, fsdp=2, tensor=1, sequence=2)
+  config.sample.update(num_samples=2, num_steps=2)
+  return config
+
+
+@pytest.fixture(scope='module')
+def av_plan(tpu_devices):
+  return plan_lib.plan(av_config(), tpu_devices, topology=TOPOLOGY, what='train')
+
+
+def test_av_train_step_compiles_with_audio_tokens_on_a_sequence_axis(av_plan):
+  """The audio-video step AOT-compiles for v5p with the tokens (video and audio) split
+  over `sequence`; tokens per clip and the FLOPs count the audio stream."""
+  p = av_plan
+  assert p.mesh == dict(data=1, fsdp=2, tensor=1, sequence=2)
+  assert p.sequence_parallel == 'ulysses' and p.audio_design == 'cross'
+  assert (p.video_tokens_per_clip, p.audio_tokens_per_clip, p.tokens_per_clip) == (32, 8, 40)
+  config = resolve.complete(av_config())
+  spec = spec_lib.from_config(config.model, config.audio)
+  assert p.tokens_per_clip == loop.tokens_per_clip(config, spec)
+  assert p.audio_batch_shape == [8, 32, 64]  # [B, F, M]
+  full = flops_lib.train_step_flops(spec, (4, 16, 16, 3), 8)
+  video = flops_lib.train_step_flops(dataclasses.replace(spec, audio=None), (4, 16, 16, 3), 8)
+  assert p.model_flops_per_step == full.total > video.total
+  assert p.total_bytes == _memory_sum(p) > 0 and p.fits is True
+  text = plan_lib.report(p)
+  assert '40 tokens/clip (32 video + 8 audio, audio.design=cross; batch audio [8, 32, 64])' in text
+
+
+@pytest.mark.parametrize('design', ['', 'joint'])
+def test_av_batch_has_the_audio_and_the_sampler_both_streams(tpu_devices, design):
+  """The step's abstract batch holds 'audio' [B, F, M] split over the batch axes like the
+  trainer's (loop.batch_shardings(..., audio=True)); the sampler the plan lowers is the
+  audio-video one (frames and log-mel features), rows doubled by label guidance and, with
+  the modality guidance, an uncoupled pass more. Traced only, not compiled."""
+  config, _ = plan_lib.plan_config(av_config(design or None))
+  s = plan_lib.build(config, tpu_devices, process_count=1, num_classes=12)
+  _, batch, _ = plan_lib.abstract_inputs(s, s.config)
+  shapes = {k: (v.shape, str(v.dtype)) for k, v in batch.items()}
+  assert shapes == {'video': ((8, 4, 16, 16, 3), 'float32'), 'label': ((8,), 'int32'),
+                    'audio': ((8, 32, 64), 'float32')}
+  expected = loop.batch_shardings(s.mesh, s.rules, audio=True)['audio']
+  assert batch['audio'].sharding == expected
+  assert batch['audio'].sharding.spec[0] == batch['video'].sharding.spec[0]
+  lowered = plan_lib.lower(s, 'sample')['sampler']
+  frames, features = lowered.out_info
+  assert (frames.shape, features.shape) == ((2, 4, 16, 16, 3), (2, 32, 64))
+  # pylint: disable=protected-access
+  assert plan_lib._sampler_rows(s.config, 12) == 4
+  assert s.config.audio.modality_cfg_audio == 2.0  # configs/tiny_av.py: the sound guided
+  assert plan_lib._sampler_uncoupled_rows(s.config) == 2
+  s.config.audio.modality_cfg_audio = 1.0
+  assert plan_lib._sampler_uncoupled_rows(s.config) == 0

@@ -29,6 +29,24 @@ Counted the way MFU is usually counted (PaLM appendix B; MaxText's
   * self-conditioning (model.self_condition) adds the earlier estimate's C channels to the
     patch embedding, and its first, gradient-free forward pass on half the steps: a sixth
     of the step on average (a forward is a third of forward + backward);
+  * synchronised audio (spec.audio, model/av_dit.py): a clip of T frames has
+    Na = T x audio.mel_frames_per_frame / audio.patch audio tokens at the video's width.
+    Each audio token uses the audio embedding (patch x mel_bins -> D), the audio final
+    projection, and per layer its q/k/v/out projections and MLP (an audio DiTBlock in the
+    'cross' design, the joint block's audio projections and audio MLP in 'joint'; no
+    token convolution), and with class tokens its cross-attention's query and output;
+    the audio stream's timestep MLP, adaLN and final adaLN run once per clip, its
+    class-token key and value projections once per label token. Scores: 'cross' attends
+    over the Na audio tokens in the audio blocks (12 x L x Na x D per audio token) and,
+    per layer, both cross-attentions (video queries over audio keys and the reverse,
+    12 x L x Na x D per video token and 12 x L x N x D per audio token), with their
+    q/out projections on the querying stream's tokens and k/v on the other's (4 D^2
+    per token of each stream per layer); 'joint' attends once over the N + Na tokens
+    (12 x L x (N + Na) x D per token of either stream). `coupled=False` counts the pass
+    where the streams do not meet (the modality guidance's): no cross-attention, each
+    stream attending over its own tokens. A train step calls the model coupled; its
+    'joint' blocks also compute the uncoupled attentions for the clips that modality
+    dropout hides (a per-clip select), which is not counted, like remat recompute;
   * rematerialisation recompute is not counted (it is work, not model FLOPs), nor are
     element-wise ops, norms, softmax, the label-embedding gather or the optimizer.
 """
@@ -49,18 +67,24 @@ TIMESTEP_FREQ_DIM = 256  # embeddings.TimestepEmbedder.freq_dim
 @dataclasses.dataclass(frozen=True)
 class FlopCount:
   """FLOPs of one train step (forward + backward) over the whole global batch."""
-  tokens_per_clip: int
-  token_matmul_params: int   # weights applied once per token
+  tokens_per_clip: int       # every token the model sees per clip: video + audio
+  token_matmul_params: int   # weights applied once per (video) token
   clip_matmul_params: int    # weights applied once per clip (conditioning path)
   matmul: int                # 6 x (token params x tokens + clip params x clips
                              #      + context params x caption tokens
+                             #      + audio token params x audio tokens
                              #      + pixel params x pixels)
   attention: int             # 12 x L x N x D per token (full attention), + text attention
+                             # + the audio stream's (audio_attention)
   total: int
   context_matmul_params: int = 0  # text: weights applied once per caption token
   caption_tokens: int = 0         # text: L caption slots per clip
   pixel_matmul_params: int = 0    # model.refiner_width: weights applied once per pixel
   self_condition: int = 0         # model.self_condition: the first pass, per step on average
+  video_tokens_per_clip: int = 0  # the video's tokens (T' H' W')
+  audio_tokens_per_clip: int = 0  # spec.audio: Na audio tokens per clip (0 without audio)
+  audio_token_matmul_params: int = 0  # spec.audio: weights applied once per audio token
+  audio_attention: int = 0        # spec.audio: the part of `attention` the audio adds
 
 
 def _check_shape(data_shape: Sequence[int], batch_size: int) -> None:
@@ -70,10 +94,25 @@ def _check_shape(data_shape: Sequence[int], batch_size: int) -> None:
     raise ValueError(f'batch_size={batch_size} must be positive.')
 
 
-def train_step_flops(spec, data_shape: Sequence[int], batch_size: int) -> FlopCount:
+def audio_tokens(spec, num_frames: int) -> int:
+  """Audio tokens of a clip of `num_frames` video frames (0 when spec.audio is None)."""
+  audio = getattr(spec, 'audio', None)
+  if audio is None:
+    return 0
+  mel_frames = int(num_frames) * int(audio.mel_frames_per_frame)
+  if mel_frames % int(audio.patch):
+    raise ValueError(f'audio.patch={audio.patch} does not divide the {mel_frames} mel frames '
+                     f'of {num_frames} video frames ({audio.mel_frames_per_frame} each).')
+  return mel_frames // int(audio.patch)
+
+
+def train_step_flops(spec, data_shape: Sequence[int], batch_size: int,
+                     coupled: bool = True) -> FlopCount:
   """Model FLOPs of one train step on `batch_size` clips of shape (T, H, W, C).
 
-  `spec` is a resolved `spec_lib.ModelSpec`; the counts follow VideoDiT's layers.
+  `spec` is a resolved `spec_lib.ModelSpec`; the counts follow VideoDiT's layers and, with
+  spec.audio, AudioVideoDiT's (model/av_dit.py). `coupled` (audio only): False counts
+  the model called with couple=False (the streams do not meet).
   """
   _check_shape(data_shape, batch_size)
   t, h, w, c = (int(x) for x in data_shape)
@@ -123,15 +162,71 @@ def train_step_flops(spec, data_shape: Sequence[int], batch_size: int) -> FlopCo
     taps, fw = int(np.prod(spec.refiner_kernel)), int(spec.refiner_width)
     pixel_params = taps * fw * (c + in_channels) + taps * fw * c
     clip_params += d * 2 * fw
+  audio = _audio_counts(spec, t, tokens, caption_len, coupled)
+  token_params += audio.video_token_params
+  clip_params += audio.clip_params
+  context_params += audio.context_params
   matmul = TRAIN_FLOPS_PER_MAC * (token_params * tokens * clips + clip_params * clips
                                   + context_params * caption_len * clips
+                                  + audio.token_params * audio.tokens * clips
                                   + pixel_params * t * h * w * clips)
   attention = (12 * attention_patterns.score_macs_per_token(spec.pattern, grid, depth, d)
-               * tokens * clips + text_attention * clips)
+               * tokens * clips + text_attention * clips + audio.attention * clips)
   # Self-conditioning's first pass: a forward (a third of the step) on half the steps.
   self_condition = (matmul + attention) // 6 if spec.self_condition else 0
-  return FlopCount(tokens_per_clip=tokens, token_matmul_params=token_params,
+  return FlopCount(tokens_per_clip=tokens + audio.tokens, token_matmul_params=token_params,
                    clip_matmul_params=clip_params, matmul=matmul, attention=attention,
                    total=matmul + attention + self_condition,
                    context_matmul_params=context_params, caption_tokens=caption_len,
-                   pixel_matmul_params=pixel_params, self_condition=self_condition)
+                   pixel_matmul_params=pixel_params, self_condition=self_condition,
+                   video_tokens_per_clip=tokens, audio_tokens_per_clip=audio.tokens,
+                   audio_token_matmul_params=audio.token_params,
+                   audio_attention=audio.attention * clips)
+
+
+@dataclasses.dataclass(frozen=True)
+class _AudioCounts:
+  """What the audio stream adds to a count, per clip (all 0 without spec.audio)."""
+  tokens: int = 0             # Na
+  token_params: int = 0       # weights used once per audio token
+  video_token_params: int = 0  # 'cross': the cross-attentions' weights used per video token
+  clip_params: int = 0        # the audio stream's conditioning path, once per clip
+  context_params: int = 0     # its class-token key/value projections, once per label token
+  attention: int = 0          # forward + backward score FLOPs per clip (12 per MAC)
+
+
+def _audio_counts(spec, num_frames: int, video_tokens: int, context_len: int,
+                  coupled: bool) -> _AudioCounts:
+  """The audio stream's share of AudioVideoDiT's FLOPs (see the module doc)."""
+  if getattr(spec, 'audio', None) is None:
+    return _AudioCounts()
+  audio = spec.audio
+  d, f, depth = spec.width, spec.mlp_dim, spec.depth
+  n, na = video_tokens, audio_tokens(spec, num_frames)
+  values = int(audio.patch) * int(audio.mel_bins)  # one audio token's features
+  per_layer = 4 * d * d + 2 * d * f  # q, k, v, out; fc1, fc2 (an audio block / joint side)
+  per_layer += 2 * d * d if context_len else 0  # the class tokens' query and output
+  video_per_layer = 0
+  cross = audio.design == 'cross' and coupled
+  if cross:
+    # video_from_audio: q, out on video tokens, k, v on audio tokens; audio_from_video
+    # the reverse: 4 D^2 on each stream's tokens.
+    per_layer += 4 * d * d
+    video_per_layer = 4 * d * d
+  clip_params = (TIMESTEP_FREQ_DIM * d + d * d  # the audio timestep MLP
+                 + depth * d * 6 * d            # the audio adaLN per layer
+                 + d * 2 * d)                   # the audio final adaLN
+  if spec.loss_uncertainty:
+    clip_params += TIMESTEP_FREQ_DIM  # the audio stream's u(t_audio)
+  # Score MACs per clip and layer beyond the video's own N x N (q.k^T; A.V the same).
+  if not coupled:
+    pairs = na * na                      # each stream over its own tokens
+  elif cross:
+    pairs = na * na + 2 * n * na         # audio self-attention; both cross-attentions
+  else:
+    pairs = (n + na) ** 2 - n * n        # one attention over the N + Na tokens
+  pairs += context_len * na              # the audio tokens' class-token cross-attention
+  return _AudioCounts(tokens=na, token_params=values * d + depth * per_layer + d * values,
+                      video_token_params=depth * video_per_layer, clip_params=clip_params,
+                      context_params=depth * 2 * d * d if context_len else 0,
+                      attention=12 * depth * d * pairs)

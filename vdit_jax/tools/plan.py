@@ -11,7 +11,9 @@ python -m vdit_jax.tools.plan --config=configs/wan.py:t2v_14b,lora --topology=v5
 python -m vdit_jax.tools.plan --config=configs/wan.py:t2v_14b --topology=v5p:2x2x1 --what=sample
 python -m vdit_jax.tools.plan --config=configs/wan.py:t2v_14b --topology=v6e:8x8 \
     --what=train --config.train.batch_size=16 --search_mesh
-(docs/wan_plans.md: what these give.)
+python -m vdit_jax.tools.plan --config=configs/tiny_av.py --topology=v5p:2x2x1 \
+    --config.mesh.fsdp=2 --config.mesh.sequence=2 --config.model.sequence_parallel=ulysses
+(docs/wan_plans.md and docs/av_plans.md: what these give.)
 
 Compiles what the trainer compiles, for abstract inputs, on this machine, without
 allocating the state: the sharded init (`state.jit_init`), the jitted step
@@ -29,6 +31,14 @@ JSON object. A program whose temporaries alone exceed HBM is refused by the TPU 
 (RESOURCE_EXHAUSTED): the plan reports that as not fitting, with the compiler's message.
 A shards or files source with no data.path is planned with a placeholder path, and latent
 shards so named as plain arrays of data.channels (`plan_config`): the plan reads no data.
+
+Audio (audio.enabled, model/av_dit.py): the step's batch also holds 'audio' [B, F, M], the
+clips' log-mel features (F = data.num_frames x sample_rate / fps / hop, M = audio.mel_bins),
+sharded like the trainer's (`loop.batch_shardings(..., audio=True)`); tokens per clip count
+the audio tokens (F / audio.patch) beside the video's, and the analytic FLOPs the audio
+stream (model/flops.py). The sampler is the one a run's samples use
+(generate/av_sampling.py: both streams, label guidance and, when audio.modality_cfg_* is
+not 1, the uncoupled pass of the modality guidance).
 
 LoRA (lora.rank > 0): the state is the adapters, their Adam moments and their EMA; the
 frozen base model is the step's second input (train/lora.py). The plan builds that setup
@@ -73,8 +83,11 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 
 from vdit_jax.config import resolve
+from vdit_jax.data import audio as audio_lib
 from vdit_jax.data import synthetic
+from vdit_jax.generate import av_sampling
 from vdit_jax.generate import conditional
+from vdit_jax.generate import sampling
 from vdit_jax.model import flops as flops_lib
 from vdit_jax.parallel import axes
 from vdit_jax.parallel import mesh as mesh_lib
@@ -215,6 +228,13 @@ class StepPlan:
   # element type most DCN bytes have (bf16 compute all-reduces bf16 gradients).
   dcn_analytic_bytes_per_step: Optional[int] = None
   dcn_analytic_dtype: str = ''
+  # audio.enabled: tokens_per_clip = video_tokens_per_clip + audio_tokens_per_clip.
+  video_tokens_per_clip: int = 0
+  audio_tokens_per_clip: int = 0
+  audio_design: str = ''            # audio.design ('cross' | 'joint'); '' without audio
+  audio_batch_shape: Optional[List[int]] = None  # the step's 'audio' [B, F, M]
+  # The sampler's uncoupled rows per model call (the modality guidance's pass; audio only).
+  sampler_uncoupled_rows: int = 0
 
 
 def libtpu_available() -> bool:
@@ -314,14 +334,36 @@ def program_memory(compiled, name: str) -> Memory:
                 compiler_flops=_cost_flops(compiled))
 
 
+def audio_batch_shape(config) -> Optional[Tuple[int, int, int]]:
+  """The step's 'audio' [B, F, M] (log-mel features, F = data.num_frames x mel frames per
+  video frame, M = audio.mel_bins) when config.audio.enabled, else None."""
+  if not audio_enabled(config):
+    return None
+  spec = audio_lib.AudioSpec.from_config(config.audio)
+  return (int(config.train.batch_size), spec.num_mel_frames(int(config.data.num_frames)),
+          int(spec.mel_bins))
+
+
+def audio_enabled(config) -> bool:
+  """Whether the config trains the audio-video DiT (config.audio.enabled)."""
+  return 'audio' in config and bool(config.audio.enabled)
+
+
 def abstract_batch(config, shardings) -> dict:
-  """The train step's batch as ShapeDtypeStructs: video [B, T, H, W, C], label [B] and,
-  for a text model, the captions' arrays as the input pipeline makes them
+  """The train step's batch as ShapeDtypeStructs: video [B, T, H, W, C], label [B], with
+  audio.enabled the clips' log-mel features audio float32 [B, F, M] (data/pipeline.py)
+  and, for a text model, the captions' arrays as the input pipeline makes them
   (data/captions.py: tokens int32 [B, L] or text_embed float32 [B, L, E], text_mask bool
   [B, L])."""
   d, b = config.data, config.train.batch_size
   shapes = {'video': ((b, d.num_frames, d.height, d.width, d.channels), jnp.float32),
             'label': ((b,), jnp.int32)}
+  audio = audio_batch_shape(config)
+  if audio is not None:
+    if 'audio' not in shardings:
+      raise ValueError('config.audio.enabled=True, but the batch shardings have no '
+                       "'audio': make them with loop.batch_shardings(..., audio=True).")
+    shapes['audio'] = (audio, jnp.float32)
   cond = conditional.conditioning(config)
   if cond is not None and cond.text_encoder:
     data_key, mask_key = cond.batch_keys()
@@ -336,7 +378,8 @@ def abstract_batch(config, shardings) -> dict:
 def abstract_inputs(s, config):
   """(state, batch, rng) as ShapeDtypeStructs carrying the step's input shardings."""
   state = state_lib.abstract_with_shardings(s.abstract_state, s.state_shardings)
-  shardings = loop.batch_shardings(s.mesh, s.rules, conditional.batch_ndims(config))
+  shardings = loop.batch_shardings(s.mesh, s.rules, conditional.batch_ndims(config),
+                                   audio=audio_enabled(config))
   batch = abstract_batch(config, shardings)
   key = jax.eval_shape(lambda: jax.random.key(0))
   rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=mesh_lib.replicated(s.mesh))
@@ -407,7 +450,8 @@ def lower(s, what: str) -> Dict[str, Any]:
   if 'sampler' in programs:
     # The sampler's condition (labels, or captions and given frames) as shapes: made here
     # on the host's CPU, since the mesh's devices may be abstract.
-    sample_fn, condition = loop.jit_sampler(s)
+    sample_fn, condition = (av_sampler(s) if audio_enabled(s.config)
+                            else loop.jit_sampler(s))
     condition = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), condition)
     sampler = (sample_fn, condition)
   lowered = {}
@@ -420,6 +464,27 @@ def lower(s, what: str) -> Dict[str, Any]:
     if sampler is not None:
       lowered['sampler'] = sampler[0].lower(_sample_params(s, state), rng, sampler[1])
   return lowered
+
+
+def av_sampler(s):
+  """(jitted sample_fn(params, rng, condition) -> (frames, log-mel features), the
+  condition): the audio-video sampler a run's samples use (loop.sample_and_write ->
+  generate/av_sampling.py), sample.num_samples clips of audio.task. The condition holds
+  'labels' and, for audio.task 'v2a' / 'a2v', the given 'video' / 'audio'."""
+  cfg = s.config
+  n = int(cfg.sample.num_samples)
+  fn = av_sampling.make_sample_fn(s.model, s.diffusion, cfg, s.num_classes, n)
+  video_shape, audio_shape = av_sampling.shapes(cfg, n)
+  condition = {'labels': sampling.sample_labels(n, s.num_classes)}
+  if cfg.audio.task == 'v2a':
+    condition['video'] = jax.ShapeDtypeStruct(video_shape, jnp.float32)
+  elif cfg.audio.task == 'a2v':
+    condition['audio'] = jax.ShapeDtypeStruct(audio_shape, jnp.float32)
+
+  def sample_fn(params, rng, cond):
+    return fn(params, rng, cond['labels'], video=cond.get('video'), audio=cond.get('audio'))
+
+  return jax.jit(sample_fn, out_shardings=mesh_lib.replicated(s.mesh)), condition
 
 
 def argument_bytes(s, what: str) -> int:
@@ -507,9 +572,14 @@ def _step_plan(s, devices, memory, step, hbm, topology, what, compile_s, notes,
   shape = (d.num_frames, d.height, d.width, d.channels)
   model_flops = flops_lib.train_step_flops(spec, shape, config.train.batch_size)
   rows = _sampler_rows(config, s.num_classes)
+  uncoupled = _sampler_uncoupled_rows(config)
   # A forward pass is a third of a train step's FLOPs (6 per MAC -> 2).
-  sample_flops = flops_lib.train_step_flops(spec, shape, rows)
-  sample_flops = (sample_flops.matmul + sample_flops.attention) // 3 * config.sample.num_steps
+  forward = lambda count: (count.matmul + count.attention) // 3
+  sample_flops = forward(flops_lib.train_step_flops(spec, shape, rows))
+  if uncoupled:  # the modality guidance's pass: the streams do not meet
+    sample_flops += forward(flops_lib.train_step_flops(spec, shape, uncoupled,
+                                                       coupled=False))
+  sample_flops *= config.sample.num_steps
   hbm_bytes, hbm_source = hbm
   peak = max((m.total_bytes for m in memory.values()), default=None)
   if refused:
@@ -551,16 +621,36 @@ def _step_plan(s, devices, memory, step, hbm, topology, what, compile_s, notes,
       sampler_model_flops=sample_flops, peak_bytes=peak,
       hbm_bytes_per_device=hbm_bytes, hbm_source=hbm_source,
       fits=fits, compile_s=round(compile_s, 1), compile_s_by_program=seconds,
-      out_of_memory=refused, notes=list(notes), **dcn)
+      out_of_memory=refused, notes=list(notes),
+      video_tokens_per_clip=model_flops.video_tokens_per_clip,
+      audio_tokens_per_clip=model_flops.audio_tokens_per_clip,
+      audio_design=spec.audio.design if spec.audio is not None else '',
+      audio_batch_shape=(None if audio_batch_shape(config) is None
+                         else list(audio_batch_shape(config))),
+      sampler_uncoupled_rows=uncoupled, **dcn)
 
 
 def _sampler_rows(config, num_classes: int) -> int:
-  """Clips per model call of the sampler: sample.num_samples, doubled by guidance (the
-  conditional and the null rows in one batch) when there is a caption or label to guide
-  toward and sample.cfg_scale is not 1."""
+  """Clips per (coupled) model call of the sampler: sample.num_samples, doubled by guidance
+  (the conditional and the null rows in one batch) when there is a caption or label to
+  guide toward and sample.cfg_scale (with audio: or audio.cfg_scale) is not 1."""
   guided = conditional.is_text(config) or num_classes > 0
   n = int(config.sample.num_samples)
-  return 2 * n if guided and float(config.sample.cfg_scale) != 1.0 else n
+  scales = [float(config.sample.cfg_scale)]
+  if audio_enabled(config):  # diffusion/av.py: one null pass serves both streams
+    scales.append(float(config.audio.cfg_scale))
+  return 2 * n if guided and any(x != 1.0 for x in scales) else n
+
+
+def _sampler_uncoupled_rows(config) -> int:
+  """Clips per step of the audio sampler's uncoupled call (the modality guidance,
+  audio.modality_cfg_video / _audio not 1); 0 without audio or that guidance."""
+  if not audio_enabled(config):
+    return 0
+  if (float(config.audio.modality_cfg_video) == 1.0
+      and float(config.audio.modality_cfg_audio) == 1.0):
+    return 0
+  return int(config.sample.num_samples)
 
 
 def _one_slice_fields(config, devices) -> dict:
@@ -735,6 +825,17 @@ def _memory_lines(p: StepPlan, prefix: str) -> List[str]:
   return lines
 
 
+def _tokens_text(p: StepPlan, batch: bool = True) -> str:
+  """'N tokens/clip', with audio '(Nv video + Na audio, audio.design=...)' and, with
+  `batch`, the train batch's audio shape [B, F, M]."""
+  text = f'{p.tokens_per_clip:,} tokens/clip'
+  if p.audio_design:
+    text += (f' ({p.video_tokens_per_clip:,} video + {p.audio_tokens_per_clip:,} audio, '
+             f'audio.design={p.audio_design}'
+             + (f'; batch audio {p.audio_batch_shape}' if batch else '') + ')')
+  return text
+
+
 def report(p: StepPlan) -> str:
   """Human-readable lines, then the JSON object as the last line."""
   params = f'params          {p.param_count:,}'
@@ -759,7 +860,7 @@ def report(p: StepPlan) -> str:
   lines += [f'note            {n}' for n in p.notes]
   if 'step' in PROGRAMS[p.what]:
     lines.append(f'train batch     {p.global_batch} global, {p.batch_per_device:g} per device, '
-                 f'{p.tokens_per_clip:,} tokens/clip')
+                 f'{_tokens_text(p)}')
   if p.total_bytes is not None:
     lines.append('train step, memory per device (compiler memory_analysis):')
     lines += _memory_lines(p, '')
@@ -772,21 +873,26 @@ def report(p: StepPlan) -> str:
     lines.append(f'model FLOPs     {p.model_flops_per_step:.4g} per step, '
                  f'{p.model_flops_per_device:.4g} per device (analytic, 6 x matmul params x '
                  'tokens + 12 L N D per token attention, no remat' +
-                 ('; LoRA skips the frozen weights\' gradients' if p.lora_rank else '') + ')')
+                 ('; LoRA skips the frozen weights\' gradients' if p.lora_rank else '') +
+                 ('; the audio stream included' if p.audio_design else '') + ')')
   if p.init_total_bytes is not None:
     lines.append(f'init          {_gib(p.init_total_bytes)} per device (the sharded init, '
                  'the same sum)')
   if p.sampler_total_bytes is not None:
     lines += [f'sampler         {p.sampler_name}, {p.sampler_num_steps} steps, '
               f'{p.sampler_num_samples} clips: {p.sampler_rows} rows per model call '
-              f'(guidance doubles them), {p.tokens_per_clip:,} tokens/clip; memory per '
-              'device:']
+              f'(guidance doubles them)'
+              + (f' + {p.sampler_uncoupled_rows} uncoupled (modality guidance)'
+                 if p.sampler_uncoupled_rows else '')
+              + f', {_tokens_text(p, batch=False)}; memory per device:']
     lines += _memory_lines(p, 'sampler_')
     if p.sampler_compiler_flops_per_device is not None:
       lines.append(f'compiler FLOPs  {p.sampler_compiler_flops_per_device:.4g} per device '
                    '(cost_analysis; the steps\' loop body counted once)')
     lines.append(f'model FLOPs     {p.sampler_model_flops:.4g} per sample call '
-                 f'({p.sampler_num_steps} forward passes of {p.sampler_rows} clips, analytic)')
+                 f'({p.sampler_num_steps} forward passes of {p.sampler_rows} clips'
+                 + (f' and {p.sampler_uncoupled_rows} uncoupled' if p.sampler_uncoupled_rows
+                    else '') + ', analytic)')
   if p.num_slices > 1 and p.total_bytes is not None:
     by_dtype = ', '.join(f'{k} {v:,} B' for k, v in sorted(p.dcn_bytes_by_dtype.items()))
     lines += [

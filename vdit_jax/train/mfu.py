@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from vdit_jax.model import flops as flops_lib
+from vdit_jax.model import spec as spec_lib
 
 # Dense bf16 FLOP/s per JAX device, by exact device_kind (lower case), from the Cloud TPU
 # system-architecture pages. 'TPU v5' is v5p and 'TPU v5 lite' v5e as JAX names them.
@@ -109,10 +110,26 @@ def device_peak(devices: Optional[Sequence] = None) -> Optional[Peak]:
 
 
 def model_flops_per_step(config, spec) -> int:
-  """Analytic model FLOPs of one train step on the config's global batch."""
+  """Analytic model FLOPs of one train step on the config's global batch.
+
+  With config.audio.enabled the audio stream is counted (model/flops.py): a spec built
+  from config.model alone (no spec.audio) gets the config's audio stream first, so the
+  count is the audio-video model's whichever spec the caller holds.
+  """
+  spec = with_audio(config, spec)
   d = config.data
   return flops_lib.train_step_flops(
       spec, (d.num_frames, d.height, d.width, d.channels), config.train.batch_size).total
+
+
+def with_audio(config, spec):
+  """`spec` with config.audio's stream when the config enables it and the spec lacks it."""
+  audio_cfg = config.get('audio') if hasattr(config, 'get') else None
+  if audio_cfg is None or not audio_cfg.get('enabled', False):
+    return spec
+  if getattr(spec, 'audio', None) is not None:
+    return spec
+  return dataclasses.replace(spec, audio=spec_lib.audio_spec_from_config(audio_cfg))
 
 
 def utilization(flops_per_step: float, steps_per_s: float, num_devices: int,

@@ -124,12 +124,9 @@ def model_flops_per_step(config, spec) -> int:
 
 def with_audio(config, spec):
   """`spec` with config.audio's stream when the config enables it and the spec lacks it."""
-  audio_cfg = config.get('audio') if hasattr(config, 'get') else None
-  if audio_cfg is None or not audio_cfg.get('enabled', False):
+  if not config.audio.enabled or getattr(spec, 'audio', None) is not None:
     return spec
-  if getattr(spec, 'audio', None) is not None:
-    return spec
-  return dataclasses.replace(spec, audio=spec_lib.audio_spec_from_config(audio_cfg))
+  return dataclasses.replace(spec, audio=spec_lib.audio_spec_from_config(config.audio))
 
 
 def utilization(flops_per_step: float, steps_per_s: float, num_devices: int,

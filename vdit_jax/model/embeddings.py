@@ -60,37 +60,17 @@ def rope_3d(grid: Sequence[int], head_dim: int, max_period: float = 10_000.0,
   rest (Dh 128: 44 / 42 / 42), angles computed in float64 as diffusers does, and
   `apply_rope(..., pairs=True)` pairs features 2i and 2i + 1.
   """
-  if style == 'wan':
-    if head_dim % 2 or head_dim < 6:
-      raise ValueError(f'head dim {head_dim} must be even and >= 6 for 3-D RoPE.')
-    side = 2 * (head_dim // 6)
-    tt, hh, ww = np.meshgrid(*(np.arange(n, dtype=np.float64) for n in grid), indexing='ij')
-    pos = np.stack([tt.ravel(), hh.ravel(), ww.ravel()], axis=-1)  # [N, 3]
-    angles = []
-    for i, d in enumerate((head_dim - 2 * side, side, side)):
-      freqs = 1.0 / max_period ** (np.arange(0, d, 2, dtype=np.float64) / d)  # [d/2]
-      angles.append(pos[:, i:i + 1] * freqs[None, :])  # [N, d/2]
-    angles = np.concatenate(angles, axis=-1)  # [N, Dh/2]
-    return (jnp.asarray(np.cos(angles), jnp.float32),
-            jnp.asarray(np.sin(angles), jnp.float32))
-  if style != 'halves':
-    raise ValueError(f'model.rope_style={style!r} is not one of {ROPE_STYLES}.')
-  pos = grid_positions(grid).astype(jnp.float32)  # [N, 3]
-  angles = []
-  for i, d in enumerate(split_three(head_dim)):
-    half = d // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-    angles.append(pos[:, i:i + 1] * freqs[None, :])  # [N, d/2]
-  angles = jnp.concatenate(angles, axis=-1)  # [N, Dh/2]
-  return jnp.cos(angles), jnp.sin(angles)
+  cells = np.meshgrid(*(np.arange(n, dtype=np.float64) for n in grid), indexing='ij')
+  return rope_at(np.stack([c.ravel() for c in cells], axis=-1), head_dim, max_period,
+                 style)  # positions [N, 3] in (t, h, w) order
 
 
 def rope_at(positions, head_dim: int, max_period: float = 10_000.0,
             style: str = 'halves') -> Tuple[jnp.ndarray, jnp.ndarray]:
   """Rotary tables (cos, sin), each [N, head_dim // 2], at (t, h, w) positions [N, 3] that
-  may be fractional: `rope_3d` at any coordinates. rope_at(grid_positions(grid)) equals
-  rope_3d(grid) for either style, so tokens on a grid and tokens placed between its points
-  (audio tokens on the video's time axis, model/av_dit.py) share one coordinate system."""
+  may be fractional: `rope_3d` is this at a grid's points, so tokens on a grid and tokens
+  placed between its points (audio tokens on the video's time axis, model/av_dit.py) share
+  one coordinate system."""
   pos = np.asarray(positions, np.float64)  # [N, 3]
   if pos.ndim != 2 or pos.shape[1] != 3:
     raise ValueError(f'RoPE positions must be [N, 3] (t, h, w), got {pos.shape}.')
